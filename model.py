@@ -1,0 +1,639 @@
+"""
+HA-GAN: the networks, one file. Hierarchical Amortized GAN (Sun et al., IEEE JBHI 2022),
+https://ieeexplore.ieee.org/document/9770375 ; notation follows the paper (Table I):
+
+    G^A  G.G_A   common trunk: z[, c] -> A, 64 channels on the (S/4)^3 grid
+    G^L  G.G_L   A -> low-res volume X^L, (S/4)^3
+    G^H  G.G_H   a slab of A (S/32 slices) -> high-res sub-volume (S/8 x S x S); all of A -> S^3
+    D^H  D.D_H   (high-res slab, its start r) -> logit
+    D^L  D.D_L   low-res volume -> logit
+    E^H  E_H     high-res slab -> its slice of A-hat
+    E^G  E_G     A-hat (all slabs concatenated) -> Z-hat
+
+The official code (github.com/batmanlab/HA-GAN) calls these Generator (G^A+G^H, with sub_G = G^L),
+Discriminator (D^H, with sub_D = D^L), Encoder (E^H) and Sub_Encoder (E^G). With default widths our
+modules have exactly its layers, so its checkpoints load (HAGAN.from_official) and generate the same
+volumes. We also build any S in {32, 64, 128, 256, 512} and non-cubic (D, H, W) volumes by the same
+rule, and a `width` factor shrinks every channel count for tests.
+
+Also here, because everything imports this file: the selector functions S^H / S^L, the command-line
+config override used by every script, and checkpoint loading.
+"""
+
+import ast
+import math
+import os
+import re
+import sys
+from contextlib import nullcontext
+from dataclasses import dataclass, asdict, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# configuration
+
+
+@dataclass
+class HAGANConfig:
+    img_size: object = 256  # S, or a (D, H, W) triple; every dim a multiple of 32; D is the slab axis
+    latent_dim: int = 1024  # size of Z
+    num_classes: int = 0  # 0 = unconditional; >0 adds the AC-GAN heads and a one-hot c input to G^A
+    width: float = 1.0  # multiplies every channel count below (1/8 gives CPU-sized test models)
+    g_channels: int = 32  # official Generator `channel`: G^A goes 16x -> 2x this (A = 64 channels)
+    dh_channels: int = 512  # official Discriminator `channel` (D^H)
+    dl_channels: int = 256  # official Sub_Discriminator `channel` (D^L)
+    eg_channels: int = 256  # official Sub_Encoder `channel` (E^G)
+
+    def __post_init__(self):
+        s = self.img_size
+        s = (s, s, s) if isinstance(s, int) else tuple(int(d) for d in s)
+        ok = len(s) == 3 and all(d >= 32 and d % 32 == 0 for d in s) and max(s) <= 512
+        if not ok:
+            raise ValueError(f"img_size {self.img_size!r} cannot be built: use S in 32, 64, 128, 256, 512, "
+                             f"or a (D, H, W) triple whose dims are multiples of 32 between 32 and 512 "
+                             f"(e.g. 160,192,224)")
+        self.img_size = s[0] if s[0] == s[1] == s[2] else s
+        if self.latent_dim < 1 or self.num_classes < 0 or self.width <= 0:
+            raise ValueError("latent_dim must be >= 1, num_classes >= 0, width > 0")
+
+    @property
+    def shape(self):  # (D, H, W) of the full-resolution volume
+        s = self.img_size
+        return (s, s, s) if isinstance(s, int) else tuple(s)
+
+    @property
+    def a_shape(self):  # grid of the feature map A and of the low-res volume
+        return tuple(d // 4 for d in self.shape)
+
+    @property
+    def slab_a(self):  # slices of A in one training slab (S/32)
+        return self.shape[0] // 32
+
+    @property
+    def r_max(self):  # largest slab start on the A grid (7S/32; 56 at S=256)
+        return self.a_shape[0] - self.slab_a
+
+    def ch(self, n):
+        # every width-scaled count stays a multiple of 8 because GroupNorm uses 8 groups
+        return max(8, int(round(n * self.width / 8)) * 8)
+
+
+# -----------------------------------------------------------------------------
+# the selector functions S^L and S^H (paper eqs. 3-7). r is the slab start on the A grid; the
+# high-res slab starts at 4r, so a real slab and a generated slab for the same r cover the same
+# voxels (the official code draws r per voxel and crops A at r//4, which misaligns them).
+
+
+def slab_range(r, depth):
+    """High-res voxel range [start, stop) along axis D of slab r for a volume of depth `depth`."""
+    n = depth // 8
+    if not 0 <= r <= depth // 4 - depth // 32:
+        raise ValueError(f"slab start r={r} outside [0, {depth // 4 - depth // 32}] for depth {depth}")
+    return 4 * r, 4 * r + n
+
+
+def S_L(A, r):
+    """S^L(A; r): the A slices that G^H lifts to the high-res slab r. (B,C,D/4,h,w) -> (B,C,D/32,h,w)"""
+    n = A.shape[2] // 8
+    return A[:, :, r:r + n]
+
+
+def S_H(X, r):
+    """S^H(X; r): the high-res slab r of a full volume. (B,1,D,H,W) -> (B,1,D/8,H,W)"""
+    a, b = slab_range(r, X.shape[2])
+    return X[:, :, a:b]
+
+
+# -----------------------------------------------------------------------------
+# spectral normalisation (Miyato et al. 2018), one power iteration per training forward as in the
+# official layers. Sigma is computed in float32 with autocast off: under bf16/fp16 the power
+# iteration's normalisation underflows (eps=1e-12) and returns NaN or a badly wrong sigma.
+
+
+def _sn_weight(m):
+    W = m.weight.float().flatten(1)  # (out, in*k*k*k)
+    with torch.autocast(W.device.type, enabled=False):
+        with torch.no_grad():
+            v = F.normalize(m.u @ W, dim=1, eps=1e-12)  # (1, in*k^3)
+            u = F.normalize(v @ W.t(), dim=1, eps=1e-12)  # (1, out)
+            if m.training:
+                m.u.copy_(u)
+        sigma = (v @ W.t() @ u.t()).squeeze()  # gradient flows through W only
+        if m.training:
+            m.sigma.copy_(sigma.detach())
+    return m.weight / sigma.to(m.weight.dtype)
+
+
+class SNConv3d(nn.Conv3d):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer("u", F.normalize(torch.randn(1, self.out_channels), dim=1))
+        self.register_buffer("sigma", torch.ones(()))
+
+    def forward(self, x):
+        return self._conv_forward(x, _sn_weight(self), self.bias)
+
+
+class SNLinear(nn.Linear):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer("u", F.normalize(torch.randn(1, self.out_features), dim=1))
+        self.register_buffer("sigma", torch.ones(()))
+
+    def forward(self, x):
+        return F.linear(x, _sn_weight(self), self.bias)
+
+
+def _up(x):  # the official code's F.interpolate(scale_factor=2): nearest neighbour
+    return F.interpolate(x, scale_factor=2, mode="nearest")
+
+
+def _halvings(n, floor):
+    """How many stride-2 halvings take extent n down to >= floor (each halving must be exact)."""
+    k = 0
+    while n % 2 == 0 and n // 2 >= floor:
+        n //= 2
+        k += 1
+    return k
+
+
+# -----------------------------------------------------------------------------
+# generator
+
+
+class G_A(nn.Module):
+    """z[, one-hot c] -> A. fc to a small base grid, then 5 conv-GN-ReLU blocks with nearest 2x
+    upsampling before as many of them as the grid needs (4 at S=256, 3 at S=128, as officially)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        c = cfg.g_channels
+        chans = [cfg.ch(16 * c), cfg.ch(16 * c), cfg.ch(8 * c), cfg.ch(4 * c), cfg.ch(2 * c)]
+        a = cfg.a_shape
+        n_up = min(_halvings(math.gcd(*a), 4), 5)
+        # upsample before blocks 2..5 first (official S=256: all four; S=128: 2..4), block 1 at S=512
+        self.up = [i in (1, 2, 3, 4, 0)[:n_up] for i in range(5)]
+        self.base = tuple(d >> n_up for d in a)
+        self.num_classes = cfg.num_classes
+        self.fc = nn.Linear(cfg.latent_dim + cfg.num_classes, chans[0] * math.prod(self.base))
+        self.convs = nn.ModuleList(nn.Conv3d(i, o, 3, padding=1) for i, o in zip(chans[:1] + chans[:-1], chans))
+        self.norms = nn.ModuleList(nn.GroupNorm(8, o) for o in chans)
+
+    def forward(self, z, c=None):
+        if self.num_classes:
+            if c is None:
+                raise ValueError("this model is class-conditional: pass class labels c")
+            z = torch.cat([z, F.one_hot(c.long(), self.num_classes).to(z.dtype)], dim=1)
+        h = self.fc(z).view(z.shape[0], -1, *self.base)  # (B,512,4,4,4) at S=256
+        for up, conv, norm in zip(self.up, self.convs, self.norms):
+            h = F.relu(norm(conv(_up(h) if up else h)))
+        return h  # A: (B,64,S/4,S/4,S/4)
+
+
+class G_H(nn.Module):
+    """A (or any slab of it) -> high-res volume: two nearest 2x upsamplings, 64 -> 32 -> 1 channels."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        c_a, c = cfg.ch(2 * cfg.g_channels), cfg.ch(cfg.g_channels)
+        self.conv1 = nn.Conv3d(c_a, c, 3, padding=1)
+        self.norm1 = nn.GroupNorm(8, c)
+        self.conv2 = nn.Conv3d(c, 1, 3, padding=1)
+
+    def forward(self, a):  # (B,64,d,h,w) -> (B,1,4d,4h,4w)
+        h = F.relu(self.norm1(self.conv1(_up(a))))
+        return _last_conv_tanh(self.conv2, _up(h))
+
+
+class G_L(nn.Module):
+    """A -> low-res volume on the same grid: 64 -> 32 -> 16 -> 1 channels."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        c_a, c = cfg.ch(2 * cfg.g_channels), cfg.ch(cfg.g_channels)
+        self.conv1 = nn.Conv3d(c_a, c, 3, padding=1)
+        self.norm1 = nn.GroupNorm(8, c)
+        self.conv2 = nn.Conv3d(c, cfg.ch(cfg.g_channels // 2), 3, padding=1)
+        self.norm2 = nn.GroupNorm(8, cfg.ch(cfg.g_channels // 2))
+        self.conv3 = nn.Conv3d(cfg.ch(cfg.g_channels // 2), 1, 3, padding=1)
+
+    def forward(self, a):  # (B,64,S/4,S/4,S/4) -> (B,1,S/4,S/4,S/4)
+        h = F.relu(self.norm1(self.conv1(a)))
+        h = F.relu(self.norm2(self.conv2(h)))
+        return _last_conv_tanh(self.conv3, h)
+
+
+def _last_conv_tanh(conv, h):
+    # the output layer runs in float32 even under autocast: in bf16, tanh near +-1 has a
+    # resolution of several HU in the CT window, which shows up as banding in the samples
+    with torch.autocast(h.device.type, enabled=False):
+        return torch.tanh(conv(h.float()))
+
+
+class Generator(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.G_A, self.G_L, self.G_H = G_A(cfg), G_L(cfg), G_H(cfg)
+
+    def forward(self, z, r, c=None):
+        """Training forward (eqs. 2-3): (high-res slab at r (B,1,S/8,S,S), low-res (B,1,S/4,S/4,S/4)).
+        Only A's slab r goes through G^H, so no full-resolution tensor is ever made."""
+        A = self.G_A(z, c)
+        return self.G_H(S_L(A, r)), self.G_L(A)
+
+    @torch.no_grad()
+    def generate(self, z, c=None, slab=None):
+        """Whole S^3 volumes, (B,1,D,H,W): G^H on all of A (paper Fig. 2). With slab=k, G^H runs k
+        slices of A at a time and gives the same result (to float rounding) in bounded memory."""
+        A = self.G_A(z, c)
+        if not slab:
+            return self.G_H(A)
+        return self._G_H_slabwise(A, int(slab))
+
+    def _G_H_slabwise(self, A, k):
+        """G^H(A) in depth chunks of k A-slices. GroupNorm normalises over the whole volume, so a
+        first pass computes conv1's output Y chunk by chunk and its per-group statistics; Y (1/8 of
+        the output's voxels at 32 channels) is kept so that the expensive conv runs once. Each chunk
+        then needs one neighbouring slice of Y on either side for the last 3x3x3 conv (its halo)."""
+        g = self.G_H
+        n = A.shape[2]
+        ny = 2 * n
+        Y = None
+        for a in range(0, n, k):
+            b = min(a + k, n)
+            lo, hi = max(a - 1, 0), min(b + 1, n)
+            y = _depth_conv(g.conv1, _up(A[:, :, lo:hi]), 2 * lo, ny, 2 * a, 2 * b)  # (B,32,2k,2h,2w)
+            if Y is None:
+                Y = A.new_empty(A.shape[0], y.shape[1], ny, *y.shape[3:], dtype=y.dtype)
+            Y[:, :, 2 * a:2 * b] = y
+        # GroupNorm statistics over the whole volume, accumulated in float64 chunk by chunk
+        G = g.norm1.num_groups
+        Yg = Y.view(Y.shape[0], G, -1)
+        s1 = torch.zeros(Y.shape[0], G, dtype=torch.float64, device=Y.device)
+        s2 = torch.zeros_like(s1)
+        step = max(1, Yg.shape[2] // 64)
+        for i in range(0, Yg.shape[2], step):
+            part = Yg[:, :, i:i + step].double()
+            s1 += part.sum(2)
+            s2 += (part * part).sum(2)
+        cnt = Yg.shape[2]
+        mean = s1 / cnt
+        rstd = torch.rsqrt((s2 / cnt - mean * mean).clamp_min(0) + g.norm1.eps)
+        cpg = Y.shape[1] // G
+        mean = mean.repeat_interleave(cpg, 1).to(Y.dtype)[:, :, None, None, None]  # (B,C,1,1,1)
+        rstd = rstd.repeat_interleave(cpg, 1).to(Y.dtype)[:, :, None, None, None]
+        w = g.norm1.weight[None, :, None, None, None]
+        bias = g.norm1.bias[None, :, None, None, None]
+        out = []
+        for a in range(0, n, k):
+            b = min(a + k, n)
+            lo, hi = max(2 * a - 1, 0), min(2 * b + 1, ny)
+            h = F.relu((Y[:, :, lo:hi] - mean) * rstd * w + bias)
+            h = _up(h)  # rows [2lo, 2hi) of the 4x grid
+            with torch.autocast(h.device.type, enabled=False):
+                out.append(torch.tanh(_depth_conv(g.conv2, h.float(), 2 * lo, 4 * n, 4 * a, 4 * b)))
+        return torch.cat(out, dim=2)
+
+
+def _depth_conv(conv, x, x0, n, y0, y1):
+    """Rows [y0, y1) along depth of conv(full) for a 3x3x3 conv with padding 1, where x holds rows
+    [x0, x0 + x.shape[2]) of the full input of depth n. Rows outside [0, n) are the conv's zero
+    padding, so chunk edges that are volume edges match the whole-volume result exactly."""
+    lo, hi = max(y0 - 1, 0), min(y1 + 1, n)
+    x = x[:, :, lo - x0:hi - x0]
+    x = F.pad(x, (0, 0, 0, 0, lo - (y0 - 1), (y1 + 1) - hi))
+    return F.conv3d(x, conv.weight, conv.bias, padding=(0, 1, 1))
+
+
+# -----------------------------------------------------------------------------
+# discriminators
+
+
+class D_H(nn.Module):
+    """(high-res slab (B,1,S/8,S,S), r) -> logit (B,1) [, class logits (B,K)]. Stride-2 4^3 convs
+    bring the slab to (4,32,32) (3 of them at S=256, 2 at S=128), then the official tail."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        c = cfg.dh_channels
+        D, H, W = cfg.shape
+        n_stem = _halvings(math.gcd(H, W), 32)
+        stem = [cfg.ch(c // 8 >> (n_stem - 1 - i)) for i in range(n_stem)]
+        chans = [1] + stem
+        convs = [SNConv3d(i, o, 4, 2, 1) for i, o in zip(chans[:-1], chans[1:])]
+        d, h, w = D // 8 >> n_stem, H >> n_stem, W >> n_stem
+        for o in (cfg.ch(c // 4), cfg.ch(c // 2)):  # official conv4, conv5: depth and plane halve
+            kd = 2 if d >= 2 else 1
+            convs.append(SNConv3d(chans[-1] if len(convs) == n_stem else convs[-1].out_channels, o,
+                                  (kd, 4, 4), (kd, 2, 2), (0, 1, 1)))
+            d, h, w = d // kd, h // 2, w // 2
+        convs.append(SNConv3d(convs[-1].out_channels, cfg.ch(c), (1, 4, 4), (1, 2, 2), (0, 1, 1)))  # conv6
+        h, w = h // 2, w // 2
+        convs.append(SNConv3d(cfg.ch(c), cfg.ch(c // 4), (d, h, w)))  # conv7: (1,4,4) for cubic S
+        self.convs = nn.ModuleList(convs)
+        self.fc1 = SNLinear(cfg.ch(c // 4) + 1, cfg.ch(c // 8))
+        self.fc2 = SNLinear(cfg.ch(c // 8), 1)
+        self.fc_class = SNLinear(cfg.ch(c // 8), cfg.num_classes) if cfg.num_classes else None
+        self.r_max = cfg.r_max
+
+    def forward(self, x, r):
+        for conv in self.convs:
+            x = F.leaky_relu(conv(x), 0.2)
+        x = x.flatten(1)  # (B,128)
+        # r enters normalised to [0, 1] by this S's largest start (official: crop_idx/224 at 256)
+        pos = torch.full((x.shape[0], 1), r / self.r_max, dtype=x.dtype, device=x.device)
+        x = F.leaky_relu(self.fc1(torch.cat([x, pos], 1)), 0.2)
+        return self.fc2(x), (self.fc_class(x) if self.fc_class is not None else None)
+
+
+class D_L(nn.Module):
+    """low-res volume (B,1,S/4,S/4,S/4) -> logit (B,1) [, class logits (B,K)]."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        c, a = cfg.dl_channels, cfg.a_shape
+        n = _halvings(math.gcd(*a), 4)
+        chans = [1] + [cfg.ch(c >> (n - 1 - i)) for i in range(n)]
+        self.convs = nn.ModuleList(SNConv3d(i, o, 4, 2, 1) for i, o in zip(chans[:-1], chans[1:]))
+        self.head = SNConv3d(chans[-1], 1 + cfg.num_classes, tuple(d >> n for d in a))
+        self.num_classes = cfg.num_classes
+
+    def forward(self, x):
+        for conv in self.convs:
+            x = F.leaky_relu(conv(x), 0.2)
+        x = self.head(x).flatten(1)  # (B,1+K)
+        return x[:, :1], (x[:, 1:] if self.num_classes else None)
+
+
+class Discriminator(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.D_H, self.D_L = D_H(cfg), D_L(cfg)
+
+    def forward(self, slab, r, low):
+        """Logits of D^H and D^L averaged, as the official code does; the class logits likewise."""
+        h, hc = self.D_H(slab, r)
+        l, lc = self.D_L(low)
+        return (h + l) / 2, (None if hc is None else (hc + lc) / 2)
+
+
+# -----------------------------------------------------------------------------
+# encoders
+
+
+class E_H(nn.Module):
+    """high-res slab (B,1,S/8,S,S) -> its part of A-hat (B,64,S/32,S/4,S/4)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        c, h = cfg.ch(2 * cfg.g_channels), cfg.ch(cfg.g_channels)  # c = A's channels: G^H lifts E^H's output
+        self.conv1 = nn.Conv3d(1, h, 4, 2, 1)
+        self.norm1 = nn.GroupNorm(8, h)
+        self.conv2 = nn.Conv3d(h, h, 3, 1, 1)
+        self.norm2 = nn.GroupNorm(8, h)
+        self.conv3 = nn.Conv3d(h, c, 4, 2, 1)
+        self.norm3 = nn.GroupNorm(8, c)
+
+    def forward(self, x):
+        x = F.relu(self.norm1(self.conv1(x)))
+        x = F.relu(self.norm2(self.conv2(x)))
+        return F.relu(self.norm3(self.conv3(x)))
+
+
+class E_G(nn.Module):
+    """A-hat (B,64,S/4,S/4,S/4) -> Z-hat (B,latent_dim)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        c, a = cfg.eg_channels, cfg.a_shape
+        n = _halvings(math.gcd(*a), 4)
+        chans = [cfg.ch(2 * cfg.g_channels)] + [cfg.ch(c >> (n - 1 - i)) for i in range(n)]
+        self.convs = nn.ModuleList(nn.Conv3d(i, o, 4, 2, 1) for i, o in zip(chans[:-1], chans[1:]))
+        self.norms = nn.ModuleList(nn.GroupNorm(8, o) for o in chans[1:])
+        self.head = nn.Conv3d(chans[-1], cfg.latent_dim, tuple(d >> n for d in a))
+
+    def forward(self, x):
+        for conv, norm in zip(self.convs, self.norms):
+            x = F.relu(norm(conv(x)))
+        return self.head(x).flatten(1)
+
+
+# -----------------------------------------------------------------------------
+# the whole model
+
+
+class HAGAN(nn.Module):
+    def __init__(self, cfg=None, **kwargs):
+        super().__init__()
+        cfg = cfg if cfg is not None else HAGANConfig(**kwargs)
+        self.cfg = cfg
+        self.G = Generator(cfg)
+        self.D = Discriminator(cfg)
+        self.E_H = E_H(cfg)
+        self.E_G = E_G(cfg)
+        n = {k: sum(p.numel() for p in getattr(self, k).parameters()) for k in ("G", "D", "E_H", "E_G")}
+        print(f"HA-GAN {'x'.join(map(str, cfg.shape))}: parameters G {n['G'] / 1e6:.2f}M, D {n['D'] / 1e6:.2f}M, "
+              f"E_H {n['E_H'] / 1e6:.3f}M, E_G {n['E_G'] / 1e6:.2f}M, total {sum(n.values()) / 1e6:.2f}M")
+
+    def generate(self, z, c=None, slab=None):
+        return self.G.generate(z, c, slab)
+
+    @torch.no_grad()
+    def encode(self, x):
+        """Z-hat for whole volumes x (B,1,D,H,W): E^H on each of the 8 non-overlapping slabs T_v,
+        concatenated on A's grid, then E^G (paper Sec. III-C). One slab's activations at a time."""
+        n = x.shape[2] // 8
+        A_hat = torch.cat([self.E_H(x[:, :, v:v + n]) for v in range(0, x.shape[2], n)], dim=2)
+        return self.E_G(A_hat)  # (B,latent_dim)
+
+    # -------------------------------------------------------------------------
+    # the official batmanlab/HA-GAN checkpoints
+
+    @classmethod
+    def from_official(cls, G, D=None, E=None, Sub_E=None, img_size=None, **kwargs):
+        """Load official checkpoint files (G_iterN.pth etc.: {'model': state_dict, 'optimizer': ...},
+        keys possibly 'module.'-prefixed). img_size defaults to what D/Sub_E reveal, else 256; the
+        official 128 and 256 generators have identical weights and differ only in upsampling."""
+        sds = {k: _official_state_dict(p, k) for k, p in dict(G=G, D=D, E=E, Sub_E=Sub_E).items() if p}
+        g = sds["G"]
+        if "fc1.weight" not in g:
+            raise ValueError(f"{G}: not an official HA-GAN Generator checkpoint (no fc1.weight)")
+        if img_size is None:
+            if "D" in sds:
+                img_size = 256 if "conv1.weight" in sds["D"] else 128
+            elif "Sub_E" in sds:
+                img_size = 256 if "conv1.weight" in sds["Sub_E"] else 128
+            else:
+                img_size = 256
+        num_classes = sds["D"]["fc2_class.weight"].shape[0] if "D" in sds and "fc2_class.weight" in sds["D"] else 0
+        latent_dim = g["fc1.weight"].shape[1] - num_classes
+        cfg = HAGANConfig(img_size=img_size, latent_dim=latent_dim, num_classes=num_classes, **kwargs)
+        model = cls(cfg)
+        for k, sd in sds.items():
+            target = dict(G=model.G, D=model.D, E=model.E_H, Sub_E=model.E_G)[k]
+            mapped = {}
+            for key, v in sd.items():
+                ours = _official_key(k, key, target)
+                if ours is not None:
+                    mapped[ours] = v
+            ref = target.state_dict()
+            missing = sorted(set(ref) - set(mapped))
+            bad = [f"{key} {tuple(mapped[key].shape)} vs {tuple(ref[key].shape)}"
+                   for key in ref if key in mapped and mapped[key].shape != ref[key].shape]
+            src = dict(G=G, D=D, E=E, Sub_E=Sub_E)[k]
+            if missing or bad:
+                raise ValueError(f"{src}: does not fit an official HA-GAN {k} at img_size {img_size}, "
+                                 f"latent {latent_dim}, {num_classes} classes: "
+                                 + (f"missing {missing[:3]} " if missing else "") + (f"shape {bad[:3]}" if bad else ""))
+            target.load_state_dict(mapped)
+        return model
+
+
+def _official_state_dict(path, what):
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: cannot read as a torch checkpoint ({type(e).__name__}: {e})") from None
+    sd = ck.get("model", ck) if isinstance(ck, dict) else None
+    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+        raise ValueError(f"{path}: not an official HA-GAN {what} checkpoint (expected a dict with 'model')")
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def _official_key(net, key, target):
+    """Official parameter name -> ours within the matching module (None: dropped, e.g. sv0)."""
+    if key.startswith("fc2_class."):  # D^H's class head
+        key = key.replace("fc2_class.", "fc_class.")
+    m = re.fullmatch(r"(sub_[GD]\.)?([a-z_]+?)(\d+)?\.(weight|bias|u0|sv0)", key)
+    if not m:
+        return f"?{key}"  # reported as a shape/missing mismatch by the caller
+    sub, name, i, p = m.group(1) or "", m.group(2), int(m.group(3) or 0), m.group(4)
+    p = {"u0": "u", "sv0": "sigma"}.get(p, p)
+    if p == "sigma":
+        return None  # official sv0 only logs sigma; ours is recomputed every forward
+    if net == "G":
+        if sub == "sub_G.":
+            return f"G_L.{'conv' if name == 'tp_conv' else 'norm'}{i}.{p}"
+        if name == "fc":
+            return f"G_A.fc.{p}"
+        if i <= 5:
+            return f"G_A.{'convs' if name == 'tp_conv' else 'norms'}.{i - 1}.{p}"
+        return f"G_H.{'conv' if name == 'tp_conv' else 'norm'}{i - 5}.{p}"
+    if net == "D":
+        if sub == "sub_D.":  # official conv{5 - n}..conv4, then conv5 = head
+            n = len(target.D_L.convs)
+            return f"D_L.head.{p}" if i == 5 else f"D_L.convs.{i - (5 - n)}.{p}"
+        if name == "fc_class":
+            return f"D_H.fc_class.{p}"
+        if name == "fc":
+            return f"D_H.fc{i}.{p}"
+        n = len(target.D_H.convs)  # official conv{8 - n}..conv7
+        return f"D_H.convs.{i - (8 - n)}.{p}"
+    if net == "E":
+        return f"{'conv' if name == 'conv' else 'norm'}{i}.{p}"
+    # Sub_E: official conv{5 - n}..conv4 with bn of the same number, then conv5 = head
+    n = len(target.convs)
+    if name == "conv" and i == 5:
+        return f"head.{p}"
+    return f"{'convs' if name == 'conv' else 'norms'}.{i - (5 - n)}.{p}"
+
+
+# -----------------------------------------------------------------------------
+# our checkpoints (train.py writes them; sample.py, encode.py and eval.py read them)
+
+
+def load_checkpoint(path, device="cpu", ema=True):
+    """(model, ckpt) from a train.py checkpoint, G's weights replaced by their moving average when
+    the checkpoint has one and ema=True. One-line ValueError for a missing or foreign file."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no checkpoint there (train one with: python train.py config/train_demo.py)")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
+        raise ValueError(f"{path}: not a hagan checkpoint (no 'model'/'model_args')")
+    args = dict(ckpt["model_args"])
+    if isinstance(args.get("img_size"), list):
+        args["img_size"] = tuple(args["img_size"])
+    model = HAGAN(HAGANConfig(**args))
+    model.load_state_dict(ckpt["model"])
+    if ema and ckpt.get("ema_G"):
+        model.G.load_state_dict(ckpt["ema_G"])
+    return model.to(device).eval(), ckpt
+
+
+def autocast_ctx(device, dtype):
+    """autocast for 'bfloat16'/'float16', nothing for 'float32' (also on CPU, so tests exercise bf16)."""
+    if dtype == "float32":
+        return nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=getattr(torch, dtype))
+
+
+# -----------------------------------------------------------------------------
+# configuration overrides shared by every script: config files and --key=value / --key value
+
+
+def override(config, argv=None):
+    """Apply `config/*.py` files (run in an empty namespace; only keys of `config`, no typos) and
+    `--key=value` or `--key value` arguments to the dict `config`, in order. The default's type is
+    the schema: an int may become a float, nothing else changes type. Exits with one line on error."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+
+    def fail(msg):
+        raise SystemExit(f"error: {msg}")
+
+    def setkey(k, v, where):
+        if k not in config:
+            close = [c for c in config if c.startswith(k[:3])][:3]
+            fail(f"unknown config key '{k}' in {where}" + (f" (did you mean {', '.join(close)}?)" if close else "")
+                 + f"; known keys: {', '.join(config)}")
+        d = config[k]
+        if isinstance(d, bool) and not isinstance(v, bool):
+            fail(f"{where}: {k} must be True or False, got {v!r}")
+        if isinstance(d, float) and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        if isinstance(d, (list, tuple)) and isinstance(v, (list, tuple)):
+            v = type(d)(v)
+        if isinstance(d, int) and isinstance(v, (list, tuple)) and k == "img_size":
+            pass  # img_size: S or (D, H, W)
+        elif type(v) is not type(d):
+            fail(f"{where}: {k} must be {type(d).__name__} like its default {d!r}, got {v!r}")
+        config[k] = v
+
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            if not os.path.isfile(arg):
+                fail(f"{arg}: no such config file")
+            ns = {}
+            with open(arg) as f:
+                exec(compile(f.read(), arg, "exec"), ns)
+            for k, v in ns.items():
+                if not k.startswith("_") and not callable(v) and not isinstance(v, type(os)):
+                    setkey(k, v, arg)
+            i += 1
+            continue
+        key = arg[2:]
+        if "=" in key:
+            key, val = key.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(argv) or (argv[i + 1].startswith("--") and key in config
+                                      and isinstance(config[key], bool)):
+                val, i = "True", i + 1  # a bare boolean flag: --overwrite
+            else:
+                val, i = argv[i + 1], i + 2
+        try:
+            v = ast.literal_eval(val)
+        except (ValueError, SyntaxError):
+            v = val  # a plain string such as a path
+        if key in config and isinstance(config[key], str) and not isinstance(v, str):
+            v = val  # '--out=123' is still a path
+        setkey(key.replace("-", "_"), v, f"--{key}")
+    return config
