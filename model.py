@@ -443,12 +443,53 @@ class HAGAN(nn.Module):
         return self.G.generate(z, c, slab)
 
     @torch.no_grad()
-    def encode(self, x):
-        """Z-hat for whole volumes x (B,1,D,H,W): E^H on each of the 8 non-overlapping slabs T_v,
-        concatenated on A's grid, then E^G (paper Sec. III-C). One slab's activations at a time."""
+    def encode_A(self, x):
+        """A-hat for whole volumes x (B,1,D,H,W): E^H on each of the 8 non-overlapping slabs T_v,
+        concatenated on A's grid (paper Sec. III-C). One slab's activations at a time."""
         n = x.shape[2] // 8
-        A_hat = torch.cat([self.E_H(x[:, :, v:v + n]) for v in range(0, x.shape[2], n)], dim=2)
-        return self.E_G(A_hat)  # (B,latent_dim)
+        return torch.cat([self.E_H(x[:, :, v:v + n]) for v in range(0, x.shape[2], n)], dim=2)
+
+    @torch.no_grad()
+    def encode(self, x):
+        """Z-hat = E^G(A-hat) for whole volumes x (B,1,D,H,W) -> (B,latent_dim)."""
+        return self.E_G(self.encode_A(x))
+
+    # -------------------------------------------------------------------------
+    # the losses of the four alternating updates (paper eqs. 4-9). Each returns (loss, stats);
+    # train.py decides which parameters get gradients and steps the optimisers.
+
+    def loss_D(self, x_slab, x_low, r, z, c=None):
+        """Eqs. 4-5 for D^H and D^L (non-saturating BCE on averaged logits) [+ eq. 9, both terms]."""
+        with torch.no_grad():
+            fake_slab, fake_low = self.G(z, r, c)
+        real, real_cls = self.D(x_slab, r, x_low)
+        fake, fake_cls = self.D(fake_slab, r, fake_low)
+        loss = _bce(real, 1.0) + _bce(fake, 0.0)
+        if c is not None and real_cls is not None:
+            loss = loss + F.cross_entropy(real_cls.float(), c) + F.cross_entropy(fake_cls.float(), c)
+        return loss, dict(D_real=real.detach().float().mean(), D_fake=fake.detach().float().mean())
+
+    def loss_G(self, r, z, c=None, lambda_class=0.1):
+        """Eqs. 4-5 for G^A, G^H, G^L [+ lambda_class times eq. 9's fake term, as officially]."""
+        fake_slab, fake_low = self.G(z, r, c)
+        logit, cls = self.D(fake_slab, r, fake_low)
+        loss = _bce(logit, 1.0)
+        if c is not None and cls is not None:
+            loss = loss + lambda_class * F.cross_entropy(cls.float(), c)
+        return loss, {}
+
+    def loss_E_H(self, x_slab, lambda1=5.0):
+        """Eq. 6: a real slab through E^H and back through G^H, L1."""
+        rec = self.G.G_H(self.E_H(x_slab))
+        l1 = F.l1_loss(rec.float(), x_slab.float())
+        return lambda1 * l1, dict(rec_E_H=l1.detach())
+
+    def loss_E_G(self, A_hat, x_slab, x_low, r, c=None, lambda2=5.0):
+        """Eq. 7: Z-hat = E^G(A-hat) through G, L1 on the slab at r and on the low-res volume
+        (averaged, as the official code does). A-hat comes from encode_A, without gradients."""
+        rec_slab, rec_low = self.G(self.E_G(A_hat), r, c)
+        l1 = (F.l1_loss(rec_slab.float(), x_slab.float()) + F.l1_loss(rec_low.float(), x_low.float())) / 2
+        return lambda2 * l1, dict(rec_E_G=l1.detach())
 
     # -------------------------------------------------------------------------
     # the official batmanlab/HA-GAN checkpoints
@@ -491,6 +532,12 @@ class HAGAN(nn.Module):
                                  + (f"missing {missing[:3]} " if missing else "") + (f"shape {bad[:3]}" if bad else ""))
             target.load_state_dict(mapped)
         return model
+
+
+def _bce(logit, target):
+    # losses reduced in float32 whatever the autocast dtype
+    logit = logit.float()
+    return F.binary_cross_entropy_with_logits(logit, torch.full_like(logit, target))
 
 
 def _official_state_dict(path, what):
