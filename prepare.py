@@ -1,0 +1,848 @@
+"""
+Volume I/O, the memory-mapped training store, fast sub-volume sampling and demo data for HA-GAN.
+
+HA-GAN (Sun et al., IEEE JBHI 2022, https://arxiv.org/abs/2008.01910) trains on one high-res slab
+(D/8 x H x W) plus the whole low-res (D/4 x H/4 x W/4) volume of B random scans per iteration.
+We turn every scan into that form once, here, and store all of them in two .npy memory maps, so a
+training batch reads ~18 MiB of float16 and nothing else (the official code loads a 128 MiB float64
+volume per scan per iteration and downsamples it on the GPU).
+
+Prepare real scans (NIfTI, MGH/MGZ, MINC1, Analyze, AFNI, PAR/REC, or .npy; folders, globs or a .txt list):
+    python prepare.py --input=scans/ --out=data/copd --img_size=256 --modality=ct --labels=labels.csv --workers=2
+    python prepare.py --input="brains/**/*.mgz" --out=data/gsp --modality=mri
+    python prepare.py --input=list.txt --out=data/ct160 --img_size=160,256,256 --spacing=1.5
+Demo data (procedural CT thorax phantoms in HU, with emphysema class 0-4; the README's default):
+    python prepare.py --demo                                    # data/demo, 128 volumes at 64^3
+    python prepare.py --demo --out=data/tiny --num=10 --img_size=32
+Re-running the same command resumes; the folder is valid once meta.json appears.
+
+Output folder (N = number of inputs; rows of skipped inputs are holes in sparse files, costing no disk):
+    hires.npy    [N, D, H, W]          float16 in [-1, 1], axis 0 = axial, inferior -> superior
+    lowres.npy   [N, D/4, H/4, W/4]    float16, 4x4x4 block means of hires (anti-aliased, not nearest)
+    volumes.csv  one row per input: index, id, source, status, reason, geometry, window, labels, fold
+    meta.json    img_size, modality, window, spacing, affine, orientation, labels, complete
+Sizes: 256^3 -> 32 MiB + 0.5 MiB per volume (the official float64 .npy: 128 MiB); 64^3 -> 520 KiB.
+
+In python (train.py, encode.py, eval.py):
+    from prepare import VolumeDataset
+    ds = VolumeDataset("data/demo", split="train", fold=0)
+    slabs, lowres, labels = ds.get_batch(4, r, device, generator)  # (B,1,D/8,H,W), (B,1,D/4,H/4,W/4), (B,)
+"""
+import os
+import sys
+import csv
+import glob
+import json
+import math
+import time
+import hashlib
+import multiprocessing as mp
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import nibabel as nib
+
+# -----------------------------------------------------------------------------
+# default config values (python prepare.py --key=value overrides them; --flag alone means True)
+config = dict(
+    input=[],          # files, folders (searched recursively), globs or .txt lists of paths; repeatable
+    out='',            # output folder; '' = data/demo with --demo, else required
+    img_size='',       # S (cube) or D,H,W, each a multiple of 32; '' = 256 (64 with --demo)
+    modality='ct',     # 'ct': HU window [-1024, 600] -> [-1, 1]; 'mri': clip at the foreground's 99.9th percentile
+    window='',         # 'LO,HI' overrides the modality's intensity window (source units -> -1, +1)
+    spacing=-1.0,      # > 0: resample to this isotropic spacing in mm, then centre-crop/pad; -1 = fit the volume
+    stretch=False,     # plain resize of the trimmed volume to the target box (the official code), aspect not kept
+    labels='',         # csv with an 'id' column; 'class' (int) for conditional training, other columns floats
+    first_volume=False,  # 4D series: use the first volume instead of skipping the file
+    workers=1,         # processes; each holds about one raw volume (x4 in float32 temporaries) in memory
+    demo=False,        # write procedural CT phantoms as NIfTI into OUT/raw, then prepare them like real scans
+    num=128,           # number of demo phantoms
+    seed=1337,         # demo phantom seed
+)
+# -----------------------------------------------------------------------------
+
+FORMAT_VERSION = 1
+CT_WINDOW = (-1024.0, 600.0)        # HA-GAN's COPDGene HU window (paper Sec. IV-A)
+MRI_PERCENTILE = 99.9               # GSP: "clipped at top 0.1% quantile" (paper Sec. IV-A)
+ORIENTATION = ('S', 'P', 'L')       # stored axes: axial slices hires[z] show as radiological images
+NUM_FOLDS = 5                       # the paper's 5-fold cross-validation
+# file endings we pick up when searching folders; the partner files (.img, .HEAD, .REC) are read by nibabel
+IMAGE_ENDINGS = ('.nii', '.nii.gz', '.mgh', '.mgz', '.mnc', '.hdr', '.brik', '.brik.gz', '.par', '.npy')
+
+# -----------------------------------------------------------------------------
+# intensities
+
+def to_unit(x, window):
+    """Source units (HU for CT) -> [-1, 1]: window[0] -> -1, window[1] -> +1, clipped."""
+    lo, hi = float(window[0]), float(window[1])
+    if isinstance(x, torch.Tensor):
+        return ((x - lo) * (2.0 / (hi - lo)) - 1.0).clamp_(-1.0, 1.0)
+    return np.clip((np.asarray(x, dtype=np.float32) - lo) * (2.0 / (hi - lo)) - 1.0, -1.0, 1.0)
+
+def from_unit(x, window):
+    """[-1, 1] -> source units; the inverse of to_unit inside the window (sample.py writes HU with it)."""
+    lo, hi = float(window[0]), float(window[1])
+    return (x + 1.0) * ((hi - lo) / 2.0) + lo
+
+def parse_window(s):
+    """'LO,HI' -> (lo, hi) floats, or None for ''."""
+    if s in ('', None):
+        return None
+    lo, hi = (float(v) for v in str(s).split(','))
+    assert hi > lo, f"--window={s}: HI must be greater than LO"
+    return (lo, hi)
+
+def parse_size(s):
+    """256 / '256' / '160,256,256' / (D,H,W) -> (D, H, W), each a multiple of 32 (model.py's contract)."""
+    if isinstance(s, (tuple, list)):
+        size = tuple(int(v) for v in s)
+    else:
+        size = tuple(int(v) for v in str(s).split(','))
+    if len(size) == 1:
+        size = size * 3
+    assert len(size) == 3 and all(v > 0 and v % 32 == 0 for v in size), \
+        f"img_size={s}: need S or D,H,W with every dim a multiple of 32"
+    return size
+
+# -----------------------------------------------------------------------------
+# reading one volume
+
+def volume_id(path):
+    """File name without its image endings: 'scans/a/0042.nii.gz' -> '0042', 'scaled+tlrc.BRIK' -> 'scaled+tlrc'."""
+    name = os.path.basename(path.rstrip('/'))
+    for end in ('.gz', '.bz2', '.zst'):
+        if name.lower().endswith(end):
+            name = name[:-len(end)]
+    stem, ext = os.path.splitext(name)
+    return stem if ext else name
+
+def canonical_affine(spacing, shape):
+    """Affine of a grid in our stored orientation (S,P,L) with this spacing, centred on the world origin."""
+    sd, sh, sw = (float(v) for v in spacing)
+    D, H, W = shape
+    # columns = stored axes; rows = RAS+ world. axis0 -> +S, axis1 -> -A (posterior), axis2 -> -R (left)
+    A = np.array([[0, 0, -sw, 0], [0, -sh, 0, 0], [sd, 0, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
+    A[:3, 3] = -A[:3, :3] @ (np.array([D, H, W], dtype=np.float64) - 1) / 2
+    return A
+
+def load_volume(path, first_volume=False):
+    """
+    Read one scan -> (float32 array [D,H,W] in our stored orientation, 4x4 affine of that array, spacing (3,) mm).
+    Stored orientation: axis 0 inferior->superior, axis 1 anterior->posterior, axis 2 right->left (axcodes S,P,L).
+    .npy arrays have no geometry: we take them as already in that orientation with 1 mm voxels.
+    Bad input raises ValueError('<path>: <reason>').
+    """
+    path = str(path)
+    if path.lower().endswith('.npy'):
+        try:
+            data = np.load(path, mmap_mode='r', allow_pickle=False)
+        except Exception as e:
+            raise ValueError(f"{path}: unreadable .npy ({type(e).__name__}: {e})") from None
+        affine = canonical_affine((1, 1, 1), data.shape[:3]) if data.ndim >= 3 else np.eye(4)
+        data = _squeeze_to_3d(path, data, first_volume)
+        try:
+            vol = np.array(data, dtype=np.float32)  # a copy: reads the file, detaches from the map
+        except Exception as e:
+            raise ValueError(f"{path}: unreadable or truncated ({type(e).__name__}: {e})") from None
+        return np.ascontiguousarray(vol), affine, np.ones(3)
+    try:
+        img = nib.load(path)
+    except ModuleNotFoundError as e:
+        # nibabel reads MINC2 (HDF5) only through h5py, which is not one of our dependencies
+        raise ValueError(f"{path}: needs the optional package {e.name} (pip install {e.name}); "
+                         f"or convert it to NIfTI") from None
+    except Exception as e:
+        raise ValueError(f"{path}: not an image nibabel can read ({type(e).__name__}: {e})") from None
+    if not hasattr(img, 'dataobj') or getattr(img, 'affine', None) is None:
+        raise ValueError(f"{path}: {type(img).__name__} has no voxel array with an affine")
+    try:
+        data = _squeeze_to_3d(path, img.dataobj, first_volume)  # 4D: reads only the first volume
+        vol = np.asarray(data, dtype=np.float32)
+    except ValueError:
+        raise
+    except Exception as e:  # truncated gzip, short file, corrupt header...
+        raise ValueError(f"{path}: unreadable or truncated ({type(e).__name__}: {e})") from None
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise ValueError(f"{path}: degenerate affine")
+    # reorient by axis permutations/flips only (no resampling): the closest axes to (S,P,L)
+    ornt = nib.orientations.io_orientation(affine)
+    xform = nib.orientations.ornt_transform(ornt, nib.orientations.axcodes2ornt(ORIENTATION))
+    vol = nib.orientations.apply_orientation(vol, xform)
+    affine = affine @ nib.orientations.inv_ornt_aff(xform, data.shape[:3])
+    spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
+    return np.ascontiguousarray(vol), affine, spacing
+
+def _squeeze_to_3d(path, data, first_volume):
+    shape = tuple(int(v) for v in data.shape)
+    if len(shape) < 3 or min(shape[:3]) < 2:
+        raise ValueError(f"{path}: 2D image (shape {'x'.join(map(str, shape))}), need a 3D volume")
+    extra = shape[3:]
+    if any(v > 1 for v in extra):
+        if not first_volume or len([v for v in extra if v > 1]) > 1:
+            raise ValueError(f"{path}: {len(shape)}D series of shape {'x'.join(map(str, shape))} "
+                             f"(use --first_volume to take its first volume)")
+    return data[(slice(None),) * 3 + (0,) * len(extra)] if extra else data
+
+# -----------------------------------------------------------------------------
+# mapping one volume to the stored grid
+
+def _resample_axis(x, axis, T, step, bg):
+    """
+    Resample x (torch float32) along axis to T samples; output o sits at input coordinate
+    (o - (T-1)/2) * step + (n-1)/2 (centres aligned). Triangle filter widened by step when shrinking,
+    so downsampling is anti-aliased (like PIL's / torch's antialias=True); linear when enlarging.
+    Outputs whose centre falls outside the input get the background value bg.
+    """
+    n = x.shape[axis]
+    if T == n and abs(step - 1.0) < 1e-9:
+        return x
+    support = max(step, 1.0)
+    c = (torch.arange(T, dtype=torch.float64) - (T - 1) / 2) * step + (n - 1) / 2  # (T,)
+    K = int(math.ceil(2 * support)) + 1
+    idx = torch.floor(c - support).long()[:, None] + 1 + torch.arange(K)  # (T,K) taps
+    w = (1 - (idx - c[:, None]).abs() / support).clamp_(min=0)
+    w = (w / w.sum(1, keepdim=True)).float()
+    idx = idx.clamp_(0, n - 1)  # edge replicate
+    view = [1] * x.dim()
+    view[axis] = T
+    out = None
+    for k in range(K):  # one pass per tap keeps temporaries at one output-sized array
+        term = x.index_select(axis, idx[:, k]) * w[:, k].view(view)
+        out = term if out is None else out.add_(term)
+    outside = (c < -0.5) | (c > n - 0.5)
+    if outside.any():
+        out.index_fill_(axis, outside.nonzero()[:, 0], bg)
+    return out
+
+def prepare_array(vol, spacing, img_size, modality='ct', window=None, out_spacing=-1.0, stretch=False,
+                  affine=None):
+    """
+    One raw volume (float32 [D0,H0,W0], stored orientation, source units) -> (hires float32 [D,H,W] in [-1,1], info).
+    Steps (paper Sec. IV-A, plus what real data needs): NaN/inf -> background, intensity window -> [-1,1],
+    trim blank axial slices at both ends, resample to img_size keeping the physical aspect ratio
+    (background padding; or out_spacing mm isotropic then centre crop/pad; or stretch to the box).
+    info: window used, slices trimmed, output spacing and affine, non-finite count. Raises ValueError(reason).
+    """
+    D, H, W = parse_size(img_size)
+    x = torch.from_numpy(np.ascontiguousarray(vol, dtype=np.float32))
+    finite = torch.isfinite(x)
+    n_bad = int(x.numel() - finite.sum())
+    if n_bad == x.numel():
+        raise ValueError("no finite voxels")
+    if n_bad:
+        x = torch.where(finite, x, torch.zeros((), dtype=x.dtype))
+    vals = x[finite] if n_bad else x.reshape(-1)
+    vmin, vmax = float(vals.min()), float(vals.max())
+    if vmax <= vmin:
+        raise ValueError(f"constant volume (all voxels {vmin:g})")
+    if window is None and modality == 'ct':
+        window = CT_WINDOW
+    elif window is None and modality == 'mri':
+        # foreground = above the minimum (skull-stripped MRI has a 0 background); subsample big volumes,
+        # a percentile of 4M voxels is plenty and keeps this under a second
+        fg = vals[vals > vmin]
+        fg = fg[::max(1, fg.numel() // 4_000_000)]
+        hi = float(np.percentile(fg.numpy(), MRI_PERCENTILE))
+        window = (vmin, hi if hi > vmin else vmax)
+    elif window is None:
+        raise ValueError(f"unknown modality {modality!r}")
+    window = (float(window[0]), float(window[1]))
+    u = to_unit(x, window)  # (D0,H0,W0) in [-1,1]
+    if n_bad:
+        u[~finite] = -1.0  # NaN/inf -> background
+    # trim blank axial slices (all at or below the window's low end) at both ends, as the paper does
+    keep = (u > -1.0).flatten(1).any(1).nonzero()[:, 0]
+    if keep.numel() == 0:
+        raise ValueError(f"empty: every voxel is at or below the window's low end {window[0]:g}")
+    t0, t1 = int(keep[0]), int(keep[-1]) + 1
+    u = u[t0:t1]
+    n = u.shape
+    sp = np.asarray(spacing, dtype=np.float64)
+    assert sp.shape == (3,) and np.all(sp > 0), f"bad spacing {spacing}"
+    T = (D, H, W)
+    if stretch:
+        step = [n[a] / T[a] for a in range(3)]
+    else:
+        s = out_spacing if out_spacing > 0 else max(n[a] * sp[a] / T[a] for a in range(3))
+        step = [s / sp[a] for a in range(3)]
+    # most-shrinking axis first so later passes touch fewer voxels
+    for a in sorted(range(3), key=lambda a: T[a] / n[a]):
+        u = _resample_axis(u, a, T[a], step[a], -1.0)
+    u = u.clamp_(-1.0, 1.0)  # the filter weights sum to 1 only up to float rounding
+    out_sp = [step[a] * sp[a] for a in range(3)]
+    # voxel o of the stored grid sits at raw (trimmed) voxel (o - (T-1)/2)*step + (n-1)/2
+    M = np.eye(4)
+    M[:3, :3] = np.diag(step)
+    M[:3, 3] = [(n[a] - 1) / 2 - (T[a] - 1) / 2 * step[a] + (t0 if a == 0 else 0) for a in range(3)]
+    out_affine = (affine if affine is not None else np.eye(4)) @ M
+    info = dict(window=window, trim=(t0, int(vol.shape[0]) - t1), out_spacing=out_sp,
+                out_affine=out_affine, nonfinite=n_bad)
+    return u.contiguous().numpy(), info
+
+def downsample(hires):
+    """hires [D,H,W] -> lowres [D/4,H/4,W/4]: means of 4x4x4 blocks (anti-aliased; official code: nearest)."""
+    x = torch.as_tensor(np.asarray(hires, dtype=np.float32))
+    return F.avg_pool3d(x[None, None], 4)[0, 0].numpy()
+
+def prepare_file(path, meta):
+    """Prepare one scan with a dataset's meta.json settings -> (hires float32 [D,H,W], lowres float32 [D/4,H/4,W/4])."""
+    st = meta.get('settings', {})
+    vol, affine, spacing = load_volume(path, first_volume=st.get('first_volume', False))
+    try:
+        hires, _ = prepare_array(vol, spacing, meta['img_size'], meta['modality'], meta.get('window'),
+                                 st.get('spacing', -1.0), st.get('stretch', False), affine)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    return hires, downsample(hires)
+
+# -----------------------------------------------------------------------------
+# sampling: what train.py / encode.py / eval.py read
+
+class VolumeDataset:
+    """
+    A prepared folder seen as one split. split='train': every fold but `fold`; 'val': fold `fold`; 'all'.
+    get_batch reads only the requested slab and the low-res volumes from the memory maps.
+    """
+
+    def __init__(self, path, split='train', fold=0):
+        path = str(path)
+        mpath = os.path.join(path, 'meta.json')
+        if not os.path.exists(mpath):
+            raise FileNotFoundError(f"{path}: no prepared dataset (meta.json missing); "
+                                    f"run: python prepare.py --demo --out={path}")
+        with open(mpath) as f:
+            self.meta = json.load(f)
+        if not self.meta.get('complete') or self.meta.get('format_version') != FORMAT_VERSION:
+            raise FileNotFoundError(f"{path}: incomplete or unknown-version dataset; re-run its prepare.py command")
+        assert split in ('train', 'val', 'all'), f"split={split!r}: use 'train', 'val' or 'all'"
+        assert 0 <= fold < NUM_FOLDS, f"fold={fold}: use 0..{NUM_FOLDS - 1}"
+        self.path, self.split, self.fold = path, split, fold
+        self.img_size = tuple(self.meta['img_size'])  # (D,H,W)
+        with open(os.path.join(path, 'volumes.csv'), newline='') as f:
+            rows = [r for r in csv.DictReader(f) if r['status'] == 'ok']
+        if split == 'train':
+            rows = [r for r in rows if int(r['fold']) != fold]
+        elif split == 'val':
+            rows = [r for r in rows if int(r['fold']) == fold]
+        if not rows:
+            raise ValueError(f"{path}: no volumes in split={split} fold={fold}")
+        self.index = np.array([int(r['index']) for r in rows], dtype=np.int64)  # rows of hires.npy
+        self.ids = [r['id'] for r in rows]
+        self.labels = {}
+        for col in self.meta['label_columns']:
+            if col == self.meta['class_column']:
+                self.labels[col] = np.array([int(r[col]) for r in rows], dtype=np.int64)
+            else:
+                self.labels[col] = np.array([float(r[col]) if r[col] != '' else np.nan for r in rows])
+        cls = self.labels.get(self.meta['class_column'])
+        self._class = torch.from_numpy(cls if cls is not None else np.zeros(len(rows), dtype=np.int64))
+        self._pin = {}  # pinned float16 staging buffers per shape, for CUDA
+
+    def __len__(self):
+        return len(self.index)
+
+    def _maps(self):
+        # re-open the maps per call (cheap) as nanoGPT does, so no long-lived np.memmap holds pages;
+        # mode 'c' (copy-on-write) gives writeable arrays, so torch.from_numpy takes them without copying
+        hi = np.load(os.path.join(self.path, 'hires.npy'), mmap_mode='c')
+        lo = np.load(os.path.join(self.path, 'lowres.npy'), mmap_mode='c')
+        return hi, lo
+
+    def volume(self, j):
+        """High-res volume j of this split, float32 [D,H,W] in [-1,1]."""
+        return np.array(self._maps()[0][self.index[j]], dtype=np.float32)
+
+    def lowres(self, j):
+        """Low-res volume j of this split, float32 [D/4,H/4,W/4]."""
+        return np.array(self._maps()[1][self.index[j]], dtype=np.float32)
+
+    def get_batch(self, batch_size, r, device='cpu', generator=None):
+        """
+        B random volumes -> (slabs float32 [B,1,D/8,H,W], lowres float32 [B,1,D/4,H/4,W/4], labels int64 [B]).
+        r is the slab start on G's A grid (D/4 cells), 0 <= r <= D/4 - D/32; the slab is hires[4r : 4r+D/8],
+        which is model.py's S^H. Volumes are drawn with torch.randint from the caller's (CPU) generator.
+        """
+        D, H, W = self.img_size
+        assert 0 <= r <= D // 4 - D // 32, f"r={r} outside 0..{D // 4 - D // 32}"
+        ix = torch.randint(len(self), (batch_size,), generator=generator)
+        rows = self.index[ix.numpy()]
+        hi, lo = self._maps()
+        a, b = 4 * r, 4 * r + D // 8  # matches model.py's S^H: one contiguous D/8*H*W read per volume
+        device = torch.device(device)
+        if device.type == 'cuda':
+            # copy float16 into pinned memory, send it asynchronously, cast on the GPU: half the PCIe bytes
+            key = (batch_size, D, H, W)
+            if key not in self._pin:
+                self._pin[key] = (torch.empty((batch_size, 1, D // 8, H, W), dtype=torch.float16).pin_memory(),
+                                  torch.empty((batch_size, 1, D // 4, H // 4, W // 4), dtype=torch.float16).pin_memory())
+            ps, pl = self._pin[key]
+            for k, i in enumerate(rows):
+                ps[k, 0].copy_(torch.from_numpy(hi[i, a:b]))
+                pl[k, 0].copy_(torch.from_numpy(lo[i]))
+            slabs = ps.to(device, non_blocking=True).float()
+            lows = pl.to(device, non_blocking=True).float()
+            # the next call may overwrite the staging buffers: wait until this copy has left them
+            torch.cuda.current_stream(device).synchronize()
+            return slabs, lows, self._class[ix].to(device, non_blocking=True)
+        slabs = torch.empty((batch_size, 1, D // 8, H, W))  # (B,1,D/8,H,W)
+        lows = torch.empty((batch_size, 1, D // 4, H // 4, W // 4))  # (B,1,D/4,H/4,W/4)
+        for k, i in enumerate(rows):
+            slabs[k, 0].copy_(torch.from_numpy(hi[i, a:b]))  # float16 -> float32 inside copy_
+            lows[k, 0].copy_(torch.from_numpy(lo[i]))
+        return slabs.to(device), lows.to(device), self._class[ix].to(device)
+
+def bench_sampling(path, batch_size=4, iters=200, split='all'):
+    """Batches per second of VolumeDataset.get_batch on CPU (warm the page cache first)."""
+    ds = VolumeDataset(path, split=split)
+    D = ds.img_size[0]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        ds.get_batch(batch_size, 0, generator=g)
+    t = time.perf_counter()
+    for it in range(iters):
+        r = int(torch.randint(D // 4 - D // 32 + 1, (1,), generator=g))
+        ds.get_batch(batch_size, r, generator=g)
+    return iters / (time.perf_counter() - t)
+
+# -----------------------------------------------------------------------------
+# preparing a folder of scans: planning, workers, resume
+
+def find_inputs(specs):
+    """--input values -> list of paths (order kept, duplicates removed). Folders are searched recursively."""
+    out, missing = [], []
+    def is_image(p):
+        return p.lower().endswith(IMAGE_ENDINGS)
+    for spec in specs:
+        if any(ch in spec for ch in '*?['):
+            found = sorted(glob.glob(spec, recursive=True))
+            out += [p for p in found if os.path.isfile(p)]
+            if not found:
+                missing.append((spec, 'glob matches nothing'))
+        elif os.path.isdir(spec):
+            for root, dirs, files in os.walk(spec):
+                dirs.sort()
+                out += [os.path.join(root, f) for f in sorted(files) if is_image(f)]
+        elif os.path.isfile(spec) and spec.lower().endswith(('.txt', '.lst', '.list')):
+            with open(spec) as f:
+                lines = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith('#')]
+            base = os.path.dirname(spec)
+            for ln in lines:
+                p = ln if os.path.isabs(ln) else os.path.join(base, ln)
+                (out.append(p) if os.path.exists(p) else missing.append((p, 'no such file (listed in ' + spec + ')')))
+        elif os.path.exists(spec):
+            out.append(spec)
+        else:
+            missing.append((spec, 'no such file or folder'))
+    seen, uniq = set(), []
+    for p in out:
+        rp = os.path.realpath(p)
+        if rp not in seen:
+            seen.add(rp)
+            uniq.append(p)
+    return uniq, missing
+
+def read_labels(path):
+    """labels.csv -> (columns, {id: {column: value}}); 'class' must be an integer."""
+    with open(path, newline='') as f:
+        reader = csv.DictReader(f)
+        cols = [c for c in (reader.fieldnames or []) if c != 'id']
+        if 'id' not in (reader.fieldnames or []):
+            raise ValueError(f"{path}: no 'id' column")
+        table = {}
+        for row in reader:
+            table[row['id'].strip()] = {c: (row[c] or '').strip() for c in cols}
+    return cols, table
+
+def _fold_of(ids, classes):
+    """Deterministic, class-stratified 5-fold split: sort by (class, sha1(id)), deal folds round-robin."""
+    key = lambda j: (classes[j], hashlib.sha1(ids[j].encode()).hexdigest())
+    folds = [0] * len(ids)
+    for rank, j in enumerate(sorted(range(len(ids)), key=key)):
+        folds[j] = rank % NUM_FOLDS
+    return folds
+
+_W = {}  # per-worker settings, set once per process
+
+def _worker_init(settings, threads):
+    if threads > 0:
+        torch.set_num_threads(threads)
+    _W.clear()
+    _W.update(settings)
+
+def _prepare_one(job):
+    """Worker: read, prepare and write volume job['index'] into the memory maps; return its csv fields."""
+    i, src = job['index'], job['source']
+    st = _W
+    t = time.time()
+    res = dict(index=i)
+    try:
+        vol, affine, spacing = load_volume(src, st['first_volume'])
+        res.update(orig_shape='x'.join(map(str, vol.shape)), orig_spacing='x'.join(f'{v:.4g}' for v in spacing),
+                   orig_axcodes=''.join(nib.aff2axcodes(affine)))
+        try:
+            hires, info = prepare_array(vol, spacing, st['img_size'], st['modality'], st['window'],
+                                        st['spacing'], st['stretch'], affine)
+        except ValueError as e:
+            raise ValueError(f"{src}: {e}") from None
+        del vol
+        lowres = downsample(hires)
+        hi = np.load(os.path.join(st['out'], 'hires.npy'), mmap_mode='r+')
+        lo = np.load(os.path.join(st['out'], 'lowres.npy'), mmap_mode='r+')
+        hi[i] = hires
+        lo[i] = lowres
+        hi.flush()
+        lo.flush()
+        del hi, lo
+        res.update(status='ok', reason='', window_lo=f"{info['window'][0]:.6g}", window_hi=f"{info['window'][1]:.6g}",
+                   trimmed='%d,%d' % info['trim'], out_spacing='x'.join(f'{v:.5g}' for v in info['out_spacing']),
+                   out_affine=' '.join(f'{v:.6g}' for v in info['out_affine'][:3].ravel()),
+                   nonfinite=info['nonfinite'])
+    except ValueError as e:
+        res.update(status='skipped', reason=str(e).replace('\n', ' '))
+    except MemoryError:
+        res.update(status='skipped', reason=f"{src}: out of memory")
+    res['seconds'] = round(time.time() - t, 3)
+    return res
+
+CSV_FIELDS = ['index', 'id', 'source', 'status', 'reason', 'orig_shape', 'orig_spacing', 'orig_axcodes',
+              'window_lo', 'window_hi', 'trimmed', 'nonfinite', 'out_spacing', 'out_affine']
+
+def prepare_dataset(inputs, out, img_size=256, modality='ct', window='', labels='', workers=1,
+                    first_volume=False, spacing=-1.0, stretch=False, on_done=None, log=print):
+    """
+    Prepare every input into the folder out. Returns an exit code: 0 if at least one volume is ok, else 1.
+    on_done(n_done) is called after each finished volume (tests use it to simulate a killed run).
+    """
+    size = parse_size(img_size)
+    assert modality in ('ct', 'mri'), f"modality={modality!r}: use ct or mri"
+    win = parse_window(window)
+    D, H, W = size
+    settings = dict(img_size=list(size), modality=modality, window=list(win) if win else None,
+                    spacing=float(spacing), stretch=bool(stretch), first_volume=bool(first_volume),
+                    labels=os.path.abspath(labels) if labels else '')
+    # --- the output folder must be writable before we read anything
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, '.write_test')
+        with open(probe, 'w') as f:
+            f.write('ok')
+        os.remove(probe)
+    except OSError as e:
+        log(f"error: output folder {out} is not writable ({e.strerror or e}); nothing prepared")
+        return 1
+    # --- plan: one row per input, in order; duplicates and unlabeled ids are skipped up front
+    paths, missing = find_inputs(inputs)
+    label_cols, table = read_labels(labels) if labels else ([], {})
+    jobs, seen = [], {}
+    for p in paths:
+        vid = volume_id(p)
+        job = dict(index=len(jobs), id=vid, source=os.path.abspath(p))
+        if vid in seen:
+            job.update(status='skipped', reason=f"{p}: duplicate id {vid} (also {seen[vid]})")
+        elif labels and vid not in table:
+            job.update(status='skipped', reason=f"{p}: id {vid} has no row in {labels}")
+        else:
+            seen[vid] = p
+        jobs.append(job)
+    for p, why in missing:
+        jobs.append(dict(index=len(jobs), id=volume_id(p), source=p, status='skipped', reason=f"{p}: {why}"))
+    for vid in sorted(set(table) - set(seen)):
+        log(f"warning: {labels}: id {vid} has no input volume; label ignored")
+    if not jobs:
+        log("error: no inputs found; nothing prepared")
+        return 1
+    plan = dict(format_version=FORMAT_VERSION, settings=settings,
+                jobs=[(j['id'], j['source']) for j in jobs])
+    # --- resume or start: a complete folder with the same plan is done; a different one we never overwrite
+    mpath, ppath, gpath = (os.path.join(out, n) for n in ('meta.json', '_plan.json', '_progress.jsonl'))
+    if os.path.exists(mpath):
+        with open(mpath) as f:
+            meta = json.load(f)
+        if meta.get('plan_sha1') == _sha1(plan):
+            log(f"{out}: already complete ({meta['num_volumes']} volumes); nothing to do")
+            return 0 if meta['num_volumes'] else 1
+        log(f"error: {out} holds a different prepared dataset; delete it or choose another --out")
+        return 1
+    done = {}
+    N = len(jobs)
+    hpath, lpath = os.path.join(out, 'hires.npy'), os.path.join(out, 'lowres.npy')
+    old = None
+    if os.path.exists(ppath):
+        with open(ppath) as f:
+            old = json.load(f)
+    if old == json.loads(json.dumps(plan)) and os.path.exists(hpath) and os.path.exists(lpath) and os.path.exists(gpath):
+        with open(gpath) as f:
+            for ln in f:
+                try:
+                    res = json.loads(ln)
+                    done[res['index']] = res
+                except (ValueError, KeyError):
+                    pass  # a line cut short by a kill: that volume is redone
+        log(f"{out}: resuming, {len(done)}/{N} inputs already done")
+    else:
+        # preallocated, sparse until written: 10,000 scans at 256^3 is a 335 GB file but no RAM
+        np.lib.format.open_memmap(hpath, mode='w+', dtype=np.float16, shape=(N, D, H, W))
+        np.lib.format.open_memmap(lpath, mode='w+', dtype=np.float16, shape=(N, D // 4, H // 4, W // 4))
+        with open(ppath, 'w') as f:
+            json.dump(plan, f)
+        open(gpath, 'w').close()
+    # --- run
+    todo = [j for j in jobs if j['index'] not in done and 'status' not in j]
+    for j in jobs:
+        if 'status' in j and j['index'] not in done:
+            done[j['index']] = dict(index=j['index'], status=j['status'], reason=j['reason'])
+    wsettings = dict(settings, out=out)
+    workers = max(1, min(workers, len(todo)))
+    t0 = time.time()
+    progress = open(gpath, 'a')
+    def record(res):
+        done[res['index']] = res
+        progress.write(json.dumps(res) + '\n')
+        progress.flush()
+        tag = 'ok' if res['status'] == 'ok' else 'skipped'
+        log(f"[{len(done)}/{N}] {tag} {jobs[res['index']]['id']} ({res['seconds']:.2f}s)"
+            + ('' if tag == 'ok' else f": {res['reason']}"))
+        if on_done is not None:
+            on_done(len(done))
+    try:
+        if workers == 1:
+            _worker_init(wsettings, 0)
+            for j in todo:
+                record(_prepare_one(j))
+        else:
+            # spawn, not fork: a forked child of a process that already ran torch ops can hang in OpenMP
+            ctx = mp.get_context('spawn')
+            threads = max(1, (os.cpu_count() or 1) // workers)
+            with ctx.Pool(workers, initializer=_worker_init, initargs=(wsettings, threads)) as pool:
+                for res in pool.imap_unordered(_prepare_one, todo):
+                    record(res)
+    finally:
+        progress.close()
+    # --- finalize: folds, labels, volumes.csv, then meta.json last (its presence = complete)
+    rows = []
+    for j in jobs:
+        res = done[j['index']]
+        row = {k: '' for k in CSV_FIELDS}
+        row.update({k: v for k, v in res.items() if k in CSV_FIELDS})
+        row.update(index=j['index'], id=j['id'], source=j['source'])
+        lab = table.get(j['id'], {})
+        for c in label_cols:
+            row[c] = lab.get(c, '')
+        if row['status'] == 'ok' and 'class' in label_cols:
+            try:
+                row['class'] = int(float(row['class']))
+            except ValueError:
+                row.update(status='skipped', reason=f"{j['source']}: class {row['class']!r} is not an integer")
+        rows.append(row)
+    for r in rows:
+        if r['status'] == 'skipped':
+            log(f"skipped {r['reason']}")
+    ok = [r for r in rows if r['status'] == 'ok']
+    folds = _fold_of([r['id'] for r in ok], [r['class'] if 'class' in label_cols else 0 for r in ok])
+    for r in rows:
+        r['fold'] = ''
+    for r, fo in zip(ok, folds):
+        r['fold'] = fo
+    with open(os.path.join(out, 'volumes.csv.tmp'), 'w', newline='') as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS + label_cols + ['fold'])
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(os.path.join(out, 'volumes.csv.tmp'), os.path.join(out, 'volumes.csv'))
+    log(f"{out}: {len(ok)} ok, {len(rows) - len(ok)} skipped, {time.time() - t0:.1f}s")
+    if not ok:
+        log("error: nothing was prepared")
+        return 1
+    # one spacing/affine for the whole store (sample.py writes generated volumes with it): exact with
+    # --spacing, else the median of the per-volume spacings (fit mode: every volume keeps its own in volumes.csv)
+    sp = np.median(np.array([[float(v) for v in r['out_spacing'].split('x')] for r in ok]), axis=0)
+    if spacing > 0:
+        sp = np.full(3, float(spacing))
+    classes = [r['class'] for r in ok] if 'class' in label_cols else []
+    meta = dict(
+        format_version=FORMAT_VERSION, img_size=list(size), modality=modality,
+        window=list(win) if win else (list(CT_WINDOW) if modality == 'ct' else None),
+        window_note=('mri: each volume maps [window_lo, window_hi] of volumes.csv to [-1, 1] '
+                     '(min and 99.9th percentile of its foreground)') if (modality == 'mri' and not win) else '',
+        spacing=[float(v) for v in sp], affine=canonical_affine(sp, size).tolist(),
+        orientation=''.join(ORIENTATION),
+        resample='stretch' if stretch else ('spacing' if spacing > 0 else 'fit'),
+        num_volumes=len(ok), num_inputs=N, label_columns=label_cols,
+        class_column='class' if 'class' in label_cols else '',
+        num_classes=(max(classes) + 1) if classes else 0, num_folds=NUM_FOLDS,
+        lowres='avg_pool3d 4x4x4 of hires', dtype='float16', settings=settings,
+        plan_sha1=_sha1(plan), complete=True)
+    with open(mpath + '.tmp', 'w') as f:
+        json.dump(meta, f, indent=1)
+    os.replace(mpath + '.tmp', mpath)
+    for p in (ppath, gpath):
+        os.remove(p)
+    return 0
+
+def _sha1(obj):
+    return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+# -----------------------------------------------------------------------------
+# demo data: procedural CT thorax phantoms in HU
+
+def _smooth_noise(rng, shape, cells):
+    """Gaussian noise on a coarse grid of `cells` per axis, trilinearly upsampled to shape: blobs ~shape/cells."""
+    g = torch.from_numpy(rng.standard_normal([max(2, int(c)) for c in cells]).astype(np.float32))
+    return F.interpolate(g[None, None], size=shape, mode='trilinear', align_corners=False)[0, 0].numpy()
+
+def make_phantom(rng, cls, n_xy=128):
+    """
+    One CT-like thorax in HU -> (int16 array [X,Y,Z] in LPS voxel order, affine, labels dict).
+    Body outline with subcutaneous fat and a muscle wall, two lungs whose low-attenuation (emphysema-like)
+    fraction grows with cls 0..4, spine, ribs, heart and aorta; size, shape and position vary per case.
+    Labels: class, lung_volume_ml, pct_below_950 (% of lung voxels below -950 HU, the usual emphysema index).
+    """
+    fov = rng.uniform(340, 420)                          # mm, reconstruction field of view
+    sxy = fov / n_xy
+    sz = rng.choice([1.5, 2.0, 2.5]) * 128 / n_xy       # thinner slices at higher in-plane resolution
+    zext = rng.uniform(260, 340)                         # mm of scan length
+    nz = int(round(zext / sz))
+    # world (RAS+, mm) coordinates of voxel centres; voxel axes run to patient Left, Posterior, Superior
+    x0, y0 = rng.uniform(-10, 10, size=2)
+    X = (x0 - (np.arange(n_xy) - (n_xy - 1) / 2) * sxy).astype(np.float32)[:, None, None]
+    Y = (y0 - (np.arange(n_xy) - (n_xy - 1) / 2) * sxy).astype(np.float32)[None, :, None]
+    Z = ((np.arange(nz) - (nz - 1) / 2) * sz).astype(np.float32)[None, None, :]
+    shape = (n_xy, n_xy, nz)
+    zt = Z / (zext / 2)                                   # -1 (inferior) .. +1 (superior)
+    # body: elliptic cylinder, narrowing towards the shoulders/neck
+    ax, ay = rng.uniform(140, 175), rng.uniform(95, 125)
+    cx, cy = rng.uniform(-12, 12), rng.uniform(-15, 5)
+    taper = 1 - 0.12 * np.clip(zt, 0, 1) ** 2
+    rb = np.sqrt(((X - cx) / (ax * taper)) ** 2 + ((Y - cy) / (ay * taper)) ** 2)  # 1 at the skin
+    fat_t, mus_t = rng.uniform(8, 25), rng.uniform(8, 14)  # mm
+    hu = np.full(shape, -1000.0, dtype=np.float32)
+    hu[rb < 1] = -100                                                    # subcutaneous fat
+    hu[rb < 1 - fat_t / ay] = 45                                         # muscle wall
+    inner = rb < 1 - (fat_t + mus_t) / ay
+    hu[inner] = 30                                                       # mediastinal soft tissue
+    # lungs: ellipsoids either side of the mediastinum, with a flattened medial edge
+    lax, lay, laz = ax * rng.uniform(0.36, 0.42), ay * rng.uniform(0.72, 0.82), zext * rng.uniform(0.36, 0.44)
+    lcz = rng.uniform(-0.05, 0.12) * zext
+    lung = np.zeros(shape, dtype=bool)
+    for side in (-1, 1):
+        lcx = cx + side * ax * rng.uniform(0.40, 0.48)
+        lung |= (((X - lcx) / lax) ** 2 + ((Y - cy + 0.05 * ay) / lay) ** 2 + ((Z - lcz) / laz) ** 2) < 1
+    lung &= inner
+    # heart (patient's left = -x in RAS) and the descending aorta beside the spine
+    hcx, hcy, hcz = cx - 0.15 * ax, cy + 0.25 * ay, lcz - 0.25 * laz
+    heart = (((X - hcx) / rng.uniform(50, 62)) ** 2 + ((Y - hcy) / rng.uniform(40, 50)) ** 2
+             + ((Z - hcz) / rng.uniform(45, 60)) ** 2) < 1
+    aorta = (((X - cx + 22) ** 2 + (Y - cy + 0.45 * ay) ** 2) < 13 ** 2) & (Z > hcz)
+    lung &= ~heart & ~aorta
+    # lung parenchyma: -860 HU with soft texture; emphysema = low-attenuation blobs covering a class-dependent fraction
+    frac = [0.01, 0.06, 0.14, 0.25, 0.38][cls] * rng.uniform(0.8, 1.2)
+    tex = _smooth_noise(rng, shape, (n_xy / 8, n_xy / 8, nz / 6))
+    par = -860 + 25 * _smooth_noise(rng, shape, (n_xy / 4, n_xy / 4, nz / 3))
+    low = tex < np.quantile(tex[lung], frac)
+    par = np.where(low, -975 + 10 * _smooth_noise(rng, shape, (n_xy / 4, n_xy / 4, nz / 3)), par)
+    vessels = _smooth_noise(rng, shape, (n_xy / 3, n_xy / 3, nz / 4)) > 2.0  # sparse bright dots: vessels
+    par = np.where(vessels & ~low, -100.0, par)
+    hu = np.where(lung, par, hu)
+    hu[heart] = 40
+    hu[aorta] = 45
+    # spine: vertebral bodies (cancellous core, cortical rim) and discs every ~30 mm, a spinous process behind
+    vy = cy - ay * 0.62  # posterior is -y in RAS
+    rv = np.sqrt((X - cx) ** 2 + (Y - vy) ** 2)
+    disc = np.mod(Z + rng.uniform(0, 30), 30) < 6
+    hu = np.where((rv < 18) & ~disc, np.where(rv > 15, 600.0, 220.0), hu)
+    hu = np.where((rv < 18) & disc, 80.0, hu)
+    hu = np.where((np.abs(X - cx) < 5) & (Y < vy - 18) & (Y > vy - 45) & ~disc & (rb < 1 - fat_t / ay), 500.0, hu)
+    # ribs: arcs inside the muscle wall every ~25 mm, sparing the front (sternum gap)
+    ring = (rb > 1 - (fat_t + mus_t * 0.8) / ay) & (rb < 1 - (fat_t + mus_t * 0.2) / ay)
+    ribs = ring & (np.mod(Z + rng.uniform(0, 25), 25) < 8) & (Y - cy < 0.6 * ay)
+    hu = np.where(ribs, 650.0, hu)
+    # scanner noise, and -1024 outside the reconstruction circle
+    hu = hu + rng.normal(0, rng.uniform(8, 16), size=shape).astype(np.float32)
+    hu[(np.sqrt((X - x0) ** 2 + (Y - y0) ** 2) > fov / 2) & np.ones(shape, dtype=bool)] = -1024
+    hu = np.clip(np.round(hu), -1024, 3071).astype(np.int16)
+    affine = np.array([[-sxy, 0, 0, X[0, 0, 0]], [0, -sxy, 0, Y[0, 0, 0]], [0, 0, sz, Z[0, 0, 0]], [0, 0, 0, 1]],
+                      dtype=np.float64)
+    labels = dict(cls=int(cls), lung_volume_ml=float(lung.sum() * sxy * sxy * sz / 1000),
+                  pct_below_950=float(100 * (hu[lung] < -950).mean()))
+    return hu, affine, labels
+
+def make_demo(out, num=128, img_size=64, seed=1337, workers=1, log=print):
+    """Write num phantoms as NIfTI plus labels.csv into out/raw, then prepare them into out like real scans."""
+    size = parse_size(img_size)
+    raw = os.path.join(out, 'raw')
+    os.makedirs(raw, exist_ok=True)
+    lpath = os.path.join(raw, 'labels.csv')
+    n_xy = max(64, 2 * max(size[1:]))  # twice the stored in-plane size, so preparing really downsamples
+    t = time.time()
+    rows = []
+    for k in range(num):
+        vid = f'phantom_{k:04d}'
+        fpath = os.path.join(raw, vid + '.nii.gz')
+        rng = np.random.default_rng([seed, k])
+        cls = k % 5  # balanced classes
+        hu, affine, lab = make_phantom(rng, cls, n_xy)
+        if not os.path.exists(fpath):
+            img = nib.Nifti1Image(hu, affine)
+            img.header.set_xyzt_units('mm')
+            img.to_filename(fpath + '.tmp.nii.gz')
+            os.replace(fpath + '.tmp.nii.gz', fpath)
+        rows.append(dict(id=vid, **{'class': lab['cls']}, lung_volume_ml=f"{lab['lung_volume_ml']:.1f}",
+                         pct_below_950=f"{lab['pct_below_950']:.2f}"))
+    with open(lpath, 'w', newline='') as f:
+        w = csv.DictWriter(f, fieldnames=['id', 'class', 'lung_volume_ml', 'pct_below_950'])
+        w.writeheader()
+        w.writerows(rows)
+    log(f"{raw}: {num} phantoms written in {time.time() - t:.1f}s")
+    return prepare_dataset([raw], out, img_size=size, modality='ct', labels=lpath, workers=workers, log=log)
+
+# -----------------------------------------------------------------------------
+
+def _parse_args(argv, cfg):
+    """--key=value or --key value; --flag alone = True; list options repeat. The default's type is the schema."""
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith('--'):
+            raise SystemExit(f"unexpected argument {arg!r}: options are --key=value")
+        key, eq, val = arg[2:].partition('=')
+        if key not in cfg:
+            raise SystemExit(f"unknown option --{key}; known: {', '.join('--' + k for k in cfg)}")
+        default = cfg[key]
+        if not eq:
+            if isinstance(default, bool):
+                val = 'true'
+            elif i + 1 < len(argv) and not argv[i + 1].startswith('--'):
+                i += 1
+                val = argv[i]
+            else:
+                raise SystemExit(f"--{key} needs a value")
+        try:
+            if isinstance(default, list):
+                cfg[key] = default + [val]
+            elif isinstance(default, bool):
+                assert val.lower() in ('true', 'false', '1', '0'), val
+                cfg[key] = val.lower() in ('true', '1')
+            elif isinstance(default, int):
+                cfg[key] = int(val)
+            elif isinstance(default, float):
+                cfg[key] = float(val)
+            else:
+                cfg[key] = val
+        except (ValueError, AssertionError):
+            raise SystemExit(f"--{key}={val}: expected {type(default).__name__}") from None
+        i += 1
+    return cfg
+
+if __name__ == '__main__':
+    _parse_args(sys.argv[1:], config)
+    c = config
+    if c['demo']:
+        rc = make_demo(c['out'] or 'data/demo', c['num'], c['img_size'] or 64, c['seed'], c['workers'])
+    else:
+        if not c['input'] or not c['out']:
+            raise SystemExit("usage: python prepare.py --input=PATH [--input=PATH ...] --out=data/NAME "
+                             "[--img_size=256] [--modality=ct|mri]   (or: python prepare.py --demo)")
+        rc = prepare_dataset(c['input'], c['out'], c['img_size'] or 256, c['modality'], c['window'], c['labels'],
+                             c['workers'], c['first_volume'], c['spacing'], c['stretch'])
+    sys.exit(rc)
