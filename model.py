@@ -113,9 +113,13 @@ def S_H(X, r):
 # iteration's normalisation underflows (eps=1e-12) and returns NaN or a badly wrong sigma.
 
 
+def _no_autocast(t):
+    return torch.autocast("cpu" if t.device.type == "meta" else t.device.type, enabled=False)
+
+
 def _sn_weight(m):
     W = m.weight.float().flatten(1)  # (out, in*k*k*k)
-    with torch.autocast(W.device.type, enabled=False):
+    with _no_autocast(W):
         with torch.no_grad():
             v = F.normalize(m.u @ W, dim=1, eps=1e-12)  # (1, in*k^3)
             u = F.normalize(v @ W.t(), dim=1, eps=1e-12)  # (1, out)
@@ -131,7 +135,7 @@ class SNConv3d(nn.Conv3d):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.register_buffer("u", F.normalize(torch.randn(1, self.out_channels), dim=1))
-        self.register_buffer("sigma", torch.ones(()))
+        self.register_buffer("sigma", torch.ones(1))  # for logging, like official sv0
 
     def forward(self, x):
         return self._conv_forward(x, _sn_weight(self), self.bias)
@@ -141,7 +145,7 @@ class SNLinear(nn.Linear):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.register_buffer("u", F.normalize(torch.randn(1, self.out_features), dim=1))
-        self.register_buffer("sigma", torch.ones(()))
+        self.register_buffer("sigma", torch.ones(1))  # for logging, like official sv0
 
     def forward(self, x):
         return F.linear(x, _sn_weight(self), self.bias)
@@ -229,7 +233,7 @@ class G_L(nn.Module):
 def _last_conv_tanh(conv, h):
     # the output layer runs in float32 even under autocast: in bf16, tanh near +-1 has a
     # resolution of several HU in the CT window, which shows up as banding in the samples
-    with torch.autocast(h.device.type, enabled=False):
+    with _no_autocast(h):
         return torch.tanh(conv(h.float()))
 
 
@@ -294,7 +298,7 @@ class Generator(nn.Module):
             lo, hi = max(2 * a - 1, 0), min(2 * b + 1, ny)
             h = F.relu((Y[:, :, lo:hi] - mean) * rstd * w + bias)
             h = _up(h)  # rows [2lo, 2hi) of the 4x grid
-            with torch.autocast(h.device.type, enabled=False):
+            with _no_autocast(h):
                 out.append(torch.tanh(_depth_conv(g.conv2, h.float(), 2 * lo, 4 * n, 4 * a, 4 * b)))
         return torch.cat(out, dim=2)
 
@@ -501,8 +505,8 @@ class HAGAN(nn.Module):
         official 128 and 256 generators have identical weights and differ only in upsampling."""
         sds = {k: _official_state_dict(p, k) for k, p in dict(G=G, D=D, E=E, Sub_E=Sub_E).items() if p}
         g = sds["G"]
-        if "fc1.weight" not in g:
-            raise ValueError(f"{G}: not an official HA-GAN Generator checkpoint (no fc1.weight)")
+        if "fc1.weight" not in g or "tp_conv1.weight" not in g:
+            raise ValueError(f"{G}: not an official HA-GAN Generator checkpoint (no fc1/tp_conv1 weights)")
         if img_size is None:
             if "D" in sds:
                 img_size = 256 if "conv1.weight" in sds["D"] else 128
@@ -518,9 +522,7 @@ class HAGAN(nn.Module):
             target = dict(G=model.G, D=model.D, E=model.E_H, Sub_E=model.E_G)[k]
             mapped = {}
             for key, v in sd.items():
-                ours = _official_key(k, key, target)
-                if ours is not None:
-                    mapped[ours] = v
+                mapped[_official_key(k, key, target)] = v
             ref = target.state_dict()
             missing = sorted(set(ref) - set(mapped))
             bad = [f"{key} {tuple(mapped[key].shape)} vs {tuple(ref[key].shape)}"
@@ -552,7 +554,7 @@ def _official_state_dict(path, what):
 
 
 def _official_key(net, key, target):
-    """Official parameter name -> ours within the matching module (None: dropped, e.g. sv0)."""
+    """Official parameter name -> ours within the matching module."""
     if key.startswith("fc2_class."):  # D^H's class head
         key = key.replace("fc2_class.", "fc_class.")
     m = re.fullmatch(r"(sub_[GD]\.)?([a-z_]+?)(\d+)?\.(weight|bias|u0|sv0)", key)
@@ -560,8 +562,6 @@ def _official_key(net, key, target):
         return f"?{key}"  # reported as a shape/missing mismatch by the caller
     sub, name, i, p = m.group(1) or "", m.group(2), int(m.group(3) or 0), m.group(4)
     p = {"u0": "u", "sv0": "sigma"}.get(p, p)
-    if p == "sigma":
-        return None  # official sv0 only logs sigma; ours is recomputed every forward
     if net == "G":
         if sub == "sub_G.":
             return f"G_L.{'conv' if name == 'tp_conv' else 'norm'}{i}.{p}"
