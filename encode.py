@@ -1,0 +1,284 @@
+"""
+Encode real scans into HA-GAN's latent Z (paper Sec. III-C, Inference: Z-hat = E^G(concat_v E^H(S^H(X; T_v))))
+and use it: predict clinical measurements (Sec. IV-D, Table VI) and find latent directions (Sec. IV-E).
+
+    python encode.py --data=data/demo --out=features/                       # features.npy [N, latent_dim] + ids.csv
+    python encode.py --data=data/demo --out=features/ --recon=4             # + 4 reconstructions G(E(x)), L1 and PSNR
+    python encode.py --data=data/demo --out=features/ --regress=lung_volume_ml,pct_below_950
+    python encode.py --data=data/demo --out=features/ --direction=lung_volume_ml
+    python sample.py --direction=features/direction_lung_volume_ml.npy --steps=7 --scale=3 --png
+    python encode.py --data="scans/*.nii.gz" --out=features_new/            # NIfTI files, prepared on the fly
+
+--regress: Ridge regression (lambda = 1e-4, intercept unpenalised) of log(column) on Z, trained on four
+folds of the dataset's 5-fold split and scored by R^2 on the fifth, for every fold; numpy only.
+--direction: least-squares linear model column = w.Z + b on all encoded volumes; w is the direction.
+Files are written only once everything has been computed, each by a rename: nothing half-written.
+"""
+
+import csv
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+from model import load_checkpoint, autocast_ctx, override
+from sample import write_volume, _atomic, fail
+
+# -----------------------------------------------------------------------------
+config = dict(
+    data='data/demo',  # a folder made by prepare.py, or NIfTI scans: a file, folder, glob or .txt list
+    ckpt='out/ckpt.pt',  # checkpoint written by train.py
+    meta='',  # NIfTI input: the meta.json whose settings prepare them; '' = the one kept in the checkpoint
+    out='features',  # output folder
+    split='all',  # prepared folder: 'all', or 'train' / 'val' of --fold
+    fold=0,  # the fold of --split=train|val
+    batch=1,  # volumes per forward
+    device='',  # '' = cuda if available
+    dtype='float32',  # 'float32', 'bfloat16' or 'float16' autocast
+    ema=True,  # reconstruct with the moving average of G's weights when the checkpoint has one
+    recon=0,  # also write this many reconstructions G(E(x)) and their prepared originals, with L1/PSNR
+    slab=0,  # --recon: G^H this many A-slices at a time (0 = all at once)
+    regress='',  # comma-separated label columns: Ridge on Z, held-out R^2 per fold
+    lam=1e-4,  # Ridge lambda (paper Sec. IV-D)
+    log=True,  # --regress: predict log(column), as the paper does (Table VI)
+    direction='',  # comma-separated label columns: least-squares latent direction -> OUT/direction_<col>.npy
+    overwrite=False,  # replace existing output files
+)
+# -----------------------------------------------------------------------------
+
+
+def ridge(X, y, lam=1e-4):
+    """(w, b) minimising ||y - X w - b||^2 + lam ||w||^2, the intercept unpenalised (sklearn's Ridge)."""
+    X, y = np.asarray(X, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    mx, my = X.mean(0), y.mean()
+    Xc, yc = X - mx, y - my
+    n, p = Xc.shape
+    if p <= n:
+        w = np.linalg.solve(Xc.T @ Xc + lam * np.eye(p), Xc.T @ yc)
+    else:  # fewer volumes than latent dims: the same w from the n x n dual system X^T (X X^T + lam I)^-1 y
+        w = Xc.T @ np.linalg.solve(Xc @ Xc.T + lam * np.eye(n), yc)
+    return w, my - mx @ w
+
+
+def r2(y, yhat):
+    """Coefficient of determination 1 - SS_res / SS_tot around the held-out mean (sklearn's r2_score)."""
+    y, yhat = np.asarray(y, dtype=np.float64), np.asarray(yhat, dtype=np.float64)
+    ss = ((y - y.mean()) ** 2).sum()
+    return 1.0 - ((y - yhat) ** 2).sum() / ss if ss > 0 else float('nan')
+
+
+def cross_validate(Z, y, folds, lam=1e-4, log=True):
+    """Held-out R^2 of Ridge for each fold f (train on the other folds). Rows with missing y are dropped."""
+    y = np.asarray(y, dtype=np.float64)
+    ok = np.isfinite(y)
+    if log:
+        if np.any(y[ok] <= 0):
+            raise ValueError("has values <= 0, so log() is undefined; use --log=False")
+        y = np.where(ok, np.log(np.where(ok, y, 1.0)), np.nan)
+    res = {}
+    for f in sorted(set(folds[ok].tolist())):
+        tr, te = ok & (folds != f), ok & (folds == f)
+        if tr.sum() < 2 or te.sum() < 2:
+            continue
+        w, b = ridge(Z[tr], y[tr], lam)
+        res[int(f)] = r2(y[te], Z[te] @ w + b)
+    return res
+
+
+def direction(Z, y):
+    """Least-squares linear model y = w.Z + b on all rows with a value (paper Sec. IV-E): (w, b, in-sample R^2).
+    With fewer volumes than latent dims this is the minimum-norm solution."""
+    y = np.asarray(y, dtype=np.float64)
+    ok = np.isfinite(y)
+    X = np.asarray(Z, dtype=np.float64)[ok]
+    mx, my = X.mean(0), y[ok].mean()
+    w = np.linalg.lstsq(X - mx, y[ok] - my, rcond=None)[0]
+    b = my - mx @ w
+    return w, b, r2(y[ok], X @ w + b)
+
+
+# -----------------------------------------------------------------------------
+
+
+class _Files:
+    """NIfTI (or any prepare.py input) files seen like a VolumeDataset: prepared on the fly with a meta."""
+
+    def __init__(self, paths, meta):
+        from prepare import volume_id
+        self.paths, self.meta = paths, meta
+        self.ids = [volume_id(p) for p in paths]
+        self.labels = {}
+        self.img_size = tuple(meta['img_size'])
+
+    def __len__(self):
+        return len(self.paths)
+
+    def volume(self, j):
+        from prepare import prepare_file
+        return prepare_file(self.paths[j], self.meta)[0]
+
+
+def open_data(c, ckpt_meta):
+    """The input as (dataset, meta, fold of every volume or None)."""
+    from prepare import VolumeDataset, find_inputs
+    data = c['data']
+    if os.path.isdir(data) and os.path.exists(os.path.join(data, 'meta.json')):
+        try:
+            ds = VolumeDataset(data, c['split'], c['fold'])
+            # fold of every volume: each is in exactly one 'val' split (the paper's 5-fold CV)
+            fold_of = {}
+            for f in range(ds.meta.get('num_folds', 5)):
+                try:
+                    fold_of.update({i: f for i in VolumeDataset(data, 'val', f).ids})
+                except ValueError:
+                    pass  # an empty fold of a tiny dataset
+        except (FileNotFoundError, ValueError, AssertionError, KeyError) as e:
+            fail(f"{data}: {e}")
+        return ds, ds.meta, np.array([fold_of.get(i, -1) for i in ds.ids])
+    paths, missing = find_inputs([data])
+    if missing:
+        fail(f"{missing[0][0]}: {missing[0][1]}")
+    if not paths:
+        fail(f"{data}: no prepared dataset (meta.json) and no image files there")
+    meta = ckpt_meta
+    if c['meta']:
+        try:
+            with open(c['meta']) as f:
+                meta = json.load(f)
+        except (OSError, ValueError) as e:
+            fail(f"{c['meta']}: cannot read meta.json ({e})")
+    if not meta or 'img_size' not in meta:
+        fail("to prepare NIfTI files we need the dataset's meta.json: the checkpoint has none, pass --meta")
+    return _Files(paths, meta), meta, None
+
+
+def main(argv=None):
+    c = override(dict(config), argv)
+    if c['dtype'] not in ('float32', 'bfloat16', 'float16'):
+        fail(f"--dtype={c['dtype']}: use float32, bfloat16 or float16")
+    if c['batch'] < 1 or c['recon'] < 0 or c['slab'] < 0:
+        fail("--batch must be >= 1, --recon and --slab >= 0")
+    c['device'] = c['device'] or ('cuda' if torch.cuda.is_available() else 'cpu')
+    out = c['out']
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f'.write_test{os.getpid()}')
+        open(probe, 'w').close()
+        os.remove(probe)
+    except OSError as e:
+        fail(f"cannot write to {out} ({e.strerror or e})")
+    try:
+        model, ckpt = load_checkpoint(c['ckpt'], c['device'], ema=c['ema'])
+    except (ValueError, RuntimeError) as e:  # RuntimeError: weights that do not fit their model_args
+        fail(str(e).strip().splitlines()[0])
+    ds, meta, folds = open_data(c, ckpt.get('meta') or {})
+    if tuple(ds.img_size) != tuple(model.cfg.shape):
+        fail(f"{c['data']}: volumes are {'x'.join(map(str, ds.img_size))} but the model takes "
+             f"{'x'.join(map(str, model.cfg.shape))}")
+    # every requested column must exist before we spend time encoding
+    reg = [s for s in c['regress'].split(',') if s]
+    dirs = [s for s in c['direction'].split(',') if s]
+    for col in reg + dirs:
+        if col not in ds.labels:
+            have = [k for k in ds.labels if k != meta.get('class_column')]
+            fail(f"unknown label column '{col}'" + (f"; {c['data']} has: {', '.join(have)}" if have
+                                                     else f"; {c['data']} has no labels"))
+    if reg and folds is None:
+        fail("--regress needs a prepared folder (its labels and folds)")
+    files = ['features.npy', 'ids.csv'] + (['regress.json'] if reg else [])
+    files += [f'direction_{col}{e}' for col in dirs for e in ('.npy', '.json')]
+    files += [f'{i}_{kind}.nii.gz' for i in ds.ids[:c['recon']] for kind in ('orig', 'recon')]
+    taken = [f for f in files if os.path.exists(os.path.join(out, f))]
+    if taken and not c['overwrite']:
+        fail(f"{os.path.join(out, taken[0])} exists; pass --overwrite or another --out")
+
+    # ---- encode (and reconstruct the first --recon volumes)
+    N = len(ds)
+    cls_col = meta.get('class_column') or ''
+    classes = ds.labels.get(cls_col) if cls_col else None
+    Z = np.zeros((N, model.cfg.latent_dim), dtype=np.float32)
+    recons, t0 = [], time.time()
+    for i in range(0, N, c['batch']):
+        js = range(i, min(i + c['batch'], N))
+        try:
+            xs = [ds.volume(j) for j in js]
+        except ValueError as e:  # a NIfTI input that cannot be read or prepared
+            fail(str(e))
+        x = torch.from_numpy(np.stack(xs))[:, None].to(c['device'])  # (B,1,D,H,W) in [-1, 1]
+        with torch.no_grad(), autocast_ctx(c['device'], c['dtype']):
+            z = model.encode(x).float()  # (B, latent_dim)
+            Z[i:i + len(js)] = z.cpu().numpy()
+            k = [j for j in js if j < c['recon']]
+            if k:
+                cl = None
+                if model.cfg.num_classes:
+                    cl = torch.tensor([int(classes[j]) if classes is not None else 0 for j in k], device=c['device'])
+                xr = model.generate(z[:len(k)], cl, slab=c['slab'] or None).float()  # (b,1,D,H,W)
+                for j, a, b in zip(k, x[:len(k)].float().cpu().numpy(), xr.cpu().numpy()):
+                    a, b = a[0], b[0]
+                    l1 = float(np.abs(a - b).mean())
+                    psnr = 10 * math.log10(4.0 / max(float(((a - b) ** 2).mean()), 1e-12))  # peak-to-peak 2
+                    recons.append((ds.ids[j], a, b, l1, psnr))
+        if (i // c['batch']) % 20 == 0 or i + len(js) == N:
+            print(f"encoded {i + len(js)}/{N} ({(time.time() - t0) / (i + len(js)):.2f} s/volume)")
+    if not np.all(np.isfinite(Z)):
+        fail("the encoder produced non-finite features (a broken checkpoint?); nothing written")
+
+    # ---- analyses, all before anything is written
+    results = {}
+    for col in reg:
+        try:
+            res = cross_validate(Z, ds.labels[col], folds, c['lam'], c['log'])
+        except ValueError as e:
+            fail(f"--regress={col}: {e}")
+        if not res:
+            fail(f"--regress={col}: too few labelled volumes for 5-fold cross-validation")
+        v = np.array(list(res.values()))
+        results[col] = dict(target=f"log({col})" if c['log'] else col, lam=c['lam'], r2_per_fold=res,
+                            r2_mean=float(v.mean()), r2_std=float(v.std()), n=int(np.isfinite(ds.labels[col]).sum()))
+    dir_out = {}
+    for col in dirs:
+        w, b, fit = direction(Z, ds.labels[col])
+        dir_out[col] = (w, dict(column=col, intercept=float(b), norm=float(np.linalg.norm(w)), r2_fit=float(fit),
+                                latent_dim=int(w.size), ckpt=os.path.abspath(c['ckpt']),
+                                note=f"{col} ~ w.z + b; one unit of z along w/|w| changes it by |w|"))
+
+    # ---- write
+    ids = list(ds.ids)
+    _atomic(os.path.join(out, 'features.npy'), lambda p: np.save(p, Z))
+    cols = [k for k in ds.labels]
+
+    def write_ids(p):
+        with open(p, 'w', newline='') as f:
+            wr = csv.writer(f)
+            wr.writerow(['row', 'id'] + cols + (['fold'] if folds is not None else []))
+            for j, i in enumerate(ids):
+                wr.writerow([j, i] + [ds.labels[k][j] for k in cols] + ([folds[j]] if folds is not None else []))
+    _atomic(os.path.join(out, 'ids.csv'), write_ids)
+    print(f"{out}/features.npy {tuple(Z.shape)} and ids.csv ({time.time() - t0:.1f}s)")
+    for vid, a, b, l1, psnr in recons:
+        write_volume(os.path.join(out, f'{vid}_orig.nii.gz'), a, meta, f"prepared {vid}")
+        write_volume(os.path.join(out, f'{vid}_recon.nii.gz'), b, meta, f"G(E(x)) {vid}")
+        hu = f" ({l1 * (meta['window'][1] - meta['window'][0]) / 2:.1f} HU)" if meta.get('window') else ''
+        print(f"recon {vid}: L1 {l1:.4f}{hu}, PSNR {psnr:.2f} dB")
+    if recons:
+        print(f"recon mean over {len(recons)}: L1 {np.mean([r[3] for r in recons]):.4f}, "
+              f"PSNR {np.mean([r[4] for r in recons]):.2f} dB")
+    for col, r in results.items():
+        folds_s = ' '.join(f"{v:.3f}" for v in r['r2_per_fold'].values())
+        print(f"Ridge {r['target']}: held-out R^2 {r['r2_mean']:.3f} +- {r['r2_std']:.3f} (folds: {folds_s}; n={r['n']})")
+    if results:
+        _atomic(os.path.join(out, 'regress.json'), lambda p: open(p, 'w').write(json.dumps(results, indent=1)))
+    for col, (w, info) in dir_out.items():
+        base = os.path.join(out, f'direction_{col}')
+        _atomic(base + '.npy', lambda p: np.save(p, w.astype(np.float32)))
+        _atomic(base + '.json', lambda p: open(p, 'w').write(json.dumps(info, indent=1)))
+        print(f"{base}.npy: |w| = {info['norm']:.4g} {col} per unit of z (in-sample R^2 {info['r2_fit']:.3f})")
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,351 @@
+"""
+Generate whole volumes with a trained HA-GAN (paper Fig. 2: G^A then G^H on all of A), as NIfTI files
+a viewer opens right side up: CT in int16 Hounsfield units, MRI in float32, with the dataset's affine.
+
+    python sample.py --out samples/                                    # 8 volumes, seeds 1337..1344, from out/ckpt.pt
+    python sample.py --ckpt=out/ckpt.pt --num=100 --seed=0 --batch=4 --png
+    python sample.py --label=3 --num=20                                # class-conditional model: class 3 only
+    python sample.py --slab=8                                          # G^H 8 A-slices at a time: same volumes, less memory
+    python sample.py --official=HA_GAN_run1/G_iter80000.pth --out=official/ --format=npy
+    python sample.py --interp=8 --seed=1 --seed2=2 --png               # 8 steps on the great circle z(1) -> z(2)
+    python sample.py --direction=features/direction_lung_volume_ml.npy --steps=7 --scale=3 --png
+
+Volume i gets its own z from seed+i, so the files do not depend on --batch. Files: OUT/seed001337.nii.gz
+(+ .json sidecar: checkpoint, iteration, seed, class; + .png with --png: axial, coronal and sagittal
+mid-planes). Series: OUT/interp_1_2_00.nii.gz ..., OUT/<direction>_s1337_00.nii.gz ..., and one .png montage.
+Existing files are never overwritten without --overwrite.
+"""
+
+import json
+import os
+import resource
+import sys
+import time
+import zlib
+
+import numpy as np
+import nibabel as nib
+import torch
+
+from model import HAGAN, load_checkpoint, autocast_ctx, override
+
+# -----------------------------------------------------------------------------
+config = dict(
+    ckpt='out/ckpt.pt',  # checkpoint written by train.py
+    official='',  # an official batmanlab/HA-GAN G_iterN.pth to sample from instead of --ckpt
+    official_size=256,  # the official 128^3 and 256^3 generators share weights; this picks the upsampling
+    meta='',  # a dataset meta.json for intensities and geometry; '' = the one kept in the checkpoint
+    out='samples',  # output folder
+    num=8,  # number of volumes (ignored by --interp / --direction, which write one series)
+    seed=1337,  # volume i is drawn from seed + i
+    seed2=-1,  # --interp: the end point's seed; -1 = seed + 1
+    batch=1,  # volumes per forward; does not change the output
+    label=-1,  # conditional model: class of every volume; -1 = classes in turn (volume i gets i % K)
+    slab=0,  # > 0: run G^H this many A-slices at a time (exact, bounded memory; model.py); 0 = all at once
+    device='',  # 'cpu', 'cuda', 'cuda:1'...; '' = cuda if available
+    dtype='float32',  # 'float32', 'bfloat16' or 'float16' autocast (G's last conv and tanh stay float32)
+    ema=True,  # use the moving average of G's weights when the checkpoint has one
+    format='nii.gz',  # 'nii.gz', 'nii' or 'npy' (npy: the same intensities, no geometry)
+    png=False,  # also write the three mid-planes of each volume as a PNG
+    overwrite=False,  # replace existing files
+    interp=0,  # > 0: write this many volumes interpolating (slerp) from z(seed) to z(seed2)
+    direction='',  # a latent direction .npy (encode.py --direction): traverse it from z(seed)
+    steps=7,  # --direction: number of volumes in the traversal
+    scale=3.0,  # --direction: go from -scale to +scale standard deviations of z along the direction
+)
+# -----------------------------------------------------------------------------
+
+# what the official code trained on (COPDGene thorax CT, paper Sec. IV-A); its preprocessing keeps no
+# geometry, so 1 mm voxels in our stored orientation is a guess: pass --meta to say otherwise
+OFFICIAL_META = dict(modality='ct', window=[-1024.0, 600.0], spacing=[1.0, 1.0, 1.0], orientation='SPL')
+
+
+def fail(msg):
+    raise SystemExit(f"error: {msg}")
+
+
+# -----------------------------------------------------------------------------
+# intensities and geometry of the output files
+
+
+def output_affine(meta, shape):
+    """4x4 voxel -> RAS mm of a generated (D,H,W) volume: the dataset's affine (stored grid -> world)
+    when the shapes agree, else its axes rescaled to the new grid about the same centre."""
+    if meta.get('affine') is not None:
+        A = np.array(meta['affine'], dtype=np.float64)
+        src = tuple(meta.get('img_size') or shape)
+    else:  # no affine recorded: axes from the orientation codes and the spacing, centred on 0
+        codes = meta.get('orientation') or 'SPL'
+        sp = meta.get('spacing') or [1.0, 1.0, 1.0]
+        A = np.eye(4)
+        A[:3, :3] = nib.orientations.inv_ornt_aff(nib.orientations.axcodes2ornt(tuple(codes)), shape)[:3, :3] * sp
+        A[:3, 3] = -A[:3, :3] @ ((np.array(shape) - 1) / 2)
+        src = shape
+    scale = np.array(src, dtype=np.float64) / np.array(shape)
+    centre = A @ np.append((np.array(src) - 1) / 2, 1)  # world position of the grid centre
+    A[:3, :3] = A[:3, :3] * scale
+    A[:3, 3] = centre[:3] - A[:3, :3] @ ((np.array(shape) - 1) / 2)
+    return A
+
+
+def to_output(x, meta):
+    """[-1, 1] float volume -> the modality's units: CT int16 HU through the inverse of the prepare
+    window; MRI float32 in window units, or in [-1, 1] when the window was per volume (meta null)."""
+    win = meta.get('window')
+    if win is None:
+        return np.asarray(x, dtype=np.float32)
+    lo, hi = float(win[0]), float(win[1])
+    v = (np.asarray(x, dtype=np.float64) + 1.0) * ((hi - lo) / 2.0) + lo  # prepare.from_unit
+    if meta.get('modality', 'ct') == 'ct':
+        return np.clip(np.rint(v), -32768, 32767).astype(np.int16)
+    return v.astype(np.float32)
+
+
+def _atomic(path, write):
+    """write(tmp) then rename, so an interrupted run never leaves a half-written file under `path`."""
+    base = os.path.basename(path)
+    ext = next((e for e in ('.nii.gz', '.nii', '.npy', '.json', '.png', '.csv') if base.endswith(e)), '')
+    tmp = os.path.join(os.path.dirname(path), f".{base[:len(base) - len(ext)]}.tmp{os.getpid()}{ext}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_volume(path, x, meta, descrip=''):
+    """One volume x (D,H,W) in [-1, 1] -> path (.nii.gz, .nii or .npy) in the modality's units."""
+    data = to_output(x, meta)
+    if path.endswith('.npy'):
+        _atomic(path, lambda p: np.save(p, data))
+        return
+    A = output_affine(meta, data.shape)
+    img = nib.Nifti1Image(data, A)
+    img.set_qform(A, code=1)  # 1 = scanner anatomical: both transforms say the same, for every viewer
+    img.set_sform(A, code=1)
+    img.header.set_xyzt_units('mm', 'sec')
+    if meta.get('window') is not None:  # the display window viewers open with
+        img.header['cal_min'], img.header['cal_max'] = meta['window']
+    else:
+        img.header['cal_min'], img.header['cal_max'] = -1.0, 1.0
+        descrip = (descrip + ' units [-1,1]').strip()
+    img.header['descrip'] = descrip[:79].encode()
+    _atomic(path, lambda p: nib.save(img, p))
+
+
+# -----------------------------------------------------------------------------
+# PNG previews (dependency-free; the lead may move these to their shared home)
+
+
+def save_png(path, img):
+    """8-bit greyscale (H,W) uint8 array -> PNG file, with zlib only."""
+    img = np.ascontiguousarray(img, dtype=np.uint8)
+    h, w = img.shape
+    raw = np.concatenate([np.zeros((h, 1), np.uint8), img], 1).tobytes()  # filter byte 0 on every row
+
+    def chunk(kind, data):
+        return len(data).to_bytes(4, 'big') + kind + data + zlib.crc32(kind + data).to_bytes(4, 'big')
+
+    ihdr = w.to_bytes(4, 'big') + h.to_bytes(4, 'big') + bytes([8, 0, 0, 0, 0])  # 8 bit, greyscale
+    png = b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', ihdr) + chunk(b'IDAT', zlib.compress(raw, 6)) + chunk(b'IEND', b'')
+    _atomic(path, lambda p: open(p, 'wb').write(png))
+
+
+def mid_planes(x, affine=None):
+    """(axial, coronal, sagittal) mid-planes of x (D,H,W) as a radiologist looks at them. The volume is
+    first turned to axes (S,P,L), prepare.py's stored orientation, then axial = x[D/2] (anterior up,
+    patient's right on the left), coronal and sagittal with superior up."""
+    if affine is not None:
+        ornt = nib.orientations.io_orientation(affine)
+        x = nib.orientations.apply_orientation(x, nib.orientations.ornt_transform(
+            ornt, nib.orientations.axcodes2ornt(('S', 'P', 'L'))))
+    D, H, W = x.shape
+    return x[D // 2], x[::-1, H // 2, :], x[::-1, :, W // 2]
+
+
+def montage(volumes, affine=None):
+    """One row per volume (D,H,W) in [-1, 1], three columns (axial, coronal, sagittal) -> uint8 image."""
+    rows = []
+    for x in volumes:
+        planes = mid_planes(np.asarray(x, dtype=np.float32), affine)
+        h = max(p.shape[0] for p in planes)
+        rows.append(np.concatenate([np.pad(p, ((0, h - p.shape[0]), (0, 1)), constant_values=-1) for p in planes], 1))
+    w = max(r.shape[1] for r in rows)
+    img = np.concatenate([np.pad(r, ((0, 1), (0, w - r.shape[1])), constant_values=-1) for r in rows], 0)
+    return np.clip(np.rint((img + 1) * 127.5), 0, 255).astype(np.uint8)
+
+
+# -----------------------------------------------------------------------------
+# latents
+
+
+def seed_z(seed, latent_dim):
+    """z ~ N(0, I) for one seed, drawn on the CPU so that it is the same on every device and batch."""
+    return torch.randn(latent_dim, generator=torch.Generator().manual_seed(int(seed)))
+
+
+def slerp(z0, z1, t):
+    # spherical interpolation: a straight line between two N(0, I) samples passes through points of
+    # norm ~0.7 sqrt(d) that the generator never saw in training; the great circle keeps the norm
+    a, b = z0 / z0.norm(), z1 / z1.norm()
+    omega = torch.arccos((a * b).sum().clamp(-1, 1))
+    if omega < 1e-6:
+        return (1 - t) * z0 + t * z1
+    return (torch.sin((1 - t) * omega) * z0 + torch.sin(t * omega) * z1) / torch.sin(omega)
+
+
+def load_direction(path, latent_dim):
+    """A direction .npy ([latent_dim] coefficients w of a linear model value = w.z + b) -> (w, sidecar)."""
+    try:
+        w = np.load(path, allow_pickle=False)
+    except Exception as e:
+        fail(f"{path}: cannot read the direction ({type(e).__name__}: {e})")
+    w = np.asarray(w, dtype=np.float64).reshape(-1) if w.size == latent_dim else None
+    if w is None or not np.all(np.isfinite(w)) or np.linalg.norm(w) == 0:
+        fail(f"{path}: need a nonzero finite vector of {latent_dim} numbers (this model's latent_dim)")
+    side = os.path.splitext(path)[0] + '.json'
+    info = {}
+    if os.path.isfile(side):
+        with open(side) as f:
+            info = json.load(f)
+    return w, info
+
+
+# -----------------------------------------------------------------------------
+
+
+def load_model(c):
+    """(model, meta, description of the weights) for the config c; one-line SystemExit on failure."""
+    device = c['device']
+    try:
+        if c['official']:
+            model = HAGAN.from_official(G=c['official'], img_size=c['official_size']).to(device).eval()
+            meta, src = dict(OFFICIAL_META), dict(official=os.path.abspath(c['official']))
+        else:
+            model, ckpt = load_checkpoint(c['ckpt'], device, ema=c['ema'])
+            meta = ckpt.get('meta') or {}
+            src = dict(ckpt=os.path.abspath(c['ckpt']), iter_num=ckpt.get('iter_num'),
+                       ema=bool(c['ema'] and ckpt.get('ema_G')))
+    except (ValueError, RuntimeError) as e:  # RuntimeError: weights that do not fit their model_args
+        fail(str(e).strip().splitlines()[0] + (' (weights do not fit the checkpoint\'s model_args)'
+                                               if isinstance(e, RuntimeError) else ''))
+    if c['meta']:
+        try:
+            with open(c['meta']) as f:
+                meta = json.load(f)
+        except (OSError, ValueError) as e:
+            fail(f"{c['meta']}: cannot read meta.json ({e})")
+    if not meta:
+        print("warning: the checkpoint has no dataset meta; writing [-1, 1] float32 with 1 mm voxels (pass --meta)")
+        meta = dict(modality='mri', window=None)
+    return model, meta, src
+
+
+def plan(c, model):
+    """[(file stem, z, class, extra sidecar fields)] of everything this run writes, and the series name."""
+    cfg = model.cfg
+    K = cfg.num_classes
+    if c['label'] >= 0 and not K:
+        fail(f"--label={c['label']}: this model is unconditional (trained without classes)")
+    if c['label'] >= K > 0:
+        fail(f"--label={c['label']}: unknown label, this model has classes 0..{K - 1}")
+    cls = (lambda i: c['label'] if c['label'] >= 0 else i % K) if K else (lambda i: None)
+    d = cfg.latent_dim
+    if c['interp'] and c['direction']:
+        fail("--interp and --direction each write a series; use one at a time")
+    if c['interp']:
+        s0, s1 = c['seed'], (c['seed2'] if c['seed2'] >= 0 else c['seed'] + 1)
+        z0, z1 = seed_z(s0, d), seed_z(s1, d)
+        n = c['interp']
+        ts = [k / (n - 1) if n > 1 else 0.0 for k in range(n)]
+        name = f"interp_{s0}_{s1}"
+        return [(f"{name}_{k:02d}", slerp(z0, z1, t), cls(0), dict(seed=s0, seed2=s1, t=t))
+                for k, t in enumerate(ts)], name
+    if c['direction']:
+        w, info = load_direction(c['direction'], d)
+        u = torch.from_numpy(w / np.linalg.norm(w)).float()
+        z0 = seed_z(c['seed'], d)
+        n = c['steps']
+        ts = [c['scale'] * (2 * k / (n - 1) - 1) if n > 1 else 0.0 for k in range(n)]
+        name = f"{os.path.splitext(os.path.basename(c['direction']))[0]}_s{c['seed']}"
+        items = []
+        for k, t in enumerate(ts):
+            z = z0 + t * u
+            extra = dict(seed=c['seed'], direction=os.path.abspath(c['direction']), t=t)
+            if 'intercept' in info:  # the linear model's prediction, to see how far the traversal goes
+                extra['predicted'] = {info.get('column', 'value'): float(info['intercept'] + w @ z.double().numpy())}
+            items.append((f"{name}_{k:02d}", z, cls(0), extra))
+        return items, name
+    return [(f"seed{c['seed'] + i:06d}", seed_z(c['seed'] + i, d), cls(i), dict(seed=c['seed'] + i))
+            for i in range(c['num'])], ''
+
+
+def main(argv=None):
+    c = override(dict(config), argv)
+    if c['format'] not in ('nii.gz', 'nii', 'npy'):
+        fail(f"--format={c['format']}: use nii.gz, nii or npy")
+    if c['dtype'] not in ('float32', 'bfloat16', 'float16'):
+        fail(f"--dtype={c['dtype']}: use float32, bfloat16 or float16")
+    if c['num'] < 1 or c['batch'] < 1 or c['slab'] < 0 or c['interp'] < 0 or c['steps'] < 1:
+        fail("--num, --batch and --steps must be >= 1, --slab and --interp >= 0")
+    c['device'] = c['device'] or ('cuda' if torch.cuda.is_available() else 'cpu')
+    try:
+        torch.device(c['device'])
+    except RuntimeError:
+        fail(f"--device={c['device']}: not a torch device")
+    out = c['out']
+    try:  # an unwritable folder fails here, before the model is loaded or anything generated
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f'.write_test{os.getpid()}')
+        open(probe, 'w').close()
+        os.remove(probe)
+    except OSError as e:
+        fail(f"cannot write to {out} ({e.strerror or e})")
+    model, meta, src = load_model(c)
+    items, series = plan(c, model)
+    ext = '.' + c['format']
+    paths = [os.path.join(out, stem + ext) for stem, *_ in items]
+    paths += [os.path.join(out, stem + '.json') for stem, *_ in items]
+    if c['png']:
+        paths += [os.path.join(out, (series or stem) + '.png') for stem, *_ in (items[:1] if series else items)]
+    taken = [p for p in paths if os.path.exists(p)]
+    if taken and not c['overwrite']:
+        fail(f"{taken[0]} exists ({len(taken)} of the {len(paths)} output files do); pass --overwrite or another --out")
+    affine = output_affine(meta, model.cfg.shape)
+    print(f"{len(items)} volume(s) {'x'.join(map(str, model.cfg.shape))} -> {out}/ "
+          f"({meta.get('modality', '?')}, {'int16 HU' if meta.get('modality') == 'ct' and meta.get('window') else 'float32'}"
+          f", orientation {''.join(nib.aff2axcodes(affine))}), device {c['device']}, {c['dtype']}"
+          + (f", slab {c['slab']}" if c['slab'] else ''))
+    previews = []
+    t_all = time.time()
+    for i in range(0, len(items), c['batch']):
+        chunk = items[i:i + c['batch']]
+        z = torch.stack([it[1] for it in chunk]).to(c['device'])  # (B, latent_dim)
+        cl = None if chunk[0][2] is None else torch.tensor([it[2] for it in chunk], device=c['device'])
+        t = time.time()
+        with torch.no_grad(), autocast_ctx(c['device'], c['dtype']):
+            x = model.generate(z, cl, slab=c['slab'] or None)  # (B,1,D,H,W) in [-1, 1]
+        x = x.float().cpu().numpy()[:, 0]  # (B,D,H,W)
+        dt = time.time() - t
+        for (stem, _, k, extra), v in zip(chunk, x):
+            side = dict(src, seed=extra.pop('seed'), **({} if k is None else {'class': k}), **extra,
+                        slab=c['slab'], dtype=c['dtype'], shape=list(v.shape))
+            write_volume(os.path.join(out, stem + ext), v, meta, f"HA-GAN {stem}")
+            _atomic(os.path.join(out, stem + '.json'), lambda p: open(p, 'w').write(json.dumps(side, indent=1)))
+            if c['png'] and not series:
+                save_png(os.path.join(out, stem + '.png'), montage([v], affine))
+            if c['png'] and series:
+                previews.append(v[::2, ::2, ::2].copy())  # half resolution keeps a long series' montage small
+            pred = ' '.join(f"{k2}={v2:.4g}" for k2, v2 in extra.get('predicted', {}).items())
+            print(f"{stem}{ext}" + ('' if k is None else f" class {k}") + (f" t={extra['t']:.3g}" if 't' in extra else '')
+                  + (f" predicted {pred}" if pred else ''))
+        print(f"  {dt / len(chunk):.2f} s/volume")
+    if previews:
+        save_png(os.path.join(out, series + '.png'), montage(previews, affine))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux -> GiB
+    print(f"done: {len(items)} volume(s) in {time.time() - t_all:.1f}s, peak RSS {rss:.2f} GiB")
+
+
+if __name__ == '__main__':
+    main()
