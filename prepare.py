@@ -188,14 +188,14 @@ def _squeeze_to_3d(path, data, first_volume):
 # -----------------------------------------------------------------------------
 # mapping one volume to the stored grid
 
-def _resample_axis(x, axis, T, step, bg):
+def _resample_axis0(x, T, step, bg):
     """
-    Resample x (torch float32) along axis to T samples; output o sits at input coordinate
+    Resample x (torch float32, contiguous) along axis 0 to T samples; output o sits at input coordinate
     (o - (T-1)/2) * step + (n-1)/2 (centres aligned). Triangle filter widened by step when shrinking,
     so downsampling is anti-aliased (like PIL's / torch's antialias=True); linear when enlarging.
     Outputs whose centre falls outside the input get the background value bg.
     """
-    n = x.shape[axis]
+    n = x.shape[0]
     if T == n and abs(step - 1.0) < 1e-9:
         return x
     support = max(step, 1.0)
@@ -203,17 +203,19 @@ def _resample_axis(x, axis, T, step, bg):
     K = int(math.ceil(2 * support)) + 1
     idx = torch.floor(c - support).long()[:, None] + 1 + torch.arange(K)  # (T,K) taps
     w = (1 - (idx - c[:, None]).abs() / support).clamp_(min=0)
-    w = (w / w.sum(1, keepdim=True)).float()
+    w = w / w.sum(1, keepdim=True)
     idx = idx.clamp_(0, n - 1)  # edge replicate
-    view = [1] * x.dim()
-    view[axis] = T
-    out = None
-    for k in range(K):  # one pass per tap keeps temporaries at one output-sized array
-        term = x.index_select(axis, idx[:, k]) * w[:, k].view(view)
-        out = term if out is None else out.add_(term)
-    outside = (c < -0.5) | (c > n - 0.5)
-    if outside.any():
-        out.index_fill_(axis, outside.nonzero()[:, 0], bg)
+    out = torch.empty((T,) + tuple(x.shape[1:]), dtype=x.dtype)
+    # one whole (H,W) plane per multiply-add: contiguous, in cache, no temporaries. Along axis 0 this was
+    # 3x faster than index_select over the whole array per tap, so we rotate the axes instead (below).
+    for o in range(T):
+        if c[o] < -0.5 or c[o] > n - 0.5:
+            out[o] = bg
+            continue
+        taps = [(int(i), float(wk)) for i, wk in zip(idx[o], w[o]) if wk > 0]
+        torch.mul(x[taps[0][0]], taps[0][1], out=out[o])
+        for i, wk in taps[1:]:
+            out[o].add_(x[i], alpha=wk)
     return out
 
 def prepare_array(vol, spacing, img_size, modality='ct', window=None, out_spacing=-1.0, stretch=False,
@@ -226,15 +228,14 @@ def prepare_array(vol, spacing, img_size, modality='ct', window=None, out_spacin
     info: window used, slices trimmed, output spacing and affine, non-finite count. Raises ValueError(reason).
     """
     D, H, W = parse_size(img_size)
-    x = torch.from_numpy(np.ascontiguousarray(vol, dtype=np.float32))
-    finite = torch.isfinite(x)
-    n_bad = int(x.numel() - finite.sum())
+    x = torch.from_numpy(np.ascontiguousarray(vol, dtype=np.float32))  # (D0,H0,W0), not modified
+    # one sum tells us whether anything is NaN/inf; only then do we pay for a mask
+    finite = None if math.isfinite(float(x.sum(dtype=torch.float64))) else torch.isfinite(x)
+    n_bad = 0 if finite is None else int(x.numel() - finite.sum())
     if n_bad == x.numel():
         raise ValueError("no finite voxels")
-    if n_bad:
-        x = torch.where(finite, x, torch.zeros((), dtype=x.dtype))
-    vals = x[finite] if n_bad else x.reshape(-1)
-    vmin, vmax = float(vals.min()), float(vals.max())
+    vals = x.reshape(-1) if finite is None else x[finite]
+    vmin, vmax = (float(v) for v in torch.aminmax(vals))
     if vmax <= vmin:
         raise ValueError(f"constant volume (all voxels {vmin:g})")
     if window is None and modality == 'ct':
@@ -249,11 +250,15 @@ def prepare_array(vol, spacing, img_size, modality='ct', window=None, out_spacin
     elif window is None:
         raise ValueError(f"unknown modality {modality!r}")
     window = (float(window[0]), float(window[1]))
-    u = to_unit(x, window)  # (D0,H0,W0) in [-1,1]
+    del vals
+    # to_unit, in place on one new array; NaN/inf -> background (before the clamp, which would send +inf to +1)
+    u = x - window[0]
+    u.mul_(2.0 / (window[1] - window[0])).sub_(1.0)
     if n_bad:
-        u[~finite] = -1.0  # NaN/inf -> background
+        u.nan_to_num_(nan=-1.0, posinf=-1.0, neginf=-1.0)
+    u.clamp_(-1.0, 1.0)
     # trim blank axial slices (all at or below the window's low end) at both ends, as the paper does
-    keep = (u > -1.0).flatten(1).any(1).nonzero()[:, 0]
+    keep = (u.amax(dim=(1, 2)) > -1.0).nonzero()[:, 0]
     if keep.numel() == 0:
         raise ValueError(f"empty: every voxel is at or below the window's low end {window[0]:g}")
     t0, t1 = int(keep[0]), int(keep[-1]) + 1
@@ -267,9 +272,10 @@ def prepare_array(vol, spacing, img_size, modality='ct', window=None, out_spacin
     else:
         s = out_spacing if out_spacing > 0 else max(n[a] * sp[a] / T[a] for a in range(3))
         step = [s / sp[a] for a in range(3)]
-    # most-shrinking axis first so later passes touch fewer voxels
-    for a in sorted(range(3), key=lambda a: T[a] / n[a]):
-        u = _resample_axis(u, a, T[a], step[a], -1.0)
+    u = u.contiguous()
+    for a in range(3):  # resample axis 0, then rotate (D,H,W) -> (H,W,D): each axis comes first once
+        u = _resample_axis0(u, T[a], step[a], -1.0)
+        u = u.permute(1, 2, 0).contiguous()
     u = u.clamp_(-1.0, 1.0)  # the filter weights sum to 1 only up to float rounding
     out_sp = [step[a] * sp[a] for a in range(3)]
     # voxel o of the stored grid sits at raw (trimmed) voxel (o - (T-1)/2)*step + (n-1)/2
