@@ -1,0 +1,745 @@
+"""
+Evaluate HA-GAN: image quality as in the paper's Tables II-IV, and cost as in Tables VII-VIII / Fig. 6.
+
+Quality: generated volumes vs the held-out fold's real volumes, in the feature space of a 3D ResNet
+built like Med3D's (Chen et al. 2019, https://arxiv.org/abs/1904.00625; MedicalNet's resnet_*.pth load
+from a local path), as the paper did. Every score is printed beside its real-vs-real floor.
+    python eval.py --ckpt=out/ckpt.pt --data=data/demo                  # random-init features, labelled so
+    python eval.py --ckpt=out/ckpt.pt --data=data/demo --features=pretrain/resnet_50.pth --num=256
+    python eval.py --ckpt=out/fold{fold}/ckpt.pt --data=data/gsp --features=pretrain/resnet_50.pth --folds
+    python eval.py --ckpt=out/ckpt.pt --data=data/demo --input_norm=zscore --depth=10
+
+Cost: per S, parameters, peak memory and speed of one full training iteration (all four updates), the
+same for a non-amortised baseline, full-volume sampling time and store read rate; each cell runs in a
+fresh process, and a cell that runs out of memory says so instead of ending the table.
+    python eval.py --bench                                   # S = 32,64,128,256, batch 2, float32
+    python eval.py --bench --sizes=32,64 --dtype=bfloat16 --mem_limit_gb=12
+"""
+
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import HAGAN, HAGANConfig, S_H, autocast_ctx, load_checkpoint, override
+
+# -----------------------------------------------------------------------------
+# default config values (python eval.py --key=value overrides them; --flag alone means True)
+config = dict(
+    # quality
+    ckpt="out/ckpt.pt",  # train.py checkpoint; '{fold}' in the path is replaced per fold with --folds
+    data="data/demo",  # a folder written by prepare.py
+    num=64,  # generated volumes per fold (the official script used 2048; FID's bias grows as num shrinks)
+    features="",  # MedicalNet resnet_*.pth; '' = a fixed-seed random-init net, and every figure says so
+    depth=50,  # ResNet depth when --features is empty (10, 18, 34, 50, 101, 152, 200); a file decides its own
+    input_norm="none",  # 'none': volumes in [-1,1] as the official evaluation fed them; 'zscore': per volume
+    fold=-1,  # held-out fold; -1 = the fold the checkpoint was trained without (its config), else 0
+    folds=False,  # all 5 folds, mean +- std like Tables II-IV
+    k=3,  # neighbours for improved precision/recall (Kynkaanniemi et al. 2019 use 3)
+    ssim_pairs=16,  # volume pairs for MS-SSIM among generated and among real volumes
+    batch_size=2,  # volumes per generator / feature-network forward
+    slab=0,  # >0: G^H runs this many A-slices at a time when sampling (bounded memory, same volumes)
+    ema=True,  # evaluate the moving-average generator when the checkpoint has one
+    seed=0,  # latent codes, real-data halves and the random-init feature net
+    device="",  # '' = cuda if available, else cpu
+    dtype="float32",  # autocast dtype for the generator ('float32', 'bfloat16', 'float16'); features stay fp32
+    out="",  # JSON path; '' = eval.json beside the checkpoint (quality) or out/bench.json (bench)
+    # cost
+    bench=False,  # run the cost table instead of the quality evaluation
+    sizes="32,64,128,256",  # S values for --bench
+    batch=2,  # training batch for --bench (the paper's Fig. 6 and Table VIII use 2)
+    warmup=2,  # untimed iterations first: oneDNN/cuDNN pick and build their kernels over the first one or two
+    bench_seconds=10.0,  # then time at least this long (and at least one iteration)
+    mem_limit_gb=20.0,  # CPU: address-space cap per cell process (RLIMIT_AS), so a blow-up is an OOM cell
+    cell_timeout_s=1800.0,  # a cell slower than this is reported as "timed out"
+    store=True,  # also measure sub-volume batches/s from a prepared store of 4 random volumes per S
+    bench_width=1.0,  # channel multiplier of the benchmarked model (1.0 = the paper's; smaller for smoke tests)
+    bench_one=0,  # internal: run one cell of the table in this process (S)
+    bench_mode="hagan",  # internal: 'hagan' or 'full' (non-amortised baseline)
+)
+
+# -----------------------------------------------------------------------------
+# metrics on feature vectors (float64 throughout; rows are samples)
+
+
+def sqrtm_psd(A):
+    """Square root of a symmetric positive semi-definite matrix, exactly, via its eigendecomposition.
+    Tiny negative eigenvalues (rounding) are clamped to zero."""
+    A = torch.as_tensor(np.asarray(A), dtype=torch.float64)
+    w, V = torch.linalg.eigh((A + A.T) / 2)
+    return (V * w.clamp_min(0).sqrt()) @ V.T
+
+
+def _f64(x):
+    return torch.as_tensor(np.asarray(x), dtype=torch.float64)
+
+
+def frechet_distance(feats_a, feats_b):
+    """FID between two feature sets (n, d): |mu_a - mu_b|^2 + tr(Ca + Cb - 2 (Ca Cb)^1/2).
+    Ca Cb is not symmetric, but it is similar to Ca^1/2 Cb Ca^1/2, which is symmetric PSD: same
+    eigenvalues, so tr (Ca Cb)^1/2 = sum of the square roots of that matrix's eigenvalues. No complex
+    round-off to discard (scipy.linalg.sqrtm on Ca Cb, as the official script does, produces some)."""
+    a, b = _f64(feats_a), _f64(feats_b)
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError("FID needs at least 2 samples on each side")
+    Ca, Cb = torch.cov(a.T).reshape(a.shape[1], -1), torch.cov(b.T).reshape(b.shape[1], -1)
+    s = sqrtm_psd(Ca)
+    M = s @ Cb @ s
+    tr = torch.linalg.eigvalsh((M + M.T) / 2).clamp_min(0).sqrt().sum()
+    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + Ca.trace() + Cb.trace() - 2 * tr)
+
+
+def _sqdist(x, y):
+    d = (x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2 * x @ y.T
+    return d.clamp_min(0)
+
+
+def mmd(feats_a, feats_b):
+    """Unbiased MMD^2 (Gretton et al. 2012) with k(x,y) = exp(-|x-y|^2 / m^2), m the median pairwise
+    distance of the pooled sample (diagonal zeros included, lower median), as torch_two_sample's
+    MMDStatistic(alphas='median') computes it in the official evaluation. Can be slightly negative."""
+    a, b = _f64(feats_a), _f64(feats_b)
+    n, m = len(a), len(b)
+    if n < 2 or m < 2:
+        raise ValueError("MMD needs at least 2 samples on each side")
+    z = torch.cat([a, b])
+    d2 = _sqdist(z, z)
+    med = float(d2.sqrt().flatten().median())
+    K = torch.exp(-d2 / (med * med if med > 0 else 1.0))
+    Kaa, Kbb, Kab = K[:n, :n], K[n:, n:], K[:n, n:]
+    return float((Kaa.sum() - Kaa.trace()) / (n * (n - 1)) + (Kbb.sum() - Kbb.trace()) / (m * (m - 1))
+                 - 2 * Kab.mean())
+
+
+def precision_recall(real, fake, k=3):
+    """Improved precision and recall (Kynkaanniemi et al. 2019): each set's manifold is the union of
+    balls around its points reaching their k-th nearest neighbour. precision = share of fake inside
+    the real manifold, recall = share of real inside the fake one. k is capped at n-1."""
+    real, fake = _f64(real), _f64(fake)
+
+    def radii(x):
+        kk = max(1, min(k, len(x) - 1))
+        return torch.kthvalue(_sqdist(x, x), kk + 1, dim=1).values  # +1: the point itself is at 0
+
+    d = _sqdist(fake, real)  # (n_fake, n_real)
+    precision = (d <= radii(real)[None, :]).any(1).double().mean()
+    recall = (d.T <= radii(fake)[None, :]).any(1).double().mean()
+    return float(precision), float(recall)
+
+
+# -----------------------------------------------------------------------------
+# 3D MS-SSIM (Wang et al. 2003), Gaussian window, on (B,1,D,H,W) volumes in [-1, 1]
+
+_MS_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
+
+
+def _blur(x, g):
+    # separable Gaussian, 'valid' like the reference SSIM (no padding artefacts at the borders)
+    n = len(g)
+    x = F.conv3d(x, g.view(1, 1, n, 1, 1))
+    x = F.conv3d(x, g.view(1, 1, 1, n, 1))
+    return F.conv3d(x, g.view(1, 1, 1, 1, n))
+
+
+def ms_ssim3d(x, y, data_range=2.0, win=11, sigma=1.5):
+    """MS-SSIM per pair of volumes (B,1,D,H,W) -> (B,). Uses as many of the 5 scales as keep the
+    window inside the volume (2 at 32^3, 4 at 128^3, 5 from 176^3), weights renormalised; negative
+    contrast terms are clamped to 0 so the fractional powers stay real."""
+    x, y = x.float(), y.float()
+    side = min(x.shape[2:])
+    win = min(win, side if side % 2 else side - 1)
+    levels = 1
+    while levels < 5 and side >> levels >= win:
+        levels += 1
+    w = torch.tensor(_MS_WEIGHTS[:levels], dtype=torch.float64)
+    w = w / w.sum()
+    t = torch.arange(win, dtype=torch.float32, device=x.device) - (win - 1) / 2
+    g = torch.exp(-t * t / (2 * sigma * sigma))
+    g = g / g.sum()
+    C1, C2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    out = torch.ones(x.shape[0], dtype=torch.float64)
+    for i in range(levels):
+        mx, my = _blur(x, g), _blur(y, g)
+        sxx, syy, sxy = _blur(x * x, g) - mx * mx, _blur(y * y, g) - my * my, _blur(x * y, g) - mx * my
+        cs = (2 * sxy + C2) / (sxx + syy + C2)
+        if i < levels - 1:
+            term = cs.mean((1, 2, 3, 4))
+            x, y = F.avg_pool3d(x, 2), F.avg_pool3d(y, 2)
+        else:
+            term = (((2 * mx * my + C1) / (mx * mx + my * my + C1)) * cs).mean((1, 2, 3, 4))
+        out = out * term.double().cpu().clamp_min(0) ** w[i]
+    return out
+
+
+# -----------------------------------------------------------------------------
+# the feature network: a 3D ResNet with Med3D's layer names, strides and dilations, so MedicalNet's
+# pretrained files load unchanged. conv1 7^3 stride 2, max-pool stride 2, layer2 stride 2, then layer3
+# and layer4 keep the S/8 grid with dilations 2 and 4 (Med3D is a segmentation backbone). We replace
+# Med3D's segmentation head (conv_seg) with global average pooling, as the official evaluation does.
+
+
+class _Basic(nn.Module):
+    expansion = 1
+
+    def __init__(self, cin, planes, stride=1, dilation=1, downsample=None):
+        super().__init__()
+        self.conv1 = nn.Conv3d(cin, planes, 3, stride, dilation, dilation, bias=False)
+        self.bn1 = nn.BatchNorm3d(planes)
+        self.conv2 = nn.Conv3d(planes, planes, 3, 1, dilation, dilation, bias=False)
+        self.bn2 = nn.BatchNorm3d(planes)
+        self.downsample = downsample
+
+    def forward(self, x):
+        h = F.relu(self.bn1(self.conv1(x)))
+        h = self.bn2(self.conv2(h))
+        return F.relu(h + (x if self.downsample is None else self.downsample(x)))
+
+
+class _Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, cin, planes, stride=1, dilation=1, downsample=None):
+        super().__init__()
+        self.conv1 = nn.Conv3d(cin, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm3d(planes)
+        self.conv2 = nn.Conv3d(planes, planes, 3, stride, dilation, dilation, bias=False)
+        self.bn2 = nn.BatchNorm3d(planes)
+        self.conv3 = nn.Conv3d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm3d(planes * 4)
+        self.downsample = downsample
+
+    def forward(self, x):
+        h = F.relu(self.bn1(self.conv1(x)))
+        h = F.relu(self.bn2(self.conv2(h)))
+        h = self.bn3(self.conv3(h))
+        return F.relu(h + (x if self.downsample is None else self.downsample(x)))
+
+
+class _ZeroPadShortcut(nn.Module):
+    """Med3D's shortcut 'A': subsample by the stride, append zero channels. No parameters."""
+
+    def __init__(self, cout, stride):
+        super().__init__()
+        self.cout, self.stride = cout, stride
+
+    def forward(self, x):
+        s = self.stride
+        x = x[:, :, ::s, ::s, ::s]
+        return F.pad(x, (0, 0, 0, 0, 0, 0, 0, self.cout - x.shape[1]))
+
+
+_DEPTHS = {10: (_Basic, (1, 1, 1, 1)), 18: (_Basic, (2, 2, 2, 2)), 34: (_Basic, (3, 4, 6, 3)),
+           50: (_Bottleneck, (3, 4, 6, 3)), 101: (_Bottleneck, (3, 4, 23, 3)),
+           152: (_Bottleneck, (3, 8, 36, 3)), 200: (_Bottleneck, (3, 24, 36, 3))}
+
+
+class ResNet3D(nn.Module):
+    """(B,1,D,H,W) -> (B, 512 * expansion) globally pooled features (512 for resnet10-34, 2048 for 50+)."""
+
+    def __init__(self, depth=50, shortcut=""):
+        super().__init__()
+        if depth not in _DEPTHS:
+            raise ValueError(f"depth {depth}: use one of {sorted(_DEPTHS)}")
+        block, counts = _DEPTHS[depth]
+        # MedicalNet's pretrained resnet_10/18/34 use shortcut A, resnet_50+ use B
+        shortcut = shortcut or ("A" if depth < 50 else "B")
+        self.depth, self.shortcut = depth, shortcut
+        self.conv1 = nn.Conv3d(1, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm3d(64)
+        cin = 64
+        for i, (planes, n, stride, dil) in enumerate(zip((64, 128, 256, 512), counts, (1, 2, 1, 1), (1, 1, 2, 4))):
+            cout = planes * block.expansion
+            ds = None
+            if stride != 1 or cin != cout:
+                ds = (_ZeroPadShortcut(cout, stride) if shortcut == "A" else
+                      nn.Sequential(nn.Conv3d(cin, cout, 1, stride, bias=False), nn.BatchNorm3d(cout)))
+            blocks = [block(cin, planes, stride, dil, ds)] + [block(cout, planes, 1, dil) for _ in range(n - 1)]
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+            cin = cout
+        self.dim = cin
+        for m in self.modules():  # Med3D's init; only matters for the random-init feature net
+            if isinstance(m, nn.Conv3d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out")
+
+    def forward(self, x):
+        x = F.max_pool3d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)  # (B,64,S/4,S/4,S/4)
+        x = self.layer2(self.layer1(x))  # (B,128e,S/8,..)
+        x = self.layer4(self.layer3(x))  # (B,512e,S/8,..): dilated, no further striding
+        return x.mean((2, 3, 4))
+
+
+def resnet3d(depth=50, shortcut=""):
+    return ResNet3D(depth, shortcut)
+
+
+def load_med3d(path):
+    """A MedicalNet resnet_*.pth ({'state_dict': 'module.'-prefixed keys}) -> ResNet3D in eval mode.
+    Depth and shortcut type are read from the keys; the segmentation head (conv_seg.*) is dropped."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: cannot read Med3D weights ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    sd = ck.get("state_dict", ck) if isinstance(ck, dict) else None
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path}: expected a dict with 'state_dict' (MedicalNet format)")
+    sd = {k.removeprefix("module."): v for k, v in sd.items() if not k.removeprefix("module.").startswith("conv_seg.")}
+    counts = tuple(len({k.split(".")[1] for k in sd if k.startswith(f"layer{i}.")}) for i in (1, 2, 3, 4))
+    bottleneck = any(k.endswith("conv3.weight") for k in sd)
+    depth = next((d for d, (b, c) in _DEPTHS.items() if c == counts and (b is _Bottleneck) == bottleneck), None)
+    if depth is None:
+        raise ValueError(f"{path}: blocks per layer {counts} match no Med3D ResNet depth {sorted(_DEPTHS)}")
+    net = ResNet3D(depth, "B" if any(".downsample." in k for k in sd) else "A")
+    ref = net.state_dict()
+    # files saved by old PyTorch lack BN's num_batches_tracked; it plays no part in eval mode
+    missing = [k for k in ref if k not in sd and not k.endswith("num_batches_tracked")]
+    extra = [k for k in sd if k not in ref]
+    bad = [f"{k} {tuple(sd[k].shape)} vs {tuple(ref[k].shape)}" for k in ref if k in sd and sd[k].shape != ref[k].shape]
+    if missing or extra or bad:
+        raise ValueError(f"{path}: not a Med3D resnet{depth}: " + (f"missing {missing[:3]} " if missing else "")
+                         + (f"unexpected {extra[:3]} " if extra else "") + (f"shape {bad[:3]}" if bad else ""))
+    net.load_state_dict(sd, strict=False)
+    return net.eval()
+
+
+def feature_net(path="", depth=50, seed=0):
+    """(net, description). Without a file: fixed-seed random init, so runs are comparable to each other
+    (only): BatchNorm at its identity statistics, He-normal convs."""
+    if path:
+        net = load_med3d(path)
+        return net, dict(weights=os.path.abspath(path), pretrained=True, depth=net.depth, shortcut=net.shortcut,
+                         label=f"Med3D resnet{net.depth}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = ResNet3D(depth).eval()
+    return net, dict(weights=f"random init (seed {seed})", pretrained=False, depth=depth, shortcut=net.shortcut,
+                     label=f"RANDOM-INIT resnet{depth}")
+
+
+_INPUT_NORMS = {
+    "none": "volumes fed as stored/generated, in [-1, 1] (the official HA-GAN evaluation)",
+    "zscore": "each volume z-scored over all its voxels (Med3D trained on z-scored volumes; it used "
+              "nonzero voxels only and noise for the background, which we do not copy)",
+}
+
+
+@torch.no_grad()
+def extract(net, vols, input_norm, device):
+    """Features of volumes (B,1,D,H,W) in [-1,1] -> float64 (B, dim) on the CPU, in float32 compute."""
+    x = vols.to(device, torch.float32)
+    if input_norm == "zscore":
+        m = x.mean((1, 2, 3, 4), keepdim=True)
+        x = (x - m) / x.std((1, 2, 3, 4), keepdim=True).clamp_min(1e-6)
+    return net(x).double().cpu()
+
+
+# -----------------------------------------------------------------------------
+# quality
+
+
+def _real_features(ds, net, c, device):
+    feats = []
+    for a in range(0, len(ds), c["batch_size"]):
+        v = torch.stack([torch.from_numpy(ds.volume(j)) for j in range(a, min(a + c["batch_size"], len(ds)))])[:, None]
+        feats.append(extract(net, v, c["input_norm"], device))
+    return torch.cat(feats)
+
+
+def _pair_ssim(vols):
+    """Mean MS-SSIM over consecutive pairs (0,1), (2,3), ... of a list of (1,D,H,W) volumes."""
+    n = len(vols) // 2
+    if n == 0:
+        return float("nan")
+    return float(torch.cat([ms_ssim3d(vols[2 * i][None].float(), vols[2 * i + 1][None].float())
+                            for i in range(n)]).mean())
+
+
+def evaluate_fold(model, ds_all, ds_val, feats_all, net, c, fold, device):
+    """Scores of generated vs held-out real volumes, and the real-vs-real floors, for one fold."""
+    g = torch.Generator().manual_seed(c["seed"])
+    cfg = model.cfg
+    size = tuple(ds_val.img_size)
+    cls = ds_val.labels.get(ds_val.meta.get("class_column") or "") if cfg.num_classes else None
+    feats, keep = [], []
+    t = time.time()
+    for a in range(0, c["num"], c["batch_size"]):
+        b = min(a + c["batch_size"], c["num"])
+        z = torch.randn(b - a, cfg.latent_dim, generator=g).to(device)
+        lab = None
+        if cfg.num_classes:  # the held-out fold's class mix, cycled; uniform if the data has no labels
+            lab = (torch.as_tensor(cls[np.arange(a, b) % len(cls)]) if cls is not None
+                   else torch.randint(cfg.num_classes, (b - a,), generator=g)).to(device)
+        with autocast_ctx(device, c["dtype"]):
+            x = model.generate(z, lab, slab=c["slab"] or None).float()  # (b,1,D,H,W) in [-1,1]
+        if tuple(x.shape[2:]) != size:  # the paper upsampled its 128^3 baselines trilinearly likewise
+            x = F.interpolate(x, size=size, mode="trilinear", align_corners=False)
+        feats.append(extract(net, x, c["input_norm"], device))
+        for v in x:
+            if len(keep) < 2 * c["ssim_pairs"]:
+                keep.append(v.cpu().half())
+    feats = torch.cat(feats)
+    print(f"fold {fold}: {c['num']} volumes generated and embedded in {time.time() - t:.1f}s")
+    real = feats_all[[ds_all.ids.index(i) for i in ds_val.ids]]
+    # the floor: the same metrics between two disjoint random halves of all real volumes
+    perm = torch.randperm(len(feats_all), generator=torch.Generator().manual_seed(c["seed"] + 1000 + fold))
+    h1, h2 = feats_all[perm[: len(perm) // 2]], feats_all[perm[len(perm) // 2:]]
+    p, r = precision_recall(real, feats, c["k"])
+    pf, rf = precision_recall(h1, h2, c["k"])
+    real_vols = [torch.from_numpy(ds_all.volume(int(j)))[None] for j in perm[: 2 * c["ssim_pairs"]]]
+    return dict(
+        fold=fold, n_generated=len(feats), n_real=len(real), n_floor=(len(h1), len(h2)),
+        fid=frechet_distance(feats, real), fid_floor=frechet_distance(h1, h2),
+        mmd=mmd(real, feats), mmd_floor=mmd(h1, h2),
+        precision=p, precision_floor=pf, recall=r, recall_floor=rf,
+        ms_ssim=_pair_ssim(keep), ms_ssim_floor=_pair_ssim(real_vols))
+
+
+_ROWS = [("fid", "FID", "lower is better"), ("mmd", "MMD", "lower is better"),
+         ("precision", "precision (k={k})", "higher is better"), ("recall", "recall (k={k})", "higher is better"),
+         ("ms_ssim", "MS-SSIM of pairs", "generated pairs vs real pairs; far above real = mode collapse")]
+
+
+def _ms(vals):
+    vals = [v for v in vals if not math.isnan(v)]
+    if not vals:
+        return float("nan"), float("nan")
+    return float(np.mean(vals)), (float(np.std(vals)) if len(vals) > 1 else 0.0)
+
+
+def quality(c):
+    from prepare import VolumeDataset, NUM_FOLDS
+    device = c["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    if c["input_norm"] not in _INPUT_NORMS:
+        raise SystemExit(f"error: --input_norm={c['input_norm']}: use one of {', '.join(_INPUT_NORMS)}")
+    net, finfo = feature_net(c["features"], c["depth"], c["seed"])
+    net = net.to(device)
+    ds_all = VolumeDataset(c["data"], split="all")
+    t = time.time()
+    feats_all = _real_features(ds_all, net, c, device)
+    print(f"{len(ds_all)} real volumes embedded by {finfo['label']} ({feats_all.shape[1]} features) "
+          f"in {time.time() - t:.1f}s")
+    per_ckpt = "{fold}" in c["ckpt"]
+    model = ckpt = None
+    results = []
+    for f in (range(NUM_FOLDS) if c["folds"] else [c["fold"]]):
+        if model is None or per_ckpt:
+            path = c["ckpt"].replace("{fold}", str(max(f, 0)))
+            model, ckpt = load_checkpoint(path, device, ema=c["ema"])
+        if f < 0:  # the checkpoint's own held-out fold
+            f = int((ckpt.get("config") or {}).get("fold", 0))
+        ds_val = VolumeDataset(c["data"], split="val", fold=f)
+        results.append(evaluate_fold(model, ds_all, ds_val, feats_all, net, c, f, device))
+    summary = {key: dict(zip(("mean", "std"), _ms([r[key] for r in results])))
+               for k, _, _ in _ROWS for key in (k, k + "_floor")}
+    note = None
+    if c["folds"] and not per_ckpt:
+        note = ("one checkpoint scored against every fold's held-out volumes: it trained on four of these folds, "
+                "so this is not the paper's cross-validation (use --ckpt=out/fold{fold}/ckpt.pt for that)")
+    report = dict(ckpt=c["ckpt"], iter_num=ckpt.get("iter_num"), img_size=list(model.cfg.shape),
+                  data=c["data"], data_img_size=list(ds_all.img_size), features=finfo,
+                  input_norm=dict(name=c["input_norm"], description=_INPUT_NORMS[c["input_norm"]]),
+                  floor="the same metric between two disjoint random halves of all real volumes",
+                  folds=results, summary=summary, note=note, config=c)
+    # ---- the readable table
+    lab = finfo["label"]
+    print(f"\nHA-GAN quality: {c['ckpt']} (iter {report['iter_num']}, {'x'.join(map(str, model.cfg.shape))}) "
+          f"vs {c['data']} held-out fold{'s' if len(results) > 1 else ''} "
+          f"{','.join(str(r['fold']) for r in results)}")
+    print(f"features: {lab}, {finfo['weights']}" + ("" if finfo["pretrained"] else
+          "  <- NOT Med3D: figures comparable only with other runs of the same random net"))
+    print(f"input: {c['input_norm']}: {_INPUT_NORMS[c['input_norm']]}")
+    r0 = results[0]
+    print(f"samples: {r0['n_generated']} generated vs {r0['n_real']} real; floor: {r0['n_floor'][0]} vs "
+          f"{r0['n_floor'][1]} real (two disjoint halves); mean +- std over {len(results)} fold(s)\n")
+    print(f"| metric [{lab}] | generated vs real | real vs real (floor) | |\n|---|---|---|---|")
+    for k, name, hint in _ROWS:
+        a, b = summary[k], summary[k + "_floor"]
+        pm = (lambda d: f"{d['mean']:.4g} ± {d['std']:.2g}") if len(results) > 1 else (lambda d: f"{d['mean']:.4g}")
+        print(f"| {name.format(k=c['k'])} | {pm(a)} | {pm(b)} | {hint} |")
+    if note:
+        print(f"\nnote: {note}")
+    out = c["out"] or os.path.join(os.path.dirname(c["ckpt"].replace("{fold}", "0")) or ".", "eval.json")
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as fh:
+        json.dump(report, fh, indent=1)
+    print(f"\nwrote {out}")
+    return report
+
+
+# -----------------------------------------------------------------------------
+# cost: one training iteration of HA-GAN, and of the same model without sub-volume selection
+
+
+def _only(model, phase):
+    """Gradients for one network only (D phase: D; G: G; E_H: E_H; E_G: E_G), as in train.py."""
+    for name in ("G", "D", "E_H", "E_G"):
+        for p in getattr(model, name).parameters():
+            p.requires_grad_(name == phase)
+
+
+def _step(opt, loss):
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def hagan_iteration(model, opts, x_full, dtype, g):
+    """One HA-GAN iteration, all four updates (paper eqs. 4-7), at a random slab start r."""
+    cfg, B, dev = model.cfg, x_full.shape[0], x_full.device
+    r = int(torch.randint(cfg.r_max + 1, (1,), generator=g))
+    x_slab, x_low = S_H(x_full, r), F.avg_pool3d(x_full, 4)  # (B,1,S/8,S,S), (B,1,S/4,S/4,S/4)
+    with autocast_ctx(dev, dtype):
+        _only(model, "D")
+        _step(opts["D"], model.loss_D(x_slab, x_low, r, torch.randn(B, cfg.latent_dim, generator=g).to(dev))[0])
+        _only(model, "G")
+        _step(opts["G"], model.loss_G(r, torch.randn(B, cfg.latent_dim, generator=g).to(dev))[0])
+        _only(model, "E_H")
+        _step(opts["E_H"], model.loss_E_H(x_slab)[0])
+        _only(model, "E_G")
+        A_hat = model.encode_A(x_full)  # (B,64,S/4,S/4,S/4), no gradients
+        _step(opts["E_G"], model.loss_E_G(A_hat, x_slab, x_low, r)[0])
+
+
+def _full_D(model, x, low):
+    """The non-amortised D: D^H judges all 8 non-overlapping slabs of the whole volume (logits averaged,
+    gradients through all of them), D^L the low-res volume. Same convolutions over the same voxels as a
+    D^H built for S^3 inputs, so the same activation memory, without new weights to invent."""
+    n = model.cfg.slab_a
+    h = torch.stack([model.D.D_H(S_H(x, v * n), v * n)[0] for v in range(8)]).mean(0)
+    return (h + model.D.D_L(low)[0]) / 2
+
+
+def full_iteration(model, opts, x_full, dtype, g):
+    """The same four updates without sub-volume selection: G^H lifts all of A to S^3, D^H sees the whole
+    volume, E^H's reconstruction covers the whole volume. What the hierarchical scheme avoids."""
+    cfg, B, dev = model.cfg, x_full.shape[0], x_full.device
+    G, bce = model.G, F.binary_cross_entropy_with_logits
+    x_low = F.avg_pool3d(x_full, 4)
+    with autocast_ctx(dev, dtype):
+        _only(model, "D")
+        with torch.no_grad():
+            A = G.G_A(torch.randn(B, cfg.latent_dim, generator=g).to(dev))
+            fake, fake_low = G.G_H(A), G.G_L(A)  # (B,1,S,S,S), (B,1,S/4,S/4,S/4)
+        real, fk = _full_D(model, x_full, x_low).float(), _full_D(model, fake, fake_low).float()
+        _step(opts["D"], bce(real, torch.ones_like(real)) + bce(fk, torch.zeros_like(fk)))
+        _only(model, "G")
+        A = G.G_A(torch.randn(B, cfg.latent_dim, generator=g).to(dev))
+        fk = _full_D(model, G.G_H(A), G.G_L(A)).float()
+        _step(opts["G"], bce(fk, torch.ones_like(fk)))
+        _only(model, "E_H")
+        n = x_full.shape[2] // 8
+        A_hat = torch.cat([model.E_H(x_full[:, :, v:v + n]) for v in range(0, x_full.shape[2], n)], 2)
+        _step(opts["E_H"], 5 * F.l1_loss(G.G_H(A_hat).float(), x_full))
+        _only(model, "E_G")
+        A = G.G_A(model.E_G(model.encode_A(x_full)))
+        loss = (F.l1_loss(G.G_H(A).float(), x_full) + F.l1_loss(G.G_L(A).float(), x_low)) / 2
+        _step(opts["E_G"], 5 * loss)
+
+
+def _is_oom(e):
+    s = str(e).lower()
+    return isinstance(e, (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))) or \
+        "out of memory" in s or "allocate memory" in s or "not enough memory" in s
+
+
+def bench_one(S, mode, c):
+    """One cell of the cost table, in this (fresh) process -> dict."""
+    device = c["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cpu" and c["mem_limit_gb"] > 0:  # turn a runaway into a MemoryError, not a frozen machine
+        lim = int(c["mem_limit_gb"] * 2 ** 30)
+        resource.setrlimit(resource.RLIMIT_AS, (lim, lim))
+    res = dict(S=S, mode=mode, batch=c["batch"], dtype=c["dtype"], device=str(dev))
+    try:
+        torch.manual_seed(0)
+        # the paper's widths and latent size (1024) unless bench_width says otherwise
+        model = HAGAN(HAGANConfig(img_size=S, width=c["bench_width"])).to(dev).train()
+        res["params"] = sum(p.numel() for p in model.parameters())
+        opts = dict(G=torch.optim.Adam(model.G.parameters(), 1e-4, betas=(0.0, 0.999)),
+                    D=torch.optim.Adam(model.D.parameters(), 4e-4, betas=(0.0, 0.999)),
+                    E_H=torch.optim.Adam(model.E_H.parameters(), 1e-4, betas=(0.0, 0.999)),
+                    E_G=torch.optim.Adam(model.E_G.parameters(), 1e-4, betas=(0.0, 0.999)))
+        g = torch.Generator().manual_seed(0)
+        x_full = (torch.rand(c["batch"], 1, S, S, S, generator=g) * 2 - 1).to(dev)  # stands in for real volumes
+        it = hagan_iteration if mode == "hagan" else full_iteration
+        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        for i in range(max(1, c["warmup"])):  # warm-up; its memory counts (optimizer state appears here)
+            t0 = time.perf_counter()
+            it(model, opts, x_full, c["dtype"], g)
+            sync()
+            if i == 0:
+                res["first_iter_s"] = time.perf_counter() - t0
+        n, t0 = 0, time.perf_counter()
+        while n == 0 or time.perf_counter() - t0 < c["bench_seconds"]:
+            it(model, opts, x_full, c["dtype"], g)
+            sync()
+            n += 1
+        res["it_per_s"] = n / (time.perf_counter() - t0)
+        res["timed_iters"] = n
+        res["peak_mem_mib"] = (torch.cuda.max_memory_allocated() / 2 ** 20 if dev.type == "cuda" else
+                               resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KiB
+        if mode == "hagan":
+            model.eval()
+            z = torch.randn(1, model.cfg.latent_dim, generator=g).to(dev)
+            with autocast_ctx(dev, c["dtype"]):
+                model.generate(z)  # warm-up
+                sync()
+                t0 = time.perf_counter()
+                model.generate(z)
+                sync()
+            res["sample_s"] = time.perf_counter() - t0
+    except Exception as e:
+        if not _is_oom(e):
+            raise
+        res["oom"] = True
+        res["error"] = str(e).splitlines()[0][:200]
+    return res
+
+
+def _run_cell(S, mode, c):
+    """bench_one in a fresh interpreter: peak RSS / CUDA peak belong to this cell alone."""
+    args = [sys.executable, os.path.abspath(__file__), f"--bench_one={S}", f"--bench_mode={mode}",
+            f"--batch={c['batch']}", f"--dtype={c['dtype']}", f"--device={c['device']}",
+            f"--bench_seconds={c['bench_seconds']}", f"--mem_limit_gb={c['mem_limit_gb']}", f"--warmup={c['warmup']}"]
+    if c.get("bench_width", 1.0) != 1.0:
+        args.append(f"--bench_width={c['bench_width']}")
+    try:
+        p = subprocess.run(args, capture_output=True, text=True, timeout=c["cell_timeout_s"],
+                           cwd=os.path.dirname(os.path.abspath(__file__)))
+    except subprocess.TimeoutExpired:
+        return dict(S=S, mode=mode, timeout=True)
+    for line in p.stdout.splitlines():
+        if line.startswith("BENCH_RESULT "):
+            return json.loads(line[len("BENCH_RESULT "):])
+    tail = (p.stderr.strip().splitlines() or ["(no output)"])[-1][:200]
+    # killed by a signal (the kernel's OOM killer, or an allocator crash past the cap) counts as OOM
+    if p.returncode < 0 or _is_oom(tail) or "memory" in tail.lower():
+        return dict(S=S, mode=mode, oom=True, error=f"rc {p.returncode}: {tail}")
+    return dict(S=S, mode=mode, error=f"rc {p.returncode}: {tail}")
+
+
+def store_rate(S, batch, n=4, iters=20):
+    """Sub-volume batches/s (get_batch: B slabs + B low-res volumes) from a store of n random volumes
+    prepared by prepare.py itself; the page cache is warm, so this is the memory-map path, not the disk."""
+    import prepare
+    with tempfile.TemporaryDirectory() as d:
+        raw = os.path.join(d, "raw")
+        os.makedirs(raw)
+        rng = np.random.default_rng(0)
+        for k in range(n):  # HU-like random volumes: the values do not matter for read speed
+            np.save(os.path.join(raw, f"v{k}.npy"), rng.integers(-1024, 600, (S, S, S), dtype=np.int16))
+        rc = prepare.prepare_dataset([raw], os.path.join(d, "store"), img_size=(S, S, S), modality="ct",
+                                     log=lambda *a, **k: None)
+        if rc != 0:
+            raise RuntimeError(f"prepare_dataset returned {rc}")
+        return prepare.bench_sampling(os.path.join(d, "store"), batch_size=batch, iters=iters)
+
+
+def _mem(r):
+    if r.get("timeout"):
+        return "timed out"
+    if r.get("oom"):
+        return "out of memory"
+    if "error" in r:
+        return "error: " + r["error"][:60]
+    return f"{r['peak_mem_mib']:,.0f}"
+
+
+def _rate(r, key="it_per_s", fmt="{:.3g}"):
+    if r.get("timeout"):
+        return "timed out"
+    if r.get("oom"):
+        return "out of memory"
+    return fmt.format(r[key]) if key in r else "-"
+
+
+def bench(c):
+    sizes = [int(s) for s in str(c["sizes"]).split(",") if s.strip()]
+    device = c["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    mem_what = "CUDA max allocated" if device.startswith("cuda") else "peak process RSS"
+    rows = []
+    for S in sizes:
+        h = _run_cell(S, "hagan", c)
+        print(f"S={S} HA-GAN: {h}", flush=True)
+        f = _run_cell(S, "full", c)
+        print(f"S={S} non-amortised: {f}", flush=True)
+        st = None
+        if c["store"]:
+            try:
+                st = store_rate(S, c["batch"])
+            except Exception as e:
+                st = f"n/a ({type(e).__name__}: {str(e).splitlines()[0][:60] if str(e) else ''})"
+        rows.append(dict(S=S, hagan=h, full=f, store_batches_per_s=st))
+    # ---- the markdown table
+    lines = [f"HA-GAN cost on {device} ({_device_name(device)}), batch {c['batch']}, {c['dtype']}"
+             + (f", width x{c['bench_width']:g} (NOT the paper's model)" if c.get("bench_width", 1.0) != 1.0 else "") + "; "
+             f"memory = {mem_what} (MiB)\n",
+             "| S | parameters | HA-GAN train memory | HA-GAN it/s | sample s/volume | non-amortised memory "
+             "| non-amortised it/s | memory saved | store batches/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        h, f = row["hagan"], row["full"]
+        params = f"{h['params'] / 1e6:.1f}M" if "params" in h else (f"{f['params'] / 1e6:.1f}M" if "params" in f else "-")
+        saved = "-"
+        if "peak_mem_mib" in h and "peak_mem_mib" in f:
+            saved = f"{f['peak_mem_mib'] / h['peak_mem_mib']:.1f}x"
+        elif "peak_mem_mib" in h and (f.get("oom") or f.get("timeout")):
+            saved = "fits only amortised" if f.get("oom") else "-"
+        st = row["store_batches_per_s"]
+        st = f"{st:.0f}" if isinstance(st, float) else (st or "-")
+        lines.append(f"| {row['S']}^3 | {params} | {_mem(h)} | {_rate(h)} | {_rate(h, 'sample_s', '{:.2f}')} "
+                     f"| {_mem(f)} | {_rate(f)} | {saved} | {st} |")
+    lines += ["",
+              "HA-GAN: one training iteration = the four updates D, G, E^H, E^G (paper eqs. 4-7) with their own Adam "
+              "optimisers, random slab start r; random volumes stand in for data. Non-amortised: the same model and "
+              "updates without sub-volume selection: G^H lifts all of A to S^3, D^H judges the whole volume as its 8 "
+              "non-overlapping slabs (logits averaged, gradients through all 8; the same convolutions over the same "
+              "voxels as a D^H built for S^3 inputs), E^H's reconstruction covers the whole volume.",
+              f"Memory: {mem_what} of a fresh process per cell"
+              + (" (includes the Python/torch runtime, ~0.3-0.5 GiB, and weights + Adam state);" if mem_what.startswith("peak")
+                 else ";") + f" 'out of memory' = the cell hit "
+              + (f"its {c['mem_limit_gb']:g} GiB address-space cap (RLIMIT_AS)." if not device.startswith("cuda")
+                 else "the GPU's memory.")
+              + f" it/s after {c['warmup']} warm-up iterations; sample s = one full S^3 volume, G^A then G^H on all of A, batch 1."
+              " store batches/s: prepare.py's get_batch (B slabs + B low-res volumes) from a 4-volume store, warm cache."]
+    table = "\n".join(lines)
+    print("\n" + table)
+    out = c["out"] or os.path.join("out", "bench.json")
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as fh:
+        json.dump(dict(rows=rows, table=table, config=c), fh, indent=1)
+    print(f"\nwrote {out}")
+    return rows, table
+
+
+def _device_name(device):
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "cpu")
+    except OSError:
+        name = "cpu"
+    return f"{name}, {torch.get_num_threads()} threads"
+
+
+# -----------------------------------------------------------------------------
+
+if __name__ == "__main__":
+    override(config)
+    if config["bench_one"]:
+        print("BENCH_RESULT " + json.dumps(bench_one(config["bench_one"], config["bench_mode"], config)), flush=True)
+    elif config["bench"]:
+        bench(config)
+    else:
+        quality(config)
