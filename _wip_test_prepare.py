@@ -342,3 +342,13 @@ def test_prep_cli_demo(tmp_path):
     ref = str(tmp_path / 'ref')
     assert prepare.make_demo(ref, num=6, img_size=32, log=lambda *a: None) == 0  # 1 worker, in-process
     assert np.array_equal(np.load(os.path.join(out, 'hires.npy')), np.load(os.path.join(ref, 'hires.npy')))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_prep_get_batch_cuda_matches_cpu(prep_demo_dir):
+    ds = prepare.VolumeDataset(prep_demo_dir, 'all')
+    for it in range(4):  # more calls than staging buffers
+        a = ds.get_batch(3, it, 'cpu', torch.Generator().manual_seed(it))
+        b = ds.get_batch(3, it, 'cuda', torch.Generator().manual_seed(it))
+        for x, y in zip(a, b):
+            assert y.device.type == 'cuda' and x.dtype == y.dtype and torch.equal(x, y.cpu())
