@@ -183,9 +183,14 @@ def test_prep_trim_nan_and_antialias():
     padded[4:24] = body
     padded[25] = np.nan  # a NaN slice among the blank ones is background too
     sp = np.array([2.0, 1.5, 1.5])
-    a, ia = prepare.prepare_array(padded, sp, 32)
+    src_aff = np.diag([2.0, 1.5, 1.5, 1.0])
+    a, ia = prepare.prepare_array(padded, sp, 32, affine=src_aff)
     b, ib = prepare.prepare_array(body, sp, 32)
     assert ia['trim'] == (4, 6) and ib['trim'] == (0, 0)
+    # out_affine: the stored grid's centre is the world centre of the trimmed body; its columns are the spacing
+    oa = ia['out_affine']
+    assert np.allclose(oa @ [15.5, 15.5, 15.5, 1], src_aff @ [4 + 9.5, 11.5, 11.5, 1])
+    assert np.allclose(np.sqrt((oa[:3, :3] ** 2).sum(0)), ia['out_spacing'])
     assert np.array_equal(a, b)
     # physical aspect ratio kept: 20*2 = 40 mm deep vs 24*1.5 = 36 mm wide -> 40/32 mm voxels, W padded
     assert np.allclose(ia['out_spacing'], 40 / 32)

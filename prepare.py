@@ -437,8 +437,8 @@ def find_inputs(specs):
                 missing.append((spec, 'glob matches nothing'))
         elif os.path.isdir(spec):
             for root, dirs, files in os.walk(spec):
-                dirs.sort()
-                out += [os.path.join(root, f) for f in sorted(files) if is_image(f)]
+                dirs[:] = sorted(d for d in dirs if not d.startswith('.'))  # hidden: .partial/ writes, .git
+                out += [os.path.join(root, f) for f in sorted(files) if is_image(f) and not f.startswith('.')]
         elif os.path.isfile(spec) and spec.lower().endswith(('.txt', '.lst', '.list')):
             with open(spec) as f:
                 lines = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith('#')]
@@ -496,7 +496,8 @@ def _prepare_one(job):
     try:
         vol, affine, spacing = load_volume(src, st['first_volume'])
         res.update(orig_shape='x'.join(map(str, vol.shape)), orig_spacing='x'.join(f'{v:.4g}' for v in spacing),
-                   orig_axcodes=''.join(nib.aff2axcodes(affine)))
+                   orig_axcodes=''.join(nib.aff2axcodes(affine)),
+                   orig_affine=' '.join(f'{v:.6g}' for v in affine[:3].ravel()))
         try:
             hires, info = prepare_array(vol, spacing, st['img_size'], st['modality'], st['window'],
                                         st['spacing'], st['stretch'], affine)
@@ -522,7 +523,9 @@ def _prepare_one(job):
     res['seconds'] = round(time.time() - t, 3)
     return res
 
-CSV_FIELDS = ['index', 'id', 'source', 'status', 'reason', 'orig_shape', 'orig_spacing', 'orig_axcodes',
+# orig_*: the source grid after reorientation to our axis order (same world coordinates as the file);
+# out_affine: stored voxel -> RAS+ mm of this volume (first 3 rows, row-major)
+CSV_FIELDS = ['index', 'id', 'source', 'status', 'reason', 'orig_shape', 'orig_spacing', 'orig_axcodes', 'orig_affine',
               'window_lo', 'window_hi', 'trimmed', 'nonfinite', 'out_spacing', 'out_affine']
 
 def prepare_dataset(inputs, out, img_size=256, modality='ct', window='', labels='', workers=1,
@@ -807,11 +810,13 @@ def make_demo(out, num=128, img_size=64, seed=1337, workers=1, log=print):
             fpath = os.path.join(raw, vid + '.nii.gz')
             cls = k % 5  # balanced classes
             hu, affine, lab = make_phantom(np.random.default_rng([seed, k]), cls, n_xy)
-            if not os.path.exists(fpath):
+            if not os.path.exists(fpath):  # write aside, then rename: a killed run leaves no half file
                 img = nib.Nifti1Image(hu, affine)
                 img.header.set_xyzt_units('mm')
-                img.to_filename(fpath + '.tmp.nii.gz')
-                os.replace(fpath + '.tmp.nii.gz', fpath)
+                part = os.path.join(raw, '.partial', vid + '.nii.gz')
+                os.makedirs(os.path.dirname(part), exist_ok=True)
+                img.to_filename(part)
+                os.replace(part, fpath)
             rows.append(dict(id=vid, **{'class': lab['cls']}, lung_volume_ml=f"{lab['lung_volume_ml']:.1f}",
                              pct_below_950=f"{lab['pct_below_950']:.2f}"))
         torch.set_num_threads(nthreads)
