@@ -244,3 +244,16 @@ def test_encode_bad_input_writes_nothing(se_demo, tmp_path):
     Zn, Zp = np.load(tmp_path / 'n' / 'features.npy'), np.load(out / 'features.npy')
     order = [ids.index(i) for i in VolumeDataset(se_demo['data'], 'all').ids]
     assert np.allclose(Zn[order], Zp, atol=1e-2)  # float16 store vs float32 on the fly
+
+
+def test_output_affine_from_orientation_codes_and_rescaled_grids(se_demo):
+    for codes in ('SPL', 'RAS', 'LPI'):
+        A = sample.output_affine(dict(orientation=codes, spacing=[1.0, 2.0, 3.0]), (32, 64, 96))
+        assert ''.join(nib.aff2axcodes(A)) == codes
+        assert np.allclose(np.sqrt((A[:3, :3] ** 2).sum(0)), [1, 2, 3]) and np.allclose(A @ [15.5, 31.5, 47.5, 1], [0, 0, 0, 1])
+    # a model of another size than the data (e.g. official weights with this meta): same field of view and centre
+    meta = se_demo['meta']
+    A32, A64 = np.array(meta['affine']), sample.output_affine(meta, (64, 64, 64))
+    assert ''.join(nib.aff2axcodes(A64)) == meta['orientation']
+    assert np.allclose(A64[:3, :3], A32[:3, :3] / 2)
+    assert np.allclose(A64 @ [31.5, 31.5, 31.5, 1], A32 @ [15.5, 15.5, 15.5, 1])

@@ -78,7 +78,10 @@ def output_affine(meta, shape):
         codes = meta.get('orientation') or 'SPL'
         sp = meta.get('spacing') or [1.0, 1.0, 1.0]
         A = np.eye(4)
-        A[:3, :3] = nib.orientations.inv_ornt_aff(nib.orientations.axcodes2ornt(tuple(codes)), shape)[:3, :3] * sp
+        A[:3, :3] = 0
+        for i, code in enumerate(codes):  # stored axis i runs towards `code` in RAS+ world space
+            row, sign = {'R': (0, 1), 'L': (0, -1), 'A': (1, 1), 'P': (1, -1), 'S': (2, 1), 'I': (2, -1)}[code]
+            A[row, i] = sign * float(sp[i])
         A[:3, 3] = -A[:3, :3] @ ((np.array(shape) - 1) / 2)
         src = shape
     scale = np.array(src, dtype=np.float64) / np.array(shape)
