@@ -357,3 +357,19 @@ def test_prep_get_batch_cuda_matches_cpu(prep_demo_dir):
         b = ds.get_batch(3, it, 'cuda', torch.Generator().manual_seed(it))
         for x, y in zip(a, b):
             assert y.device.type == 'cuda' and x.dtype == y.dtype and torch.equal(x, y.cpu())
+
+
+def test_prep_save_montage_png(tmp_path):
+    import zlib
+    import struct
+    v = np.linspace(-1, 1, 32 * 32 * 32, dtype=np.float32).reshape(32, 32, 32)
+    p = str(tmp_path / 'm' / 'x.png')
+    prepare.save_montage(p, [v, -v])
+    data = open(p, 'rb').read()
+    assert data[:8] == b'\x89PNG\r\n\x1a\n'
+    w, h = struct.unpack('>II', data[16:24])
+    assert (w, h) == (3 * 34 * 4, 2 * 34 * 4)  # 3 panels + 2 px gaps, 2 rows, enlarged 4x
+    n = struct.unpack('>I', data[33:37])[0]
+    assert data[37:41] == b'IDAT'
+    px = np.frombuffer(zlib.decompress(data[41:41 + n]), np.uint8).reshape(h, 1 + w)[:, 1:]
+    assert px[0, 0] == round((v[16, 0, 0] + 1) * 127.5) or abs(int(px[0, 0]) - (v[16, 0, 0] + 1) * 127.5) <= 1

@@ -421,6 +421,37 @@ def bench_sampling(path, batch_size=4, iters=200, split='all'):
         ds.get_batch(batch_size, r, generator=g)
     return iters / (time.perf_counter() - t)
 
+def save_montage(path, vols):
+    """
+    PNG of three mid-planes per volume, one row each: axial (anterior up, patient's left on the right,
+    as radiologists view it), coronal and sagittal (superior up). vols: [D,H,W] arrays in [-1,1]
+    (train.py writes its samples with it). A tiny PNG writer, so we need no imaging package.
+    """
+    import zlib
+    import struct
+    rows = []
+    for v in vols:
+        v = np.asarray(v, dtype=np.float32)
+        D, H, W = v.shape
+        panels = [v[D // 2], v[::-1, H // 2, :], v[::-1, :, W // 2]]  # (H,W), (D,W), (D,H)
+        h = max(p.shape[0] for p in panels)
+        panels = [np.pad(p, ((0, h - p.shape[0]), (0, 2)), constant_values=-1) for p in panels]
+        rows.append(np.concatenate(panels, 1))
+    w = max(r.shape[1] for r in rows)
+    img = np.concatenate([np.pad(r, ((0, 2), (0, w - r.shape[1])), constant_values=-1) for r in rows], 0)
+    k = max(1, 128 // rows[0].shape[0])  # small volumes (S=32) enlarged to ~128 px per row
+    img = np.repeat(np.repeat(img, k, 0), k, 1)
+    img = np.clip((np.nan_to_num(img, nan=-1.0) + 1) * 127.5, 0, 255).astype(np.uint8)
+    def chunk(tag, data):
+        return struct.pack('>I', len(data)) + tag + data + struct.pack('>I', zlib.crc32(tag + data) & 0xffffffff)
+    raw = b''.join(b'\x00' + line.tobytes() for line in img)  # filter type 0 per scanline
+    png = (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', img.shape[1], img.shape[0], 8, 0, 0, 0, 0))
+           + chunk(b'IDAT', zlib.compress(raw, 6)) + chunk(b'IEND', b''))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + '.tmp', 'wb') as f:
+        f.write(png)
+    os.replace(path + '.tmp', path)
+
 # -----------------------------------------------------------------------------
 # preparing a folder of scans: planning, workers, resume
 
