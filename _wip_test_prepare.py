@@ -373,3 +373,26 @@ def test_prep_save_montage_png(tmp_path):
     assert data[37:41] == b'IDAT'
     px = np.frombuffer(zlib.decompress(data[41:41 + n]), np.uint8).reshape(h, 1 + w)[:, 1:]
     assert px[0, 0] == round((v[16, 0, 0] + 1) * 127.5) or abs(int(px[0, 0]) - (v[16, 0, 0] + 1) * 127.5) <= 1
+
+
+def test_prep_get_batch_never_overwrites_held_batches(prep_demo_dir):
+    # get_batch recycles CPU output tensors: only ones the caller no longer holds, in any form
+    ds = prepare.VolumeDataset(prep_demo_dir, 'all')
+    g = torch.Generator().manual_seed(0)
+    held, views, arrays, copies = [], [], [], []
+    for it in range(12):
+        s, l, y = ds.get_batch(2, it % 8, generator=g)
+        if it % 3 == 0:
+            held.append(s)
+            copies.append(s.clone())
+        elif it % 3 == 1:
+            views.append(s[:, 0, 1:3])
+            copies.append(s[:, 0, 1:3].clone())
+        else:
+            arrays.append(l.numpy())
+            copies.append(l.clone())
+        del s, l, y
+    assert all(torch.equal(a, b) for a, b in zip(held, copies[0::3]))
+    assert all(torch.equal(a, b) for a, b in zip(views, copies[1::3]))
+    assert all(np.array_equal(a, b.numpy()) for a, b in zip(arrays, copies[2::3]))
+    assert len(ds._out[(2, 1, 4, 32, 32)]) <= 4  # the pool stays small
