@@ -154,7 +154,7 @@ def load_volume(path, first_volume=False):
             raise ValueError(f"{path}: unreadable or truncated ({type(e).__name__}: {e})") from None
         return np.ascontiguousarray(vol), affine, np.ones(3)
     try:
-        img = nib.load(path)
+        img = nib.load(path, mmap=False)  # we copy to float32 anyway; a memmap would only pin the file
     except ModuleNotFoundError as e:
         # nibabel reads MINC2 (HDF5) only through h5py, which is not one of our dependencies
         raise ValueError(f"{path}: needs the optional package {e.name} (pip install {e.name}); "
@@ -179,7 +179,8 @@ def load_volume(path, first_volume=False):
     vol = nib.orientations.apply_orientation(vol, xform)
     affine = affine @ nib.orientations.inv_ornt_aff(xform, data.shape[:3])
     spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
-    return np.ascontiguousarray(vol), affine, spacing
+    vol = np.ascontiguousarray(vol)
+    return (vol if vol.flags.writeable else vol.copy()), affine, spacing
 
 def _squeeze_to_3d(path, data, first_volume):
     shape = tuple(int(v) for v in data.shape)
