@@ -390,27 +390,29 @@ class VolumeDataset:
             pool.append((t, use_count(t.untyped_storage()._cdata)))
         return t
 
-    def get_batch(self, batch_size, r, device='cpu', generator=None):
+    def get_batch(self, batch_size, r, device='cpu', generator=None, full=False):
         """
         B random volumes -> (slabs float32 [B,1,D/8,H,W], lowres float32 [B,1,D/4,H/4,W/4], labels int64 [B]).
         r is the slab start on G's A grid (D/4 cells), 0 <= r <= D/4 - D/32; the slab is hires[4r : 4r+D/8],
         which is model.py's S^H. Volumes are drawn with torch.randint from the caller's (CPU) generator.
+        full=True returns the whole high-res volumes [B,1,D,H,W] instead of the slab: E^G's update (eq. 7)
+        encodes every slab of the real volume, and train.py cuts S^H(X; r) from it.
         """
         D, H, W = self.img_size
         assert 0 <= r <= D // 4 - D // 32, f"r={r} outside 0..{D // 4 - D // 32}"
         ix = torch.randint(len(self), (batch_size,), generator=generator)
         rows = self.index[ix.numpy()]
         hi, lo = self._maps()
-        a, b = 4 * r, 4 * r + D // 8  # matches model.py's S^H: one contiguous D/8*H*W read per volume
+        a, b = (0, D) if full else (4 * r, 4 * r + D // 8)  # model.py's S^H: one contiguous read per volume
         device = torch.device(device)
         if device.type == 'cuda':
             # float16 into pinned memory, asynchronous copy, cast on the GPU: half the PCIe bytes, and the CPU
             # is free as soon as the copy is queued. Two staging buffers take turns; before refilling one we
             # wait for its own copy (long done by then), not for the whole stream.
-            key = (batch_size, D, H, W)
+            key = (batch_size, b - a, H, W)
             turns = self._pin.setdefault(key, [])
             if len(turns) < 2:
-                turns.append([torch.empty((batch_size, 1, D // 8, H, W), dtype=torch.float16).pin_memory(),
+                turns.append([torch.empty((batch_size, 1, b - a, H, W), dtype=torch.float16).pin_memory(),
                               torch.empty((batch_size, 1, D // 4, H // 4, W // 4), dtype=torch.float16).pin_memory(),
                               None])
                 slot = turns[-1]
@@ -427,7 +429,7 @@ class VolumeDataset:
             slot[2] = torch.cuda.Event()
             slot[2].record(torch.cuda.current_stream(device))
             return slabs, lows, self._class[ix].to(device, non_blocking=True)
-        slabs = self._cpu_out((batch_size, 1, D // 8, H, W))  # (B,1,D/8,H,W)
+        slabs = self._cpu_out((batch_size, 1, b - a, H, W))  # (B,1,D/8,H,W), or (B,1,D,H,W) when full
         lows = self._cpu_out((batch_size, 1, D // 4, H // 4, W // 4))  # (B,1,D/4,H/4,W/4)
         for k, i in enumerate(rows):  # float16 -> float32 inside copy_
             _copy_serial(slabs[k, 0], hi[i, a:b])
