@@ -1,0 +1,407 @@
+"""
+Train HA-GAN: the paper's four alternating updates (Sections III-B to III-E), one file, top to bottom.
+
+On one CPU or GPU:
+$ python prepare.py --demo && python train.py config/train_demo.py
+On 2 GPUs of one machine (torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; NCCL on CUDA, gloo on CPU):
+$ torchrun --standalone --nproc_per_node=2 train.py config/train_lung_ct.py
+On 2 nodes of 8 GPUs each, run on both (the first node's address as the rendezvous endpoint):
+$ torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py ...
+Resume after a crash, Ctrl-C or a pre-emption (same command plus):
+$ python train.py config/train_demo.py --init_from=resume
+Fine-tune the official pretrained weights (the other three files are found beside G's):
+$ python train.py config/train_lung_ct.py --init_from=/path/to/G_iter80000.pth
+"""
+
+import hashlib
+import json
+import math
+import os
+import random
+import resource
+import signal
+import sys
+import time
+from copy import deepcopy
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from model import HAGAN, HAGANConfig, S_H, autocast_ctx, override
+from prepare import VolumeDataset, save_montage
+
+# -----------------------------------------------------------------------------
+# default config: the paper's settings for 256^3 (Sec. III-E); config/*.py and --key=value override
+config = dict(
+    out_dir="out",  # checkpoint out_dir/ckpt.pt (previous one kept as ckpt.prev.pt), config.json, log.jsonl, PNGs
+    data_dir="data/demo",  # a folder written by prepare.py
+    fold=0,  # held-out fold of the 5-fold split (training uses the other four)
+    img_size=256,  # S; must match the prepared data (a [D, H, W] list for non-cubic volumes)
+    width=1.0,  # channel multiplier of every network (1.0 = the official model)
+    latent_dim=1024,  # size of Z
+    num_classes=0,  # >0: class-conditional HA-GAN with AC-GAN heads (paper IV-C); labels from the data
+    batch_size=4,  # global batch: split over ranks and gradient-accumulation steps
+    grad_accum=1,  # micro-batches per update on each rank
+    max_iters=80000,  # total iterations
+    lr_G=1e-4,  # generator (G^A, G^L, G^H)
+    lr_E=1e-4,  # both encoders (E^H, E^G)
+    lr_D=4e-4,  # both discriminators (D^H, D^L)
+    beta1=0.0,  # Adam betas of all four optimisers
+    beta2=0.999,
+    lambda1=5.0,  # weight of eq. 6 (E^H reconstruction)
+    lambda2=5.0,  # weight of eq. 7 (E^G reconstruction)
+    lambda_class=0.1,  # weight of the class term in G's loss (conditional only; official value)
+    ema_decay=0.0,  # moving average of G's weights for sampling (e.g. 0.999); 0 = off
+    init_from="scratch",  # 'scratch', 'resume' (out_dir/ckpt.pt), or the path of an official G_iterN.pth
+    dtype="auto",  # 'float32', 'bfloat16', 'float16' (autocast); 'auto' = bf16 on GPUs that have it, else float32
+    device="auto",  # 'cpu', 'cuda', 'cuda:1', ...; 'auto' = cuda if available
+    backend="auto",  # DDP backend: 'nccl' on CUDA, 'gloo' on CPU
+    compile=False,  # torch.compile the fixed-shape networks
+    seed=1337,  # every random draw derives from (seed, rank, iteration): resume is exact
+    log_interval=10,  # iterations per log line
+    ckpt_interval=1000,  # iterations per checkpoint (and one at the end)
+    sample_interval=1000,  # iterations per PNG montage of samples and a reconstruction; 0 = never
+    num_samples=4,  # volumes in the montage
+    wandb_log=False,  # also log to Weights & Biases (imported only then)
+    wandb_project="hagan",
+    wandb_run_name="run",
+)
+override(config)
+C = config  # short name used below
+
+# -----------------------------------------------------------------------------
+# processes, devices, precision
+
+ddp = int(os.environ.get("RANK", -1)) != -1  # started by torchrun?
+device = C["device"] if C["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+if ddp:
+    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    backend = C["backend"] if C["backend"] != "auto" else ("nccl" if device.startswith("cuda") else "gloo")
+    dist.init_process_group(backend=backend)
+else:
+    rank, local_rank, world = 0, 0, 1
+master = rank == 0
+device_type = torch.device(device).type
+dtype = C["dtype"]
+if dtype == "auto":
+    dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+if dtype not in ("float32", "bfloat16", "float16"):
+    raise SystemExit(f"error: dtype must be float32, bfloat16 or float16, not {dtype!r}")
+ctx = autocast_ctx(device, dtype)
+if device_type == "cuda":
+    torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels once
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+per_rank = C["batch_size"] // (world * C["grad_accum"])
+if per_rank * world * C["grad_accum"] != C["batch_size"] or per_rank < 1:
+    raise SystemExit(f"error: batch_size={C['batch_size']} must be a multiple of world size ({world}) "
+                     f"x grad_accum ({C['grad_accum']})")
+
+
+def log(*a):
+    if master:
+        print(*a, flush=True)
+
+
+def seeded(*key):
+    """A 63-bit seed for one (purpose, iteration, ...): nothing depends on how the run got here."""
+    h = hashlib.sha256(repr((C["seed"],) + key).encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+# -----------------------------------------------------------------------------
+# data, model, optimisers
+
+out_dir = C["out_dir"]
+if master:
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, ".write_test"), "w"):
+            pass
+        os.remove(os.path.join(out_dir, ".write_test"))
+    except OSError as e:
+        raise SystemExit(f"error: {out_dir}: cannot write there ({e.strerror}); choose another --out_dir")
+
+try:
+    ds = VolumeDataset(C["data_dir"], split="train", fold=C["fold"])
+except (FileNotFoundError, ValueError) as e:
+    raise SystemExit(f"error: {e}")
+img_size = C["img_size"] if isinstance(C["img_size"], int) else tuple(C["img_size"])
+if init_from_resume := (C["init_from"] == "resume"):
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    if not os.path.exists(ckpt_path) and os.path.exists(os.path.join(out_dir, "ckpt.prev.pt")):
+        ckpt_path = os.path.join(out_dir, "ckpt.prev.pt")  # killed between the two renames of a save
+    if not os.path.exists(ckpt_path):
+        raise SystemExit(f"error: {ckpt_path}: nothing to resume; start with --init_from=scratch")
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    model_args = dict(ckpt["model_args"])  # the architecture comes from the checkpoint
+    if isinstance(model_args["img_size"], list):
+        model_args["img_size"] = tuple(model_args["img_size"])
+    cfg = HAGANConfig(**model_args)
+else:
+    cfg = HAGANConfig(img_size=img_size, latent_dim=C["latent_dim"], num_classes=C["num_classes"], width=C["width"])
+if tuple(ds.img_size) != cfg.shape:
+    raise SystemExit(f"error: {C['data_dir']} holds {'x'.join(map(str, ds.img_size))} volumes but the model is "
+                     f"{'x'.join(map(str, cfg.shape))}; set --img_size={ds.img_size[0] if len(set(ds.img_size)) == 1 else list(ds.img_size)} "
+                     f"or prepare the data at this size")
+if len(ds) < per_rank:
+    raise SystemExit(f"error: {C['data_dir']}: the training split of fold {C['fold']} has {len(ds)} volumes, "
+                     f"fewer than one batch ({per_rank}); prepare more scans or lower batch_size")
+if cfg.num_classes:
+    nc = ds.meta.get("num_classes", 0)
+    if not ds.meta.get("class_column") or nc < 1:
+        raise SystemExit(f"error: {C['data_dir']} has no class labels; a conditional run needs "
+                         f"prepare.py --labels=labels.csv with a 'class' column")
+    if nc > cfg.num_classes:
+        raise SystemExit(f"error: {C['data_dir']} has {nc} classes but num_classes={cfg.num_classes}")
+
+torch.manual_seed(C["seed"])  # initial weights: identical on every rank, and broadcast below anyway
+if C["init_from"] not in ("scratch", "resume"):
+    g = C["init_from"]
+    side = {k: g.replace("G_iter", k + "_iter") for k in ("D", "E", "Sub_E")} if "G_iter" in os.path.basename(g) else {}
+    side = {k: p for k, p in side.items() if os.path.exists(p)}
+    try:
+        model = HAGAN.from_official(G=g, **side, img_size=cfg.img_size)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: {e}")
+    cfg = model.cfg
+    log(f"initialised from the official checkpoint {g} (+ {', '.join(side) or 'no other files'})")
+else:
+    model = HAGAN(cfg)
+model.to(device)
+nets = dict(D=model.D, G=model.G, E_H=model.E_H, E_G=model.E_G)  # the four updates, in order
+lrs = dict(D=C["lr_D"], G=C["lr_G"], E_H=C["lr_E"], E_G=C["lr_E"])
+opts = {k: torch.optim.Adam(nets[k].parameters(), lr=lrs[k], betas=(C["beta1"], C["beta2"]), eps=1e-8)
+        for k in nets}
+# fp16 only: one scaler per optimiser, so an overflow in D's backward never shrinks G's scale
+scalers = {k: torch.amp.GradScaler(device_type, enabled=dtype == "float16") for k in nets}
+ema = deepcopy(model.G).requires_grad_(False) if C["ema_decay"] > 0 else None
+iter_num = 0
+if init_from_resume:
+    model.load_state_dict(ckpt["model"])
+    for k in nets:
+        opts[k].load_state_dict(ckpt["optimizers"][k])
+        scalers[k].load_state_dict(ckpt["scalers"][k])
+    if ema is not None and ckpt.get("ema_G"):
+        ema.load_state_dict(ckpt["ema_G"])
+    iter_num = ckpt["iter_num"]
+    rng = ckpt["rng"]
+    random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
+    np.random.set_state(tuple(rng["numpy"][:1]) + (np.array(rng["numpy"][1], dtype=np.uint32),) + tuple(rng["numpy"][2:]))
+    torch.set_rng_state(rng["torch"])
+    if device_type == "cuda" and rng.get("cuda") is not None and len(rng["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    log(f"resumed from {ckpt_path} at iteration {iter_num}")
+    del ckpt
+
+if ddp:  # no DDP wrapper (4 networks, frozen parts): same start on every rank, gradients reduced by hand
+    for t in list(model.state_dict().values()) + ([] if ema is None else list(ema.state_dict().values())):
+        dist.broadcast(t, 0)
+if C["compile"]:
+    # fixed-shape networks only: the slab selection stays eager so 57 values of r never recompile
+    for m in (model.G.G_A, model.G.G_L, model.G.G_H, model.D.D_L, model.E_H, model.E_G):
+        m.compile()
+
+fingerprint = hashlib.sha1(open(os.path.join(C["data_dir"], "meta.json"), "rb").read()
+                           + open(os.path.join(C["data_dir"], "volumes.csv"), "rb").read()).hexdigest()[:16]
+run_config = dict(C, resolved=dict(device=device, dtype=dtype, world=world, per_rank_batch=per_rank,
+                                   model_args=asdict(cfg)))
+if master:
+    log(json.dumps(run_config, indent=1, default=str))
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(run_config, f, indent=1, default=str)
+
+
+def sync_grads(net):
+    """Average gradients over ranks: one flat all-reduce per update instead of DDP's hooks."""
+    if not ddp:
+        return
+    grads = [p.grad for p in net.parameters() if p.grad is not None]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    i = 0
+    for g in grads:
+        g.copy_(flat[i:i + g.numel()].view_as(g))
+        i += g.numel()
+
+
+def save_checkpoint():
+    """Atomic: write a temp file, fsync it, keep the old checkpoint as ckpt.prev.pt, rename."""
+    rng = dict(python=list(random.getstate()), numpy=[np.random.get_state()[0], np.random.get_state()[1].tolist()]
+               + list(np.random.get_state()[2:]), torch=torch.get_rng_state(),
+               cuda=torch.cuda.get_rng_state_all() if device_type == "cuda" else None)
+    ck = dict(model=model.state_dict(), model_args=asdict(cfg), ema_G=ema.state_dict() if ema is not None else {},
+              optimizers={k: o.state_dict() for k, o in opts.items()},
+              scalers={k: s.state_dict() for k, s in scalers.items()},
+              iter_num=iter_num, config=C, meta=ds.meta, fingerprint=fingerprint, rng=rng,
+              rank_checksums=rank_checksums)
+    path = os.path.join(out_dir, "ckpt.pt")
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(ck, f)
+        f.flush()
+        os.fsync(f.fileno())
+    if os.path.exists(path):
+        os.replace(path, os.path.join(out_dir, "ckpt.prev.pt"))
+    os.replace(tmp, path)
+    dfd = os.open(out_dir, os.O_RDONLY)
+    os.fsync(dfd)
+    os.close(dfd)
+
+
+def peak_memory_gib():
+    if device_type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+@torch.no_grad()
+def write_montage(path):
+    """Fixed-z samples and one reconstruction G(E(x)) of a real volume, three mid-planes each."""
+    G = ema if ema is not None else model.G
+    gen = torch.Generator().manual_seed(C["seed"])
+    z = torch.randn(C["num_samples"], cfg.latent_dim, generator=gen).to(device)
+    c = (torch.arange(C["num_samples"]) % cfg.num_classes).to(device) if cfg.num_classes else None
+    was = model.training
+    model.eval()
+    vols = [G.generate(z[i:i + 1], None if c is None else c[i:i + 1], slab=8)[0, 0].float().cpu().numpy()
+            for i in range(len(z))]
+    x = torch.from_numpy(ds.volume(0))[None, None].to(device)
+    y = torch.tensor([int(ds.labels["class"][0])], device=device) if cfg.num_classes else None
+    rec = G.generate(model.encode(x), y, slab=8)
+    save_montage(path, vols + [x[0, 0].cpu().numpy(), rec[0, 0].float().cpu().numpy()])
+    model.train(was)
+    return float((rec - x).abs().mean())
+
+
+# -----------------------------------------------------------------------------
+# Ctrl-C and SIGTERM (pre-emption) finish the iteration, save, and exit
+
+stop = []
+signal.signal(signal.SIGINT, lambda *_: stop.append("SIGINT"))
+signal.signal(signal.SIGTERM, lambda *_: stop.append("SIGTERM"))
+if C["wandb_log"] and master:
+    import wandb  # only when asked for
+    wandb.init(project=C["wandb_project"], name=C["wandb_run_name"], config=run_config)
+
+# -----------------------------------------------------------------------------
+# the training loop: D, G, E^H, E^G updates (paper eqs. 4-8)
+
+model.train()
+r_max = cfg.r_max
+rank_checksums = []  # sum of all weights on each rank at the last checkpoint (DDP only)
+t0 = time.time()
+t_first = None
+it_first = iter_num
+while iter_num < C["max_iters"]:
+    # r: one slab position per iteration, the same on every rank. Volumes and noise: drawn per
+    # micro-batch from its place in the global batch, so that 2 ranks x 1 micro-batch and 1 rank x
+    # 2 micro-batches see the same data and make the same update
+    r = int(torch.randint(0, r_max + 1, (1,), generator=torch.Generator().manual_seed(seeded("r", iter_num))))
+    micro = []
+    for m in range(C["grad_accum"]):
+        gen = torch.Generator().manual_seed(seeded("batch", iter_num, rank * C["grad_accum"] + m))
+        x, x_low, y = ds.get_batch(per_rank, r, device, generator=gen, full=True)  # x: (b,1,S,S,S)
+        z_D, z_G = torch.randn(2, per_rank, cfg.latent_dim, generator=gen).to(device)  # fresh z for D and G
+        micro.append((x, S_H(x, r), x_low, y if cfg.num_classes else None, z_D, z_G))
+    losses = {}
+
+    def update(name, loss_fn):
+        """One of the four updates: only `name`'s parameters get gradients and are stepped."""
+        for k, net in nets.items():
+            net.requires_grad_(k == name)
+        total = 0.0
+        for m in micro:
+            with ctx:
+                loss, stats = loss_fn(*m)
+            scalers[name].scale(loss / len(micro)).backward()
+            total = total + loss.detach() / len(micro)
+            for k, v in stats.items():
+                losses[k] = losses.get(k, 0.0) + v / len(micro)
+        sync_grads(nets[name])
+        scalers[name].step(opts[name])
+        scalers[name].update()
+        opts[name].zero_grad(set_to_none=True)
+        losses[name] = total
+
+    update("D", lambda x, xs, xl, y, z_D, z_G: model.loss_D(xs, xl, r, z_D, y))
+    update("G", lambda x, xs, xl, y, z_D, z_G: model.loss_G(r, z_G, y, lambda_class=C["lambda_class"]))
+    if ema is not None:
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), model.G.parameters()):
+                pe.lerp_(p, 1 - C["ema_decay"])
+    update("E_H", lambda x, xs, xl, y, z_D, z_G: model.loss_E_H(xs, lambda1=C["lambda1"]))
+    update("E_G", lambda x, xs, xl, y, z_D, z_G: model.loss_E_G(model.encode_A(x), xs, xl, r, y, lambda2=C["lambda2"]))
+    iter_num += 1
+
+    # one small all-reduce of the losses: for the log and so that every rank agrees to stop on NaN
+    names = sorted(losses)
+    vec = torch.stack([torch.as_tensor(losses[k], dtype=torch.float32, device=device) for k in names])
+    if ddp:
+        dist.all_reduce(vec)
+        vec /= world
+    if not torch.isfinite(vec).all():
+        bad = ", ".join(f"{k}={v:.4g}" for k, v in zip(names, vec.tolist()) if not math.isfinite(v))
+        log(f"error: non-finite loss at iteration {iter_num} ({bad}); stopping without saving, "
+            f"{os.path.join(out_dir, 'ckpt.pt')} is the last good checkpoint "
+            f"(try a lower learning rate, or dtype=bfloat16 instead of float16)")
+        if ddp:
+            dist.destroy_process_group()
+        sys.exit(1)
+
+    if iter_num == it_first + 1:
+        t_first = time.time()  # the first iteration pays for allocation and kernel selection
+    if iter_num % C["log_interval"] == 0 or iter_num == C["max_iters"]:
+        vals = dict(zip(names, vec.tolist()))
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+        done = iter_num - it_first - 1
+        dt = (time.time() - t_first) / done if done > 0 else time.time() - t0
+        eta = dt * (C["max_iters"] - iter_num)
+        log(f"iter {iter_num}: D {vals['D']:.4f} G {vals['G']:.4f} E_H {vals['E_H']:.4f} E_G {vals['E_G']:.4f} "
+            f"| rec L1 {vals['rec_E_H']:.4f}/{vals['rec_E_G']:.4f} D(x) {vals['D_real']:.2f} D(G(z)) {vals['D_fake']:.2f} "
+            f"| {dt * 1000:.0f} ms/iter, {C['batch_size'] / dt:.2f} vol/s, peak {peak_memory_gib():.2f} GiB, "
+            f"ETA {eta / 3600:.1f} h")
+        if master:
+            rec = dict(iter=iter_num, ms_per_iter=dt * 1000, peak_gib=peak_memory_gib(), **vals)
+            with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            if C["wandb_log"]:
+                wandb.log(rec, step=iter_num)
+    if master and C["sample_interval"] and (iter_num % C["sample_interval"] == 0 or iter_num == C["max_iters"]):
+        rec_l1 = write_montage(os.path.join(out_dir, f"samples_{iter_num:06d}.png"))
+        log(f"wrote {os.path.join(out_dir, f'samples_{iter_num:06d}.png')} (reconstruction L1 {rec_l1:.4f})")
+    stopping = bool(stop)
+    if ddp:  # a signal may reach only some ranks: stop together
+        flag = torch.tensor([float(stopping)], device=device)
+        dist.all_reduce(flag)
+        stopping = flag.item() > 0
+    saving = iter_num % C["ckpt_interval"] == 0 or iter_num == C["max_iters"] or stopping
+    if ddp and saving:
+        # ranks must hold the same weights; if they drifted, a checkpoint of rank 0 would hide it
+        chk = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().view(1)
+        every = [torch.zeros_like(chk) for _ in range(world)]
+        dist.all_gather(every, chk)
+        rank_checksums = [t.item() for t in every]
+        if len(set(rank_checksums)) > 1:
+            log(f"error: ranks disagree on the weights at iteration {iter_num} ({rank_checksums}); "
+                f"not saving. This is a bug: please report it with your config")
+            dist.destroy_process_group()
+            sys.exit(1)
+    if master and saving:
+        save_checkpoint()
+        log(f"saved {os.path.join(out_dir, 'ckpt.pt')} at iteration {iter_num}")
+    if stopping:
+        log(f"stopped by {stop[0] if stop else 'another rank'} at iteration {iter_num}; "
+            f"continue with --init_from=resume")
+        break
+
+if ddp:
+    dist.barrier()
+    dist.destroy_process_group()
