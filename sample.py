@@ -21,13 +21,13 @@ import os
 import resource
 import sys
 import time
-import zlib
 
 import numpy as np
 import nibabel as nib
 import torch
 
 from model import HAGAN, load_checkpoint, autocast_ctx, override
+from prepare import save_montage
 
 # -----------------------------------------------------------------------------
 config = dict(
@@ -135,48 +135,6 @@ def write_volume(path, x, meta, descrip=''):
         descrip = (descrip + ' units [-1,1]').strip()
     img.header['descrip'] = descrip[:79].encode()
     _atomic(path, lambda p: nib.save(img, p))
-
-
-# -----------------------------------------------------------------------------
-# PNG previews (dependency-free; the lead may move these to their shared home)
-
-
-def save_png(path, img):
-    """8-bit greyscale (H,W) uint8 array -> PNG file, with zlib only."""
-    img = np.ascontiguousarray(img, dtype=np.uint8)
-    h, w = img.shape
-    raw = np.concatenate([np.zeros((h, 1), np.uint8), img], 1).tobytes()  # filter byte 0 on every row
-
-    def chunk(kind, data):
-        return len(data).to_bytes(4, 'big') + kind + data + zlib.crc32(kind + data).to_bytes(4, 'big')
-
-    ihdr = w.to_bytes(4, 'big') + h.to_bytes(4, 'big') + bytes([8, 0, 0, 0, 0])  # 8 bit, greyscale
-    png = b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', ihdr) + chunk(b'IDAT', zlib.compress(raw, 6)) + chunk(b'IEND', b'')
-    _atomic(path, lambda p: open(p, 'wb').write(png))
-
-
-def mid_planes(x, affine=None):
-    """(axial, coronal, sagittal) mid-planes of x (D,H,W) as a radiologist looks at them. The volume is
-    first turned to axes (S,P,L), prepare.py's stored orientation, then axial = x[D/2] (anterior up,
-    patient's right on the left), coronal and sagittal with superior up."""
-    if affine is not None:
-        ornt = nib.orientations.io_orientation(affine)
-        x = nib.orientations.apply_orientation(x, nib.orientations.ornt_transform(
-            ornt, nib.orientations.axcodes2ornt(('S', 'P', 'L'))))
-    D, H, W = x.shape
-    return x[D // 2], x[::-1, H // 2, :], x[::-1, :, W // 2]
-
-
-def montage(volumes, affine=None):
-    """One row per volume (D,H,W) in [-1, 1], three columns (axial, coronal, sagittal) -> uint8 image."""
-    rows = []
-    for x in volumes:
-        planes = mid_planes(np.asarray(x, dtype=np.float32), affine)
-        h = max(p.shape[0] for p in planes)
-        rows.append(np.concatenate([np.pad(p, ((0, h - p.shape[0]), (0, 1)), constant_values=-1) for p in planes], 1))
-    w = max(r.shape[1] for r in rows)
-    img = np.concatenate([np.pad(r, ((0, 1), (0, w - r.shape[1])), constant_values=-1) for r in rows], 0)
-    return np.clip(np.rint((img + 1) * 127.5), 0, 255).astype(np.uint8)
 
 
 # -----------------------------------------------------------------------------
@@ -336,8 +294,8 @@ def main(argv=None):
                         slab=c['slab'], dtype=c['dtype'], shape=list(v.shape))
             write_volume(os.path.join(out, stem + ext), v, meta, f"HA-GAN {stem}")
             _atomic(os.path.join(out, stem + '.json'), lambda p: open(p, 'w').write(json.dumps(side, indent=1)))
-            if c['png'] and not series:
-                save_png(os.path.join(out, stem + '.png'), montage([v], affine))
+            if c['png'] and not series:  # mid-planes as prepare.py's stored orientation (S,P,L) shows them
+                save_montage(os.path.join(out, stem + '.png'), [v])
             if c['png'] and series:
                 previews.append(v[::2, ::2, ::2].copy())  # half resolution keeps a long series' montage small
             pred = ' '.join(f"{k2}={v2:.4g}" for k2, v2 in extra.get('predicted', {}).items())
@@ -345,7 +303,7 @@ def main(argv=None):
                   + (f" predicted {pred}" if pred else ''))
         print(f"  {dt / len(chunk):.2f} s/volume")
     if previews:
-        save_png(os.path.join(out, series + '.png'), montage(previews, affine))
+        save_montage(os.path.join(out, series + '.png'), previews)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux -> GiB
     print(f"done: {len(items)} volume(s) in {time.time() - t_all:.1f}s, peak RSS {rss:.2f} GiB")
 
