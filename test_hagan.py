@@ -288,3 +288,159 @@ def test_every_config_file_loads():
         cfg = override(dict(defaults), [os.path.join(HERE, "config", name)])
         HAGANConfig(img_size=cfg["img_size"], width=cfg["width"], latent_dim=cfg["latent_dim"],
                     num_classes=cfg["num_classes"])
+
+
+# -----------------------------------------------------------------------------
+# train.py
+
+TINY = ["--img_size=32", "--width=0.125", "--latent_dim=16", "--batch_size=2", "--log_interval=1",
+        "--sample_interval=0", "--dtype=float32"]
+
+
+@pytest.fixture(scope="session")
+def demo32(tmp_path_factory):
+    import prepare
+    out = str(tmp_path_factory.mktemp("data") / "demo32")
+    assert prepare.make_demo(out, num=12, img_size=32, log=lambda *a: None) == 0
+    return out
+
+
+def _train(args, cwd=HERE, **kw):
+    return subprocess.run([sys.executable, os.path.join(HERE, "train.py")] + args, cwd=cwd,
+                          capture_output=True, text=True, timeout=600, **kw)
+
+
+def _log(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("nc", [0, 5])
+def test_each_update_changes_only_its_own_network(nc):
+    m = tiny(32, num_classes=nc)
+    nets = dict(D=m.D, G=m.G, E_H=m.E_H, E_G=m.E_G)
+    x = torch.rand(2, 1, 32, 32, 32) * 2 - 1
+    low, r, c = F.avg_pool3d(x, 4), 3, (torch.tensor([1, 4]) if nc else None)
+    z = torch.randn(2, 16)
+    phases = dict(D=lambda: m.loss_D(S_H(x, r), low, r, z, c), G=lambda: m.loss_G(r, z, c),
+                  E_H=lambda: m.loss_E_H(S_H(x, r)), E_G=lambda: m.loss_E_G(m.encode_A(x), S_H(x, r), low, r, c))
+    for name, loss_fn in phases.items():  # train.py's update(): freeze all but one, step that one
+        for k, net in nets.items():
+            net.requires_grad_(k == name)
+        before = {k: [p.detach().clone() for p in net.parameters()] for k, net in nets.items()}
+        loss, _ = loss_fn()
+        assert torch.isfinite(loss)
+        loss.backward()
+        torch.optim.Adam(nets[name].parameters(), lr=1e-3, betas=(0.0, 0.999)).step()
+        for k, net in nets.items():
+            changed = [not torch.equal(a, p) for a, p in zip(before[k], net.parameters())]
+            if k == name:
+                assert sum(changed) >= len(changed) // 2, f"{name} update left {k} unchanged"
+            else:
+                assert not any(changed) and all(p.grad is None for p in net.parameters()), f"{name} touched {k}"
+            net.zero_grad(set_to_none=True)
+
+
+def test_train_runs_logs_and_checkpoints(demo32, tmp_path):
+    out = str(tmp_path / "out")
+    p = _train(TINY + [f"--data_dir={demo32}", f"--out_dir={out}", "--max_iters=3", "--ema_decay=0.9",
+                       "--sample_interval=3"])
+    assert p.returncode == 0, p.stderr
+    log = _log(out)
+    assert [r["iter"] for r in log] == [1, 2, 3]
+    assert all(math.isfinite(r[k]) for r in log for k in ("D", "G", "E_H", "E_G"))
+    assert "ms/iter" in p.stdout and "vol/s" in p.stdout and "peak" in p.stdout and "ETA" in p.stdout
+    ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert ck["iter_num"] == 3 and ck["meta"]["img_size"] == [32, 32, 32] and ck["config"]["max_iters"] == 3
+    assert set(ck["optimizers"]) == {"D", "G", "E_H", "E_G"} and ck["ema_G"] and ck["fingerprint"]
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["resolved"]["model_args"]["width"] == 0.125
+    png = open(os.path.join(out, "samples_000003.png"), "rb").read()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    model, _ = load_checkpoint(os.path.join(out, "ckpt.pt"))  # EMA weights for sampling
+    assert all(torch.equal(model.G.state_dict()[k], v) for k, v in ck["ema_G"].items())
+
+
+def test_resume_is_exact(demo32, tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    args = [f"--data_dir={demo32}", "--ema_decay=0.9", "--ckpt_interval=100"] + TINY
+    assert _train(args + [f"--out_dir={a}", "--max_iters=4"]).returncode == 0
+    assert _train(args + [f"--out_dir={b}", "--max_iters=2"]).returncode == 0
+    p = _train(args + [f"--out_dir={b}", "--max_iters=4", "--init_from=resume"])
+    assert p.returncode == 0 and "resumed" in p.stdout, p.stderr
+    assert _log(a) == [dict(r, ms_per_iter=x["ms_per_iter"], peak_gib=x["peak_gib"]) for r, x in zip(_log(b), _log(a))]
+    ca = torch.load(os.path.join(a, "ckpt.pt"), weights_only=True)
+    cb = torch.load(os.path.join(b, "ckpt.pt"), weights_only=True)
+    for key in ("model", "ema_G"):
+        assert all(torch.equal(ca[key][k], cb[key][k]) for k in ca[key])
+    assert ca["optimizers"]["G"]["state"][0]["exp_avg_sq"].equal(cb["optimizers"]["G"]["state"][0]["exp_avg_sq"])
+
+
+def test_ddp_two_ranks_hold_identical_weights(demo32, tmp_path):
+    out = str(tmp_path / "ddp")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        os.path.join(HERE, "train.py"), f"--data_dir={demo32}", f"--out_dir={out}",
+                        "--max_iters=3", "--device=cpu", "--backend=gloo"] + TINY,
+                       capture_output=True, text=True, timeout=600, cwd=HERE)
+    assert p.returncode == 0, "\n".join(l for l in p.stderr.splitlines() if not l.startswith("  "))[-6000:]
+    ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    sums = ck["rank_checksums"]
+    own = sum(v.double().sum().item() for k, v in ck["model"].items() if not k.endswith((".u", ".sigma")))
+    assert len(sums) == 2 and sums[0] == sums[1] and math.isclose(sums[0], own, rel_tol=1e-12)
+    assert p.stdout.count("iter 3:") == 1  # rank 0 alone logs
+
+
+def test_bad_config_and_bad_data_fail_with_one_line(demo32, tmp_path):
+    p = _train(["--max_iter=5"])
+    assert p.returncode != 0 and "unknown config key 'max_iter'" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    p = _train([f"--data_dir={tmp_path / 'nothing'}", f"--out_dir={tmp_path / 'o'}"] + TINY)
+    assert p.returncode != 0 and "no prepared dataset" in p.stderr and "prepare.py" in p.stderr
+    p = _train([f"--data_dir={demo32}", f"--out_dir={tmp_path / 'o'}", "--img_size=64"])
+    assert p.returncode != 0 and "32x32x32" in p.stderr and "--img_size=32" in p.stderr
+    p = _train(TINY + [f"--data_dir={demo32}", f"--out_dir={tmp_path / 'o'}", "--num_classes=3"])
+    assert p.returncode != 0 and "5 classes but num_classes=3" in p.stderr
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    p = _train([f"--data_dir={demo32}", f"--out_dir={blocker / 'out'}"] + TINY)
+    assert p.returncode != 0 and "cannot write there" in p.stderr
+
+
+def test_interrupted_checkpoints_stay_loadable(demo32, tmp_path):
+    import signal
+    import time
+    out = tmp_path / "o"
+    args = [f"--data_dir={demo32}", f"--out_dir={out}", "--ckpt_interval=1"] + TINY
+    assert _train(args + ["--max_iters=2"]).returncode == 0
+    # a save killed mid-write leaves only a partial temp file: resume ignores it
+    (out / "ckpt.pt.tmp").write_bytes((out / "ckpt.pt").read_bytes()[:1000])
+    assert _train(args + ["--max_iters=3", "--init_from=resume"]).returncode == 0
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 3
+    assert torch.load(out / "ckpt.prev.pt", weights_only=True)["iter_num"] == 2
+    # SIGTERM (a pre-emption) finishes the iteration, saves and exits cleanly
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py")] + args + ["--max_iters=100000",
+                            "--init_from=resume"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
+    while True:
+        line = proc.stdout.readline()
+        if line.startswith("iter 5:") or not line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "stopped by SIGTERM" in stdout
+    it = torch.load(out / "ckpt.pt", weights_only=True)["iter_num"]
+    assert it >= 5 and f"saved {out / 'ckpt.pt'} at iteration {it}" in stdout
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(demo32, tmp_path):
+    import shutil
+    data = tmp_path / "nan"
+    shutil.copytree(demo32, data)
+    out = tmp_path / "o"
+    args = [f"--data_dir={data}", f"--out_dir={out}"] + TINY
+    assert _train(args + ["--max_iters=2"]).returncode == 0
+    hires = np.load(data / "hires.npy", mmap_mode="r+")
+    hires[:] = np.nan  # a corrupted store: every loss that reads real data turns NaN
+    hires.flush()
+    del hires
+    p = _train(args + ["--max_iters=4", "--init_from=resume"])
+    assert p.returncode == 1 and "non-finite loss at iteration 3" in p.stdout
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 2
