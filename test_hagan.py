@@ -361,6 +361,16 @@ def test_train_runs_logs_and_checkpoints(demo32, tmp_path):
     assert all(torch.equal(model.G.state_dict()[k], v) for k, v in ck["ema_G"].items())
 
 
+def test_conditional_training_uses_the_class_labels(demo32, tmp_path):
+    out = str(tmp_path / "cond")
+    p = _train(TINY + [f"--data_dir={demo32}", f"--out_dir={out}", "--max_iters=2", "--num_classes=5",
+                       "--sample_interval=2"])
+    assert p.returncode == 0, p.stderr
+    ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert ck["model"]["D.D_H.fc_class.weight"].shape[0] == 5 and ck["model_args"]["num_classes"] == 5
+    assert ck["model"]["G.G_A.fc.weight"].shape[1] == 16 + 5  # z and the one-hot class
+
+
 def test_resume_is_exact(demo32, tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     args = [f"--data_dir={demo32}", "--ema_decay=0.9", "--ckpt_interval=100"] + TINY

@@ -273,7 +273,7 @@ def write_montage(path):
     vols = [G.generate(z[i:i + 1], None if c is None else c[i:i + 1], slab=8)[0, 0].float().cpu().numpy()
             for i in range(len(z))]
     x = torch.from_numpy(ds.volume(0))[None, None].to(device)
-    y = torch.tensor([int(ds.labels["class"][0])], device=device) if cfg.num_classes else None
+    y = torch.tensor([int(ds.labels[ds.meta["class_column"]][0])], device=device) if cfg.num_classes else None
     rec = G.generate(model.encode(x), y, slab=8)
     save_montage(path, vols + [x[0, 0].cpu().numpy(), rec[0, 0].float().cpu().numpy()])
     model.train(was)
