@@ -261,12 +261,12 @@ class Generator(nn.Module):
     def _G_H_slabwise(self, A, k):
         """G^H(A) in depth chunks of k A-slices. GroupNorm normalises over the whole volume, so a
         first pass computes conv1's output Y chunk by chunk and its per-group statistics; Y (1/8 of
-        the output's voxels at 32 channels) is kept so that the expensive conv runs once. Each chunk
+        the output's voxels at 32 channels) is kept so that this, the most expensive conv, runs once. Each chunk
         then needs one neighbouring slice of Y on either side for the last 3x3x3 conv (its halo)."""
         g = self.G_H
-        n = A.shape[2]
-        ny = 2 * n
-        Y = None
+        n, ny, G = A.shape[2], 2 * A.shape[2], g.norm1.num_groups
+        Y = mean = m2 = None
+        cnt = 0
         for a in range(0, n, k):
             b = min(a + k, n)
             lo, hi = max(a - 1, 0), min(b + 1, n)
@@ -274,34 +274,33 @@ class Generator(nn.Module):
             if Y is None:
                 Y = A.new_empty(A.shape[0], y.shape[1], ny, *y.shape[3:], dtype=y.dtype)
             Y[:, :, 2 * a:2 * b] = y
-        # GroupNorm statistics over the whole volume, accumulated in float64 chunk by chunk
-        G = g.norm1.num_groups
-        Yg = Y.view(Y.shape[0], G, -1)
-        s1 = torch.zeros(Y.shape[0], G, dtype=torch.float64, device=Y.device)
-        s2 = torch.zeros_like(s1)
-        step = max(1, Yg.shape[2] // 64)
-        for i in range(0, Yg.shape[2], step):
-            part = Yg[:, :, i:i + step].double()
-            s1 += part.sum(2)
-            s2 += (part * part).sum(2)
-        cnt = Yg.shape[2]
-        mean = s1 / cnt
-        rstd = torch.rsqrt((s2 / cnt - mean * mean).clamp_min(0) + g.norm1.eps)
+            # GroupNorm statistics of the whole volume, merged chunk by chunk (Chan et al.) in float64
+            v, mu = torch.var_mean(y.view(y.shape[0], G, -1).float(), dim=2, correction=0)
+            nb = y[0, 0].numel() * (y.shape[1] // G)
+            if mean is None:
+                mean, m2 = mu.double(), v.double() * nb
+            else:
+                d = mu.double() - mean
+                mean = mean + d * nb / (cnt + nb)
+                m2 = m2 + v.double() * nb + d * d * cnt * nb / (cnt + nb)
+            cnt += nb
+        rstd = torch.rsqrt(m2 / cnt + g.norm1.eps)
         cpg = Y.shape[1] // G
-        mean = mean.repeat_interleave(cpg, 1).to(Y.dtype)[:, :, None, None, None]  # (B,C,1,1,1)
-        rstd = rstd.repeat_interleave(cpg, 1).to(Y.dtype)[:, :, None, None, None]
-        w = g.norm1.weight[None, :, None, None, None]
-        bias = g.norm1.bias[None, :, None, None, None]
-        out = []
+        rstd = rstd.repeat_interleave(cpg, 1)  # (B,C)
+        scale = (rstd * g.norm1.weight.double()).to(Y.dtype)[:, :, None, None, None]  # (B,C,1,1,1)
+        shift = (g.norm1.bias.double() - mean.repeat_interleave(cpg, 1) * rstd * g.norm1.weight.double())
+        shift = shift.to(Y.dtype)[:, :, None, None, None]
+        out = None
         for a in range(0, n, k):
             b = min(a + k, n)
             lo, hi = max(2 * a - 1, 0), min(2 * b + 1, ny)
-            h = F.relu((Y[:, :, lo:hi] - mean) * rstd * w + bias)
-            h = _up(h)  # rows [2lo, 2hi) of the 4x grid
+            h = _up(torch.addcmul(shift, Y[:, :, lo:hi], scale).relu_())  # rows [2lo, 2hi) of the 4x grid
             with _no_autocast(h):
-                out.append(torch.tanh(_depth_conv(g.conv2, h.float(), 2 * lo, 4 * n, 4 * a, 4 * b)))
-        return torch.cat(out, dim=2)
-
+                x = torch.tanh(_depth_conv(g.conv2, h.float(), 2 * lo, 4 * n, 4 * a, 4 * b))  # (B,1,4k,H,W)
+            if out is None:
+                out = x.new_empty(x.shape[0], 1, 4 * n, *x.shape[3:])
+            out[:, :, 4 * a:4 * b] = x
+        return out
 
 def _depth_conv(conv, x, x0, n, y0, y1):
     """Rows [y0, y1) along depth of conv(full) for a 3x3x3 conv with padding 1, where x holds rows
