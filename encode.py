@@ -173,7 +173,7 @@ def main(argv=None):
         fail(f"cannot write to {out} ({e.strerror or e})")
     try:
         model, ckpt = load_checkpoint(c['ckpt'], c['device'], ema=c['ema'])
-    except (ValueError, RuntimeError) as e:  # RuntimeError: weights that do not fit their model_args
+    except ValueError as e:
         fail(str(e).strip().splitlines()[0])
     ds, meta, folds = open_data(c, ckpt.get('meta') or {})
     if tuple(ds.img_size) != tuple(model.cfg.shape):

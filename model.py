@@ -598,7 +598,8 @@ def load_checkpoint(path, device="cpu", ema=True):
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no checkpoint there (train one with: python train.py config/train_demo.py)")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        # mmap: tensors are read from the file as load_state_dict copies them, not held twice
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
         raise ValueError(f"{path}: unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
@@ -607,7 +608,11 @@ def load_checkpoint(path, device="cpu", ema=True):
     if isinstance(args.get("img_size"), list):
         args["img_size"] = tuple(args["img_size"])
     model = HAGAN(HAGANConfig(**args))
-    model.load_state_dict(ckpt["model"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise ValueError(f"{path}: weights do not fit the checkpoint's model_args "
+                         f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})") from None
     if ema and ckpt.get("ema_G"):
         model.G.load_state_dict(ckpt["ema_G"])
     return model.to(device).eval(), ckpt

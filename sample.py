@@ -189,9 +189,8 @@ def load_model(c):
             meta = ckpt.get('meta') or {}
             src = dict(ckpt=os.path.abspath(c['ckpt']), iter_num=ckpt.get('iter_num'),
                        ema=bool(c['ema'] and ckpt.get('ema_G')))
-    except (ValueError, RuntimeError) as e:  # RuntimeError: weights that do not fit their model_args
-        fail(str(e).strip().splitlines()[0] + (' (weights do not fit the checkpoint\'s model_args)'
-                                               if isinstance(e, RuntimeError) else ''))
+    except ValueError as e:
+        fail(str(e).strip().splitlines()[0])
     if c['meta']:
         try:
             with open(c['meta']) as f:
