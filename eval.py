@@ -567,10 +567,7 @@ def bench_one(S, mode, c):
         # the paper's widths and latent size (1024) unless bench_width says otherwise
         model = HAGAN(HAGANConfig(img_size=S, width=c["bench_width"])).to(dev).train()
         res["params"] = sum(p.numel() for p in model.parameters())
-        opts = dict(G=torch.optim.Adam(model.G.parameters(), 1e-4, betas=(0.0, 0.999)),
-                    D=torch.optim.Adam(model.D.parameters(), 4e-4, betas=(0.0, 0.999)),
-                    E_H=torch.optim.Adam(model.E_H.parameters(), 1e-4, betas=(0.0, 0.999)),
-                    E_G=torch.optim.Adam(model.E_G.parameters(), 1e-4, betas=(0.0, 0.999)))
+        opts = model.configure_optimizers()  # the paper's learning rates and betas, as train.py's defaults
         g = torch.Generator().manual_seed(0)
         x_full = (torch.rand(c["batch"], 1, S, S, S, generator=g) * 2 - 1).to(dev)  # stands in for real volumes
         it = hagan_iteration if mode == "hagan" else full_iteration

@@ -445,6 +445,12 @@ class HAGAN(nn.Module):
     def generate(self, z, c=None, slab=None):
         return self.G.generate(z, c, slab)
 
+    def configure_optimizers(self, lr_G=1e-4, lr_D=4e-4, lr_E=1e-4, betas=(0.0, 0.999)):
+        """One Adam per update, keyed and ordered as the updates run (defaults: paper Sec. III-E)."""
+        nets = dict(D=self.D, G=self.G, E_H=self.E_H, E_G=self.E_G)
+        lrs = dict(D=lr_D, G=lr_G, E_H=lr_E, E_G=lr_E)
+        return {k: torch.optim.Adam(net.parameters(), lr=lrs[k], betas=betas, eps=1e-8) for k, net in nets.items()}
+
     @torch.no_grad()
     def encode_A(self, x):
         """A-hat for whole volumes x (B,1,D,H,W): E^H on each of the 8 non-overlapping slabs T_v,

@@ -1,22 +1,33 @@
 """
 The test suite, CPU only, a few minutes on 2 cores:
 $ python3 -m pytest -q test_hagan.py
-Sections follow the files: model.py, prepare.py, train.py, sample.py/encode.py, eval.py.
+Sections follow the files: model.py, train.py, prepare.py, sample.py/encode.py, eval.py.
 """
 
+import csv
+import dataclasses
+import gzip
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
+import zlib
 from dataclasses import asdict
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+import encode
+import eval as ev
+import prepare
+import sample
 from model import HAGAN, HAGANConfig, S_H, S_L, slab_range, override, load_checkpoint
+from prepare import VolumeDataset, to_unit
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -454,3 +465,808 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(demo32, tmp_path):
     p = _train(args + ["--max_iters=4", "--init_from=resume"])
     assert p.returncode == 1 and "non-finite loss at iteration 3" in p.stdout
     assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 2
+
+# -----------------------------------------------------------------------------
+# prepare.py
+
+NIB_DATA = os.path.join(os.path.dirname(nib.__file__), 'tests', 'data')
+
+
+def _prep_rows(out):
+    with open(os.path.join(out, 'volumes.csv'), newline='') as f:
+        rows = {}
+        for r in csv.DictReader(f):
+            rows.setdefault(r['id'], r)  # a duplicate id keeps its first row
+        return rows
+
+
+def _prep_smooth(shape, seed=0):
+    # a smooth random volume with a zero border, like a scan's body in air
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand((1, 1) + tuple(max(2, s // 4) for s in shape), generator=g)
+    x = F.interpolate(x, size=shape, mode='trilinear', align_corners=False)[0, 0].numpy()
+    return (1000 * x).astype(np.float32)
+
+
+def _prep_demo(tmp_path, num=10, size=32):
+    out = str(tmp_path / 'demo')
+    assert prepare.make_demo(out, num=num, img_size=size, log=lambda *a: None) == 0
+    return out
+
+
+@pytest.fixture(scope='module')
+def prep_demo_dir(tmp_path_factory):
+    return _prep_demo(tmp_path_factory.mktemp('prep'))
+
+
+def test_prep_unit_mapping():
+    w = prepare.CT_WINDOW
+    x = np.array([-2000, -1024, -212, 600, 3000], dtype=np.float32)
+    u = prepare.to_unit(x, w)
+    assert np.allclose(u, [-1, -1, 0, 1, 1], atol=1e-6)
+    assert np.allclose(prepare.from_unit(u[1:4], w), x[1:4], atol=1e-3)
+    t = prepare.to_unit(torch.tensor([-212.0]), w)
+    assert abs(float(t) - 0.0) < 1e-6
+    assert prepare.parse_size(64) == (64, 64, 64) and prepare.parse_size('64,32,32') == (64, 32, 32)
+    with pytest.raises(AssertionError):
+        prepare.parse_size(48)
+
+
+def test_prep_load_volume_orientations(tmp_path):
+    # anatomical.nii is stored L-A-S: ours is S-P-L = transpose and flip the A axis
+    raw = np.asarray(nib.load(os.path.join(NIB_DATA, 'anatomical.nii')).dataobj, dtype=np.float32)
+    vol, aff, sp = prepare.load_volume(os.path.join(NIB_DATA, 'anatomical.nii'))
+    assert np.array_equal(vol, np.flip(raw.transpose(2, 1, 0), 1))
+    assert nib.aff2axcodes(aff) == ('S', 'P', 'L') and np.allclose(sp, 2.0)
+    # tiny.mnc (MINC1) is stored S-A-R: flip axes 1 and 2
+    raw = np.asarray(nib.load(os.path.join(NIB_DATA, 'tiny.mnc')).dataobj, dtype=np.float32)
+    vol, aff, sp = prepare.load_volume(os.path.join(NIB_DATA, 'tiny.mnc'))
+    assert vol.shape == (10, 20, 20) and np.array_equal(vol, np.flip(raw, (1, 2)))
+    assert nib.aff2axcodes(aff) == ('S', 'P', 'L')
+    # AFNI BRIK, R-A-S with a trailing singleton 4th dim
+    raw = np.asarray(nib.load(os.path.join(NIB_DATA, 'scaled+tlrc.BRIK')).dataobj, dtype=np.float32)[..., 0]
+    vol, aff, sp = prepare.load_volume(os.path.join(NIB_DATA, 'scaled+tlrc.BRIK'))
+    assert np.array_equal(vol, np.flip(raw.transpose(2, 1, 0), (1, 2)))
+    # an MGZ in FreeSurfer's conformed L-I-A orientation, written here
+    data = _prep_smooth((20, 24, 16))
+    lia = np.array([[-1, 0, 0, 10], [0, 0, 1, -8], [0, -1, 0, 12], [0, 0, 0, 1]], dtype=np.float64)
+    p = str(tmp_path / 'brain.mgz')
+    nib.save(nib.MGHImage(data, lia), p)
+    vol, aff, sp = prepare.load_volume(p)
+    assert np.array_equal(vol, np.flip(data.transpose(1, 2, 0), (0, 1)))
+    assert nib.aff2axcodes(aff) == ('S', 'P', 'L')
+    # the returned affine maps stored voxels to the same world points as the file's
+    ijk = np.array([3, 5, 7, 1.0])  # stored index -> source index, by the orientation transform above
+    src = np.array([7, 24 - 1 - 3, 16 - 1 - 5, 1.0])
+    assert np.allclose(aff @ ijk, lia @ src)
+
+
+def test_prep_flipped_permuted_affine_same_array(tmp_path):
+    img = nib.load(os.path.join(NIB_DATA, 'anatomical.nii'))
+    img = nib.Nifti1Image(np.asarray(img.dataobj, dtype=np.float32), img.affine)
+    # same physical image, stored with axes permuted and two of them flipped
+    ornt = np.array([[2, -1], [0, 1], [1, -1]])
+    moved = img.as_reoriented(ornt)
+    assert moved.shape != img.shape
+    a, b = str(tmp_path / 'a.nii'), str(tmp_path / 'b.nii.gz')
+    img.to_filename(a)
+    moved.to_filename(b)
+    meta = dict(img_size=[32, 32, 32], modality='mri', window=None)
+    ha, la = prepare.prepare_file(a, meta)
+    hb, lb = prepare.prepare_file(b, meta)
+    assert ha.shape == (32, 32, 32) and la.shape == (8, 8, 8)
+    assert np.array_equal(ha, hb) and np.array_equal(la, lb)
+    assert ha.min() >= -1 and ha.max() <= 1 and ha.max() > 0.5
+
+
+def test_prep_real_files_and_bad_inputs(tmp_path, capsys):
+    src = tmp_path / 'in'
+    (src / 'sub').mkdir(parents=True)
+    for f in ['anatomical.nii', 'example4d.nii.gz', 'tiny.mnc', 'scaled+tlrc.BRIK', 'scaled+tlrc.HEAD', 'small.mnc']:
+        shutil.copy(os.path.join(NIB_DATA, f), src / f)
+    nib.save(nib.MGHImage(_prep_smooth((20, 24, 16)), np.diag([1.0, 1, 1, 1])), str(src / 'sub' / 'brain.mgz'))
+    # truncated .nii.gz: a valid header, then the stream stops
+    full = gzip.compress(nib.Nifti1Image(_prep_smooth((40, 40, 40)), np.eye(4)).to_bytes())
+    (src / 'cut.nii.gz').write_bytes(full[:len(full) // 2])
+    (src / 'garbage.nii').write_bytes(b'not an image at all' * 10)
+    nib.save(nib.Nifti1Image(np.ones((30, 30), np.float32), np.eye(4)), str(src / 'flat.nii'))
+    nib.save(nib.Nifti1Image(np.full((16, 16, 16), 7, np.float32), np.eye(4)), str(src / 'const.nii'))
+    nanvol = _prep_smooth((24, 24, 24), 1)
+    nanvol[5:8, 5:8, 5:8] = np.nan
+    nanvol[0, 0, 0] = np.inf
+    np.save(src / 'nans.npy', nanvol)
+    np.save(src / 'allnan.npy', np.full((8, 8, 8), np.nan, np.float32))
+    nib.save(nib.Nifti1Image(_prep_smooth((16, 16, 16)), np.eye(4)), str(src / 'sub' / 'tiny.nii'))  # id clash
+    out = str(tmp_path / 'out')
+    rc = prepare.prepare_dataset([str(src)], out, img_size=32, modality='mri', workers=1)
+    assert rc == 0
+    rows = _prep_rows(out)
+    st = {k: (r['status'], r['reason']) for k, r in rows.items()}
+    for vid in ['anatomical', 'tiny', 'scaled+tlrc', 'brain', 'nans']:
+        assert st[vid] == ('ok', ''), (vid, st[vid])
+    expect = {'example4d': '--first_volume', 'small': 'h5py', 'cut': 'truncated', 'garbage': 'not an image',
+              'flat': '2D image', 'const': 'constant volume', 'allnan': 'no finite voxels'}
+    for vid, why in expect.items():
+        assert st[vid][0] == 'skipped' and why in st[vid][1], (vid, st[vid])
+        assert vid in st[vid][1]  # the reason names the file
+    # the sub/tiny.nii clashes with tiny.mnc: one of them is skipped as a duplicate
+    dup = [r for r in csv.DictReader(open(os.path.join(out, 'volumes.csv'))) if 'duplicate id tiny' in r['reason']]
+    assert len(dup) == 1
+    assert rows['nans']['nonfinite'] == str(27 + 1)
+    assert rows['anatomical']['orig_shape'] == '25x41x33' and rows['anatomical']['orig_axcodes'] == 'SPL'
+    meta = json.load(open(os.path.join(out, 'meta.json')))
+    assert meta['complete'] and meta['img_size'] == [32, 32, 32] and meta['window'] is None
+    assert meta['num_volumes'] == 5 and meta['orientation'] == 'SPL'
+    assert nib.aff2axcodes(np.array(meta['affine'])) == ('S', 'P', 'L')
+    hi = np.load(os.path.join(out, 'hires.npy'))
+    lo = np.load(os.path.join(out, 'lowres.npy'))
+    n = len(open(os.path.join(out, 'volumes.csv')).read().splitlines()) - 1  # one row per input
+    assert n == 13 and meta['num_inputs'] == 13
+    assert hi.dtype == np.float16 and hi.shape == (n, 32, 32, 32) and lo.shape == (n, 8, 8, 8)
+    ok = [int(r['index']) for r in rows.values() if r['status'] == 'ok']
+    assert np.isfinite(hi[ok]).all() and hi[ok].min() >= -1 and hi[ok].max() <= 1
+    pooled = F.avg_pool3d(torch.from_numpy(hi[ok].astype(np.float32))[:, None], 4)[:, 0].numpy()
+    assert np.abs(pooled - lo[ok]).max() < 2e-3  # low-res = block means (of the float32 hires)
+    # the NaN voxels became background in source space
+    ds = prepare.VolumeDataset(out, split='all')
+    assert set(ds.ids) == {'anatomical', 'tiny', 'scaled+tlrc', 'brain', 'nans'} and len(ds) == 5
+    captured = capsys.readouterr().out
+    assert '5 ok' in captured and 'skipped' in captured
+    # --first_volume takes volume 0 of the 4D series
+    out4 = str(tmp_path / 'out4')
+    assert prepare.prepare_dataset([str(src / 'example4d.nii.gz')], out4, 32, 'mri', first_volume=True) == 0
+    img = nib.load(str(src / 'example4d.nii.gz'))
+    first = str(tmp_path / 'first.nii')
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[..., 0], img.affine), first)
+    h, _ = prepare.prepare_file(first, meta)
+    assert np.array_equal(np.load(os.path.join(out4, 'hires.npy'))[0], h.astype(np.float16))
+
+
+def test_prep_nothing_prepared_and_unwritable(tmp_path, capsys):
+    (tmp_path / 'afile').write_text('x')
+    rc = prepare.prepare_dataset([os.path.join(NIB_DATA, 'anatomical.nii')], str(tmp_path / 'afile' / 'out'), 32)
+    assert rc == 1 and 'not writable' in capsys.readouterr().out
+    rc = prepare.prepare_dataset([os.path.join(NIB_DATA, 'small.mnc')], str(tmp_path / 'o2'), 32)
+    assert rc == 1 and 'nothing was prepared' in capsys.readouterr().out
+    assert not os.path.exists(tmp_path / 'o2' / 'meta.json')
+    with pytest.raises(FileNotFoundError, match='meta.json missing'):
+        prepare.VolumeDataset(str(tmp_path / 'o2'))
+
+
+def test_prep_trim_nan_and_antialias():
+    body = _prep_smooth((20, 24, 24), 3) - 1024  # HU, nowhere blank
+    padded = np.full((30, 24, 24), -1024.0, np.float32)
+    padded[4:24] = body
+    padded[25] = np.nan  # a NaN slice among the blank ones is background too
+    sp = np.array([2.0, 1.5, 1.5])
+    src_aff = np.diag([2.0, 1.5, 1.5, 1.0])
+    a, ia = prepare.prepare_array(padded, sp, 32, affine=src_aff)
+    b, ib = prepare.prepare_array(body, sp, 32)
+    assert ia['trim'] == (4, 6) and ib['trim'] == (0, 0)
+    # out_affine: the stored grid's centre is the world centre of the trimmed body; its columns are the spacing
+    oa = ia['out_affine']
+    assert np.allclose(oa @ [15.5, 15.5, 15.5, 1], src_aff @ [4 + 9.5, 11.5, 11.5, 1])
+    assert np.allclose(np.sqrt((oa[:3, :3] ** 2).sum(0)), ia['out_spacing'])
+    assert np.array_equal(a, b)
+    # physical aspect ratio kept: 20*2 = 40 mm deep vs 24*1.5 = 36 mm wide -> 40/32 mm voxels, W padded
+    assert np.allclose(ia['out_spacing'], 40 / 32)
+    assert (a[:, :, 0] == -1).all() and (a[:, :, 16] > -1).any()
+    # stretch: the official plain resize, no padding
+    s, info = prepare.prepare_array(body, sp, 32, stretch=True)
+    assert (s[:, :, 0] > -1).any() and np.allclose(info['out_spacing'], [40 / 32, 36 / 32, 36 / 32])
+    # --spacing: isotropic mm then centre crop/pad
+    s, info = prepare.prepare_array(body, sp, 32, out_spacing=3.0)
+    assert np.allclose(info['out_spacing'], 3.0) and (s[:9] == -1).all()
+    # shrinking is anti-aliased: alternating slices average to grey instead of aliasing to +-1
+    stripes = np.zeros((64, 64, 64), np.float32)
+    stripes[::2] = 600
+    stripes[1::2] = -1024 + 200
+    g, _ = prepare.prepare_array(stripes, np.ones(3), 32, window=(-1024, 600))
+    mid = prepare.to_unit(np.float32((600 - 824) / 2), (-1024, 600))
+    assert np.abs(g[2:-2, 2:-2, 2:-2] - mid).max() < 0.02
+    with pytest.raises(ValueError, match='constant volume'):
+        prepare.prepare_array(np.zeros((8, 8, 8), np.float32), np.ones(3), 32)
+    with pytest.raises(ValueError, match='empty'):
+        prepare.prepare_array(np.full((8, 8, 8), -3000, np.float32) + np.arange(8.0), np.ones(3), 32)
+
+
+def test_prep_get_batch_slices_and_split(prep_demo_dir):
+    out = prep_demo_dir
+    meta = json.load(open(os.path.join(out, 'meta.json')))
+    assert meta['class_column'] == 'class' and meta['num_classes'] == 5 and meta['num_volumes'] == 10
+    tr = prepare.VolumeDataset(out, 'train', fold=1)
+    va = prepare.VolumeDataset(out, 'val', fold=1)
+    al = prepare.VolumeDataset(out, 'all')
+    assert len(tr) + len(va) == len(al) == 10 and len(va) == 2 and not set(tr.ids) & set(va.ids)
+    assert tr.img_size == (32, 32, 32)
+    hi = np.load(os.path.join(out, 'hires.npy'))
+    lo = np.load(os.path.join(out, 'lowres.npy'))
+    for r in [0, 3, 7]:  # r on the A grid: 0 .. D/4 - D/32 = 7
+        g = torch.Generator().manual_seed(r)
+        slabs, lows, y = tr.get_batch(3, r, 'cpu', g)
+        assert slabs.shape == (3, 1, 4, 32, 32) and lows.shape == (3, 1, 8, 8, 8)
+        assert slabs.dtype == lows.dtype == torch.float32 and y.dtype == torch.int64
+        ix = torch.randint(len(tr), (3,), generator=torch.Generator().manual_seed(r)).numpy()
+        for k, j in enumerate(ix):
+            row = tr.index[j]
+            assert np.array_equal(slabs[k, 0].numpy(), hi[row, 4 * r:4 * r + 4].astype(np.float32))
+            assert np.array_equal(lows[k, 0].numpy(), lo[row].astype(np.float32))
+            assert int(y[k]) == tr.labels['class'][j]
+            assert np.array_equal(tr.volume(j), hi[row].astype(np.float32))
+            assert np.array_equal(tr.lowres(j), lo[row].astype(np.float32))
+    with pytest.raises(AssertionError):
+        tr.get_batch(2, 8)
+    # folds are a deterministic function of the ids (and classes): stratified, every fold used
+    rows = _prep_rows(out)
+    folds = [int(r['fold']) for r in rows.values()]
+    assert sorted(folds) == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    assert prepare._fold_of(list(rows), [int(r['class']) for r in rows.values()]) == folds
+
+
+def test_prep_demo_phantom_hu_and_labels(prep_demo_dir):
+    rng = np.random.default_rng(5)
+    hu, aff, lab = prepare.make_phantom(rng, 3, 64)
+    assert hu.dtype == np.int16 and hu.shape[:2] == (64, 64) and nib.aff2axcodes(aff) == ('L', 'P', 'S')
+    assert hu.min() == -1024 and 500 < hu.max() < 3071
+    assert abs(np.median(hu[hu < -990]) + 1000) < 25  # air
+    assert ((hu > -150) & (hu < -60)).mean() > 0.01  # fat
+    assert ((hu > 20) & (hu < 70)).mean() > 0.02  # muscle / heart
+    assert (hu > 300).mean() > 0.0005  # bone
+    assert 2000 < lab['lung_volume_ml'] < 8000 and 15 < lab['pct_below_950'] < 40
+    # the labels.csv that went through preparation: emphysema index grows with class
+    ds = prepare.VolumeDataset(prep_demo_dir, 'all')
+    c, p = ds.labels['class'], ds.labels['pct_below_950']
+    assert sorted(set(c.tolist())) == [0, 1, 2, 3, 4] and c.dtype == np.int64
+    means = [p[c == k].mean() for k in range(5)]
+    assert all(a < b for a, b in zip(means, means[1:])), means
+    assert np.all(ds.labels['lung_volume_ml'] > 1000)
+    v = ds.volume(0)
+    assert v.shape == (32, 32, 32) and v.min() == -1 and v.max() > 0.2  # air is -1, bone bright
+
+
+def test_prep_resume_after_kill(tmp_path):
+    src = tmp_path / 'in'
+    src.mkdir()
+    for k in range(6):
+        nib.save(nib.Nifti1Image(_prep_smooth((20 + k, 24, 24), k) - 1024, np.diag([1.2, 1, 1, 1])),
+                 str(src / f'v{k}.nii.gz'))
+    (src / 'labels.csv').write_text('id,class,fev1\n' + ''.join(f'v{k},{k % 2},{k * 0.5}\n' for k in range(6))
+                                    + 'ghost,1,0\n')
+    ref = str(tmp_path / 'ref')
+    assert prepare.prepare_dataset([str(src)], ref, 32, labels=str(src / 'labels.csv'), log=lambda *a: None) == 0
+    out = str(tmp_path / 'out')
+
+    class Killed(Exception):
+        pass
+
+    def kill(n):
+        if n == 3:
+            raise Killed()
+    with pytest.raises(Killed):
+        prepare.prepare_dataset([str(src)], out, 32, labels=str(src / 'labels.csv'), on_done=kill, log=lambda *a: None)
+    assert not os.path.exists(os.path.join(out, 'meta.json'))  # incomplete = not a dataset
+    with pytest.raises(FileNotFoundError):
+        prepare.VolumeDataset(out)
+    # a volume half-written when the kill came: garbage in its slot, no progress line
+    hi = np.load(os.path.join(out, 'hires.npy'), mmap_mode='r+')
+    hi[4, :5] = 7
+    hi.flush()
+    del hi
+    with open(os.path.join(out, '_progress.jsonl'), 'a') as f:
+        f.write('{"index": 4, "sta')  # a line cut short
+    log = []
+    assert prepare.prepare_dataset([str(src)], out, 32, labels=str(src / 'labels.csv'), log=log.append) == 0
+    assert any('resuming, 3/6' in ln for ln in log)
+    assert sum(ln.startswith('[') for ln in log) == 3  # only the other 3 were prepared again
+    assert any('ghost' in ln and 'no input volume' in ln for ln in log)
+    for name in ['hires.npy', 'lowres.npy']:
+        assert np.array_equal(np.load(os.path.join(ref, name)), np.load(os.path.join(out, name)))
+    a, b = _prep_rows(ref), _prep_rows(out)
+    strip = lambda rows: {k: {c: v for c, v in r.items() if c not in ('source',)} for k, r in rows.items()}
+    assert strip(a) == strip(b)
+    assert a['v3']['fev1'] == '1.5' and a['v3']['class'] == '1'
+    # re-running a complete folder does nothing; a different command is refused there
+    log = []
+    assert prepare.prepare_dataset([str(src)], out, 32, labels=str(src / 'labels.csv'), log=log.append) == 0
+    assert 'already complete' in log[-1]
+    assert prepare.prepare_dataset([str(src)], out, 64, log=log.append) == 1 and 'different' in log[-1]
+
+
+def test_prep_noncubic_and_npy(tmp_path):
+    src = tmp_path / 'in'
+    src.mkdir()
+    for k in range(3):
+        np.save(src / f'n{k}.npy', _prep_smooth((40, 20, 30), k) - 1024)
+    (tmp_path / 'list.txt').write_text(''.join(f'in/n{k}.npy\n' for k in range(3)) + 'in/missing.npy\n')
+    out = str(tmp_path / 'out')
+    assert prepare.prepare_dataset([str(tmp_path / 'list.txt')], out, '64,32,32', log=lambda *a: None) == 0
+    rows = _prep_rows(out)
+    assert rows['missing']['status'] == 'skipped' and 'no such file' in rows['missing']['reason']
+    ds = prepare.VolumeDataset(out, 'all')
+    assert ds.img_size == (64, 32, 32) and len(ds) == 3
+    s, l, y = ds.get_batch(2, 8 - 2, generator=torch.Generator().manual_seed(0))  # r max = 64/4 - 64/32
+    assert s.shape == (2, 1, 8, 32, 32) and l.shape == (2, 1, 16, 8, 8) and (y == 0).all()
+    assert ds.meta['num_classes'] == 0 and ds.meta['class_column'] == ''
+
+
+def test_prep_cli_demo(tmp_path):
+    import subprocess
+    import sys
+    out = str(tmp_path / 'd')
+    here = os.path.dirname(os.path.abspath(prepare.__file__))
+    p = subprocess.run([sys.executable, os.path.join(here, 'prepare.py'), '--demo', '--out', out, '--num=6',
+                        '--img_size=32', '--workers=2'], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert '6 ok, 0 skipped' in p.stdout
+    p = subprocess.run([sys.executable, os.path.join(here, 'prepare.py'), '--bogus=1'], capture_output=True, text=True)
+    assert p.returncode != 0 and 'unknown option --bogus' in p.stderr
+    ref = str(tmp_path / 'ref')
+    assert prepare.make_demo(ref, num=6, img_size=32, log=lambda *a: None) == 0  # 1 worker, in-process
+    assert np.array_equal(np.load(os.path.join(out, 'hires.npy')), np.load(os.path.join(ref, 'hires.npy')))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_prep_get_batch_cuda_matches_cpu(prep_demo_dir):
+    ds = prepare.VolumeDataset(prep_demo_dir, 'all')
+    for it in range(4):  # more calls than staging buffers
+        a = ds.get_batch(3, it, 'cpu', torch.Generator().manual_seed(it))
+        b = ds.get_batch(3, it, 'cuda', torch.Generator().manual_seed(it))
+        for x, y in zip(a, b):
+            assert y.device.type == 'cuda' and x.dtype == y.dtype and torch.equal(x, y.cpu())
+
+
+def test_prep_save_montage_png(tmp_path):
+    import zlib
+    import struct
+    v = np.linspace(-1, 1, 32 * 32 * 32, dtype=np.float32).reshape(32, 32, 32)
+    p = str(tmp_path / 'm' / 'x.png')
+    prepare.save_montage(p, [v, -v])
+    data = open(p, 'rb').read()
+    assert data[:8] == b'\x89PNG\r\n\x1a\n'
+    w, h = struct.unpack('>II', data[16:24])
+    assert (w, h) == (3 * 34 * 4, 2 * 34 * 4)  # 3 panels + 2 px gaps, 2 rows, enlarged 4x
+    n = struct.unpack('>I', data[33:37])[0]
+    assert data[37:41] == b'IDAT'
+    px = np.frombuffer(zlib.decompress(data[41:41 + n]), np.uint8).reshape(h, 1 + w)[:, 1:]
+    assert px[0, 0] == round((v[16, 0, 0] + 1) * 127.5) or abs(int(px[0, 0]) - (v[16, 0, 0] + 1) * 127.5) <= 1
+
+
+def test_prep_get_batch_never_overwrites_held_batches(prep_demo_dir):
+    # get_batch recycles CPU output tensors: only ones the caller no longer holds, in any form
+    ds = prepare.VolumeDataset(prep_demo_dir, 'all')
+    g = torch.Generator().manual_seed(0)
+    held, views, arrays, copies = [], [], [], []
+    for it in range(12):
+        s, l, y = ds.get_batch(2, it % 8, generator=g)
+        if it % 3 == 0:
+            held.append(s)
+            copies.append(s.clone())
+        elif it % 3 == 1:
+            views.append(s[:, 0, 1:3])
+            copies.append(s[:, 0, 1:3].clone())
+        else:
+            arrays.append(l.numpy())
+            copies.append(l.clone())
+        del s, l, y
+    assert all(torch.equal(a, b) for a, b in zip(held, copies[0::3]))
+    assert all(torch.equal(a, b) for a, b in zip(views, copies[1::3]))
+    assert all(np.array_equal(a, b.numpy()) for a, b in zip(arrays, copies[2::3]))
+    assert len(ds._out[(2, 1, 4, 32, 32)]) <= 4  # the pool stays small
+
+# -----------------------------------------------------------------------------
+# sample.py and encode.py
+
+_SE_REPO = os.path.dirname(os.path.abspath(__file__))
+
+
+def _se_run(script, *args):
+    """Run a script in a fresh process -> (returncode, stdout, stderr)."""
+    p = subprocess.run([sys.executable, os.path.join(_SE_REPO, script), *map(str, args)],
+                       capture_output=True, text=True, timeout=120)
+    return p.returncode, p.stdout, p.stderr
+
+
+def _se_ckpt(path, meta, num_classes=0):
+    torch.manual_seed(0)
+    m = HAGAN(HAGANConfig(img_size=32, width=1 / 8, latent_dim=16, num_classes=num_classes))
+    torch.save(dict(model=m.state_dict(), model_args=asdict(m.cfg), ema_G={}, iter_num=7, config={}, meta=meta), path)
+    return str(path)
+
+
+def _se_one_line_error(rc, err):
+    assert rc != 0
+    lines = [ln for ln in err.strip().splitlines() if not ln.startswith('HA-GAN ')]
+    assert len(lines) == 1 and lines[0].startswith('error: ') and 'Traceback' not in err, err
+    return lines[0]
+
+
+@pytest.fixture(scope='module')
+def se_demo(demo32, tmp_path_factory):
+    """The 32^3 demo dataset (12 phantoms) and tiny unconditional / conditional checkpoints carrying its meta."""
+    d = tmp_path_factory.mktemp('se_demo')
+    meta = json.load(open(os.path.join(demo32, 'meta.json')))
+    return dict(data=demo32, meta=meta, ckpt=_se_ckpt(d / 'ckpt.pt', meta),
+                ckpt_c=_se_ckpt(d / 'ckpt_c.pt', meta, num_classes=meta['num_classes']))
+
+
+def _se_read(path):
+    img = nib.load(str(path))
+    return img, np.asarray(img.dataobj)
+
+
+def test_sample_writes_viewer_ready_nifti_independent_of_batch(se_demo, tmp_path):
+    meta = se_demo['meta']
+    a, b = tmp_path / 'a', tmp_path / 'b'
+    rc, out, err = _se_run('sample.py', '--ckpt', se_demo['ckpt'], '--out', a, '--num=3', '--batch=1', '--png')
+    assert rc == 0, err
+    rc, out, err = _se_run('sample.py', f'--ckpt={se_demo["ckpt"]}', f'--out={b}', '--num=3', '--batch=3', '--slab=2')
+    assert rc == 0, err
+    names = [f'seed{s:06d}' for s in (1337, 1338, 1339)]
+    assert sorted(os.listdir(a)) == sorted(n + e for n in names for e in ('.nii.gz', '.json', '.png'))
+    for n in names:
+        img, x = _se_read(a / f'{n}.nii.gz')
+        assert x.shape == (32, 32, 32) and x.dtype == np.int16  # CT: int16 Hounsfield units
+        assert np.allclose(img.affine, np.array(meta['affine']))
+        assert ''.join(nib.aff2axcodes(img.affine)) == meta['orientation']
+        assert int(img.header['qform_code']) == 1 and int(img.header['sform_code']) == 1
+        assert img.header.get_xyzt_units()[0] == 'mm'
+        assert -1024 <= x.min() and x.max() <= 600 and x.std() > 0
+        # same seed, other batch size and slab-wise G^H: the same volume (to 1 HU of float rounding)
+        _, y = _se_read(b / f'{n}.nii.gz')
+        assert np.abs(x.astype(int) - y).max() <= 1 and (x == y).mean() > 0.99
+        side = json.load(open(a / f'{n}.json'))
+        assert side['seed'] == int(n[4:]) and side['iter_num'] == 7
+        png = open(a / f'{n}.png', 'rb').read()
+        assert png[:8] == b'\x89PNG\r\n\x1a\n'
+        w, h = int.from_bytes(png[16:20], 'big'), int.from_bytes(png[20:24], 'big')
+        assert w == 3 * h  # one row: axial | coronal | sagittal
+    # different seeds give different volumes
+    assert not np.array_equal(_se_read(a / f'{names[0]}.nii.gz')[1], _se_read(a / f'{names[1]}.nii.gz')[1])
+
+
+def test_sample_never_overwrites_and_fails_in_one_line(se_demo, tmp_path):
+    out = tmp_path / 's'
+    rc, _, err = _se_run('sample.py', f'--ckpt={se_demo["ckpt"]}', f'--out={out}', '--num=1')
+    assert rc == 0, err
+    f = out / 'seed001337.nii.gz'
+    before = f.read_bytes()
+    os.utime(f, (0, 0))
+    with pytest.raises(SystemExit, match='exists.*--overwrite'):
+        sample.main([f'--ckpt={se_demo["ckpt"]}', f'--out={out}', '--num=1'])
+    assert os.stat(f).st_mtime == 0 and f.read_bytes() == before
+    sample.main([f'--ckpt={se_demo["ckpt"]}', f'--out={out}', '--num=1', '--overwrite'])
+    assert os.stat(f).st_mtime > 0 and f.read_bytes() == before  # rewritten, same seed, same bytes
+    bad = tmp_path / 'bad.pt'
+    bad.write_bytes(b'not a checkpoint')
+    blocker = tmp_path / 'file'
+    blocker.write_text('x')
+    for args, msg in [([f'--ckpt={tmp_path / "missing.pt"}'], 'no checkpoint'),
+                      ([f'--ckpt={bad}'], 'unreadable checkpoint'),
+                      ([f'--ckpt={se_demo["ckpt_c"]}', '--label=5'], 'unknown label'),
+                      ([f'--ckpt={se_demo["ckpt"]}', '--label=1'], 'unconditional'),
+                      ([f'--ckpt={se_demo["ckpt"]}', f'--out={blocker / "sub"}'], 'cannot write'),
+                      (['--nmu=3'], 'unknown config key')]:
+        with pytest.raises(SystemExit) as e:
+            sample.main([f'--out={tmp_path / "e"}'] + args)
+        assert str(e.value).startswith('error: ') and msg in str(e.value) and '\n' not in str(e.value)
+    assert not (tmp_path / 'e').exists() or os.listdir(tmp_path / 'e') == []
+    # the script itself: one line on stderr, non-zero exit, no traceback
+    _se_one_line_error(*_se_run('sample.py', f'--ckpt={bad}', f'--out={tmp_path / "e"}')[::2])
+
+
+def test_sample_conditional_labels_in_turn(se_demo, tmp_path):
+    sample.main([f'--ckpt={se_demo["ckpt_c"]}', f'--out={tmp_path}', '--num=3', '--batch=2'])
+    assert [json.load(open(tmp_path / f'seed{1337 + i:06d}.json'))['class'] for i in range(3)] == [0, 1, 2]
+    sample.main([f'--ckpt={se_demo["ckpt_c"]}', f'--out={tmp_path / "l"}', '--num=2', '--label=4'])
+    assert [json.load(open(tmp_path / 'l' / f'seed{1337 + i:06d}.json'))['class'] for i in range(2)] == [4, 4]
+
+
+def test_ct_round_trip_prepared_phantom_back_to_hu(se_demo, tmp_path):
+    lo, hi = se_demo['meta']['window']
+    # HU -> prepare's window -> float16 store -> sample's inverse: within float16 rounding plus 0.5 HU
+    hu = np.random.default_rng(0).uniform(lo, hi, size=(32, 32, 32)).astype(np.float32)
+    hu[0, 0, :2] = [-3000, 3000]  # outside the window: clipped to its ends
+    stored = to_unit(hu, (lo, hi)).astype(np.float16)
+    sample.write_volume(str(tmp_path / 'rt.nii.gz'), stored.astype(np.float32), se_demo['meta'])
+    _, back = _se_read(tmp_path / 'rt.nii.gz')
+    tol = (hi - lo) / 2 * 2.0 ** -11 + 0.5 + 1e-3
+    ref = np.clip(hu, lo, hi)
+    assert back.dtype == np.int16 and np.abs(back - ref).max() <= tol
+    assert back[0, 0, 0] == lo and back[0, 0, 1] == hi
+    # a prepared demo phantom written as HU reads back as the same prepared volume
+    x = VolumeDataset(se_demo['data'], 'all').volume(0)
+    sample.write_volume(str(tmp_path / 'ph.nii.gz'), x, se_demo['meta'])
+    _, ph = _se_read(tmp_path / 'ph.nii.gz')
+    assert np.abs(to_unit(ph.astype(np.float32), (lo, hi)) - x).max() <= 1 / (hi - lo) + 1e-6  # half an HU
+
+
+def test_encode_features_recon_regress_and_direction_for_sample(se_demo, tmp_path):
+    out = tmp_path / 'f'
+    rc, stdout, err = _se_run('encode.py', f'--data={se_demo["data"]}', f'--ckpt={se_demo["ckpt"]}', f'--out={out}',
+                              '--recon=1', '--regress=lung_volume_ml,pct_below_950', '--direction', 'lung_volume_ml')
+    assert rc == 0, err
+    ds = VolumeDataset(se_demo['data'], 'all')
+    Z = np.load(out / 'features.npy')
+    assert Z.shape == (12, 16) and Z.dtype == np.float32 and np.all(np.isfinite(Z))
+    rows = list(csv.DictReader(open(out / 'ids.csv')))
+    assert [r['id'] for r in rows] == ds.ids
+    assert np.allclose([float(r['lung_volume_ml']) for r in rows], ds.labels['lung_volume_ml'])
+    model, _ = load_checkpoint(se_demo['ckpt'])
+    z3 = model.encode(torch.from_numpy(ds.volume(3))[None, None]).numpy()[0]
+    assert np.allclose(Z[3], z3, atol=1e-5)
+    # the reconstruction and its prepared original, as HU NIfTI with the dataset's affine
+    for kind in ('orig', 'recon'):
+        img, x = _se_read(out / f'{ds.ids[0]}_{kind}.nii.gz')
+        assert x.shape == (32, 32, 32) and np.allclose(img.affine, se_demo['meta']['affine'])
+    assert 'PSNR' in stdout and 'L1' in stdout
+    reg = json.load(open(out / 'regress.json'))
+    assert set(reg) == {'lung_volume_ml', 'pct_below_950'}
+    assert reg['lung_volume_ml']['target'] == 'log(lung_volume_ml)' and len(reg['lung_volume_ml']['r2_per_fold']) == 5
+    # sample.py walks the direction: the linear model's prediction rises along it, through z(seed) at t=0
+    w = np.load(out / 'direction_lung_volume_ml.npy')
+    info = json.load(open(out / 'direction_lung_volume_ml.json'))
+    assert w.shape == (16,) and info['column'] == 'lung_volume_ml'
+    s = tmp_path / 's'
+    rc, _, err = _se_run('sample.py', f'--ckpt={se_demo["ckpt"]}', f'--out={s}',
+                         f'--direction={out / "direction_lung_volume_ml.npy"}', '--steps=3', '--scale=2', '--png')
+    assert rc == 0, err
+    preds = [json.load(open(s / f'direction_lung_volume_ml_s1337_{k:02d}.json'))['predicted']['lung_volume_ml']
+             for k in range(3)]
+    z0 = sample.seed_z(1337, 16).double().numpy()
+    assert preds[0] < preds[1] < preds[2]
+    assert preds[1] == pytest.approx(info['intercept'] + w.astype(np.float64) @ z0, rel=1e-4)
+    assert preds[2] - preds[1] == pytest.approx(2 * np.linalg.norm(w.astype(np.float64)), rel=1e-4)
+    assert (s / 'direction_lung_volume_ml_s1337.png').exists()
+    assert nib.load(str(s / 'direction_lung_volume_ml_s1337_02.nii.gz')).shape == (32, 32, 32)
+
+
+def test_sample_interpolation_ends_at_both_seeds(se_demo, tmp_path):
+    sample.main([f'--ckpt={se_demo["ckpt"]}', f'--out={tmp_path / "i"}', '--interp=3', '--seed=5', '--seed2=9'])
+    sample.main([f'--ckpt={se_demo["ckpt"]}', f'--out={tmp_path / "s"}', '--num=1', '--seed=9'])
+    _, end = _se_read(tmp_path / 'i' / 'interp_5_9_02.nii.gz')
+    _, ref = _se_read(tmp_path / 's' / 'seed000009.nii.gz')
+    assert np.abs(end.astype(int) - ref).max() <= 1
+    z0, z1 = sample.seed_z(5, 16), sample.seed_z(9, 16)
+    mid = sample.slerp(z0, z1, 0.5)
+    assert torch.allclose(sample.slerp(z0, z1, 0.0), z0, atol=1e-5) and torch.allclose(sample.slerp(z0, z1, 1.0), z1, atol=1e-5)
+    assert abs(mid.norm() - (z0.norm() + z1.norm()) / 2) < 0.1 * z0.norm()  # slerp keeps the norm
+
+
+def test_ridge_matches_direct_least_squares_and_r2():
+    rng = np.random.default_rng(0)
+    for n, p in [(60, 8), (12, 40)]:  # primal (n > p) and dual (n < p) paths
+        X = rng.standard_normal((n, p)) + 3.0
+        y = X @ rng.standard_normal(p) + 5.0 + 0.1 * rng.standard_normal(n)
+        for lam in (1e-4, 10.0):
+            w, b = encode.ridge(X, y, lam)
+            # direct: least squares on [X 1] with sqrt(lam) rows penalising w but not the intercept
+            A = np.vstack([np.hstack([X, np.ones((n, 1))]), np.hstack([np.sqrt(lam) * np.eye(p), np.zeros((p, 1))])])
+            ref = np.linalg.lstsq(A, np.concatenate([y, np.zeros(p)]), rcond=None)[0]
+            assert np.allclose(w, ref[:p], atol=1e-6, rtol=1e-5) and np.isclose(b, ref[p], atol=1e-5)
+    y = rng.standard_normal(30)
+    yhat = y + 0.3 * rng.standard_normal(30)
+    assert encode.r2(y, y) == 1.0 and np.isclose(encode.r2(y, np.full(30, y.mean())), 0.0)
+    assert np.isclose(encode.r2(y, yhat), 1 - ((y - yhat) ** 2).sum() / ((y - y.mean()) ** 2).sum())
+    # cross-validation recovers a linear log-target on synthetic features
+    Z = rng.standard_normal((50, 6))
+    t = np.exp(Z @ rng.standard_normal(6) * 0.3 + 2)
+    res = encode.cross_validate(Z, t, np.arange(50) % 5, lam=1e-4, log=True)
+    assert sorted(res) == [0, 1, 2, 3, 4] and min(res.values()) > 0.999
+    with pytest.raises(ValueError, match='log'):
+        encode.cross_validate(Z, t - 100, np.arange(50) % 5)
+
+
+def test_encode_bad_input_writes_nothing(se_demo, tmp_path):
+    out = tmp_path / 'f'
+    base = [f'--data={se_demo["data"]}', f'--ckpt={se_demo["ckpt"]}', f'--out={out}']
+    for args, msg in [(['--regress=fev1'], "unknown label column 'fev1'"),
+                      (['--direction=nope'], 'unknown label column'),
+                      ([f'--data={tmp_path / "none"}'], 'no such file'),
+                      ([f'--ckpt={tmp_path / "missing.pt"}'], 'no checkpoint')]:
+        with pytest.raises(SystemExit) as e:
+            encode.main(base + args)
+        assert str(e.value).startswith('error: ') and msg in str(e.value)
+        assert not out.exists() or os.listdir(out) == []
+    encode.main(base)
+    with pytest.raises(SystemExit, match='exists'):
+        encode.main(base)
+    # NIfTI files, prepared on the fly with the checkpoint's meta, give the prepared folder's features
+    raw = os.path.join(se_demo['data'], 'raw')
+    encode.main([f'--data={raw}', f'--ckpt={se_demo["ckpt"]}', f'--out={tmp_path / "n"}'])
+    ids = [r['id'] for r in csv.DictReader(open(tmp_path / 'n' / 'ids.csv'))]
+    Zn, Zp = np.load(tmp_path / 'n' / 'features.npy'), np.load(out / 'features.npy')
+    order = [ids.index(i) for i in VolumeDataset(se_demo['data'], 'all').ids]
+    assert np.allclose(Zn[order], Zp, atol=1e-2)  # float16 store vs float32 on the fly
+
+
+def test_output_affine_from_orientation_codes_and_rescaled_grids(se_demo):
+    for codes in ('SPL', 'RAS', 'LPI'):
+        A = sample.output_affine(dict(orientation=codes, spacing=[1.0, 2.0, 3.0]), (32, 64, 96))
+        assert ''.join(nib.aff2axcodes(A)) == codes
+        assert np.allclose(np.sqrt((A[:3, :3] ** 2).sum(0)), [1, 2, 3]) and np.allclose(A @ [15.5, 31.5, 47.5, 1], [0, 0, 0, 1])
+    # a model of another size than the data (e.g. official weights with this meta): same field of view and centre
+    meta = se_demo['meta']
+    A32, A64 = np.array(meta['affine']), sample.output_affine(meta, (64, 64, 64))
+    assert ''.join(nib.aff2axcodes(A64)) == meta['orientation']
+    assert np.allclose(A64[:3, :3], A32[:3, :3] / 2)
+    assert np.allclose(A64 @ [31.5, 31.5, 31.5, 1], A32 @ [15.5, 15.5, 15.5, 1])
+
+# -----------------------------------------------------------------------------
+# eval.py
+
+_EV_ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _ev_feats(n=300, d=12, seed=0):
+    g = np.random.default_rng(seed)
+    A = g.standard_normal((d, d)) / np.sqrt(d)
+    return g.standard_normal((n, d)) @ A + g.standard_normal(d)  # correlated, non-centred
+
+
+def test_ev_fid_mmd_zero_on_identical_and_grow_with_noise():
+    x = _ev_feats()
+    assert abs(ev.frechet_distance(x, x)) < 1e-9
+    # the unbiased MMD of a sample with itself is -2(1 - mean off-diagonal k)/n: O(1/n), not exactly 0
+    assert abs(ev.mmd(x, x)) < 2.0 / len(x)
+    g = np.random.default_rng(1)
+    noise = g.standard_normal(x.shape)
+    fids = [ev.frechet_distance(x, x + s * noise) for s in (0.1, 0.3, 1.0, 3.0)]
+    mmds = [ev.mmd(x, x + s * noise) for s in (0.1, 0.3, 1.0, 3.0)]
+    assert all(a < b for a, b in zip(fids, fids[1:])), fids
+    assert all(a < b for a, b in zip(mmds, mmds[1:])), mmds
+    assert fids[0] < 0.1 < fids[-1] and mmds[-1] > 0.1
+    # two independent samples of one distribution: both near 0 compared with a shifted one
+    y = _ev_feats(seed=0)[:150], _ev_feats(seed=0)[150:]
+    assert ev.mmd(*y) < 0.2 * ev.mmd(y[0], y[1] + 1.0)
+    assert ev.frechet_distance(*y) < 0.2 * ev.frechet_distance(y[0], y[1] + 1.0)
+
+
+def test_ev_sqrtm_and_fid_agree_with_scipy():
+    linalg = pytest.importorskip("scipy.linalg")
+    g = np.random.default_rng(2)
+    B = g.standard_normal((20, 20))
+    A = B @ B.T + 0.1 * np.eye(20)  # symmetric positive definite
+    R = ev.sqrtm_psd(A).numpy()
+    np.testing.assert_allclose(R, np.real(linalg.sqrtm(A)), rtol=1e-8, atol=1e-8)
+    np.testing.assert_allclose(R @ R, A, rtol=1e-9, atol=1e-9)
+    # FID against the official formula (scipy.linalg.sqrtm of the non-symmetric product Ca Cb)
+    a, b = _ev_feats(200, 10, 3), _ev_feats(180, 10, 4) * 1.3
+    Ca, Cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    ref = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(Ca + Cb - 2 * np.real(linalg.sqrtm(Ca @ Cb)))
+    assert ev.frechet_distance(a, b) == pytest.approx(ref, rel=1e-7)
+    # rank-deficient covariances (fewer samples than features, as with 2048-d features): still finite, >= 0
+    a, b = _ev_feats(8, 30, 5), _ev_feats(8, 30, 6)
+    assert np.isfinite(ev.frechet_distance(a, b)) and ev.frechet_distance(a, b) > 0
+
+
+def test_ev_precision_recall_and_ms_ssim():
+    x = _ev_feats(100, 8)
+    assert ev.precision_recall(x, x, k=3) == (1.0, 1.0)
+    assert ev.precision_recall(x, x + 100.0, k=3) == (0.0, 0.0)
+    # fakes collapsed onto one real point: all inside the real manifold (precision 1), recall tiny
+    p, r = ev.precision_recall(x, np.repeat(x[:1], 50, 0) + 1e-6, k=3)
+    assert p == 1.0 and r < 0.1
+    g = torch.Generator().manual_seed(0)
+    v = torch.rand(2, 1, 32, 32, 32, generator=g) * 2 - 1
+    assert torch.allclose(ev.ms_ssim3d(v, v), torch.ones(2, dtype=torch.float64), atol=1e-5)
+    s = [float(ev.ms_ssim3d(v[:1], (v[:1] + a * torch.randn(1, 1, 32, 32, 32, generator=g)).clamp(-1, 1)))
+         for a in (0.05, 0.3, 1.0)]
+    assert 1 > s[0] > s[1] > s[2] >= 0, s
+
+
+def _ev_med3d_state_dict(depth):
+    """A state_dict named and shaped by Med3D's (MedicalNet models/resnet.py) rules, written out here
+    independently of eval.ResNet3D: conv1/bn1, layerL.i.convK/bnK, downsample.0/.1 for shortcut B
+    (resnet50+), none for shortcut A (resnet10-34), plus the segmentation head conv_seg.* we drop."""
+    bottleneck, counts = {10: (False, (1, 1, 1, 1)), 50: (True, (3, 4, 6, 3))}[depth]
+    g = torch.Generator().manual_seed(depth)
+    sd = {}
+
+    def conv(name, o, i, k):
+        sd[f"{name}.weight"] = torch.randn(o, i, k, k, k, generator=g) * 0.05
+
+    def bn(name, c):
+        sd[f"{name}.weight"] = 1 + 0.1 * torch.randn(c, generator=g)
+        sd[f"{name}.bias"] = 0.1 * torch.randn(c, generator=g)
+        sd[f"{name}.running_mean"] = 0.1 * torch.randn(c, generator=g)
+        sd[f"{name}.running_var"] = 1 + torch.rand(c, generator=g)
+        sd[f"{name}.num_batches_tracked"] = torch.tensor(100)
+
+    conv("conv1", 64, 1, 7)
+    bn("bn1", 64)
+    cin = 64
+    for L, (planes, n) in enumerate(zip((64, 128, 256, 512), counts), 1):
+        cout = planes * (4 if bottleneck else 1)
+        for i in range(n):
+            p = f"layer{L}.{i}"
+            if bottleneck:
+                conv(f"{p}.conv1", planes, cin, 1), bn(f"{p}.bn1", planes)
+                conv(f"{p}.conv2", planes, planes, 3), bn(f"{p}.bn2", planes)
+                conv(f"{p}.conv3", cout, planes, 1), bn(f"{p}.bn3", cout)
+                if i == 0:
+                    conv(f"{p}.downsample.0", cout, cin, 1), bn(f"{p}.downsample.1", cout)
+            else:
+                conv(f"{p}.conv1", planes, cin, 3), bn(f"{p}.bn1", planes)
+                conv(f"{p}.conv2", planes, planes, 3), bn(f"{p}.bn2", planes)
+            cin = cout
+    sd["conv_seg.1.weight"] = torch.randn(cin, 32, 2, 2, 2, generator=g)
+    sd["conv_seg.1.bias"] = torch.zeros(32)
+    return {"module." + k: v for k, v in sd.items()}
+
+
+@pytest.mark.parametrize("depth", [10, 50])
+def test_ev_med3d_weights_load(tmp_path, depth):
+    sd = _ev_med3d_state_dict(depth)
+    path = tmp_path / f"resnet_{depth}.pth"
+    torch.save({"state_dict": sd, "epoch": 20}, path)
+    net, info = ev.feature_net(str(path))
+    assert info["pretrained"] and info["depth"] == depth and info["shortcut"] == ("A" if depth < 50 else "B")
+    loaded = net.state_dict()
+    for k, v in sd.items():
+        k = k.removeprefix("module.")
+        if not k.startswith("conv_seg."):
+            assert torch.equal(loaded[k], v), k
+    f = ev.extract(net, torch.rand(2, 1, 32, 32, 32) * 2 - 1, "none", "cpu")
+    assert f.shape == (2, 512 if depth < 50 else 2048) and torch.isfinite(f).all()
+    # a file that is not Med3D: one clear error
+    bad = {k: v for k, v in sd.items() if "layer4" not in k}
+    torch.save({"state_dict": bad}, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="Med3D"):
+        ev.load_med3d(str(tmp_path / "bad.pth"))
+
+
+def test_ev_random_features_fixed_seed_and_labelled():
+    a, ia = ev.feature_net("", depth=10, seed=0)
+    b, _ = ev.feature_net("", depth=10, seed=0)
+    x = torch.rand(1, 1, 32, 32, 32) * 2 - 1
+    assert torch.equal(ev.extract(a, x, "none", "cpu"), ev.extract(b, x, "none", "cpu"))
+    assert not ia["pretrained"] and "RANDOM" in ia["label"]
+
+
+def test_ev_quality_end_to_end(tmp_path):
+    import prepare
+    data = tmp_path / "demo"
+    assert prepare.make_demo(str(data), num=10, img_size=32, log=lambda *a, **k: None) == 0
+    m = HAGAN(HAGANConfig(img_size=32, width=1 / 8, latent_dim=16))
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save(dict(model=m.state_dict(), model_args=dataclasses.asdict(m.cfg), ema_G={}, iter_num=0,
+                    config={"fold": 1}, meta={}), ckpt)
+    c = dict(ev.config, ckpt=str(ckpt), data=str(data), num=6, depth=10, ssim_pairs=2, device="cpu",
+             out=str(tmp_path / "eval.json"))
+    rep = ev.quality(c)
+    on_disk = json.loads((tmp_path / "eval.json").read_text())
+    assert on_disk["features"]["pretrained"] is False and "RANDOM" in on_disk["features"]["label"]
+    assert on_disk["input_norm"]["name"] == "none"
+    r = rep["folds"][0]
+    assert r["fold"] == 1  # the checkpoint's own held-out fold
+    assert r["n_generated"] == 6 and r["n_real"] == len(prepare.VolumeDataset(str(data), "val", 1))
+    for k in ("fid", "mmd", "precision", "recall", "ms_ssim"):
+        assert np.isfinite(r[k]) and np.isfinite(r[k + "_floor"]), k
+    # an untrained generator is far from the data; two halves of the real data are not
+    assert r["fid"] > r["fid_floor"] and r["mmd"] > r["mmd_floor"]
+    assert r["ms_ssim"] > 0 and 0 <= r["precision_floor"] <= 1
+
+
+def test_ev_bench_s32_complete_table(tmp_path):
+    out = tmp_path / "bench.json"
+    p = subprocess.run([sys.executable, os.path.join(_EV_ROOT, "eval.py"), "--bench", "--sizes=32",
+                        "--bench_seconds=0", "--warmup=1", "--bench_width=0.125", f"--out={out}"],
+                       capture_output=True, text=True, timeout=300, cwd=_EV_ROOT)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rep = json.loads(out.read_text())
+    (row,) = rep["rows"]
+    for mode in ("hagan", "full"):
+        cell = row[mode]
+        assert "error" not in cell and not cell.get("oom"), cell
+        assert cell["params"] > 0 and cell["peak_mem_mib"] > 0 and cell["it_per_s"] > 0
+    assert row["hagan"]["sample_s"] > 0 and row["store_batches_per_s"] > 0
+    line = next(l for l in rep["table"].splitlines() if l.startswith("| 32^3"))
+    cells = [x.strip() for x in line.strip("|").split("|")]
+    assert len(cells) == 9 and all(cells) and "-" not in cells[:8], cells
+    assert "| 32^3 |" in p.stdout
+
+
+def test_ev_bench_oom_is_a_cell_not_a_crash():
+    # a 1 GiB address-space cap cannot hold torch plus a full-size model: the cell must say so
+    r = ev._run_cell(32, "hagan", dict(ev.config, bench_seconds=0.0, warmup=1, mem_limit_gb=1.0, device="cpu"))
+    assert r.get("oom") and ev._mem(r) == "out of memory"

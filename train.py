@@ -175,9 +175,7 @@ else:
     model = HAGAN(cfg)
 model.to(device)
 nets = dict(D=model.D, G=model.G, E_H=model.E_H, E_G=model.E_G)  # the four updates, in order
-lrs = dict(D=C["lr_D"], G=C["lr_G"], E_H=C["lr_E"], E_G=C["lr_E"])
-opts = {k: torch.optim.Adam(nets[k].parameters(), lr=lrs[k], betas=(C["beta1"], C["beta2"]), eps=1e-8)
-        for k in nets}
+opts = model.configure_optimizers(C["lr_G"], C["lr_D"], C["lr_E"], (C["beta1"], C["beta2"]))
 # fp16 only: one scaler per optimiser, so an overflow in D's backward never shrinks G's scale
 scalers = {k: torch.amp.GradScaler(device_type, enabled=dtype == "float16") for k in nets}
 ema = deepcopy(model.G).requires_grad_(False) if C["ema_decay"] > 0 else None
