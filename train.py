@@ -355,7 +355,7 @@ while iter_num < C["max_iters"]:
 
     if iter_num == it_first + 1:
         t_first = time.time()  # the first iteration pays for allocation and kernel selection
-    if iter_num % C["log_interval"] == 0 or iter_num == C["max_iters"]:
+    if iter_num % C["log_interval"] == 0 or iter_num in (it_first + 1, C["max_iters"]):  # first: a baseline
         vals = dict(zip(names, vec.tolist()))
         if device_type == "cuda":
             torch.cuda.synchronize()
