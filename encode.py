@@ -124,7 +124,7 @@ class _Files:
 
 def open_data(c, ckpt_meta):
     """The input as (dataset, meta, fold of every volume or None)."""
-    from prepare import VolumeDataset, find_inputs
+    from prepare import VolumeDataset, find_inputs, read_meta
     data = c['data']
     if os.path.isdir(data) and os.path.exists(os.path.join(data, 'meta.json')):
         try:
@@ -147,10 +147,9 @@ def open_data(c, ckpt_meta):
     meta = ckpt_meta
     if c['meta']:
         try:
-            with open(c['meta']) as f:
-                meta = json.load(f)
-        except (OSError, ValueError) as e:
-            fail(f"{c['meta']}: cannot read meta.json ({e})")
+            meta = read_meta(c['meta'])
+        except ValueError as e:
+            fail(str(e))
     if not meta or 'img_size' not in meta:
         fail("to prepare NIfTI files we need the dataset's meta.json: the checkpoint has none, pass --meta")
     return _Files(paths, meta), meta, None

@@ -314,6 +314,15 @@ def prepare_file(path, meta):
 # -----------------------------------------------------------------------------
 # sampling: what train.py / encode.py / eval.py read
 
+def read_meta(path):
+    """A dataset's meta.json (sample.py/encode.py --meta); a one-line ValueError if it cannot be read."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read meta.json ({e})") from None
+
+
 class VolumeDataset:
     """
     A prepared folder seen as one split. split='train': every fold but `fold`; 'val': fold `fold`; 'all'.

@@ -28,7 +28,7 @@ import nibabel as nib
 import torch
 
 from model import HAGAN, load_checkpoint, autocast_ctx, override
-from prepare import save_montage
+from prepare import read_meta, save_montage
 
 # -----------------------------------------------------------------------------
 config = dict(
@@ -193,10 +193,9 @@ def load_model(c):
         fail(str(e).strip().splitlines()[0])
     if c['meta']:
         try:
-            with open(c['meta']) as f:
-                meta = json.load(f)
-        except (OSError, ValueError) as e:
-            fail(f"{c['meta']}: cannot read meta.json ({e})")
+            meta = read_meta(c['meta'])
+        except ValueError as e:
+            fail(str(e))
     if not meta:
         print("warning: the checkpoint has no dataset meta; writing [-1, 1] float32 with 1 mm voxels (pass --meta)")
         meta = dict(modality='mri', window=None)
