@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from model import load_checkpoint, autocast_ctx, override
+from prepare import writable_dir
 from sample import write_volume, _atomic, fail
 
 # -----------------------------------------------------------------------------
@@ -163,13 +164,10 @@ def main(argv=None):
         fail("--batch must be >= 1, --recon and --slab >= 0")
     c['device'] = c['device'] or ('cuda' if torch.cuda.is_available() else 'cpu')
     out = c['out']
-    try:
-        os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, f'.write_test{os.getpid()}')
-        open(probe, 'w').close()
-        os.remove(probe)
-    except OSError as e:
-        fail(f"cannot write to {out} ({e.strerror or e})")
+    try:  # an unwritable folder fails here, before the model is loaded or anything computed
+        writable_dir(out)
+    except ValueError as e:
+        fail(str(e))
     try:
         model, ckpt = load_checkpoint(c['ckpt'], c['device'], ema=c['ema'])
     except ValueError as e:

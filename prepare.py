@@ -314,6 +314,18 @@ def prepare_file(path, meta):
 # -----------------------------------------------------------------------------
 # sampling: what train.py / encode.py / eval.py read
 
+def writable_dir(path):
+    """Create folder `path` if needed and check that we can write there, before any long work starts;
+    a one-line ValueError naming the folder otherwise."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f'.write_test{os.getpid()}')
+        open(probe, 'w').close()
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot write there ({e.strerror or e})") from None
+
+
 def read_meta(path):
     """A dataset's meta.json (sample.py/encode.py --meta); a one-line ValueError if it cannot be read."""
     try:

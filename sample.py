@@ -28,7 +28,7 @@ import nibabel as nib
 import torch
 
 from model import HAGAN, load_checkpoint, autocast_ctx, override
-from prepare import read_meta, save_montage
+from prepare import read_meta, save_montage, writable_dir
 
 # -----------------------------------------------------------------------------
 config = dict(
@@ -255,13 +255,10 @@ def main(argv=None):
     except RuntimeError:
         fail(f"--device={c['device']}: not a torch device")
     out = c['out']
-    try:  # an unwritable folder fails here, before the model is loaded or anything generated
-        os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, f'.write_test{os.getpid()}')
-        open(probe, 'w').close()
-        os.remove(probe)
-    except OSError as e:
-        fail(f"cannot write to {out} ({e.strerror or e})")
+    try:  # an unwritable folder fails here, before the model is loaded or anything computed
+        writable_dir(out)
+    except ValueError as e:
+        fail(str(e))
     model, meta, src = load_model(c)
     items, series = plan(c, model)
     ext = '.' + c['format']

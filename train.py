@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from model import HAGAN, HAGANConfig, S_H, autocast_ctx, override
-from prepare import VolumeDataset, save_montage
+from prepare import VolumeDataset, save_montage, writable_dir
 
 # -----------------------------------------------------------------------------
 # default config: the paper's settings for 256^3 (Sec. III-E); config/*.py and --key=value override
@@ -120,12 +120,9 @@ def seeded(*key):
 out_dir = C["out_dir"]
 if master:
     try:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, ".write_test"), "w"):
-            pass
-        os.remove(os.path.join(out_dir, ".write_test"))
-    except OSError as e:
-        raise SystemExit(f"error: {out_dir}: cannot write there ({e.strerror}); choose another --out_dir")
+        writable_dir(out_dir)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}; choose another --out_dir")
 
 try:
     ds = VolumeDataset(C["data_dir"], split="train", fold=C["fold"])
