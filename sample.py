@@ -13,8 +13,8 @@ a viewer opens right side up: CT in int16 Hounsfield units, MRI in float32, with
 Volume i gets its own z from seed+i, so the files do not depend on --batch. Files: OUT/seed001337.nii.gz
 (+ .json sidecar: checkpoint, iteration, seed, class; + .png with --png: axial, coronal and sagittal
 mid-planes). Series: OUT/interp_1_2_00.nii.gz ..., OUT/<direction>_s1337_00.nii.gz ..., and one .png montage.
-Existing files are never overwritten without --overwrite. CPU, default width, one 256^3 volume: ~10 s and
-6.0 GiB peak RSS at once, ~14 s and 2.0 GiB with --slab=8 (128^3: 1.6 s / 1.3 GiB, 4.2 s / 0.9 GiB).
+Existing files are never overwritten without --overwrite. 2 quiet CPU cores, default width, one 256^3 volume
+with its NIfTI written: ~5 s and 6.0 GiB peak RSS at once, ~6 s and 2.0 GiB with --slab=8.
 """
 
 import json
