@@ -400,13 +400,20 @@ def test_resume_is_exact(demo32, tmp_path):
     assert _train(args + [f"--out_dir={a}", "--max_iters=4"]).returncode == 0
     assert _train(args + [f"--out_dir={b}", "--max_iters=2"]).returncode == 0
     p = _train(args + [f"--out_dir={b}", "--max_iters=4", "--init_from=resume"])
-    assert p.returncode == 0 and "resumed" in p.stdout, p.stderr
+    assert p.returncode == 0 and "resumed" in p.stdout and "not the dataset" not in p.stdout, p.stderr
     assert _log(a) == [dict(r, ms_per_iter=x["ms_per_iter"], peak_gib=x["peak_gib"]) for r, x in zip(_log(b), _log(a))]
     ca = torch.load(os.path.join(a, "ckpt.pt"), weights_only=True)
     cb = torch.load(os.path.join(b, "ckpt.pt"), weights_only=True)
     for key in ("model", "ema_G"):
         assert all(torch.equal(ca[key][k], cb[key][k]) for k in ca[key])
     assert ca["optimizers"]["G"]["state"][0]["exp_avg_sq"].equal(cb["optimizers"]["G"]["state"][0]["exp_avg_sq"])
+    # resuming on other data works, but says so (the checkpoint keeps the dataset's fingerprint)
+    other = tmp_path / "other"
+    shutil.copytree(demo32, other)
+    with open(other / "volumes.csv", "a") as f:
+        f.write("\n")
+    p = _train(TINY + [f"--data_dir={other}", f"--out_dir={b}", "--max_iters=5", "--init_from=resume"])
+    assert p.returncode == 0 and "is not the dataset this checkpoint was trained on" in p.stdout, p.stderr
 
 
 def test_ddp_two_ranks_hold_identical_weights(demo32, tmp_path):

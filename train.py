@@ -192,6 +192,7 @@ if init_from_resume:
     if device_type == "cuda" and rng.get("cuda") is not None and len(rng["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(rng["cuda"])
     log(f"resumed from {ckpt_path} at iteration {iter_num}")
+    resumed_fingerprint = ckpt.get("fingerprint")
     del ckpt
 
 if ddp:  # no DDP wrapper (4 networks, frozen parts): same start on every rank, gradients reduced by hand
@@ -204,6 +205,9 @@ if C["compile"]:
 
 fingerprint = hashlib.sha1(open(os.path.join(C["data_dir"], "meta.json"), "rb").read()
                            + open(os.path.join(C["data_dir"], "volumes.csv"), "rb").read()).hexdigest()[:16]
+if init_from_resume and resumed_fingerprint != fingerprint:
+    log(f"warning: {C['data_dir']} is not the dataset this checkpoint was trained on "
+        f"(fingerprint {fingerprint} vs {resumed_fingerprint}); continuing on the new data")
 run_config = dict(C, resolved=dict(device=device, dtype=dtype, world=world, per_rank_batch=per_rank,
                                    model_args=asdict(cfg)))
 if master:
