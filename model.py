@@ -155,11 +155,12 @@ def _up(x):  # the official code's F.interpolate(scale_factor=2): nearest neighb
     return F.interpolate(x, scale_factor=2, mode="nearest")
 
 
-def _halvings(n, floor):
-    """How many stride-2 halvings take extent n down to >= floor (each halving must be exact)."""
+def _halvings(dims, floor):
+    """How many exact stride-2 halvings of every extent in dims keep the smallest one >= floor.
+    Cubic sizes get the official stacks (S=256: 4 for A's grid, 3 for D^H's slab plane)."""
     k = 0
-    while n % 2 == 0 and n // 2 >= floor:
-        n //= 2
+    while all(d % 2 == 0 for d in dims) and min(dims) // 2 >= floor:
+        dims = [d // 2 for d in dims]
         k += 1
     return k
 
@@ -177,7 +178,7 @@ class G_A(nn.Module):
         c = cfg.g_channels
         chans = [cfg.ch(16 * c), cfg.ch(16 * c), cfg.ch(8 * c), cfg.ch(4 * c), cfg.ch(2 * c)]
         a = cfg.a_shape
-        n_up = min(_halvings(math.gcd(*a), 4), 5)
+        n_up = min(_halvings(a, 4), 5)
         # upsample before blocks 2..5 first (official S=256: all four; S=128: 2..4), block 1 at S=512
         self.up = [i in (1, 2, 3, 4, 0)[:n_up] for i in range(5)]
         self.base = tuple(d >> n_up for d in a)
@@ -324,17 +325,17 @@ class D_H(nn.Module):
         super().__init__()
         c = cfg.dh_channels
         D, H, W = cfg.shape
-        n_stem = _halvings(math.gcd(H, W), 32)
+        n_stem = _halvings((H, W), 32)
         stem = [cfg.ch(c // 8 >> (n_stem - 1 - i)) for i in range(n_stem)]
         chans = [1] + stem
         convs = [SNConv3d(i, o, 4, 2, 1) for i, o in zip(chans[:-1], chans[1:])]
         d, h, w = D // 8 >> n_stem, H >> n_stem, W >> n_stem
+        prev = chans[-1]
         for o in (cfg.ch(c // 4), cfg.ch(c // 2)):  # official conv4, conv5: depth and plane halve
             kd = 2 if d >= 2 else 1
-            convs.append(SNConv3d(chans[-1] if len(convs) == n_stem else convs[-1].out_channels, o,
-                                  (kd, 4, 4), (kd, 2, 2), (0, 1, 1)))
-            d, h, w = d // kd, h // 2, w // 2
-        convs.append(SNConv3d(convs[-1].out_channels, cfg.ch(c), (1, 4, 4), (1, 2, 2), (0, 1, 1)))  # conv6
+            convs.append(SNConv3d(prev, o, (kd, 4, 4), (kd, 2, 2), (0, 1, 1)))
+            d, h, w, prev = d // kd, h // 2, w // 2, o
+        convs.append(SNConv3d(prev, cfg.ch(c), (1, 4, 4), (1, 2, 2), (0, 1, 1)))  # conv6
         h, w = h // 2, w // 2
         convs.append(SNConv3d(cfg.ch(c), cfg.ch(c // 4), (d, h, w)))  # conv7: (1,4,4) for cubic S
         self.convs = nn.ModuleList(convs)
@@ -359,7 +360,7 @@ class D_L(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         c, a = cfg.dl_channels, cfg.a_shape
-        n = _halvings(math.gcd(*a), 4)
+        n = _halvings(a, 4)
         chans = [1] + [cfg.ch(c >> (n - 1 - i)) for i in range(n)]
         self.convs = nn.ModuleList(SNConv3d(i, o, 4, 2, 1) for i, o in zip(chans[:-1], chans[1:]))
         self.head = SNConv3d(chans[-1], 1 + cfg.num_classes, tuple(d >> n for d in a))
@@ -413,7 +414,7 @@ class E_G(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         c, a = cfg.eg_channels, cfg.a_shape
-        n = _halvings(math.gcd(*a), 4)
+        n = _halvings(a, 4)
         chans = [cfg.ch(2 * cfg.g_channels)] + [cfg.ch(c >> (n - 1 - i)) for i in range(n)]
         self.convs = nn.ModuleList(nn.Conv3d(i, o, 4, 2, 1) for i, o in zip(chans[:-1], chans[1:]))
         self.norms = nn.ModuleList(nn.GroupNorm(8, o) for o in chans[1:])
@@ -530,6 +531,7 @@ class HAGAN(nn.Module):
                 mapped[_official_key(k, key, target)] = v
             ref = target.state_dict()
             missing = sorted(set(ref) - set(mapped))
+            missing += [f"(unexpected {k.lstrip('?')})" for k in sorted(set(mapped) - set(ref))]
             bad = [f"{key} {tuple(mapped[key].shape)} vs {tuple(ref[key].shape)}"
                    for key in ref if key in mapped and mapped[key].shape != ref[key].shape]
             src = dict(G=G, D=D, E=E, Sub_E=Sub_E)[k]
@@ -564,7 +566,7 @@ def _official_key(net, key, target):
         key = key.replace("fc2_class.", "fc_class.")
     m = re.fullmatch(r"(sub_[GD]\.)?([a-z_]+?)(\d+)?\.(weight|bias|u0|sv0)", key)
     if not m:
-        return f"?{key}"  # reported as a shape/missing mismatch by the caller
+        return f"?{key}"  # not an official name: the caller reports it as unexpected
     sub, name, i, p = m.group(1) or "", m.group(2), int(m.group(3) or 0), m.group(4)
     p = {"u0": "u", "sv0": "sigma"}.get(p, p)
     if net == "G":

@@ -90,6 +90,17 @@ def test_total_parameters_follow_the_papers_table_vii():
         assert round(sum(p.numel() for p in m.parameters()) / 1e6, 1) == total
 
 
+def test_non_cubic_sizes_keep_the_official_scale():
+    # 160x192x224: G^A starts from a 5x6x7 grid and D^L/E^G end on one, so the model stays the
+    # within a few times the 256^3 one (before this rule: 7 billion parameters in G^A's fc)
+    with torch.device("meta"):
+        m = HAGAN(HAGANConfig(img_size=(160, 192, 224)))
+    assert m.G.G_A.base == (5, 6, 7)
+    assert m.D.D_L.head.weight.shape[2:] == m.E_G.head.weight.shape[2:] == (5, 6, 7)
+    assert m.D.D_H.convs[-1].weight.shape[2:] == (1, 6, 7)
+    assert sum(p.numel() for p in m.parameters()) < 3 * 79.8e6  # 196M: the fc and head scale with 5*6*7 cells
+
+
 def test_bad_sizes_are_refused_with_the_sizes_that_work():
     for bad in (48, 100, 1024, (64, 64)):
         with pytest.raises(ValueError, match="32, 64, 128, 256, 512"):
