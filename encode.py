@@ -2,12 +2,12 @@
 Encode real scans into HA-GAN's latent Z (paper Sec. III-C, Inference: Z-hat = E^G(concat_v E^H(S^H(X; T_v))))
 and use it: predict clinical measurements (Sec. IV-D, Table VI) and find latent directions (Sec. IV-E).
 
-    python encode.py --data=data/demo --out=features/                       # features.npy [N, latent_dim] + ids.csv
-    python encode.py --data=data/demo --out=features/ --recon=4             # + 4 reconstructions G(E(x)), L1 and PSNR
-    python encode.py --data=data/demo --out=features/ --regress=lung_volume_ml,pct_below_950
-    python encode.py --data=data/demo --out=features/ --direction=lung_volume_ml
+    python encode.py --data_dir=data/demo --out=features/                       # features.npy [N, latent_dim] + ids.csv
+    python encode.py --data_dir=data/demo --out=features/ --recon=4             # + 4 reconstructions G(E(x)), L1 and PSNR
+    python encode.py --data_dir=data/demo --out=features/ --regress=lung_volume_ml,pct_below_950
+    python encode.py --data_dir=data/demo --out=features/ --direction=lung_volume_ml
     python sample.py --direction=features/direction_lung_volume_ml.npy --steps=7 --scale=3 --png
-    python encode.py --data="scans/*.nii.gz" --out=features_new/            # NIfTI files, prepared on the fly
+    python encode.py --input="scans/*.nii.gz" --out=features_new/           # NIfTI files, prepared on the fly
 
 --regress: Ridge regression (lambda = 1e-4, intercept unpenalised) of log(column) on Z, trained on four
 folds of the dataset's 5-fold split and scored by R^2 on the fifth, for every fold; numpy only.
@@ -19,30 +19,30 @@ import csv
 import json
 import math
 import os
-import sys
 import time
 
 import numpy as np
 import torch
 
-from model import load_checkpoint, autocast_ctx, override
-from prepare import writable_dir
-from sample import write_volume, _atomic, fail
+from model import autocast_ctx, load_checkpoint, override
+from prepare import VolumeDataset, find_inputs, prepare_file, read_meta, volume_id, writable_dir
+from sample import fail, write_atomic, write_volume
 
 # -----------------------------------------------------------------------------
 config = dict(
-    data='data/demo',  # a folder made by prepare.py, or NIfTI scans: a file, folder, glob or .txt list
+    data_dir='data/demo',  # a folder written by prepare.py
+    input=[],  # instead of data_dir: scans prepared on the fly, as prepare.py's --input (repeatable)
     ckpt='out/ckpt.pt',  # checkpoint written by train.py
-    meta='',  # NIfTI input: the meta.json whose settings prepare them; '' = the one kept in the checkpoint
+    meta='',  # --input: the meta.json whose settings prepare them; '' = the one kept in the checkpoint
     out='features',  # output folder
     split='all',  # prepared folder: 'all', or 'train' / 'val' of --fold
     fold=0,  # the fold of --split=train|val
-    batch=1,  # volumes per forward
-    device='',  # '' = cuda if available
+    batch_size=1,  # volumes per forward
+    device='auto',  # 'cpu', 'cuda', 'cuda:1'...; 'auto' = cuda if available
     dtype='float32',  # 'float32', 'bfloat16' or 'float16' autocast
     ema=True,  # reconstruct with the moving average of G's weights when the checkpoint has one
     recon=0,  # also write this many reconstructions G(E(x)) and their prepared originals, with L1/PSNR
-    slab=0,  # --recon: G^H this many A-slices at a time (0 = all at once)
+    chunk=0,  # --recon: G^H this many A-slices at a time (0 = all at once)
     regress='',  # comma-separated label columns: Ridge on Z, held-out R^2 per fold
     lam=1e-4,  # Ridge lambda (paper Sec. IV-D)
     log=True,  # --regress: predict log(column), as the paper does (Table VI)
@@ -109,7 +109,6 @@ class _Files:
     """NIfTI (or any prepare.py input) files seen like a VolumeDataset: prepared on the fly with a meta."""
 
     def __init__(self, paths, meta):
-        from prepare import volume_id
         self.paths, self.meta = paths, meta
         self.ids = [volume_id(p) for p in paths]
         self.labels = {}
@@ -119,15 +118,13 @@ class _Files:
         return len(self.paths)
 
     def volume(self, j):
-        from prepare import prepare_file
         return prepare_file(self.paths[j], self.meta)[0]
 
 
 def open_data(c, ckpt_meta):
     """The input as (dataset, meta, fold of every volume or None)."""
-    from prepare import VolumeDataset, find_inputs, read_meta
-    data = c['data']
-    if os.path.isdir(data) and os.path.exists(os.path.join(data, 'meta.json')):
+    data = c['data_dir']
+    if not c['input']:
         try:
             ds = VolumeDataset(data, c['split'], c['fold'])
             # fold of every volume: each is in exactly one 'val' split (the paper's 5-fold CV)
@@ -138,13 +135,13 @@ def open_data(c, ckpt_meta):
                 except ValueError:
                     pass  # an empty fold of a tiny dataset
         except (FileNotFoundError, ValueError, AssertionError, KeyError) as e:
-            fail(f"{data}: {e}")
+            fail(str(e) if str(e).startswith(data) else f"{data}: {e}")
         return ds, ds.meta, np.array([fold_of.get(i, -1) for i in ds.ids])
-    paths, missing = find_inputs([data])
+    paths, missing = find_inputs(c['input'])
     if missing:
         fail(f"{missing[0][0]}: {missing[0][1]}")
     if not paths:
-        fail(f"{data}: no prepared dataset (meta.json) and no image files there")
+        fail(f"{', '.join(c['input'])}: no image files there")
     meta = ckpt_meta
     if c['meta']:
         try:
@@ -160,9 +157,10 @@ def main(argv=None):
     c = override(dict(config), argv)
     if c['dtype'] not in ('float32', 'bfloat16', 'float16'):
         fail(f"--dtype={c['dtype']}: use float32, bfloat16 or float16")
-    if c['batch'] < 1 or c['recon'] < 0 or c['slab'] < 0:
-        fail("--batch must be >= 1, --recon and --slab >= 0")
-    c['device'] = c['device'] or ('cuda' if torch.cuda.is_available() else 'cpu')
+    if c['batch_size'] < 1 or c['recon'] < 0 or c['chunk'] < 0:
+        fail("--batch_size must be >= 1, --recon and --chunk >= 0")
+    if c['device'] == 'auto':
+        c['device'] = 'cuda' if torch.cuda.is_available() else 'cpu'
     out = c['out']
     try:  # an unwritable folder fails here, before the model is loaded or anything computed
         writable_dir(out)
@@ -173,8 +171,9 @@ def main(argv=None):
     except ValueError as e:
         fail(str(e).strip().splitlines()[0])
     ds, meta, folds = open_data(c, ckpt.get('meta') or {})
+    source = ', '.join(c['input']) or c['data_dir']
     if tuple(ds.img_size) != tuple(model.cfg.shape):
-        fail(f"{c['data']}: volumes are {'x'.join(map(str, ds.img_size))} but the model takes "
+        fail(f"{source}: volumes are {'x'.join(map(str, ds.img_size))} but the model takes "
              f"{'x'.join(map(str, model.cfg.shape))}")
     # every requested column must exist before we spend time encoding
     reg = [s for s in c['regress'].split(',') if s]
@@ -182,8 +181,8 @@ def main(argv=None):
     for col in reg + dirs:
         if col not in ds.labels:
             have = [k for k in ds.labels if k != meta.get('class_column')]
-            fail(f"unknown label column '{col}'" + (f"; {c['data']} has: {', '.join(have)}" if have
-                                                     else f"; {c['data']} has no labels"))
+            fail(f"unknown label column '{col}'" + (f"; {source} has: {', '.join(have)}" if have
+                                                     else f"; {source} has no labels"))
     if reg and folds is None:
         fail("--regress needs a prepared folder (its labels and folds)")
     files = ['features.npy', 'ids.csv'] + (['regress.json'] if reg else [])
@@ -199,8 +198,8 @@ def main(argv=None):
     classes = ds.labels.get(cls_col) if cls_col else None
     Z = np.zeros((N, model.cfg.latent_dim), dtype=np.float32)
     recons, t0 = [], time.time()
-    for i in range(0, N, c['batch']):
-        js = range(i, min(i + c['batch'], N))
+    for i in range(0, N, c['batch_size']):
+        js = range(i, min(i + c['batch_size'], N))
         try:
             xs = [ds.volume(j) for j in js]
         except ValueError as e:  # a NIfTI input that cannot be read or prepared
@@ -214,13 +213,13 @@ def main(argv=None):
                 cl = None
                 if model.cfg.num_classes:
                     cl = torch.tensor([int(classes[j]) if classes is not None else 0 for j in k], device=c['device'])
-                xr = model.generate(z[:len(k)], cl, slab=c['slab'] or None).float()  # (b,1,D,H,W)
+                xr = model.generate(z[:len(k)], cl, chunk=c['chunk']).float()  # (b,1,D,H,W)
                 for j, a, b in zip(k, x[:len(k)].float().cpu().numpy(), xr.cpu().numpy()):
                     a, b = a[0], b[0]
                     l1 = float(np.abs(a - b).mean())
                     psnr = 10 * math.log10(4.0 / max(float(((a - b) ** 2).mean()), 1e-12))  # peak-to-peak 2
                     recons.append((ds.ids[j], a, b, l1, psnr))
-        if (i // c['batch']) % 20 == 0 or i + len(js) == N:
+        if (i // c['batch_size']) % 20 == 0 or i + len(js) == N:
             print(f"encoded {i + len(js)}/{N} ({(time.time() - t0) / (i + len(js)):.2f} s/volume)")
     if not np.all(np.isfinite(Z)):
         fail("the encoder produced non-finite features (a broken checkpoint?); nothing written")
@@ -246,7 +245,7 @@ def main(argv=None):
 
     # ---- write
     ids = list(ds.ids)
-    _atomic(os.path.join(out, 'features.npy'), lambda p: np.save(p, Z))
+    write_atomic(os.path.join(out, 'features.npy'), lambda p: np.save(p, Z))
     cols = [k for k in ds.labels]
 
     def write_ids(p):
@@ -255,7 +254,7 @@ def main(argv=None):
             wr.writerow(['row', 'id'] + cols + (['fold'] if folds is not None else []))
             for j, i in enumerate(ids):
                 wr.writerow([j, i] + [ds.labels[k][j] for k in cols] + ([folds[j]] if folds is not None else []))
-    _atomic(os.path.join(out, 'ids.csv'), write_ids)
+    write_atomic(os.path.join(out, 'ids.csv'), write_ids)
     print(f"{out}/features.npy {tuple(Z.shape)} and ids.csv ({time.time() - t0:.1f}s)")
     for vid, a, b, l1, psnr in recons:
         write_volume(os.path.join(out, f'{vid}_orig.nii.gz'), a, meta, f"prepared {vid}")
@@ -269,11 +268,11 @@ def main(argv=None):
         folds_s = ' '.join(f"{v:.3f}" for v in r['r2_per_fold'].values())
         print(f"Ridge {r['target']}: held-out R^2 {r['r2_mean']:.3f} +- {r['r2_std']:.3f} (folds: {folds_s}; n={r['n']})")
     if results:
-        _atomic(os.path.join(out, 'regress.json'), lambda p: open(p, 'w').write(json.dumps(results, indent=1)))
+        write_atomic(os.path.join(out, 'regress.json'), lambda p: open(p, 'w').write(json.dumps(results, indent=1)))
     for col, (w, info) in dir_out.items():
         base = os.path.join(out, f'direction_{col}')
-        _atomic(base + '.npy', lambda p: np.save(p, w.astype(np.float32)))
-        _atomic(base + '.json', lambda p: open(p, 'w').write(json.dumps(info, indent=1)))
+        write_atomic(base + '.npy', lambda p: np.save(p, w.astype(np.float32)))
+        write_atomic(base + '.json', lambda p: open(p, 'w').write(json.dumps(info, indent=1)))
         print(f"{base}.npy: |w| = {info['norm']:.4g} {col} per unit of z (in-sample R^2 {info['r2_fit']:.3f})")
 
 

@@ -4,19 +4,17 @@ Evaluate HA-GAN: image quality as in the paper's Tables II-IV, and cost as in Ta
 Quality: generated volumes vs the held-out fold's real volumes, in the feature space of a 3D ResNet
 built like Med3D's (Chen et al. 2019, https://arxiv.org/abs/1904.00625; MedicalNet's resnet_*.pth load
 from a local path), as the paper did. Every score is printed beside its real-vs-real floor.
-    python eval.py --ckpt=out/ckpt.pt --data=data/demo                  # random-init features, labelled so
-    python eval.py --ckpt=out/ckpt.pt --data=data/demo --features=pretrain/resnet_50.pth --num=256
-    python eval.py --ckpt=out/fold{fold}/ckpt.pt --data=data/gsp --features=pretrain/resnet_50.pth --folds
-    python eval.py --ckpt=out/ckpt.pt --data=data/demo --input_norm=zscore --depth=10
+    python eval.py --ckpt=out/ckpt.pt --data_dir=data/demo              # random-init features, labelled so
+    python eval.py --ckpt=out/ckpt.pt --data_dir=data/demo --features=pretrain/resnet_50.pth --num=256
+    python eval.py --ckpt=out/fold{fold}/ckpt.pt --data_dir=data/gsp --features=pretrain/resnet_50.pth --folds
+    python eval.py --ckpt=out/ckpt.pt --data_dir=data/demo --input_norm=zscore --depth=10
 
-Cost: per S, parameters, peak memory and speed of one full training iteration (all four updates), the
-same for a non-amortised baseline, full-volume sampling time and store read rate; each cell runs in a
-fresh process, and a cell that runs out of memory says so instead of ending the table.
+Cost: per S, parameters, peak memory and speed of one training iteration (all four updates, through
+model.py's losses), the same for the model without sub-volume selection (non-amortised), full-volume
+sampling time and the store's read rates; each cell runs in a fresh process, and a cell that runs out
+of memory says so instead of ending the table.
     python eval.py --bench                                   # S = 32,64,128,256, batch 2, float32
     python eval.py --bench --sizes=32,64 --dtype=bfloat16 --mem_limit_gb=12
-Measured (2-core EPYC, shared): the full-size model has 74.7M/78.7M/79.6M/79.7M parameters at S=32/64/128/256
-(Table VII's figures); at 256^3 an HA-GAN iteration peaks at ~4.7 GiB RSS in float32 while the non-amortised
-one exceeds a 12 GiB cap. The 64^3 demo evaluates (64 generated, 128 real, resnet50) in ~30 s on CPU.
 """
 
 import json
@@ -33,14 +31,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import HAGAN, HAGANConfig, S_H, autocast_ctx, load_checkpoint, override
+from model import HAGAN, HAGANConfig, S_H, autocast_ctx, load_checkpoint, override, slab_range
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
 
 # -----------------------------------------------------------------------------
 # default config values (python eval.py --key=value overrides them; --flag alone means True)
 config = dict(
     # quality
     ckpt="out/ckpt.pt",  # train.py checkpoint; '{fold}' in the path is replaced per fold with --folds
-    data="data/demo",  # a folder written by prepare.py
+    data_dir="data/demo",  # a folder written by prepare.py
     num=64,  # generated volumes per fold (the official script used 2048; FID's bias grows as num shrinks)
     features="",  # MedicalNet resnet_*.pth; '' = a fixed-seed random-init net, and every figure says so
     depth=50,  # ResNet depth when --features is empty (10, 18, 34, 50, 101, 152, 200); a file decides its own
@@ -49,25 +49,22 @@ config = dict(
     folds=False,  # all 5 folds, mean +- std like Tables II-IV
     k=3,  # neighbours for improved precision/recall (Kynkaanniemi et al. 2019 use 3)
     ssim_pairs=16,  # volume pairs for MS-SSIM among generated and among real volumes
-    batch_size=2,  # volumes per generator / feature-network forward
-    slab=0,  # >0: G^H runs this many A-slices at a time when sampling (bounded memory, same volumes)
+    batch_size=2,  # volumes per generator / feature-network forward; --bench: the training batch (paper: 2)
+    chunk=0,  # >0: G^H runs this many A-slices at a time when sampling (bounded memory, same volumes)
     ema=True,  # evaluate the moving-average generator when the checkpoint has one
     seed=0,  # latent codes, real-data halves and the random-init feature net
-    device="",  # '' = cuda if available, else cpu
+    device="auto",  # 'cpu', 'cuda', 'cuda:1'...; 'auto' = cuda if available
     dtype="float32",  # autocast dtype for the generator ('float32', 'bfloat16', 'float16'); features stay fp32
-    out="",  # JSON path; '' = eval.json beside the checkpoint (quality) or out/bench.json (bench)
+    out="",  # output folder of eval.json ('' = the checkpoint's) or, with --bench, of bench.json ('' = out)
     # cost
     bench=False,  # run the cost table instead of the quality evaluation
     sizes="32,64,128,256",  # S values for --bench
-    batch=2,  # training batch for --bench (the paper's Fig. 6 and Table VIII use 2)
     warmup=2,  # untimed iterations first: oneDNN/cuDNN pick and build their kernels over the first one or two
     bench_seconds=10.0,  # then time at least this long (and at least one iteration)
     mem_limit_gb=20.0,  # CPU: address-space cap per cell process (RLIMIT_AS), so a blow-up is an OOM cell
     cell_timeout_s=1800.0,  # a cell slower than this is reported as "timed out"
-    store=True,  # also measure sub-volume batches/s from a prepared store of 4 random volumes per S
+    store=True,  # also measure get_batch's batches/s from a prepared store of 4 random volumes per S
     bench_width=1.0,  # channel multiplier of the benchmarked model (1.0 = the paper's; smaller for smoke tests)
-    bench_one=0,  # internal: run one cell of the table in this process (S)
-    bench_mode="hagan",  # internal: 'hagan' or 'full' (non-amortised baseline)
 )
 
 # -----------------------------------------------------------------------------
@@ -280,10 +277,6 @@ class ResNet3D(nn.Module):
         return x.mean((2, 3, 4))
 
 
-def resnet3d(depth=50, shortcut=""):
-    return ResNet3D(depth, shortcut)
-
-
 def load_med3d(path):
     """A MedicalNet resnet_*.pth ({'state_dict': 'module.'-prefixed keys}) -> ResNet3D in eval mode.
     Depth and shortcut type are read from the keys; the segmentation head (conv_seg.*) is dropped."""
@@ -381,7 +374,7 @@ def evaluate_fold(model, ds_all, ds_val, feats_all, net, c, fold, device):
             lab = (torch.as_tensor(cls[np.arange(a, b) % len(cls)]) if cls is not None
                    else torch.randint(cfg.num_classes, (b - a,), generator=g)).to(device)
         with autocast_ctx(device, c["dtype"]):
-            x = model.generate(z, lab, slab=c["slab"] or None).float()  # (b,1,D,H,W) in [-1,1]
+            x = model.generate(z, lab, chunk=c["chunk"]).float()  # (b,1,D,H,W) in [-1,1]
         if tuple(x.shape[2:]) != size:  # the paper upsampled its 128^3 baselines trilinearly likewise
             x = F.interpolate(x, size=size, mode="trilinear", align_corners=False)
         feats.append(extract(net, x, c["input_norm"], device))
@@ -419,12 +412,12 @@ def _ms(vals):
 
 def quality(c):
     from prepare import VolumeDataset, NUM_FOLDS
-    device = c["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = c["device"] if c["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if c["input_norm"] not in _INPUT_NORMS:
         raise SystemExit(f"error: --input_norm={c['input_norm']}: use one of {', '.join(_INPUT_NORMS)}")
     net, finfo = feature_net(c["features"], c["depth"], c["seed"])
     net = net.to(device)
-    ds_all = VolumeDataset(c["data"], split="all")
+    ds_all = VolumeDataset(c["data_dir"], split="all")
     t = time.time()
     feats_all = _real_features(ds_all, net, c, device)
     print(f"{len(ds_all)} real volumes embedded by {finfo['label']} ({feats_all.shape[1]} features) "
@@ -438,7 +431,7 @@ def quality(c):
             model, ckpt = load_checkpoint(path, device, ema=c["ema"])
         if f < 0:  # the checkpoint's own held-out fold
             f = int((ckpt.get("config") or {}).get("fold", 0))
-        ds_val = VolumeDataset(c["data"], split="val", fold=f)
+        ds_val = VolumeDataset(c["data_dir"], split="val", fold=f)
         results.append(dict(evaluate_fold(model, ds_all, ds_val, feats_all, net, c, f, device),
                             features=finfo["label"]))  # every figure carries its feature network's name
     summary = {key: dict(zip(("mean", "std"), _ms([r[key] for r in results])), features=finfo["label"])
@@ -448,14 +441,14 @@ def quality(c):
         note = ("one checkpoint scored against every fold's held-out volumes: it trained on four of these folds, "
                 "so this is not the paper's cross-validation (use --ckpt=out/fold{fold}/ckpt.pt for that)")
     report = dict(ckpt=c["ckpt"], iter_num=ckpt.get("iter_num"), img_size=list(model.cfg.shape),
-                  data=c["data"], data_img_size=list(ds_all.img_size), features=finfo,
+                  data_dir=c["data_dir"], data_img_size=list(ds_all.img_size), features=finfo,
                   input_norm=dict(name=c["input_norm"], description=_INPUT_NORMS[c["input_norm"]]),
                   floor="the same metric between two disjoint random halves of all real volumes",
                   folds=results, summary=summary, note=note, config=c)
     # ---- the readable table
     lab = finfo["label"]
     print(f"\nHA-GAN quality: {c['ckpt']} (iter {report['iter_num']}, {'x'.join(map(str, model.cfg.shape))}) "
-          f"vs {c['data']} held-out fold{'s' if len(results) > 1 else ''} "
+          f"vs {c['data_dir']} held-out fold{'s' if len(results) > 1 else ''} "
           f"{','.join(str(r['fold']) for r in results)}")
     print(f"features: {lab}, {finfo['weights']}" + ("" if finfo["pretrained"] else
           "  <- NOT Med3D: figures comparable only with other runs of the same random net"))
@@ -470,8 +463,8 @@ def quality(c):
         print(f"| {name.format(k=c['k'])} | {pm(a)} | {pm(b)} | {hint} |")
     if note:
         print(f"\nnote: {note}")
-    out = c["out"] or os.path.join(os.path.dirname(c["ckpt"].replace("{fold}", "0")) or ".", "eval.json")
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    out = os.path.join(c["out"] or os.path.dirname(c["ckpt"].replace("{fold}", "0")) or ".", "eval.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as fh:
         json.dump(report, fh, indent=1)
     print(f"\nwrote {out}")
@@ -482,70 +475,25 @@ def quality(c):
 # cost: one training iteration of HA-GAN, and of the same model without sub-volume selection
 
 
-def _only(model, phase):
-    """Gradients for one network only (D phase: D; G: G; E_H: E_H; E_G: E_G), as in train.py."""
-    for name in ("G", "D", "E_H", "E_G"):
-        for p in getattr(model, name).parameters():
-            p.requires_grad_(name == phase)
-
-
-def _step(opt, loss):
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-
-
-def hagan_iteration(model, opts, x_full, dtype, g):
-    """One HA-GAN iteration, all four updates (paper eqs. 4-7), at a random slab start r."""
+def iteration(model, opts, x_full, dtype, g, mode):
+    """One training iteration, the four updates (paper eqs. 4-7) through model.py's losses. mode 'hagan':
+    at a random slab start r. 'full': the non-amortised model, r=None (G^H lifts all of A to S^3, D^H
+    judges every slab of the whole volume, E^H reconstructs all of it): what the hierarchy avoids."""
     cfg, B, dev = model.cfg, x_full.shape[0], x_full.device
-    r = int(torch.randint(cfg.r_max + 1, (1,), generator=g))
-    x_slab, x_low = S_H(x_full, r), F.avg_pool3d(x_full, 4)  # (B,1,S/8,S,S), (B,1,S/4,S/4,S/4)
+    r = int(torch.randint(cfg.r_max + 1, (1,), generator=g)) if mode == "hagan" else None
+    x = x_full if r is None else S_H(x_full, r, cfg.num_slabs)  # (B,1,S,S,S) or (B,1,S/num_slabs,S,S)
+    x_low = F.avg_pool3d(x_full, 4)  # (B,1,S/4,S/4,S/4)
+
+    def z():
+        return torch.randn(B, cfg.latent_dim, generator=g).to(dev)
+    losses = dict(D=lambda: model.loss_D(x, x_low, r, z()), G=lambda: model.loss_G(r, z()),
+                  E_H=lambda: model.loss_E_H(x), E_G=lambda: model.loss_E_G(model.encode_A(x_full), x, x_low, r))
     with autocast_ctx(dev, dtype):
-        _only(model, "D")
-        _step(opts["D"], model.loss_D(x_slab, x_low, r, torch.randn(B, cfg.latent_dim, generator=g).to(dev))[0])
-        _only(model, "G")
-        _step(opts["G"], model.loss_G(r, torch.randn(B, cfg.latent_dim, generator=g).to(dev))[0])
-        _only(model, "E_H")
-        _step(opts["E_H"], model.loss_E_H(x_slab)[0])
-        _only(model, "E_G")
-        A_hat = model.encode_A(x_full)  # (B,64,S/4,S/4,S/4), no gradients
-        _step(opts["E_G"], model.loss_E_G(A_hat, x_slab, x_low, r)[0])
-
-
-def _full_D(model, x, low):
-    """The non-amortised D: D^H judges all 8 non-overlapping slabs of the whole volume (logits averaged,
-    gradients through all of them), D^L the low-res volume. Same convolutions over the same voxels as a
-    D^H built for S^3 inputs, so the same activation memory, without new weights to invent."""
-    n = model.cfg.slab_a
-    h = torch.stack([model.D.D_H(S_H(x, v * n), v * n)[0] for v in range(8)]).mean(0)
-    return (h + model.D.D_L(low)[0]) / 2
-
-
-def full_iteration(model, opts, x_full, dtype, g):
-    """The same four updates without sub-volume selection: G^H lifts all of A to S^3, D^H sees the whole
-    volume, E^H's reconstruction covers the whole volume. What the hierarchical scheme avoids."""
-    cfg, B, dev = model.cfg, x_full.shape[0], x_full.device
-    G, bce = model.G, F.binary_cross_entropy_with_logits
-    x_low = F.avg_pool3d(x_full, 4)
-    with autocast_ctx(dev, dtype):
-        _only(model, "D")
-        with torch.no_grad():
-            A = G.G_A(torch.randn(B, cfg.latent_dim, generator=g).to(dev))
-            fake, fake_low = G.G_H(A), G.G_L(A)  # (B,1,S,S,S), (B,1,S/4,S/4,S/4)
-        real, fk = _full_D(model, x_full, x_low).float(), _full_D(model, fake, fake_low).float()
-        _step(opts["D"], bce(real, torch.ones_like(real)) + bce(fk, torch.zeros_like(fk)))
-        _only(model, "G")
-        A = G.G_A(torch.randn(B, cfg.latent_dim, generator=g).to(dev))
-        fk = _full_D(model, G.G_H(A), G.G_L(A)).float()
-        _step(opts["G"], bce(fk, torch.ones_like(fk)))
-        _only(model, "E_H")
-        n = x_full.shape[2] // 8
-        A_hat = torch.cat([model.E_H(x_full[:, :, v:v + n]) for v in range(0, x_full.shape[2], n)], 2)
-        _step(opts["E_H"], 5 * F.l1_loss(G.G_H(A_hat).float(), x_full))
-        _only(model, "E_G")
-        A = G.G_A(model.E_G(model.encode_A(x_full)))
-        loss = (F.l1_loss(G.G_H(A).float(), x_full) + F.l1_loss(G.G_L(A).float(), x_low)) / 2
-        _step(opts["E_G"], 5 * loss)
+        for name, loss_fn in losses.items():
+            model.train_only(name)
+            opts[name].zero_grad(set_to_none=True)
+            loss_fn()[0].backward()
+            opts[name].step()
 
 
 def _is_oom(e):
@@ -556,12 +504,12 @@ def _is_oom(e):
 
 def bench_one(S, mode, c):
     """One cell of the cost table, in this (fresh) process -> dict."""
-    device = c["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = c["device"] if c["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cpu" and c["mem_limit_gb"] > 0:  # turn a runaway into a MemoryError, not a frozen machine
         lim = int(c["mem_limit_gb"] * 2 ** 30)
         resource.setrlimit(resource.RLIMIT_AS, (lim, lim))
-    res = dict(S=S, mode=mode, batch=c["batch"], dtype=c["dtype"], device=str(dev))
+    res = dict(S=S, mode=mode, batch_size=c["batch_size"], dtype=c["dtype"], device=str(dev))
     try:
         torch.manual_seed(0)
         # the paper's widths and latent size (1024) unless bench_width says otherwise
@@ -569,20 +517,19 @@ def bench_one(S, mode, c):
         res["params"] = sum(p.numel() for p in model.parameters())
         opts = model.configure_optimizers()  # the paper's learning rates and betas, as train.py's defaults
         g = torch.Generator().manual_seed(0)
-        x_full = (torch.rand(c["batch"], 1, S, S, S, generator=g) * 2 - 1).to(dev)  # stands in for real volumes
-        it = hagan_iteration if mode == "hagan" else full_iteration
+        x_full = (torch.rand(c["batch_size"], 1, S, S, S, generator=g) * 2 - 1).to(dev)  # stands in for real volumes
         sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         for i in range(max(1, c["warmup"])):  # warm-up; its memory counts (optimizer state appears here)
             t0 = time.perf_counter()
-            it(model, opts, x_full, c["dtype"], g)
+            iteration(model, opts, x_full, c["dtype"], g, mode)
             sync()
             if i == 0:
                 res["first_iter_s"] = time.perf_counter() - t0
         n, t0 = 0, time.perf_counter()
         while n == 0 or time.perf_counter() - t0 < c["bench_seconds"]:
-            it(model, opts, x_full, c["dtype"], g)
+            iteration(model, opts, x_full, c["dtype"], g, mode)
             sync()
             n += 1
         res["it_per_s"] = n / (time.perf_counter() - t0)
@@ -608,20 +555,15 @@ def bench_one(S, mode, c):
 
 
 def _run_cell(S, mode, c):
-    """bench_one in a fresh interpreter: peak RSS / CUDA peak belong to this cell alone."""
-    args = [sys.executable, os.path.abspath(__file__), f"--bench_one={S}", f"--bench_mode={mode}",
-            f"--batch={c['batch']}", f"--dtype={c['dtype']}", f"--device={c['device']}",
-            f"--bench_seconds={c['bench_seconds']}", f"--mem_limit_gb={c['mem_limit_gb']}", f"--warmup={c['warmup']}"]
-    if c.get("bench_width", 1.0) != 1.0:
-        args.append(f"--bench_width={c['bench_width']}")
+    """bench_one in a fresh interpreter, so that its peak RSS / CUDA peak belong to this cell alone."""
+    code = "import eval, json, sys; print(json.dumps(eval.bench_one(*json.loads(sys.argv[1]))))"
     try:
-        p = subprocess.run(args, capture_output=True, text=True, timeout=c["cell_timeout_s"],
-                           cwd=os.path.dirname(os.path.abspath(__file__)))
+        p = subprocess.run([sys.executable, "-c", code, json.dumps([S, mode, c])], capture_output=True, text=True,
+                           timeout=c["cell_timeout_s"], cwd=ROOT)
     except subprocess.TimeoutExpired:
         return dict(S=S, mode=mode, timeout=True)
-    for line in p.stdout.splitlines():
-        if line.startswith("BENCH_RESULT "):
-            return json.loads(line[len("BENCH_RESULT "):])
+    if p.returncode == 0:
+        return json.loads(p.stdout.splitlines()[-1])
     tail = (p.stderr.strip().splitlines() or ["(no output)"])[-1][:200]
     # killed by a signal (the kernel's OOM killer, or an allocator crash past the cap) counts as OOM
     if p.returncode < 0 or _is_oom(tail) or "memory" in tail.lower():
@@ -629,10 +571,11 @@ def _run_cell(S, mode, c):
     return dict(S=S, mode=mode, error=f"rc {p.returncode}: {tail}")
 
 
-def store_rate(S, batch, n=4, iters=20):
-    """Sub-volume batches/s (get_batch: B slabs + B low-res volumes) from a store of n random volumes
-    prepared by prepare.py itself; the page cache is warm, so this is the memory-map path, not the disk."""
+def store_rate(S, batch_size, n=4, iters=20):
+    """get_batch's batches/s from a store of n random volumes prepared by prepare.py itself, warm page cache
+    (the memory-map path, not the disk): (whole volumes, as train.py reads them; one slab each)."""
     import prepare
+    cfg = HAGANConfig(img_size=S)
     with tempfile.TemporaryDirectory() as d:
         raw = os.path.join(d, "raw")
         os.makedirs(raw)
@@ -643,7 +586,17 @@ def store_rate(S, batch, n=4, iters=20):
                                      log=lambda *a, **k: None)
         if rc != 0:
             raise RuntimeError(f"prepare_dataset returned {rc}")
-        return prepare.bench_sampling(os.path.join(d, "store"), batch_size=batch, iters=iters)
+        ds = prepare.VolumeDataset(os.path.join(d, "store"), split="all")
+        g = torch.Generator().manual_seed(0)
+
+        def rate(slab):
+            ds.get_batch(batch_size, generator=g)  # warm the page cache
+            t = time.perf_counter()
+            for _ in range(iters):
+                r = int(torch.randint(cfg.r_max + 1, (1,), generator=g))
+                ds.get_batch(batch_size, slab_range(r, S, cfg.num_slabs) if slab else None, generator=g)
+            return iters / (time.perf_counter() - t)
+        return rate(False), rate(True)
 
 
 def _mem(r):
@@ -666,7 +619,7 @@ def _rate(r, key="it_per_s", fmt="{:.3g}"):
 
 def bench(c):
     sizes = [int(s) for s in str(c["sizes"]).split(",") if s.strip()]
-    device = c["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = c["device"] if c["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     mem_what = "CUDA max allocated" if device.startswith("cuda") else "peak process RSS"
     rows = []
     for S in sizes:
@@ -677,46 +630,46 @@ def bench(c):
         st = None
         if c["store"]:
             try:
-                st = store_rate(S, c["batch"])
+                st = dict(zip(("whole", "slab"), store_rate(S, c["batch_size"])))
             except Exception as e:
                 st = f"n/a ({type(e).__name__}: {str(e).splitlines()[0][:60] if str(e) else ''})"
         rows.append(dict(S=S, hagan=h, full=f, store_batches_per_s=st))
     # ---- the markdown table
-    lines = [f"HA-GAN cost on {device} ({_device_name(device)}), batch {c['batch']}, {c['dtype']}"
-             + (f", width x{c['bench_width']:g} (NOT the paper's model)" if c.get("bench_width", 1.0) != 1.0 else "") + "; "
+    width = f", width x{c['bench_width']:g} (NOT the paper's model)" if c["bench_width"] != 1.0 else ""
+    lines = [f"HA-GAN cost on {device} ({_device_name(device)}), batch {c['batch_size']}, {c['dtype']}{width}; "
              f"memory = {mem_what} (MiB)\n",
              "| S | parameters | HA-GAN train memory | HA-GAN it/s | sample s/volume | non-amortised memory "
-             "| non-amortised it/s | memory saved | store batches/s |",
+             "| non-amortised it/s | memory saved | store batches/s, whole / slab |",
              "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         h, f = row["hagan"], row["full"]
-        params = f"{h['params'] / 1e6:.1f}M" if "params" in h else (f"{f['params'] / 1e6:.1f}M" if "params" in f else "-")
+        params = next((f"{r['params'] / 1e6:.1f}M" for r in (h, f) if "params" in r), "-")
         saved = "-"
         if "peak_mem_mib" in h and "peak_mem_mib" in f:
             saved = f"{f['peak_mem_mib'] / h['peak_mem_mib']:.1f}x"
-        elif "peak_mem_mib" in h and (f.get("oom") or f.get("timeout")):
-            saved = "fits only amortised" if f.get("oom") else "-"
+        elif "peak_mem_mib" in h and f.get("oom"):
+            saved = "fits only amortised"
         st = row["store_batches_per_s"]
-        st = f"{st:.0f}" if isinstance(st, float) else (st or "-")
+        st = f"{st['whole']:.0f} / {st['slab']:.0f}" if isinstance(st, dict) else (st or "-")
         lines.append(f"| {row['S']}^3 | {params} | {_mem(h)} | {_rate(h)} | {_rate(h, 'sample_s', '{:.2f}')} "
                      f"| {_mem(f)} | {_rate(f)} | {saved} | {st} |")
+    cap = (f"its {c['mem_limit_gb']:g} GiB address-space cap (RLIMIT_AS)" if not device.startswith("cuda")
+           else "the GPU's memory")
     lines += ["",
-              "HA-GAN: one training iteration = the four updates D, G, E^H, E^G (paper eqs. 4-7) with their own Adam "
-              "optimisers, random slab start r; random volumes stand in for data. Non-amortised: the same model and "
-              "updates without sub-volume selection: G^H lifts all of A to S^3, D^H judges the whole volume as its 8 "
-              "non-overlapping slabs (logits averaged, gradients through all 8; the same convolutions over the same "
-              "voxels as a D^H built for S^3 inputs), E^H's reconstruction covers the whole volume.",
+              "HA-GAN: one training iteration = the four updates D, G, E^H, E^G (paper eqs. 4-7, model.py's losses) "
+              "with their own Adam optimisers, random slab start r; random volumes stand in for data. Non-amortised: "
+              "the same model, losses and updates without sub-volume selection (r=None): G^H lifts all of A to S^3, "
+              "D^H judges every slab of the whole volume (logits averaged, gradients through all of them; the same "
+              "convolutions over the same voxels as a D^H built for S^3 inputs), E^H reconstructs the whole volume.",
               f"Memory: {mem_what} of a fresh process per cell"
-              + (" (includes the Python/torch runtime, ~0.3-0.5 GiB, and weights + Adam state);" if mem_what.startswith("peak")
-                 else ";") + f" 'out of memory' = the cell hit "
-              + (f"its {c['mem_limit_gb']:g} GiB address-space cap (RLIMIT_AS)." if not device.startswith("cuda")
-                 else "the GPU's memory.")
-              + f" it/s after {c['warmup']} warm-up iterations; sample s = one full S^3 volume, G^A then G^H on all of A, batch 1."
-              " store batches/s: prepare.py's get_batch (B slabs + B low-res volumes) from a 4-volume store, warm cache."]
+              + (" (includes the Python/torch runtime and weights + Adam state)" if mem_what.startswith("peak") else "")
+              + f"; 'out of memory' = the cell hit {cap}. it/s after {c['warmup']} warm-up iterations; sample s = "
+              "one full S^3 volume, G^A then G^H on all of A, batch 1. store batches/s: prepare.py's get_batch "
+              "(B whole volumes, or B slabs, + B low-res volumes) from a 4-volume store, warm page cache."]
     table = "\n".join(lines)
     print("\n" + table)
-    out = c["out"] or os.path.join("out", "bench.json")
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    out = os.path.join(c["out"] or "out", "bench.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as fh:
         json.dump(dict(rows=rows, table=table, config=c), fh, indent=1)
     print(f"\nwrote {out}")
@@ -738,9 +691,7 @@ def _device_name(device):
 
 if __name__ == "__main__":
     override(config)
-    if config["bench_one"]:
-        print("BENCH_RESULT " + json.dumps(bench_one(config["bench_one"], config["bench_mode"], config)), flush=True)
-    elif config["bench"]:
+    if config["bench"]:
         bench(config)
     else:
         quality(config)

@@ -4,7 +4,7 @@ https://ieeexplore.ieee.org/document/9770375 ; notation follows the paper (Table
 
     G^A  G.G_A   common trunk: z[, c] -> A, 64 channels on the (S/4)^3 grid
     G^L  G.G_L   A -> low-res volume X^L, (S/4)^3
-    G^H  G.G_H   a slab of A (S/32 slices) -> high-res sub-volume (S/8 x S x S); all of A -> S^3
+    G^H  G.G_H   a slab of A (D/4/num_slabs slices) -> high-res slab (D/num_slabs x H x W); all of A -> S^3
     D^H  D.D_H   (high-res slab, its start r) -> logit
     D^L  D.D_L   low-res volume -> logit
     E^H  E_H     high-res slab -> its slice of A-hat
@@ -14,10 +14,14 @@ The official code (github.com/batmanlab/HA-GAN) calls these Generator (G^A+G^H, 
 Discriminator (D^H, with sub_D = D^L), Encoder (E^H) and Sub_Encoder (E^G). With default widths our
 modules have exactly its layers, so its checkpoints load (HAGAN.from_official) and generate the same
 volumes. We also build any S in {32, 64, 128, 256, 512} and non-cubic (D, H, W) volumes by the same
-rule, and a `width` factor shrinks every channel count for tests.
+rule, and a `width` factor shrinks every channel count for tests. `num_slabs` (the paper's 8) says
+into how many slabs the depth axis is cut; every slab size and slab position derives from it.
 
-Also here, because everything imports this file: the selector functions S^H / S^L, the command-line
-config override used by every script, and checkpoint loading.
+Also here, because everything imports this file: the selector functions S^H / S^L, the losses of the
+four updates, checkpoint loading, and the command-line config override used by every script.
+
+    python train.py config/train_demo.py       # trains these networks
+    python sample.py --out samples/            # generates with them
 """
 
 import ast
@@ -31,6 +35,8 @@ from dataclasses import dataclass, asdict, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+GN_GROUPS = 8  # GroupNorm's group count in G and E (official); every channel count is a multiple of it
 
 # -----------------------------------------------------------------------------
 # configuration
@@ -46,6 +52,7 @@ class HAGANConfig:
     dh_channels: int = 512  # official Discriminator `channel` (D^H)
     dl_channels: int = 256  # official Sub_Discriminator `channel` (D^L)
     eg_channels: int = 256  # official Sub_Encoder `channel` (E^G)
+    num_slabs: int = 8  # the depth axis is cut into this many slabs (paper: 8); G^H and D^H train on one
 
     def __post_init__(self):
         s = self.img_size
@@ -58,6 +65,9 @@ class HAGANConfig:
         self.img_size = s[0] if s[0] == s[1] == s[2] else s
         if self.latent_dim < 1 or self.num_classes < 0 or self.width <= 0:
             raise ValueError("latent_dim must be >= 1, num_classes >= 0, width > 0")
+        if self.num_slabs < 1 or s[0] // 4 % self.num_slabs:
+            raise ValueError(f"num_slabs={self.num_slabs} must divide A's depth {s[0] // 4} (the volume's depth / 4), "
+                             f"so that every slab is whole slices of A")
 
     @property
     def shape(self):  # (D, H, W) of the full-resolution volume
@@ -69,16 +79,16 @@ class HAGANConfig:
         return tuple(d // 4 for d in self.shape)
 
     @property
-    def slab_a(self):  # slices of A in one training slab (S/32)
-        return self.shape[0] // 32
+    def slab_a(self):  # slices of A in one training slab (S/32 with 8 slabs)
+        return self.a_shape[0] // self.num_slabs
 
     @property
-    def r_max(self):  # largest slab start on the A grid (7S/32; 56 at S=256)
+    def r_max(self):  # largest slab start on the A grid (56 at S=256 with 8 slabs)
         return self.a_shape[0] - self.slab_a
 
     def ch(self, n):
-        # every width-scaled count stays a multiple of 8 because GroupNorm uses 8 groups
-        return max(8, int(round(n * self.width / 8)) * 8)
+        # every width-scaled count stays a multiple of GN_GROUPS
+        return max(GN_GROUPS, int(round(n * self.width / GN_GROUPS)) * GN_GROUPS)
 
 
 # -----------------------------------------------------------------------------
@@ -87,23 +97,23 @@ class HAGANConfig:
 # voxels (the official code draws r per voxel and crops A at r//4, which misaligns them).
 
 
-def slab_range(r, depth):
+def slab_range(r, depth, num_slabs):
     """High-res voxel range [start, stop) along axis D of slab r for a volume of depth `depth`."""
-    n = depth // 8
-    if not 0 <= r <= depth // 4 - depth // 32:
-        raise ValueError(f"slab start r={r} outside [0, {depth // 4 - depth // 32}] for depth {depth}")
+    n = depth // num_slabs
+    r_max = depth // 4 - n // 4
+    if not 0 <= r <= r_max:
+        raise ValueError(f"slab start r={r} outside [0, {r_max}] for depth {depth} in {num_slabs} slabs")
     return 4 * r, 4 * r + n
 
 
-def S_L(A, r):
-    """S^L(A; r): the A slices that G^H lifts to the high-res slab r. (B,C,D/4,h,w) -> (B,C,D/32,h,w)"""
-    n = A.shape[2] // 8
-    return A[:, :, r:r + n]
+def S_L(A, r, num_slabs):
+    """S^L(A; r): the A slices that G^H lifts to the high-res slab r. (B,C,D/4,h,w) -> (B,C,D/4/num_slabs,h,w)"""
+    return A[:, :, r:r + A.shape[2] // num_slabs]
 
 
-def S_H(X, r):
-    """S^H(X; r): the high-res slab r of a full volume. (B,1,D,H,W) -> (B,1,D/8,H,W)"""
-    a, b = slab_range(r, X.shape[2])
+def S_H(X, r, num_slabs):
+    """S^H(X; r): the high-res slab r of a full volume. (B,1,D,H,W) -> (B,1,D/num_slabs,H,W)"""
+    a, b = slab_range(r, X.shape[2], num_slabs)
     return X[:, :, a:b]
 
 
@@ -185,7 +195,7 @@ class G_A(nn.Module):
         self.num_classes = cfg.num_classes
         self.fc = nn.Linear(cfg.latent_dim + cfg.num_classes, chans[0] * math.prod(self.base))
         self.convs = nn.ModuleList(nn.Conv3d(i, o, 3, padding=1) for i, o in zip(chans[:1] + chans[:-1], chans))
-        self.norms = nn.ModuleList(nn.GroupNorm(8, o) for o in chans)
+        self.norms = nn.ModuleList(nn.GroupNorm(GN_GROUPS, o) for o in chans)
 
     def forward(self, z, c=None):
         if self.num_classes:
@@ -205,7 +215,7 @@ class G_H(nn.Module):
         super().__init__()
         c_a, c = cfg.ch(2 * cfg.g_channels), cfg.ch(cfg.g_channels)
         self.conv1 = nn.Conv3d(c_a, c, 3, padding=1)
-        self.norm1 = nn.GroupNorm(8, c)
+        self.norm1 = nn.GroupNorm(GN_GROUPS, c)
         self.conv2 = nn.Conv3d(c, 1, 3, padding=1)
 
     def forward(self, a):  # (B,64,d,h,w) -> (B,1,4d,4h,4w)
@@ -220,9 +230,9 @@ class G_L(nn.Module):
         super().__init__()
         c_a, c = cfg.ch(2 * cfg.g_channels), cfg.ch(cfg.g_channels)
         self.conv1 = nn.Conv3d(c_a, c, 3, padding=1)
-        self.norm1 = nn.GroupNorm(8, c)
+        self.norm1 = nn.GroupNorm(GN_GROUPS, c)
         self.conv2 = nn.Conv3d(c, cfg.ch(cfg.g_channels // 2), 3, padding=1)
-        self.norm2 = nn.GroupNorm(8, cfg.ch(cfg.g_channels // 2))
+        self.norm2 = nn.GroupNorm(GN_GROUPS, cfg.ch(cfg.g_channels // 2))
         self.conv3 = nn.Conv3d(cfg.ch(cfg.g_channels // 2), 1, 3, padding=1)
 
     def forward(self, a):  # (B,64,S/4,S/4,S/4) -> (B,1,S/4,S/4,S/4)
@@ -245,21 +255,22 @@ class Generator(nn.Module):
         self.G_A, self.G_L, self.G_H = G_A(cfg), G_L(cfg), G_H(cfg)
 
     def forward(self, z, r, c=None):
-        """Training forward (eqs. 2-3): (high-res slab at r (B,1,S/8,S,S), low-res (B,1,S/4,S/4,S/4)).
-        Only A's slab r goes through G^H, so no full-resolution tensor is ever made."""
+        """Training forward (eqs. 2-3): (high-res slab at r (B,1,D/num_slabs,H,W), low-res (B,1,D/4,H/4,W/4)).
+        Only A's slab r goes through G^H, so no full-resolution tensor is ever made. r=None lifts all
+        of A instead: the non-amortised model that eval.py --bench compares against."""
         A = self.G_A(z, c)
-        return self.G_H(S_L(A, r)), self.G_L(A)
+        return self.G_H(A if r is None else S_L(A, r, self.cfg.num_slabs)), self.G_L(A)
 
     @torch.no_grad()
-    def generate(self, z, c=None, slab=None):
-        """Whole S^3 volumes, (B,1,D,H,W): G^H on all of A (paper Fig. 2). With slab=k, G^H runs k
+    def generate(self, z, c=None, chunk=0):
+        """Whole S^3 volumes, (B,1,D,H,W): G^H on all of A (paper Fig. 2). With chunk=k, G^H runs k
         slices of A at a time and gives the same result (to float rounding) in bounded memory."""
         A = self.G_A(z, c)
-        if not slab:
+        if not chunk:
             return self.G_H(A)
-        return self._G_H_slabwise(A, int(slab))
+        return self._G_H_chunked(A, int(chunk))
 
-    def _G_H_slabwise(self, A, k):
+    def _G_H_chunked(self, A, k):
         """G^H(A) in depth chunks of k A-slices. GroupNorm normalises over the whole volume, so a
         first pass computes conv1's output Y chunk by chunk and its per-group statistics; Y (1/8 of
         the output's voxels at 32 channels) is kept so that this, the most expensive conv, runs once. Each chunk
@@ -318,8 +329,9 @@ def _depth_conv(conv, x, x0, n, y0, y1):
 
 
 class D_H(nn.Module):
-    """(high-res slab (B,1,S/8,S,S), r) -> logit (B,1) [, class logits (B,K)]. Stride-2 4^3 convs
-    bring the slab to (4,32,32) (3 of them at S=256, 2 at S=128), then the official tail."""
+    """(high-res slab (B,1,D/num_slabs,H,W), r) -> logit (B,1) [, class logits (B,K)]. Stride-2 4^3
+    convs bring the slab's plane to 32x32 (3 of them at S=256, 2 at S=128), then the official tail,
+    whose convs halve the depth while it is >= 2 and end on what is left."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -329,7 +341,10 @@ class D_H(nn.Module):
         stem = [cfg.ch(c // 8 >> (n_stem - 1 - i)) for i in range(n_stem)]
         chans = [1] + stem
         convs = [SNConv3d(i, o, 4, 2, 1) for i, o in zip(chans[:-1], chans[1:])]
-        d, h, w = D // 8 >> n_stem, H >> n_stem, W >> n_stem
+        d, h, w = D // cfg.num_slabs >> n_stem, H >> n_stem, W >> n_stem
+        if d < 1:
+            raise ValueError(f"num_slabs={cfg.num_slabs}: a slab of {D // cfg.num_slabs} voxels is too thin for "
+                             f"D^H's {n_stem} stride-2 convs at this size; use fewer slabs")
         prev = chans[-1]
         for o in (cfg.ch(c // 4), cfg.ch(c // 2)):  # official conv4, conv5: depth and plane halve
             kd = 2 if d >= 2 else 1
@@ -349,7 +364,7 @@ class D_H(nn.Module):
             x = F.leaky_relu(conv(x), 0.2)
         x = x.flatten(1)  # (B,128)
         # r enters normalised to [0, 1] by this S's largest start (official: crop_idx/224 at 256)
-        pos = torch.full((x.shape[0], 1), r / self.r_max, dtype=x.dtype, device=x.device)
+        pos = torch.full((x.shape[0], 1), r / max(self.r_max, 1), dtype=x.dtype, device=x.device)
         x = F.leaky_relu(self.fc1(torch.cat([x, pos], 1)), 0.2)
         return self.fc2(x), (self.fc_class(x) if self.fc_class is not None else None)
 
@@ -377,10 +392,19 @@ class Discriminator(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.D_H, self.D_L = D_H(cfg), D_L(cfg)
+        self.num_slabs, self.slab_a = cfg.num_slabs, cfg.slab_a
 
     def forward(self, slab, r, low):
-        """Logits of D^H and D^L averaged, as the official code does; the class logits likewise."""
-        h, hc = self.D_H(slab, r)
+        """Logits of D^H and D^L averaged, as the official code does; the class logits likewise.
+        r=None: `slab` is the whole volume and D^H judges every one of its slabs (the non-amortised
+        model of eval.py --bench), their logits averaged."""
+        if r is None:
+            n = slab.shape[2] // self.num_slabs
+            hs = [self.D_H(slab[:, :, v * n:(v + 1) * n], v * self.slab_a) for v in range(self.num_slabs)]
+            h = torch.stack([a for a, _ in hs]).mean(0)
+            hc = None if hs[0][1] is None else torch.stack([b for _, b in hs]).mean(0)
+        else:
+            h, hc = self.D_H(slab, r)
         l, lc = self.D_L(low)
         return (h + l) / 2, (None if hc is None else (hc + lc) / 2)
 
@@ -390,17 +414,17 @@ class Discriminator(nn.Module):
 
 
 class E_H(nn.Module):
-    """high-res slab (B,1,S/8,S,S) -> its part of A-hat (B,64,S/32,S/4,S/4)."""
+    """high-res slab (B,1,d,H,W) -> its part of A-hat (B,64,d/4,H/4,W/4)."""
 
     def __init__(self, cfg):
         super().__init__()
         c, h = cfg.ch(2 * cfg.g_channels), cfg.ch(cfg.g_channels)  # c = A's channels: G^H lifts E^H's output
         self.conv1 = nn.Conv3d(1, h, 4, 2, 1)
-        self.norm1 = nn.GroupNorm(8, h)
+        self.norm1 = nn.GroupNorm(GN_GROUPS, h)
         self.conv2 = nn.Conv3d(h, h, 3, 1, 1)
-        self.norm2 = nn.GroupNorm(8, h)
+        self.norm2 = nn.GroupNorm(GN_GROUPS, h)
         self.conv3 = nn.Conv3d(h, c, 4, 2, 1)
-        self.norm3 = nn.GroupNorm(8, c)
+        self.norm3 = nn.GroupNorm(GN_GROUPS, c)
 
     def forward(self, x):
         x = F.relu(self.norm1(self.conv1(x)))
@@ -417,7 +441,7 @@ class E_G(nn.Module):
         n = _halvings(a, 4)
         chans = [cfg.ch(2 * cfg.g_channels)] + [cfg.ch(c >> (n - 1 - i)) for i in range(n)]
         self.convs = nn.ModuleList(nn.Conv3d(i, o, 4, 2, 1) for i, o in zip(chans[:-1], chans[1:]))
-        self.norms = nn.ModuleList(nn.GroupNorm(8, o) for o in chans[1:])
+        self.norms = nn.ModuleList(nn.GroupNorm(GN_GROUPS, o) for o in chans[1:])
         self.head = nn.Conv3d(chans[-1], cfg.latent_dim, tuple(d >> n for d in a))
 
     def forward(self, x):
@@ -428,6 +452,8 @@ class E_G(nn.Module):
 
 # -----------------------------------------------------------------------------
 # the whole model
+
+NETS = ("D", "G", "E_H", "E_G")  # the four networks, in the order the paper's updates train them
 
 
 class HAGAN(nn.Module):
@@ -443,20 +469,26 @@ class HAGAN(nn.Module):
         print(f"HA-GAN {'x'.join(map(str, cfg.shape))}: parameters G {n['G'] / 1e6:.2f}M, D {n['D'] / 1e6:.2f}M, "
               f"E_H {n['E_H'] / 1e6:.3f}M, E_G {n['E_G'] / 1e6:.2f}M, total {sum(n.values()) / 1e6:.2f}M")
 
-    def generate(self, z, c=None, slab=None):
-        return self.G.generate(z, c, slab)
+    def generate(self, z, c=None, chunk=0):
+        return self.G.generate(z, c, chunk)
+
+    def train_only(self, name):
+        """Gradients for network `name` alone ('D', 'G', 'E_H' or 'E_G'): each of the paper's four
+        alternating updates trains one network against the others frozen. Returns that network."""
+        for k in NETS:
+            getattr(self, k).requires_grad_(k == name)
+        return getattr(self, name)
 
     def configure_optimizers(self, lr_G=1e-4, lr_D=4e-4, lr_E=1e-4, betas=(0.0, 0.999)):
         """One Adam per update, keyed and ordered as the updates run (defaults: paper Sec. III-E)."""
-        nets = dict(D=self.D, G=self.G, E_H=self.E_H, E_G=self.E_G)
         lrs = dict(D=lr_D, G=lr_G, E_H=lr_E, E_G=lr_E)
-        return {k: torch.optim.Adam(net.parameters(), lr=lrs[k], betas=betas, eps=1e-8) for k, net in nets.items()}
+        return {k: torch.optim.Adam(getattr(self, k).parameters(), lr=lrs[k], betas=betas, eps=1e-8) for k in NETS}
 
     @torch.no_grad()
     def encode_A(self, x):
-        """A-hat for whole volumes x (B,1,D,H,W): E^H on each of the 8 non-overlapping slabs T_v,
-        concatenated on A's grid (paper Sec. III-C). One slab's activations at a time."""
-        n = x.shape[2] // 8
+        """A-hat for whole volumes x (B,1,D,H,W): E^H on each of the num_slabs non-overlapping slabs
+        T_v, concatenated on A's grid (paper Sec. III-C). One slab's activations at a time."""
+        n = x.shape[2] // self.cfg.num_slabs
         return torch.cat([self.E_H(x[:, :, v:v + n]) for v in range(0, x.shape[2], n)], dim=2)
 
     @torch.no_grad()
@@ -640,7 +672,8 @@ def autocast_ctx(device, dtype):
 def override(config, argv=None):
     """Apply `config/*.py` files (run in an empty namespace; only keys of `config`, no typos) and
     `--key=value` or `--key value` arguments to the dict `config`, in order. The default's type is
-    the schema: an int may become a float, nothing else changes type. Exits with one line on error."""
+    the schema: an int may become a float, nothing else changes type. A list-valued key repeats on
+    the command line (--input=a --input=b). Exits with one line on error."""
     argv = sys.argv[1:] if argv is None else list(argv)
 
     def fail(msg):
@@ -678,9 +711,9 @@ def override(config, argv=None):
                     setkey(k, v, arg)
             i += 1
             continue
-        key = arg[2:]
-        if "=" in key:
-            key, val = key.split("=", 1)
+        key, eq, val = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if eq:
             i += 1
         else:
             if i + 1 >= len(argv) or (argv[i + 1].startswith("--") and key in config
@@ -694,5 +727,7 @@ def override(config, argv=None):
             v = val  # a plain string such as a path
         if key in config and isinstance(config[key], str) and not isinstance(v, str):
             v = val  # '--out=123' is still a path
-        setkey(key.replace("-", "_"), v, f"--{key}")
+        if key in config and isinstance(config[key], list) and not isinstance(v, list):
+            v = config[key] + [val]  # one more value of a repeatable option
+        setkey(key, v, f"--{key}")
     return config

@@ -1,71 +1,62 @@
 """
-Volume I/O, the memory-mapped training store, fast sub-volume sampling and demo data for HA-GAN.
+Scans -> the memory-mapped training store, and the store's reader (VolumeDataset). One file.
 
-HA-GAN (Sun et al., IEEE JBHI 2022, https://arxiv.org/abs/2008.01910) trains on one high-res slab
-(D/8 x H x W) plus the whole low-res (D/4 x H/4 x W/4) volume of B random scans per iteration.
-We turn every scan into that form once, here, and store all of them in two .npy memory maps, so a
-training batch reads ~18 MiB of float16 and nothing else (the official code loads a 128 MiB float64
-volume per scan per iteration and downsamples it on the GPU).
+HA-GAN (Sun et al., IEEE JBHI 2022, https://arxiv.org/abs/2008.01910) trains on B random scans per
+iteration: their whole low-res (D/4 x H/4 x W/4) volumes, one high-res slab of each, and for E^G's
+update (eq. 7) their whole high-res volumes. We turn every scan into that form once, here: reoriented,
+windowed to [-1, 1], trimmed, resampled with anti-aliasing, and stored with its 4x4x4 block means in
+two float16 .npy memory maps. Reading a batch is then a memcpy (the official code loads a 128 MiB
+float64 file per scan per iteration and downsamples it on the GPU).
 
-Prepare real scans (NIfTI, MGH/MGZ, MINC1, Analyze, AFNI, PAR/REC, or .npy; folders, globs or a .txt list):
+Prepare scans (NIfTI, MGH/MGZ, MINC1, Analyze, AFNI, PAR/REC, or .npy; folders, globs or a .txt list):
     python prepare.py --input=scans/ --out=data/copd --img_size=256 --modality=ct --labels=labels.csv --workers=2
     python prepare.py --input="brains/**/*.mgz" --out=data/gsp --modality=mri
-    python prepare.py --input=list.txt --out=data/ct160 --img_size=160,256,256 --spacing=1.5
-Demo data (procedural CT thorax phantoms in HU, with emphysema class 0-4; the README's default):
-    python prepare.py --demo                                    # data/demo, 128 volumes at 64^3
-    python prepare.py --demo --out=data/tiny --num=10 --img_size=32
+    python prepare.py --input=list.txt --input=more/ --out=data/ct160 --img_size=160,256,256 --spacing=1.5
+The demo data set has its own script, which calls prepare_dataset: python data/demo/prepare.py
 Re-running the same command resumes; the folder is valid once meta.json appears.
 
-Output folder (N = number of inputs; rows of skipped inputs are holes in sparse files, costing no disk):
+The store (N = number of inputs; rows of skipped inputs are holes in sparse files, costing no disk):
     hires.npy    [N, D, H, W]          float16 in [-1, 1], axis 0 = axial, inferior -> superior
     lowres.npy   [N, D/4, H/4, W/4]    float16, 4x4x4 block means of hires (anti-aliased, not nearest)
     volumes.csv  one row per input: index, id, source, status, reason, geometry, window, labels, fold
     meta.json    img_size, modality, window, spacing, affine, orientation, labels, complete
 Sizes: 256^3 -> 32 MiB + 0.5 MiB per volume (the official float64 .npy: 128 MiB); 64^3 -> 520 KiB.
 
-Speed, measured on 2 shared CPU cores (load average ~5, one torch thread per worker):
-    get_batch, 256^3, B=4, warm page cache: ~150-190 batches/s; the official path (np.load of float64 .npy,
-    collate, crop, nearest F.interpolate) ~1.4 batches/s in the same run. Check on your machine:
-    python -c "import prepare; print(prepare.bench_sampling('data/NAME', batch_size=4, iters=300))"
-    one 512x512x400 CT .nii.gz -> 256^3: ~4.5 s (about 2 s of it gzip decoding), ~2 GB peak memory;
-    --workers=N runs N at a time. python prepare.py --demo: ~15 s.
-
-In python (train.py, encode.py, eval.py):
+Reading it (train.py, encode.py, eval.py):
     from prepare import VolumeDataset
     ds = VolumeDataset("data/demo", split="train", fold=0)
-    slabs, lowres, labels = ds.get_batch(4, r, device, generator)  # (B,1,D/8,H,W), (B,1,D/4,H/4,W/4), (B,)
+    x, x_low, labels = ds.get_batch(4, device=device, generator=g)  # (B,1,D,H,W), (B,1,D/4,H/4,W/4), (B,)
+    x, x_low, labels = ds.get_batch(4, slab_range(r, D, num_slabs), device, g)  # one slab: (B,1,D/num_slabs,H,W)
 """
-import os
-import sys
 import csv
 import glob
+import hashlib
 import json
 import math
-import time
-import hashlib
 import multiprocessing as mp
+import os
+import sys
+import time
 
+import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
-import nibabel as nib
+
+from model import override
 
 # -----------------------------------------------------------------------------
-# default config values (python prepare.py --key=value overrides them; --flag alone means True)
 config = dict(
-    input=[],          # files, folders (searched recursively), globs or .txt lists of paths; repeatable
-    out='',            # output folder; '' = data/demo with --demo, else required
-    img_size='',       # S (cube) or D,H,W, each a multiple of 32; '' = 256 (64 with --demo)
-    modality='ct',     # 'ct': HU window [-1024, 600] -> [-1, 1]; 'mri': clip at the foreground's 99.9th percentile
-    window='',         # 'LO,HI' overrides the modality's intensity window (source units -> -1, +1)
-    spacing=-1.0,      # > 0: resample to this isotropic spacing in mm, then centre-crop/pad; -1 = fit the volume
-    stretch=False,     # plain resize of the trimmed volume to the target box (the official code), aspect not kept
-    labels='',         # csv with an 'id' column; 'class' (int) for conditional training, other columns floats
+    input=[],  # files, folders (searched recursively), globs or .txt lists of paths; repeat --input for more
+    out="",  # the store's folder (required)
+    img_size=256,  # S (cube) or D,H,W, each a multiple of 32
+    modality="ct",  # 'ct': HU window [-1024, 600] -> [-1, 1]; 'mri': clip at the foreground's 99.9th percentile
+    window="",  # 'LO,HI' overrides the modality's intensity window (source units -> -1, +1)
+    spacing=-1.0,  # > 0: resample to this isotropic spacing in mm, then centre-crop/pad; -1 = fit the volume
+    stretch=False,  # plain resize of the trimmed volume to the target box (the official code), aspect not kept
+    labels="",  # csv with an 'id' column; 'class' (int) for conditional training, other columns floats
     first_volume=False,  # 4D series: use the first volume instead of skipping the file
-    workers=1,         # processes; each holds about one raw volume (x4 in float32 temporaries) in memory
-    demo=False,        # write procedural CT phantoms as NIfTI into OUT/raw, then prepare them like real scans
-    num=128,           # number of demo phantoms
-    seed=1337,         # demo phantom seed
+    workers=1,  # processes; each holds about one raw volume (x4 in float32 temporaries) in memory
 )
 # -----------------------------------------------------------------------------
 
@@ -312,203 +303,6 @@ def prepare_file(path, meta):
     return hires, downsample(hires)
 
 # -----------------------------------------------------------------------------
-# sampling: what train.py / encode.py / eval.py read
-
-def writable_dir(path):
-    """Create folder `path` if needed and check that we can write there, before any long work starts;
-    a one-line ValueError naming the folder otherwise."""
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f'.write_test{os.getpid()}')
-        open(probe, 'w').close()
-        os.remove(probe)
-    except OSError as e:
-        raise ValueError(f"{path}: cannot write there ({e.strerror or e})") from None
-
-
-def read_meta(path):
-    """A dataset's meta.json (sample.py/encode.py --meta); a one-line ValueError if it cannot be read."""
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: cannot read meta.json ({e})") from None
-
-
-class VolumeDataset:
-    """
-    A prepared folder seen as one split. split='train': every fold but `fold`; 'val': fold `fold`; 'all'.
-    get_batch reads only the requested slab and the low-res volumes from the memory maps.
-    """
-
-    def __init__(self, path, split='train', fold=0):
-        path = str(path)
-        mpath = os.path.join(path, 'meta.json')
-        if not os.path.exists(mpath):
-            raise FileNotFoundError(f"{path}: no prepared dataset (meta.json missing); "
-                                    f"run: python prepare.py --demo --out={path}")
-        with open(mpath) as f:
-            self.meta = json.load(f)
-        if not self.meta.get('complete') or self.meta.get('format_version') != FORMAT_VERSION:
-            raise FileNotFoundError(f"{path}: incomplete or unknown-version dataset; re-run its prepare.py command")
-        assert split in ('train', 'val', 'all'), f"split={split!r}: use 'train', 'val' or 'all'"
-        assert 0 <= fold < NUM_FOLDS, f"fold={fold}: use 0..{NUM_FOLDS - 1}"
-        self.path, self.split, self.fold = path, split, fold
-        self.img_size = tuple(self.meta['img_size'])  # (D,H,W)
-        with open(os.path.join(path, 'volumes.csv'), newline='') as f:
-            rows = [r for r in csv.DictReader(f) if r['status'] == 'ok']
-        if split == 'train':
-            rows = [r for r in rows if int(r['fold']) != fold]
-        elif split == 'val':
-            rows = [r for r in rows if int(r['fold']) == fold]
-        if not rows:
-            raise ValueError(f"{path}: no volumes in split={split} fold={fold}")
-        self.index = np.array([int(r['index']) for r in rows], dtype=np.int64)  # rows of hires.npy
-        self.ids = [r['id'] for r in rows]
-        self.labels = {}
-        for col in self.meta['label_columns']:
-            if col == self.meta['class_column']:
-                self.labels[col] = np.array([int(r[col]) for r in rows], dtype=np.int64)
-            else:
-                self.labels[col] = np.array([float(r[col]) if r[col] != '' else np.nan for r in rows])
-        cls = self.labels.get(self.meta['class_column'])
-        self._class = torch.from_numpy(cls if cls is not None else np.zeros(len(rows), dtype=np.int64))
-        self._pin, self._turn = {}, 0  # pinned float16 staging buffers per shape, for CUDA
-        self._out = {}  # recycled CPU output tensors per shape
-
-    def __len__(self):
-        return len(self.index)
-
-    def _maps(self):
-        # re-open the maps per call (cheap) as nanoGPT does, so no long-lived np.memmap holds pages;
-        # mode 'c' (copy-on-write) gives writeable arrays, so torch.from_numpy takes them without copying
-        hi = np.load(os.path.join(self.path, 'hires.npy'), mmap_mode='c')
-        lo = np.load(os.path.join(self.path, 'lowres.npy'), mmap_mode='c')
-        return hi, lo
-
-    def volume(self, j):
-        """High-res volume j of this split, float32 [D,H,W] in [-1,1]."""
-        return np.array(self._maps()[0][self.index[j]], dtype=np.float32)
-
-    def lowres(self, j):
-        """Low-res volume j of this split, float32 [D/4,H/4,W/4]."""
-        return np.array(self._maps()[1][self.index[j]], dtype=np.float32)
-
-    def _cpu_out(self, shape):
-        # A fresh 32 MiB float32 batch (256^3, B=4) costs more in page faults (~15 ms) than filling it (~2 ms):
-        # glibc hands blocks that big out as new mmaps every time. So we recycle an output tensor once the
-        # caller holds neither it nor anything sharing its memory (a view, .numpy(), ...), seen from the
-        # Python refcount and the storage's use count; otherwise (or without that torch internal) a new one.
-        use_count = getattr(torch._C, '_storage_Use_Count', None)
-        pool = self._out.setdefault(shape, [])
-        for entry in pool:
-            t, base = entry
-            # refs to t here: the entry, the loop variable and getrefcount's argument
-            if sys.getrefcount(t) <= 3 and use_count(t.untyped_storage()._cdata) <= base:
-                return t
-        t = torch.empty(shape)
-        if use_count is not None and len(pool) < 4:
-            pool.append((t, use_count(t.untyped_storage()._cdata)))
-        return t
-
-    def get_batch(self, batch_size, r, device='cpu', generator=None, full=False):
-        """
-        B random volumes -> (slabs float32 [B,1,D/8,H,W], lowres float32 [B,1,D/4,H/4,W/4], labels int64 [B]).
-        r is the slab start on G's A grid (D/4 cells), 0 <= r <= D/4 - D/32; the slab is hires[4r : 4r+D/8],
-        which is model.py's S^H. Volumes are drawn with torch.randint from the caller's (CPU) generator.
-        full=True returns the whole high-res volumes [B,1,D,H,W] instead of the slab: E^G's update (eq. 7)
-        encodes every slab of the real volume, and train.py cuts S^H(X; r) from it.
-        """
-        D, H, W = self.img_size
-        assert 0 <= r <= D // 4 - D // 32, f"r={r} outside 0..{D // 4 - D // 32}"
-        ix = torch.randint(len(self), (batch_size,), generator=generator)
-        rows = self.index[ix.numpy()]
-        hi, lo = self._maps()
-        a, b = (0, D) if full else (4 * r, 4 * r + D // 8)  # model.py's S^H: one contiguous read per volume
-        device = torch.device(device)
-        if device.type == 'cuda':
-            # float16 into pinned memory, asynchronous copy, cast on the GPU: half the PCIe bytes, and the CPU
-            # is free as soon as the copy is queued. Two staging buffers take turns; before refilling one we
-            # wait for its own copy (long done by then), not for the whole stream.
-            key = (batch_size, b - a, H, W)
-            turns = self._pin.setdefault(key, [])
-            if len(turns) < 2:
-                turns.append([torch.empty((batch_size, 1, b - a, H, W), dtype=torch.float16).pin_memory(),
-                              torch.empty((batch_size, 1, D // 4, H // 4, W // 4), dtype=torch.float16).pin_memory(),
-                              None])
-                slot = turns[-1]
-            else:
-                slot = turns[self._turn]
-                self._turn ^= 1
-                slot[2].synchronize()
-            ps, pl = slot[0].numpy(), slot[1].numpy()
-            for k, i in enumerate(rows):
-                np.copyto(ps[k, 0], hi[i, a:b])  # same dtype: a plain 4 MiB memcpy at 256^3
-                np.copyto(pl[k, 0], lo[i])
-            slabs = slot[0].to(device, non_blocking=True).float()
-            lows = slot[1].to(device, non_blocking=True).float()
-            slot[2] = torch.cuda.Event()
-            slot[2].record(torch.cuda.current_stream(device))
-            return slabs, lows, self._class[ix].to(device, non_blocking=True)
-        slabs = self._cpu_out((batch_size, 1, b - a, H, W))  # (B,1,D/8,H,W), or (B,1,D,H,W) when full
-        lows = self._cpu_out((batch_size, 1, D // 4, H // 4, W // 4))  # (B,1,D/4,H/4,W/4)
-        for k, i in enumerate(rows):  # float16 -> float32 inside copy_
-            _copy_serial(slabs[k, 0], hi[i, a:b])
-            _copy_serial(lows[k, 0], lo[i])
-        return slabs.to(device), lows.to(device), self._class[ix].to(device)
-
-def _copy_serial(dst, src):
-    # torch splits a copy of more than 32768 elements over its thread pool; on a machine whose cores are
-    # busy (a training process, other jobs) the pool's hand-off cost us 4x. Chunks that size run inline.
-    d, s = dst.view(-1), torch.from_numpy(src).view(-1)
-    for i in range(0, d.numel(), 32768):
-        d[i:i + 32768].copy_(s[i:i + 32768])
-
-def bench_sampling(path, batch_size=4, iters=200, split='all'):
-    """Batches per second of VolumeDataset.get_batch on CPU (warm the page cache first)."""
-    ds = VolumeDataset(path, split=split)
-    D = ds.img_size[0]
-    g = torch.Generator().manual_seed(0)
-    for _ in range(5):
-        ds.get_batch(batch_size, 0, generator=g)
-    t = time.perf_counter()
-    for it in range(iters):
-        r = int(torch.randint(D // 4 - D // 32 + 1, (1,), generator=g))
-        ds.get_batch(batch_size, r, generator=g)
-    return iters / (time.perf_counter() - t)
-
-def save_montage(path, vols):
-    """
-    PNG of three mid-planes per volume, one row each: axial (anterior up, patient's left on the right,
-    as radiologists view it), coronal and sagittal (superior up). vols: [D,H,W] arrays in [-1,1]
-    (train.py writes its samples with it). A tiny PNG writer, so we need no imaging package.
-    """
-    import zlib
-    import struct
-    rows = []
-    for v in vols:
-        v = np.asarray(v, dtype=np.float32)
-        D, H, W = v.shape
-        panels = [v[D // 2], v[::-1, H // 2, :], v[::-1, :, W // 2]]  # (H,W), (D,W), (D,H)
-        h = max(p.shape[0] for p in panels)
-        panels = [np.pad(p, ((0, h - p.shape[0]), (0, 2)), constant_values=-1) for p in panels]
-        rows.append(np.concatenate(panels, 1))
-    w = max(r.shape[1] for r in rows)
-    img = np.concatenate([np.pad(r, ((0, 2), (0, w - r.shape[1])), constant_values=-1) for r in rows], 0)
-    k = max(1, 128 // rows[0].shape[0])  # small volumes (S=32) enlarged to ~128 px per row
-    img = np.repeat(np.repeat(img, k, 0), k, 1)
-    img = np.clip((np.nan_to_num(img, nan=-1.0) + 1) * 127.5, 0, 255).astype(np.uint8)
-    def chunk(tag, data):
-        return struct.pack('>I', len(data)) + tag + data + struct.pack('>I', zlib.crc32(tag + data) & 0xffffffff)
-    raw = b''.join(b'\x00' + line.tobytes() for line in img)  # filter type 0 per scanline
-    png = (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', img.shape[1], img.shape[0], 8, 0, 0, 0, 0))
-           + chunk(b'IDAT', zlib.compress(raw, 6)) + chunk(b'IEND', b''))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + '.tmp', 'wb') as f:
-        f.write(png)
-    os.replace(path + '.tmp', path)
-
-# -----------------------------------------------------------------------------
 # preparing a folder of scans: planning, workers, resume
 
 def find_inputs(specs):
@@ -630,13 +424,9 @@ def prepare_dataset(inputs, out, img_size=256, modality='ct', window='', labels=
                     labels=os.path.abspath(labels) if labels else '')
     # --- the output folder must be writable before we read anything
     try:
-        os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, '.write_test')
-        with open(probe, 'w') as f:
-            f.write('ok')
-        os.remove(probe)
-    except OSError as e:
-        log(f"error: output folder {out} is not writable ({e.strerror or e}); nothing prepared")
+        writable_dir(out)
+    except ValueError as e:
+        log(f"error: {e}; nothing prepared")
         return 1
     # --- plan: one row per input, in order; duplicates and unlabeled ids are skipped up front
     paths, missing = find_inputs(inputs)
@@ -792,176 +582,128 @@ def prepare_dataset(inputs, out, img_size=256, modality='ct', window='', labels=
 def _sha1(obj):
     return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
-# -----------------------------------------------------------------------------
-# demo data: procedural CT thorax phantoms in HU
+def writable_dir(path):
+    """Create folder `path` if needed and check that we can write there, before any long work starts;
+    a one-line ValueError naming the folder otherwise."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f'.write_test{os.getpid()}')
+        open(probe, 'w').close()
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot write there ({e.strerror or e})") from None
 
-def _smooth_noise(rng, shape, cells):
-    """Gaussian noise on a coarse grid of `cells` per axis, trilinearly upsampled to shape: blobs ~shape/cells."""
-    g = torch.from_numpy(rng.standard_normal([max(2, int(c)) for c in cells]).astype(np.float32))
-    return F.interpolate(g[None, None], size=shape, mode='trilinear', align_corners=False)[0, 0].numpy()
 
-def make_phantom(rng, cls, n_xy=128):
-    """
-    One CT-like thorax in HU -> (int16 array [X,Y,Z] in LPS voxel order, affine, labels dict).
-    Body outline with subcutaneous fat and a muscle wall, two lungs whose low-attenuation (emphysema-like)
-    fraction grows with cls 0..4, spine, ribs, heart and aorta; size, shape and position vary per case.
-    Labels: class, lung_volume_ml, pct_below_950 (% of lung voxels below -950 HU, the usual emphysema index).
-    """
-    fov = rng.uniform(340, 420)                          # mm, reconstruction field of view
-    sxy = fov / n_xy
-    sz = rng.choice([2.0, 2.5, 3.0]) * 128 / n_xy       # thinner slices at higher in-plane resolution
-    zext = rng.uniform(260, 340)                         # mm of scan length
-    nz = int(round(zext / sz))
-    # world (RAS+, mm) coordinates of voxel centres; voxel axes run to patient Left, Posterior, Superior
-    x0, y0 = rng.uniform(-10, 10, size=2)
-    X = (x0 - (np.arange(n_xy) - (n_xy - 1) / 2) * sxy).astype(np.float32)[:, None, None]
-    Y = (y0 - (np.arange(n_xy) - (n_xy - 1) / 2) * sxy).astype(np.float32)[None, :, None]
-    Z = ((np.arange(nz) - (nz - 1) / 2) * sz).astype(np.float32)[None, None, :]
-    shape = (n_xy, n_xy, nz)
-    zt = Z / (zext / 2)                                   # -1 (inferior) .. +1 (superior)
-    # body: elliptic cylinder, narrowing towards the shoulders/neck
-    ax, ay = rng.uniform(140, 175), rng.uniform(95, 125)
-    cx, cy = rng.uniform(-12, 12), rng.uniform(-15, 5)
-    taper = 1 - 0.12 * np.clip(zt, 0, 1) ** 2
-    rb = np.sqrt(((X - cx) / (ax * taper)) ** 2 + ((Y - cy) / (ay * taper)) ** 2)  # 1 at the skin
-    fat_t, mus_t = rng.uniform(8, 25), rng.uniform(8, 14)  # mm
-    hu = np.full(shape, -1000.0, dtype=np.float32)
-    hu[rb < 1] = -100                                                    # subcutaneous fat
-    hu[rb < 1 - fat_t / ay] = 45                                         # muscle wall
-    inner = rb < 1 - (fat_t + mus_t) / ay
-    hu[inner] = 30                                                       # mediastinal soft tissue
-    # lungs: ellipsoids either side of the mediastinum, with a flattened medial edge
-    lax, lay, laz = ax * rng.uniform(0.36, 0.42), ay * rng.uniform(0.72, 0.82), zext * rng.uniform(0.36, 0.44)
-    lcz = rng.uniform(-0.05, 0.12) * zext
-    lung = np.zeros(shape, dtype=bool)
-    for side in (-1, 1):
-        lcx = cx + side * ax * rng.uniform(0.40, 0.48)
-        lung |= (((X - lcx) / lax) ** 2 + ((Y - cy + 0.05 * ay) / lay) ** 2 + ((Z - lcz) / laz) ** 2) < 1
-    lung &= inner
-    # heart (patient's left = -x in RAS) and the descending aorta beside the spine
-    hcx, hcy, hcz = cx - 0.15 * ax, cy + 0.25 * ay, lcz - 0.25 * laz
-    heart = (((X - hcx) / rng.uniform(50, 62)) ** 2 + ((Y - hcy) / rng.uniform(40, 50)) ** 2
-             + ((Z - hcz) / rng.uniform(45, 60)) ** 2) < 1
-    aorta = (((X - cx + 22) ** 2 + (Y - cy + 0.45 * ay) ** 2) < 13 ** 2) & (Z > hcz)
-    lung &= ~heart & ~aorta
-    # lung parenchyma: -860 HU with soft texture; emphysema = low-attenuation blobs covering a class-dependent fraction
-    frac = [0.01, 0.06, 0.14, 0.25, 0.38][cls] * rng.uniform(0.8, 1.2)
-    tex = _smooth_noise(rng, shape, (n_xy / 8, n_xy / 8, nz / 6))
-    par = -860 + 25 * _smooth_noise(rng, shape, (n_xy / 4, n_xy / 4, nz / 3))
-    low = tex < np.quantile(tex[lung], frac)
-    par = np.where(low, -975 + 10 * _smooth_noise(rng, shape, (n_xy / 4, n_xy / 4, nz / 3)), par)
-    vessels = _smooth_noise(rng, shape, (n_xy / 3, n_xy / 3, nz / 4)) > 2.0  # sparse bright dots: vessels
-    par = np.where(vessels & ~low, -100.0, par)
-    hu = np.where(lung, par, hu)
-    hu[heart] = 40
-    hu[aorta] = 45
-    # spine: vertebral bodies (cancellous core, cortical rim) and discs every ~30 mm, a spinous process behind
-    vy = cy - ay * 0.62  # posterior is -y in RAS
-    rv = np.sqrt((X - cx) ** 2 + (Y - vy) ** 2)
-    disc = np.mod(Z + rng.uniform(0, 30), 30) < 6
-    hu = np.where((rv < 18) & ~disc, np.where(rv > 15, 600.0, 220.0), hu)
-    hu = np.where((rv < 18) & disc, 80.0, hu)
-    hu = np.where((np.abs(X - cx) < 5) & (Y < vy - 18) & (Y > vy - 45) & ~disc & (rb < 1 - fat_t / ay), 500.0, hu)
-    # ribs: arcs inside the muscle wall every ~25 mm, sparing the front (sternum gap)
-    ring = (rb > 1 - (fat_t + mus_t * 0.8) / ay) & (rb < 1 - (fat_t + mus_t * 0.2) / ay)
-    ribs = ring & (np.mod(Z + rng.uniform(0, 25), 25) < 8) & (Y - cy < 0.6 * ay)
-    hu = np.where(ribs, 650.0, hu)
-    # scanner noise, and -1024 outside the reconstruction circle
-    hu += rng.uniform(8, 16) * rng.standard_normal(size=shape, dtype=np.float32)
-    hu[(np.sqrt((X - x0) ** 2 + (Y - y0) ** 2) > fov / 2) & np.ones(shape, dtype=bool)] = -1024
-    hu = np.clip(np.round(hu), -1024, 3071).astype(np.int16)
-    affine = np.array([[-sxy, 0, 0, X[0, 0, 0]], [0, -sxy, 0, Y[0, 0, 0]], [0, 0, sz, Z[0, 0, 0]], [0, 0, 0, 1]],
-                      dtype=np.float64)
-    labels = dict(cls=int(cls), lung_volume_ml=float(lung.sum() * sxy * sxy * sz / 1000),
-                  pct_below_950=float(100 * (hu[lung] < -950).mean()))
-    return hu, affine, labels
-
-def make_demo(out, num=128, img_size=64, seed=1337, workers=1, log=print):
-    """Write num phantoms as NIfTI plus labels.csv into out/raw, then prepare them into out like real scans."""
-    size = parse_size(img_size)
-    raw = os.path.join(out, 'raw')
-    os.makedirs(raw, exist_ok=True)
-    lpath = os.path.join(raw, 'labels.csv')
-    n_xy = max(48, 3 * max(size[1:]) // 2)  # finer than stored, so preparing really downsamples (anti-aliased)
-    t = time.time()
-    ids = [f'phantom_{k:04d}' for k in range(num)]
-    have = os.path.exists(lpath) and all(os.path.exists(os.path.join(raw, v + '.nii.gz')) for v in ids)
-    if have:
-        with open(lpath, newline='') as f:
-            have = [r['id'] for r in csv.DictReader(f)] == ids
-    if not have:  # (re)generate; files already written by an interrupted run are kept
-        nthreads = torch.get_num_threads()
-        torch.set_num_threads(1)  # see _worker_init
-        rows = []
-        for k, vid in enumerate(ids):
-            fpath = os.path.join(raw, vid + '.nii.gz')
-            cls = k % 5  # balanced classes
-            hu, affine, lab = make_phantom(np.random.default_rng([seed, k]), cls, n_xy)
-            if not os.path.exists(fpath):  # write aside, then rename: a killed run leaves no half file
-                img = nib.Nifti1Image(hu, affine)
-                img.header.set_xyzt_units('mm')
-                part = os.path.join(raw, '.partial', vid + '.nii.gz')
-                os.makedirs(os.path.dirname(part), exist_ok=True)
-                img.to_filename(part)
-                os.replace(part, fpath)
-            rows.append(dict(id=vid, **{'class': lab['cls']}, lung_volume_ml=f"{lab['lung_volume_ml']:.1f}",
-                             pct_below_950=f"{lab['pct_below_950']:.2f}"))
-        torch.set_num_threads(nthreads)
-        with open(lpath + '.tmp', 'w', newline='') as f:
-            w = csv.DictWriter(f, fieldnames=['id', 'class', 'lung_volume_ml', 'pct_below_950'])
-            w.writeheader()
-            w.writerows(rows)
-        os.replace(lpath + '.tmp', lpath)
-    log(f"{raw}: {num} phantoms written in {time.time() - t:.1f}s")
-    return prepare_dataset([raw], out, img_size=size, modality='ct', labels=lpath, workers=workers, log=log)
 
 # -----------------------------------------------------------------------------
+# the store's reader: what train.py, encode.py and eval.py use
 
-def _parse_args(argv, cfg):
-    """--key=value or --key value; --flag alone = True; list options repeat. The default's type is the schema."""
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith('--'):
-            raise SystemExit(f"unexpected argument {arg!r}: options are --key=value")
-        key, eq, val = arg[2:].partition('=')
-        if key not in cfg:
-            raise SystemExit(f"unknown option --{key}; known: {', '.join('--' + k for k in cfg)}")
-        default = cfg[key]
-        if not eq:
-            if isinstance(default, bool):
-                val = 'true'
-            elif i + 1 < len(argv) and not argv[i + 1].startswith('--'):
-                i += 1
-                val = argv[i]
-            else:
-                raise SystemExit(f"--{key} needs a value")
-        try:
-            if isinstance(default, list):
-                cfg[key] = default + [val]
-            elif isinstance(default, bool):
-                assert val.lower() in ('true', 'false', '1', '0'), val
-                cfg[key] = val.lower() in ('true', '1')
-            elif isinstance(default, int):
-                cfg[key] = int(val)
-            elif isinstance(default, float):
-                cfg[key] = float(val)
-            else:
-                cfg[key] = val
-        except (ValueError, AssertionError):
-            raise SystemExit(f"--{key}={val}: expected {type(default).__name__}") from None
-        i += 1
-    return cfg
+def read_meta(path):
+    """A dataset's meta.json (sample.py/encode.py --meta); a one-line ValueError if it cannot be read."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read meta.json ({e})") from None
 
-if __name__ == '__main__':
-    _parse_args(sys.argv[1:], config)
+
+
+class VolumeDataset:
+    """A prepared folder seen as one split. split='train': every fold but `fold`; 'val': fold `fold`; 'all'."""
+
+    def __init__(self, path, split='train', fold=0):
+        path = str(path)
+        mpath = os.path.join(path, 'meta.json')
+        if not os.path.exists(mpath):
+            raise FileNotFoundError(f"{path}: no prepared dataset (meta.json missing); run prepare.py on your "
+                                    f"scans, or python data/demo/prepare.py for the demo")
+        with open(mpath) as f:
+            self.meta = json.load(f)
+        if not self.meta.get('complete') or self.meta.get('format_version') != FORMAT_VERSION:
+            raise FileNotFoundError(f"{path}: incomplete or unknown-version dataset; re-run its prepare.py command")
+        assert split in ('train', 'val', 'all'), f"split={split!r}: use 'train', 'val' or 'all'"
+        assert 0 <= fold < NUM_FOLDS, f"fold={fold}: use 0..{NUM_FOLDS - 1}"
+        self.path, self.split, self.fold = path, split, fold
+        self.img_size = tuple(self.meta['img_size'])  # (D,H,W)
+        with open(os.path.join(path, 'volumes.csv'), newline='') as f:
+            rows = [r for r in csv.DictReader(f) if r['status'] == 'ok']
+        if split == 'train':
+            rows = [r for r in rows if int(r['fold']) != fold]
+        elif split == 'val':
+            rows = [r for r in rows if int(r['fold']) == fold]
+        if not rows:
+            raise ValueError(f"{path}: no volumes in split={split} fold={fold}")
+        self.index = np.array([int(r['index']) for r in rows], dtype=np.int64)  # rows of hires.npy
+        self.ids = [r['id'] for r in rows]
+        self.labels = {}
+        for col in self.meta['label_columns']:
+            if col == self.meta['class_column']:
+                self.labels[col] = np.array([int(r[col]) for r in rows], dtype=np.int64)
+            else:
+                self.labels[col] = np.array([float(r[col]) if r[col] != '' else np.nan for r in rows])
+        cls = self.labels.get(self.meta['class_column'])
+        self._class = torch.from_numpy(cls if cls is not None else np.zeros(len(rows), dtype=np.int64))
+        self._pinned = {}  # CUDA only: two pinned float16 staging buffers per batch shape (get_batch)
+
+    def __len__(self):
+        return len(self.index)
+
+    def _maps(self):
+        # re-open the maps per call (cheap) as nanoGPT does, so no long-lived np.memmap holds pages
+        hi = np.load(os.path.join(self.path, "hires.npy"), mmap_mode="r")
+        lo = np.load(os.path.join(self.path, "lowres.npy"), mmap_mode="r")
+        return hi, lo
+
+    def volume(self, j):
+        """High-res volume j of this split, float32 [D,H,W] in [-1,1]."""
+        return np.array(self._maps()[0][self.index[j]], dtype=np.float32)
+
+    def get_batch(self, batch_size, span=None, device="cpu", generator=None):
+        """
+        B random volumes of this split -> (x float32 [B,1,stop-start,H,W], x_low float32 [B,1,D/4,H/4,W/4],
+        labels int64 [B]). span = (start, stop) is the voxel range to read along axis 0, e.g. a slab's
+        model.slab_range(r, D, num_slabs); None reads whole volumes. Each volume's span is one contiguous
+        read. Volumes are drawn with torch.randint from the caller's (CPU) generator.
+        """
+        D, H, W = self.img_size
+        start, stop = span or (0, D)
+        if not 0 <= start < stop <= D:
+            raise ValueError(f"{self.path}: span {span} is not a voxel range inside depth {D}")
+        ix = torch.randint(len(self), (batch_size,), generator=generator)
+        rows = self.index[ix.numpy()]
+        hi, lo = self._maps()
+        device = torch.device(device)
+        if device.type != "cuda":  # a plain copy, float16 -> float32
+            x = torch.from_numpy(np.array([hi[i, start:stop] for i in rows], dtype=np.float32))[:, None]
+            x_low = torch.from_numpy(np.array([lo[i] for i in rows], dtype=np.float32))[:, None]
+            return x.to(device), x_low.to(device), self._class[ix].to(device)
+        # CUDA: float16 into pinned memory, an asynchronous copy, the cast on the GPU: half the PCIe bytes,
+        # and the CPU is free once the copy is queued. Two staging buffers take turns, so filling one never
+        # touches the one whose copy may still be running; before refilling a buffer we wait for its own
+        # previous copy (long done by then), not for the whole stream.
+        bufs = self._pinned.setdefault((batch_size, stop - start), [])
+        if len(bufs) < 2:
+            bufs.insert(0, [torch.empty((batch_size, 1, stop - start, H, W), dtype=torch.float16).pin_memory(),
+                            torch.empty((batch_size, 1, D // 4, H // 4, W // 4), dtype=torch.float16).pin_memory(),
+                            None])
+        slot = bufs.pop(0)
+        bufs.append(slot)
+        if slot[2] is not None:
+            slot[2].synchronize()
+        for k, i in enumerate(rows):
+            np.copyto(slot[0][k, 0].numpy(), hi[i, start:stop])
+            np.copyto(slot[1][k, 0].numpy(), lo[i])
+        x = slot[0].to(device, non_blocking=True).float()
+        x_low = slot[1].to(device, non_blocking=True).float()
+        slot[2] = torch.cuda.Event()
+        slot[2].record(torch.cuda.current_stream(device))
+        return x, x_low, self._class[ix].to(device, non_blocking=True)
+
+if __name__ == "__main__":
+    override(config)
+    if not config["input"] or not config["out"]:
+        raise SystemExit("usage: python prepare.py --input=PATH [--input=PATH ...] --out=data/NAME "
+                         "[--img_size=256] [--modality=ct|mri]   (the demo: python data/demo/prepare.py)")
     c = config
-    if c['demo']:
-        rc = make_demo(c['out'] or 'data/demo', c['num'], c['img_size'] or 64, c['seed'], c['workers'])
-    else:
-        if not c['input'] or not c['out']:
-            raise SystemExit("usage: python prepare.py --input=PATH [--input=PATH ...] --out=data/NAME "
-                             "[--img_size=256] [--modality=ct|mri]   (or: python prepare.py --demo)")
-        rc = prepare_dataset(c['input'], c['out'], c['img_size'] or 256, c['modality'], c['window'], c['labels'],
-                             c['workers'], c['first_volume'], c['spacing'], c['stretch'])
-    sys.exit(rc)
+    sys.exit(prepare_dataset(c["input"], c["out"], c["img_size"], c["modality"], c["window"], c["labels"],
+                             c["workers"], c["first_volume"], c["spacing"], c["stretch"]))

@@ -1,34 +1,35 @@
 """
 Generate whole volumes with a trained HA-GAN (paper Fig. 2: G^A then G^H on all of A), as NIfTI files
 a viewer opens right side up: CT in int16 Hounsfield units, MRI in float32, with the dataset's affine.
+Also the writers of every output file (NIfTI, PNG montage, atomic rename) that train.py and encode.py use.
 
     python sample.py --out samples/                                    # 8 volumes, seeds 1337..1344, from out/ckpt.pt
-    python sample.py --ckpt=out/ckpt.pt --num=100 --seed=0 --batch=4 --png
+    python sample.py --ckpt=out/ckpt.pt --num=100 --seed=0 --batch_size=4 --png
     python sample.py --label=3 --num=20                                # class-conditional model: class 3 only
-    python sample.py --slab=8                                          # G^H 8 A-slices at a time: same volumes, less memory
+    python sample.py --chunk=8                                         # G^H 8 A-slices at a time: same volumes, less memory
     python sample.py --official=HA_GAN_run1/G_iter80000.pth --out=official/ --format=npy
     python sample.py --interp=8 --seed=1 --seed2=2 --png               # 8 steps on the great circle z(1) -> z(2)
     python sample.py --direction=features/direction_lung_volume_ml.npy --steps=7 --scale=3 --png
 
-Volume i gets its own z from seed+i, so the files do not depend on --batch. Files: OUT/seed001337.nii.gz
+Volume i gets its own z from seed+i, so the files do not depend on --batch_size. Files: OUT/seed001337.nii.gz
 (+ .json sidecar: checkpoint, iteration, seed, class; + .png with --png: axial, coronal and sagittal
 mid-planes). Series: OUT/interp_1_2_00.nii.gz ..., OUT/<direction>_s1337_00.nii.gz ..., and one .png montage.
-Existing files are never overwritten without --overwrite. 2 quiet CPU cores, default width, one 256^3 volume
-with its NIfTI written: ~5 s and 6.0 GiB peak RSS at once, ~6 s and 2.0 GiB with --slab=8.
+Existing files are never overwritten without --overwrite.
 """
 
 import json
 import os
 import resource
-import sys
+import struct
 import time
+import zlib
 
-import numpy as np
 import nibabel as nib
+import numpy as np
 import torch
 
-from model import HAGAN, load_checkpoint, autocast_ctx, override
-from prepare import read_meta, save_montage, writable_dir
+from model import HAGAN, autocast_ctx, load_checkpoint, override
+from prepare import from_unit, read_meta, writable_dir
 
 # -----------------------------------------------------------------------------
 config = dict(
@@ -40,10 +41,10 @@ config = dict(
     num=8,  # number of volumes (ignored by --interp / --direction, which write one series)
     seed=1337,  # volume i is drawn from seed + i
     seed2=-1,  # --interp: the end point's seed; -1 = seed + 1
-    batch=1,  # volumes per forward; does not change the output
+    batch_size=1,  # volumes per forward; does not change the output
     label=-1,  # conditional model: class of every volume; -1 = classes in turn (volume i gets i % K)
-    slab=0,  # > 0: run G^H this many A-slices at a time (exact, bounded memory; model.py); 0 = all at once
-    device='',  # 'cpu', 'cuda', 'cuda:1'...; '' = cuda if available
+    chunk=0,  # > 0: run G^H this many A-slices at a time (exact, bounded memory; model.py); 0 = all at once
+    device='auto',  # 'cpu', 'cuda', 'cuda:1'...; 'auto' = cuda if available
     dtype='float32',  # 'float32', 'bfloat16' or 'float16' autocast (G's last conv and tanh stay float32)
     ema=True,  # use the moving average of G's weights when the checkpoint has one
     format='nii.gz',  # 'nii.gz', 'nii' or 'npy' (npy: the same intensities, no geometry)
@@ -98,14 +99,13 @@ def to_output(x, meta):
     win = meta.get('window')
     if win is None:
         return np.asarray(x, dtype=np.float32)
-    lo, hi = float(win[0]), float(win[1])
-    v = (np.asarray(x, dtype=np.float64) + 1.0) * ((hi - lo) / 2.0) + lo  # prepare.from_unit
+    v = from_unit(np.asarray(x, dtype=np.float64), win)
     if meta.get('modality', 'ct') == 'ct':
         return np.clip(np.rint(v), -32768, 32767).astype(np.int16)
     return v.astype(np.float32)
 
 
-def _atomic(path, write):
+def write_atomic(path, write):
     """write(tmp) then rename, so an interrupted run never leaves a half-written file under `path`."""
     base = os.path.basename(path)
     ext = next((e for e in ('.nii.gz', '.nii', '.npy', '.json', '.png', '.csv') if base.endswith(e)), '')
@@ -122,7 +122,7 @@ def write_volume(path, x, meta, descrip=''):
     """One volume x (D,H,W) in [-1, 1] -> path (.nii.gz, .nii or .npy) in the modality's units."""
     data = to_output(x, meta)
     if path.endswith('.npy'):
-        _atomic(path, lambda p: np.save(p, data))
+        write_atomic(path, lambda p: np.save(p, data))
         return
     A = output_affine(meta, data.shape)
     img = nib.Nifti1Image(data, A)
@@ -135,7 +135,36 @@ def write_volume(path, x, meta, descrip=''):
         img.header['cal_min'], img.header['cal_max'] = -1.0, 1.0
         descrip = (descrip + ' units [-1,1]').strip()
     img.header['descrip'] = descrip[:79].encode()
-    _atomic(path, lambda p: nib.save(img, p))
+    write_atomic(path, lambda p: nib.save(img, p))
+
+
+def save_montage(path, vols):
+    """
+    PNG of three mid-planes per volume, one row each: axial (anterior up, patient's left on the right,
+    as radiologists view it), coronal and sagittal (superior up). vols: [D,H,W] arrays in [-1,1] in
+    prepare.py's stored orientation. A tiny PNG writer, so we need no imaging package.
+    """
+    rows = []
+    for v in vols:
+        v = np.asarray(v, dtype=np.float32)
+        D, H, W = v.shape
+        panels = [v[D // 2], v[::-1, H // 2, :], v[::-1, :, W // 2]]  # (H,W), (D,W), (D,H)
+        h = max(p.shape[0] for p in panels)
+        panels = [np.pad(p, ((0, h - p.shape[0]), (0, 2)), constant_values=-1) for p in panels]
+        rows.append(np.concatenate(panels, 1))
+    w = max(r.shape[1] for r in rows)
+    img = np.concatenate([np.pad(r, ((0, 2), (0, w - r.shape[1])), constant_values=-1) for r in rows], 0)
+    k = max(1, 128 // rows[0].shape[0])  # small volumes (S=32) enlarged to ~128 px per row
+    img = np.repeat(np.repeat(img, k, 0), k, 1)
+    img = np.clip((np.nan_to_num(img, nan=-1.0) + 1) * 127.5, 0, 255).astype(np.uint8)
+
+    def png_chunk(tag, data):
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xffffffff)
+    raw = b"".join(b"\x00" + line.tobytes() for line in img)  # filter type 0 per scanline
+    png = (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", img.shape[1], img.shape[0], 8, 0, 0, 0, 0))
+           + png_chunk(b"IDAT", zlib.compress(raw, 6)) + png_chunk(b"IEND", b""))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_atomic(path, lambda p: open(p, "wb").write(png))
 
 
 # -----------------------------------------------------------------------------
@@ -247,9 +276,10 @@ def main(argv=None):
         fail(f"--format={c['format']}: use nii.gz, nii or npy")
     if c['dtype'] not in ('float32', 'bfloat16', 'float16'):
         fail(f"--dtype={c['dtype']}: use float32, bfloat16 or float16")
-    if c['num'] < 1 or c['batch'] < 1 or c['slab'] < 0 or c['interp'] < 0 or c['steps'] < 1:
-        fail("--num, --batch and --steps must be >= 1, --slab and --interp >= 0")
-    c['device'] = c['device'] or ('cuda' if torch.cuda.is_available() else 'cpu')
+    if c['num'] < 1 or c['batch_size'] < 1 or c['chunk'] < 0 or c['interp'] < 0 or c['steps'] < 1:
+        fail("--num, --batch_size and --steps must be >= 1, --chunk and --interp >= 0")
+    if c['device'] == 'auto':
+        c['device'] = 'cuda' if torch.cuda.is_available() else 'cpu'
     try:
         torch.device(c['device'])
     except RuntimeError:
@@ -273,23 +303,23 @@ def main(argv=None):
     print(f"{len(items)} volume(s) {'x'.join(map(str, model.cfg.shape))} -> {out}/ "
           f"({meta.get('modality', '?')}, {'int16 HU' if meta.get('modality') == 'ct' and meta.get('window') else 'float32'}"
           f", orientation {''.join(nib.aff2axcodes(affine))}), device {c['device']}, {c['dtype']}"
-          + (f", slab {c['slab']}" if c['slab'] else ''))
+          + (f", chunk {c['chunk']}" if c['chunk'] else ''))
     previews = []
     t_all = time.time()
-    for i in range(0, len(items), c['batch']):
-        chunk = items[i:i + c['batch']]
-        z = torch.stack([it[1] for it in chunk]).to(c['device'])  # (B, latent_dim)
-        cl = None if chunk[0][2] is None else torch.tensor([it[2] for it in chunk], device=c['device'])
+    for i in range(0, len(items), c['batch_size']):
+        batch = items[i:i + c['batch_size']]
+        z = torch.stack([it[1] for it in batch]).to(c['device'])  # (B, latent_dim)
+        cl = None if batch[0][2] is None else torch.tensor([it[2] for it in batch], device=c['device'])
         t = time.time()
         with torch.no_grad(), autocast_ctx(c['device'], c['dtype']):
-            x = model.generate(z, cl, slab=c['slab'] or None)  # (B,1,D,H,W) in [-1, 1]
+            x = model.generate(z, cl, chunk=c['chunk'])  # (B,1,D,H,W) in [-1, 1]
         x = x.float().cpu().numpy()[:, 0]  # (B,D,H,W)
         dt = time.time() - t
-        for (stem, _, k, extra), v in zip(chunk, x):
+        for (stem, _, k, extra), v in zip(batch, x):
             side = dict(src, seed=extra.pop('seed'), **({} if k is None else {'class': k}), **extra,
-                        slab=c['slab'], dtype=c['dtype'], shape=list(v.shape))
+                        chunk=c['chunk'], dtype=c['dtype'], shape=list(v.shape))
             write_volume(os.path.join(out, stem + ext), v, meta, f"HA-GAN {stem}")
-            _atomic(os.path.join(out, stem + '.json'), lambda p: open(p, 'w').write(json.dumps(side, indent=1)))
+            write_atomic(os.path.join(out, stem + '.json'), lambda p: open(p, 'w').write(json.dumps(side, indent=1)))
             if c['png'] and not series:  # mid-planes as prepare.py's stored orientation (S,P,L) shows them
                 save_montage(os.path.join(out, stem + '.png'), [v])
             if c['png'] and series:
@@ -297,7 +327,7 @@ def main(argv=None):
             pred = ' '.join(f"{k2}={v2:.4g}" for k2, v2 in extra.get('predicted', {}).items())
             print(f"{stem}{ext}" + ('' if k is None else f" class {k}") + (f" t={extra['t']:.3g}" if 't' in extra else '')
                   + (f" predicted {pred}" if pred else ''))
-        print(f"  {dt / len(chunk):.2f} s/volume")
+        print(f"  {dt / len(batch):.2f} s/volume")
     if previews:
         save_montage(os.path.join(out, series + '.png'), previews)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux -> GiB

@@ -1,16 +1,19 @@
 """
-The test suite, CPU only, a few minutes on 2 cores:
+The test suite, CPU only; tests that need CUDA are skipped:
 $ python3 -m pytest -q test_hagan.py
-Sections follow the files: model.py, train.py, prepare.py, sample.py/encode.py, eval.py.
+Sections follow the files, in this order: model.py, prepare.py (and data/demo/prepare.py), train.py,
+sample.py, encode.py, eval.py. A script is tested as the user runs it, in a fresh process: run().
 """
 
 import csv
-import dataclasses
 import gzip
+import importlib.util
 import json
 import math
 import os
 import shutil
+import signal
+import struct
 import subprocess
 import sys
 import zlib
@@ -26,10 +29,32 @@ import encode
 import eval as ev
 import prepare
 import sample
-from model import HAGAN, HAGANConfig, S_H, S_L, slab_range, override, load_checkpoint
+from model import HAGAN, NETS, HAGANConfig, S_H, S_L, load_checkpoint, override, slab_range
 from prepare import VolumeDataset, to_unit
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.abspath(__file__))
+NIB_DATA = os.path.join(os.path.dirname(nib.__file__), "tests", "data")  # nibabel's own scans, every format
+TINY = ["--img_size=32", "--width=0.125", "--latent_dim=16", "--batch_size=2", "--log_interval=1",
+        "--sample_interval=0", "--dtype=float32"]  # train.py at test size
+
+# data/demo/prepare.py under its own name (the name 'prepare' is the root's prepare.py)
+_spec = importlib.util.spec_from_file_location("demo_prepare", os.path.join(ROOT, "data", "demo", "prepare.py"))
+demo_prepare = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(demo_prepare)
+
+
+def run(*args, timeout=600):
+    """python ARGS in a fresh process at the repository root -> CompletedProcess (text stdout/stderr)."""
+    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def one_line_error(p):
+    """A script that failed as it should: non-zero exit, one 'error: ' line on stderr, no traceback."""
+    assert p.returncode != 0
+    lines = [ln for ln in p.stderr.strip().splitlines() if not ln.startswith("HA-GAN ")]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in p.stderr, p.stderr
+    return lines[0]
 
 
 def tiny(S=32, **kw):
@@ -37,10 +62,25 @@ def tiny(S=32, **kw):
     return HAGAN(HAGANConfig(img_size=S, width=1 / 8, latent_dim=16, **kw))
 
 
+def tiny_ckpt(path, meta, **kw):
+    """A train.py-style checkpoint of an untrained tiny model, carrying a dataset's meta."""
+    m = tiny(**kw)
+    torch.save(dict(model=m.state_dict(), model_args=asdict(m.cfg), ema_G={}, iter_num=7, config={"fold": 1},
+                    meta=meta), path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """The demo data set at 32^3: 12 phantoms, classes 0-4, made by its own script with 2 workers."""
+    out = tmp_path_factory.mktemp("data") / "demo"
+    p = run("data/demo/prepare.py", "--out", out, "--num=12", "--img_size=32", "--workers=2")
+    assert p.returncode == 0 and "12 ok, 0 skipped" in p.stdout, p.stdout + p.stderr
+    return str(out)
+
+
 # -----------------------------------------------------------------------------
 # model.py
-
-
 @pytest.mark.parametrize("S", [32, 64, 128, 256, 512, (64, 96, 128), (160, 192, 224)])
 @pytest.mark.parametrize("nc", [0, 5])
 def test_shapes_every_size(S, nc):
@@ -52,12 +92,13 @@ def test_shapes_every_size(S, nc):
         z, c = torch.randn(B, 1024), (torch.zeros(B, dtype=torch.long) if nc else None)
         A = m.G.G_A(z, c)
         assert A.shape == (B, 64, D // 4, H // 4, W // 4)
+        n = m.cfg.num_slabs
         slab, low = m.G(z, m.cfg.r_max, c)
-        assert slab.shape == (B, 1, D // 8, H, W) and low.shape == (B, 1, D // 4, H // 4, W // 4)
-        assert m.G.G_H(S_L(A, 0)).shape == slab.shape
+        assert slab.shape == (B, 1, D // n, H, W) and low.shape == (B, 1, D // 4, H // 4, W // 4)
+        assert m.G.G_H(S_L(A, 0, n)).shape == slab.shape
         logit, cls = m.D(slab, 3, low)
         assert logit.shape == (B, 1) and (cls is None if not nc else cls.shape == (B, nc))
-        assert m.E_H(slab).shape == (B, 64, D // 32, H // 4, W // 4)
+        assert m.E_H(slab).shape == (B, 64, D // 4 // n, H // 4, W // 4)
         assert m.E_G(A).shape == (B, 1024)
 
 
@@ -107,28 +148,40 @@ def test_bad_sizes_are_refused_with_the_sizes_that_work():
             HAGANConfig(img_size=bad)
 
 
+def test_num_slabs_sets_every_slab_geometry():
+    for S, n, slab_a, r_max in ((256, 8, 8, 56), (64, 4, 4, 12), (64, 16, 1, 15), ((64, 32, 32), 2, 8, 8)):
+        cfg = HAGANConfig(img_size=S, num_slabs=n)
+        assert (cfg.slab_a, cfg.r_max) == (slab_a, r_max)
+        assert slab_range(r_max, cfg.shape[0], n) == (4 * r_max, cfg.shape[0])  # the last slab ends the volume
+    with pytest.raises(ValueError, match="must divide"):
+        HAGANConfig(img_size=32, num_slabs=3)
+    with torch.device("meta"), pytest.raises(ValueError, match="too thin for D\\^H"):
+        HAGAN(HAGANConfig(img_size=512, num_slabs=128))  # 4-voxel slabs against 4 stride-2 convs
+
+
 @pytest.mark.parametrize("S", [32, 64, (32, 64, 96)])
-def test_slabwise_generation_equals_whole_volume(S):
+def test_chunked_generation_equals_whole_volume(S):
     m = tiny(S, num_classes=2).eval()
     z, c = torch.randn(2, 16), torch.tensor([0, 1])
     whole = m.generate(z, c)
     n = m.cfg.a_shape[0]
     for k in (1, 2, 3, n - 1, n):  # 3 does not divide the depth of A at these sizes
-        assert (m.generate(z, c, slab=k) - whole).abs().max() < 1e-5
+        assert (m.generate(z, c, chunk=k) - whole).abs().max() < 1e-5
 
 
-def test_selectors_align_real_and_generated_slabs_for_every_r():
+@pytest.mark.parametrize("num_slabs", [4, 8, 16])
+def test_selectors_align_real_and_generated_slabs_for_every_r(num_slabs):
     # A whose slice d holds the value d: G^H's nearest 4x upsampling of S^L(A; r) must land on
     # exactly the voxels S^H picks from the upsampled whole volume.
-    for depth in (32, 64, 256):
+    for depth in (64, 256):
         a = torch.arange(depth // 4, dtype=torch.float32).view(1, 1, -1, 1, 1).expand(1, 1, -1, 2, 2)
         X = F.interpolate(a, scale_factor=4, mode="nearest")
-        rmax = depth // 4 - depth // 32
-        for r in range(rmax + 1):
-            assert torch.equal(S_H(X, r), F.interpolate(S_L(a, r), scale_factor=4, mode="nearest"))
-            assert S_H(X, r).shape[2] == depth // 8
+        r_max = HAGANConfig(img_size=(depth, 32, 32), num_slabs=num_slabs).r_max
+        for r in range(r_max + 1):
+            assert torch.equal(S_H(X, r, num_slabs), F.interpolate(S_L(a, r, num_slabs), scale_factor=4, mode="nearest"))
+            assert S_H(X, r, num_slabs).shape[2] == depth // num_slabs
         with pytest.raises(ValueError, match="outside"):
-            slab_range(rmax + 1, depth)
+            slab_range(r_max + 1, depth, num_slabs)
 
 
 def test_training_slab_is_lifted_from_the_right_slice_of_A():
@@ -139,14 +192,16 @@ def test_training_slab_is_lifted_from_the_right_slice_of_A():
     r = 5
     slab, _ = m.G(z, r)
     A = m.G.G_A(z)
-    assert torch.allclose(slab, m.G.G_H(A[:, :, r:r + 2]), atol=1e-6)
+    assert torch.allclose(slab, m.G.G_H(A[:, :, r:r + m.cfg.slab_a]), atol=1e-6)
 
 
-def test_encode_matches_direct_hierarchical_computation():
-    m = tiny(64).eval()
+@pytest.mark.parametrize("num_slabs", [4, 8])
+def test_encode_matches_direct_hierarchical_computation(num_slabs):
+    m = tiny(64, num_slabs=num_slabs).eval()
     x = torch.rand(2, 1, 64, 64, 64) * 2 - 1
     Z = m.encode(x)
-    direct = m.E_G(torch.cat([m.E_H(x[:, :, v * 8:(v + 1) * 8]) for v in range(8)], dim=2))
+    n = 64 // num_slabs
+    direct = m.E_G(torch.cat([m.E_H(x[:, :, v * n:(v + 1) * n]) for v in range(num_slabs)], dim=2))
     assert Z.shape == (2, 16) and torch.allclose(Z, direct, atol=1e-6)
 
 
@@ -155,7 +210,7 @@ def test_generator_unchanged_by_an_encoder_update():
     x = torch.rand(2, 1, 4, 32, 32) * 2 - 1
     g0 = [p.detach().clone() for p in m.G.parameters()]
     e0 = [p.detach().clone() for p in m.E_H.parameters()]
-    m.G.requires_grad_(False)
+    m.train_only("E_H")
     opt = torch.optim.Adam(m.E_H.parameters(), lr=1e-3)
     loss, stats = m.loss_E_H(x)
     loss.backward()
@@ -164,6 +219,32 @@ def test_generator_unchanged_by_an_encoder_update():
     assert all(torch.equal(a, b) for a, b in zip(g0, m.G.parameters()))
     assert any(not torch.equal(a, b) for a, b in zip(e0, m.E_H.parameters()))
     assert math.isclose(loss.item(), 5 * stats["rec_E_H"].item(), rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("nc", [0, 5])
+def test_each_update_changes_only_its_own_network(nc):
+    m = tiny(32, num_classes=nc)
+    nets = {k: getattr(m, k) for k in NETS}
+    x = torch.rand(2, 1, 32, 32, 32) * 2 - 1
+    low, r, c = F.avg_pool3d(x, 4), 3, (torch.tensor([1, 4]) if nc else None)
+    xs = S_H(x, r, m.cfg.num_slabs)
+    z = torch.randn(2, 16)
+    phases = dict(D=lambda: m.loss_D(xs, low, r, z, c), G=lambda: m.loss_G(r, z, c),
+                  E_H=lambda: m.loss_E_H(xs), E_G=lambda: m.loss_E_G(m.encode_A(x), xs, low, r, c))
+    for name, loss_fn in phases.items():  # as train.py's step(): one network trained, the others frozen
+        m.train_only(name)
+        before = {k: [p.detach().clone() for p in net.parameters()] for k, net in nets.items()}
+        loss, _ = loss_fn()
+        assert torch.isfinite(loss)
+        loss.backward()
+        torch.optim.Adam(nets[name].parameters(), lr=1e-3, betas=(0.0, 0.999)).step()
+        for k, net in nets.items():
+            changed = [not torch.equal(a, p) for a, p in zip(before[k], net.parameters())]
+            if k == name:
+                assert sum(changed) >= len(changed) // 2, f"{name} update left {k} unchanged"
+            else:
+                assert not any(changed) and all(p.grad is None for p in net.parameters()), f"{name} touched {k}"
+            net.zero_grad(set_to_none=True)
 
 
 def test_spectral_norm_sigma_is_one_and_finite_under_bf16():
@@ -285,11 +366,12 @@ def test_official_256_conditional_layout_and_bad_files(tmp_path):
 
 
 def test_override_config_files_and_arguments(tmp_path):
-    base = dict(out_dir="out", max_iters=10, lr=1e-4, compile=False, img_size=256)
+    base = dict(out="out", max_iters=10, lr=1e-4, compile=False, img_size=256, input=[])
     f = tmp_path / "c.py"
     f.write_text("max_iters = 20\nlr = 2e-4\n")
-    cfg = override(dict(base), [str(f), "--max_iters", "30", "--lr=1", "--compile", "--out_dir=123", "--img_size=[64,96,128]"])
-    assert cfg == dict(out_dir="123", max_iters=30, lr=1.0, compile=True, img_size=[64, 96, 128])
+    cfg = override(dict(base), [str(f), "--max_iters", "30", "--lr=1", "--compile", "--out=123", "--img_size=[64,96,128]",
+                                "--input=a/", "--input", "b*.nii"])
+    assert cfg == dict(out="123", max_iters=30, lr=1.0, compile=True, img_size=[64, 96, 128], input=["a/", "b*.nii"])
     with pytest.raises(SystemExit, match="unknown config key 'max_iter'"):
         override(dict(base), ["--max_iter=5"])
     with pytest.raises(SystemExit, match="max_iters must be int"):
@@ -301,205 +383,19 @@ def test_override_config_files_and_arguments(tmp_path):
 
 def test_every_config_file_loads():
     # the keys of every config/*.py exist in train.py's defaults, with the right types
-    src = open(os.path.join(HERE, "train.py")).read()
+    src = open(os.path.join(ROOT, "train.py")).read()
     start = src.index("config = dict(")
     defaults = eval(src[start + len("config = "):src.index("\noverride(config)")])
-    files = sorted(f for f in os.listdir(os.path.join(HERE, "config")) if f.endswith(".py"))
+    files = sorted(f for f in os.listdir(os.path.join(ROOT, "config")) if f.endswith(".py"))
     assert {"train_demo.py", "train_lung_ct.py", "train_brain_mri.py", "train_conditional.py"} <= set(files)
     for name in files:
-        cfg = override(dict(defaults), [os.path.join(HERE, "config", name)])
+        cfg = override(dict(defaults), [os.path.join(ROOT, "config", name)])
         HAGANConfig(img_size=cfg["img_size"], width=cfg["width"], latent_dim=cfg["latent_dim"],
-                    num_classes=cfg["num_classes"])
+                    num_classes=cfg["num_classes"], num_slabs=cfg["num_slabs"])
 
 
 # -----------------------------------------------------------------------------
-# train.py
-
-TINY = ["--img_size=32", "--width=0.125", "--latent_dim=16", "--batch_size=2", "--log_interval=1",
-        "--sample_interval=0", "--dtype=float32"]
-
-
-@pytest.fixture(scope="session")
-def demo32(tmp_path_factory):
-    import prepare
-    out = str(tmp_path_factory.mktemp("data") / "demo32")
-    assert prepare.make_demo(out, num=12, img_size=32, log=lambda *a: None) == 0
-    return out
-
-
-def _train(args, cwd=HERE, **kw):
-    return subprocess.run([sys.executable, os.path.join(HERE, "train.py")] + args, cwd=cwd,
-                          capture_output=True, text=True, timeout=600, **kw)
-
-
-def _log(out_dir):
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-@pytest.mark.parametrize("nc", [0, 5])
-def test_each_update_changes_only_its_own_network(nc):
-    m = tiny(32, num_classes=nc)
-    nets = dict(D=m.D, G=m.G, E_H=m.E_H, E_G=m.E_G)
-    x = torch.rand(2, 1, 32, 32, 32) * 2 - 1
-    low, r, c = F.avg_pool3d(x, 4), 3, (torch.tensor([1, 4]) if nc else None)
-    z = torch.randn(2, 16)
-    phases = dict(D=lambda: m.loss_D(S_H(x, r), low, r, z, c), G=lambda: m.loss_G(r, z, c),
-                  E_H=lambda: m.loss_E_H(S_H(x, r)), E_G=lambda: m.loss_E_G(m.encode_A(x), S_H(x, r), low, r, c))
-    for name, loss_fn in phases.items():  # train.py's update(): freeze all but one, step that one
-        for k, net in nets.items():
-            net.requires_grad_(k == name)
-        before = {k: [p.detach().clone() for p in net.parameters()] for k, net in nets.items()}
-        loss, _ = loss_fn()
-        assert torch.isfinite(loss)
-        loss.backward()
-        torch.optim.Adam(nets[name].parameters(), lr=1e-3, betas=(0.0, 0.999)).step()
-        for k, net in nets.items():
-            changed = [not torch.equal(a, p) for a, p in zip(before[k], net.parameters())]
-            if k == name:
-                assert sum(changed) >= len(changed) // 2, f"{name} update left {k} unchanged"
-            else:
-                assert not any(changed) and all(p.grad is None for p in net.parameters()), f"{name} touched {k}"
-            net.zero_grad(set_to_none=True)
-
-
-def test_train_runs_logs_and_checkpoints(demo32, tmp_path):
-    out = str(tmp_path / "out")
-    p = _train(TINY + [f"--data_dir={demo32}", f"--out_dir={out}", "--max_iters=3", "--ema_decay=0.9",
-                       "--sample_interval=3"])
-    assert p.returncode == 0, p.stderr
-    log = _log(out)
-    assert [r["iter"] for r in log] == [1, 2, 3]
-    assert all(math.isfinite(r[k]) for r in log for k in ("D", "G", "E_H", "E_G"))
-    assert "ms/iter" in p.stdout and "vol/s" in p.stdout and "peak" in p.stdout and "ETA" in p.stdout
-    ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
-    assert ck["iter_num"] == 3 and ck["meta"]["img_size"] == [32, 32, 32] and ck["config"]["max_iters"] == 3
-    assert set(ck["optimizers"]) == {"D", "G", "E_H", "E_G"} and ck["ema_G"] and ck["fingerprint"]
-    with open(os.path.join(out, "config.json")) as f:
-        assert json.load(f)["resolved"]["model_args"]["width"] == 0.125
-    png = open(os.path.join(out, "samples_000003.png"), "rb").read()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    model, _ = load_checkpoint(os.path.join(out, "ckpt.pt"))  # EMA weights for sampling
-    assert all(torch.equal(model.G.state_dict()[k], v) for k, v in ck["ema_G"].items())
-
-
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_mixed_precision_training_on_cpu(demo32, tmp_path, dtype):
-    # CPU autocast exercises the GPU code path: finite losses, and for float16 one scaler per optimiser
-    out = str(tmp_path / dtype)
-    p = _train(TINY + [f"--data_dir={demo32}", f"--out_dir={out}", "--max_iters=2", f"--dtype={dtype}"])
-    assert p.returncode == 0, p.stderr
-    assert all(math.isfinite(r[k]) for r in _log(out) for k in ("D", "G", "E_H", "E_G"))
-    scalers = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["scalers"]
-    assert set(scalers) == {"D", "G", "E_H", "E_G"}
-    assert all(s.get("scale") == 65536.0 for s in scalers.values()) == (dtype == "float16")
-
-
-def test_conditional_training_uses_the_class_labels(demo32, tmp_path):
-    out = str(tmp_path / "cond")
-    p = _train(TINY + [f"--data_dir={demo32}", f"--out_dir={out}", "--max_iters=2", "--num_classes=5",
-                       "--sample_interval=2"])
-    assert p.returncode == 0, p.stderr
-    ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
-    assert ck["model"]["D.D_H.fc_class.weight"].shape[0] == 5 and ck["model_args"]["num_classes"] == 5
-    assert ck["model"]["G.G_A.fc.weight"].shape[1] == 16 + 5  # z and the one-hot class
-
-
-def test_resume_is_exact(demo32, tmp_path):
-    a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    args = [f"--data_dir={demo32}", "--ema_decay=0.9", "--ckpt_interval=100"] + TINY
-    assert _train(args + [f"--out_dir={a}", "--max_iters=4"]).returncode == 0
-    assert _train(args + [f"--out_dir={b}", "--max_iters=2"]).returncode == 0
-    p = _train(args + [f"--out_dir={b}", "--max_iters=4", "--init_from=resume"])
-    assert p.returncode == 0 and "resumed" in p.stdout and "not the dataset" not in p.stdout, p.stderr
-    assert _log(a) == [dict(r, ms_per_iter=x["ms_per_iter"], peak_gib=x["peak_gib"]) for r, x in zip(_log(b), _log(a))]
-    ca = torch.load(os.path.join(a, "ckpt.pt"), weights_only=True)
-    cb = torch.load(os.path.join(b, "ckpt.pt"), weights_only=True)
-    for key in ("model", "ema_G"):
-        assert all(torch.equal(ca[key][k], cb[key][k]) for k in ca[key])
-    assert ca["optimizers"]["G"]["state"][0]["exp_avg_sq"].equal(cb["optimizers"]["G"]["state"][0]["exp_avg_sq"])
-    # resuming on other data works, but says so (the checkpoint keeps the dataset's fingerprint)
-    other = tmp_path / "other"
-    shutil.copytree(demo32, other)
-    with open(other / "volumes.csv", "a") as f:
-        f.write("\n")
-    p = _train(TINY + [f"--data_dir={other}", f"--out_dir={b}", "--max_iters=5", "--init_from=resume"])
-    assert p.returncode == 0 and "is not the dataset this checkpoint was trained on" in p.stdout, p.stderr
-
-
-def test_ddp_two_ranks_hold_identical_weights(demo32, tmp_path):
-    out = str(tmp_path / "ddp")
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        os.path.join(HERE, "train.py"), f"--data_dir={demo32}", f"--out_dir={out}",
-                        "--max_iters=3", "--device=cpu", "--backend=gloo"] + TINY,
-                       capture_output=True, text=True, timeout=600, cwd=HERE)
-    assert p.returncode == 0, "\n".join(l for l in p.stderr.splitlines() if not l.startswith("  "))[-6000:]
-    ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
-    sums = ck["rank_checksums"]
-    own = sum(v.double().sum().item() for k, v in ck["model"].items() if not k.endswith((".u", ".sigma")))
-    assert len(sums) == 2 and sums[0] == sums[1] and math.isclose(sums[0], own, rel_tol=1e-12)
-    assert p.stdout.count("iter 3:") == 1  # rank 0 alone logs
-
-
-def test_bad_config_and_bad_data_fail_with_one_line(demo32, tmp_path):
-    p = _train(["--max_iter=5"])
-    assert p.returncode != 0 and "unknown config key 'max_iter'" in p.stderr and len(p.stderr.strip().splitlines()) == 1
-    p = _train([f"--data_dir={tmp_path / 'nothing'}", f"--out_dir={tmp_path / 'o'}"] + TINY)
-    assert p.returncode != 0 and "no prepared dataset" in p.stderr and "prepare.py" in p.stderr
-    p = _train([f"--data_dir={demo32}", f"--out_dir={tmp_path / 'o'}", "--img_size=64"])
-    assert p.returncode != 0 and "32x32x32" in p.stderr and "--img_size=32" in p.stderr
-    p = _train(TINY + [f"--data_dir={demo32}", f"--out_dir={tmp_path / 'o'}", "--num_classes=3"])
-    assert p.returncode != 0 and "5 classes but num_classes=3" in p.stderr
-    blocker = tmp_path / "file"
-    blocker.write_text("")
-    p = _train([f"--data_dir={demo32}", f"--out_dir={blocker / 'out'}"] + TINY)
-    assert p.returncode != 0 and "cannot write there" in p.stderr
-
-
-def test_interrupted_checkpoints_stay_loadable(demo32, tmp_path):
-    import signal
-    import time
-    out = tmp_path / "o"
-    args = [f"--data_dir={demo32}", f"--out_dir={out}", "--ckpt_interval=1"] + TINY
-    assert _train(args + ["--max_iters=2"]).returncode == 0
-    # a save killed mid-write leaves only a partial temp file: resume ignores it
-    (out / "ckpt.pt.tmp").write_bytes((out / "ckpt.pt").read_bytes()[:1000])
-    assert _train(args + ["--max_iters=3", "--init_from=resume"]).returncode == 0
-    assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 3
-    assert torch.load(out / "ckpt.prev.pt", weights_only=True)["iter_num"] == 2
-    # SIGTERM (a pre-emption) finishes the iteration, saves and exits cleanly
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py")] + args + ["--max_iters=100000",
-                            "--init_from=resume"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
-    while True:
-        line = proc.stdout.readline()
-        if line.startswith("iter 5:") or not line:
-            break
-    proc.send_signal(signal.SIGTERM)
-    stdout, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0 and "stopped by SIGTERM" in stdout
-    it = torch.load(out / "ckpt.pt", weights_only=True)["iter_num"]
-    assert it >= 5 and f"saved {out / 'ckpt.pt'} at iteration {it}" in stdout
-
-
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(demo32, tmp_path):
-    import shutil
-    data = tmp_path / "nan"
-    shutil.copytree(demo32, data)
-    out = tmp_path / "o"
-    args = [f"--data_dir={data}", f"--out_dir={out}"] + TINY
-    assert _train(args + ["--max_iters=2"]).returncode == 0
-    hires = np.load(data / "hires.npy", mmap_mode="r+")
-    hires[:] = np.nan  # a corrupted store: every loss that reads real data turns NaN
-    hires.flush()
-    del hires
-    p = _train(args + ["--max_iters=4", "--init_from=resume"])
-    assert p.returncode == 1 and "non-finite loss at iteration 3" in p.stdout
-    assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 2
-
-# -----------------------------------------------------------------------------
-# prepare.py
-
-NIB_DATA = os.path.join(os.path.dirname(nib.__file__), 'tests', 'data')
+# prepare.py, and the demo's data/demo/prepare.py
 
 
 def _prep_rows(out):
@@ -516,17 +412,6 @@ def _prep_smooth(shape, seed=0):
     x = torch.rand((1, 1) + tuple(max(2, s // 4) for s in shape), generator=g)
     x = F.interpolate(x, size=shape, mode='trilinear', align_corners=False)[0, 0].numpy()
     return (1000 * x).astype(np.float32)
-
-
-def _prep_demo(tmp_path, num=10, size=32):
-    out = str(tmp_path / 'demo')
-    assert prepare.make_demo(out, num=num, img_size=size, log=lambda *a: None) == 0
-    return out
-
-
-@pytest.fixture(scope='module')
-def prep_demo_dir(tmp_path_factory):
-    return _prep_demo(tmp_path_factory.mktemp('prep'))
 
 
 def test_prep_unit_mapping():
@@ -655,7 +540,7 @@ def test_prep_real_files_and_bad_inputs(tmp_path, capsys):
 def test_prep_nothing_prepared_and_unwritable(tmp_path, capsys):
     (tmp_path / 'afile').write_text('x')
     rc = prepare.prepare_dataset([os.path.join(NIB_DATA, 'anatomical.nii')], str(tmp_path / 'afile' / 'out'), 32)
-    assert rc == 1 and 'not writable' in capsys.readouterr().out
+    assert rc == 1 and 'cannot write there' in capsys.readouterr().out
     rc = prepare.prepare_dataset([os.path.join(NIB_DATA, 'small.mnc')], str(tmp_path / 'o2'), 32)
     assert rc == 1 and 'nothing was prepared' in capsys.readouterr().out
     assert not os.path.exists(tmp_path / 'o2' / 'meta.json')
@@ -700,42 +585,46 @@ def test_prep_trim_nan_and_antialias():
         prepare.prepare_array(np.full((8, 8, 8), -3000, np.float32) + np.arange(8.0), np.ones(3), 32)
 
 
-def test_prep_get_batch_slices_and_split(prep_demo_dir):
-    out = prep_demo_dir
-    meta = json.load(open(os.path.join(out, 'meta.json')))
-    assert meta['class_column'] == 'class' and meta['num_classes'] == 5 and meta['num_volumes'] == 10
-    tr = prepare.VolumeDataset(out, 'train', fold=1)
-    va = prepare.VolumeDataset(out, 'val', fold=1)
-    al = prepare.VolumeDataset(out, 'all')
-    assert len(tr) + len(va) == len(al) == 10 and len(va) == 2 and not set(tr.ids) & set(va.ids)
+def test_prep_get_batch_slices_and_split(demo):
+    meta = json.load(open(os.path.join(demo, 'meta.json')))
+    assert meta['class_column'] == 'class' and meta['num_classes'] == 5 and meta['num_volumes'] == 12
+    tr = prepare.VolumeDataset(demo, 'train', fold=1)
+    va = prepare.VolumeDataset(demo, 'val', fold=1)
+    al = prepare.VolumeDataset(demo, 'all')
+    assert len(tr) + len(va) == len(al) == 12 and len(va) >= 2 and not set(tr.ids) & set(va.ids)
     assert tr.img_size == (32, 32, 32)
-    hi = np.load(os.path.join(out, 'hires.npy'))
-    lo = np.load(os.path.join(out, 'lowres.npy'))
-    for r in [0, 3, 7]:  # r on the A grid: 0 .. D/4 - D/32 = 7
-        g = torch.Generator().manual_seed(r)
-        slabs, lows, y = tr.get_batch(3, r, 'cpu', g)
-        assert slabs.shape == (3, 1, 4, 32, 32) and lows.shape == (3, 1, 8, 8, 8)
-        assert slabs.dtype == lows.dtype == torch.float32 and y.dtype == torch.int64
-        ix = torch.randint(len(tr), (3,), generator=torch.Generator().manual_seed(r)).numpy()
+    hi = np.load(os.path.join(demo, 'hires.npy'))
+    lo = np.load(os.path.join(demo, 'lowres.npy'))
+    for r, num_slabs in [(0, 8), (3, 8), (7, 8), (2, 4), (None, 8)]:  # r on the A grid; None: whole volumes
+        span = None if r is None else slab_range(r, 32, num_slabs)
+        a, b = span or (0, 32)
+        g = torch.Generator().manual_seed(0 if r is None else r)
+        x, x_low, y = tr.get_batch(3, span, 'cpu', g)
+        assert x.shape == (3, 1, b - a, 32, 32) and x_low.shape == (3, 1, 8, 8, 8)
+        assert x.dtype == x_low.dtype == torch.float32 and y.dtype == torch.int64
+        ix = torch.randint(len(tr), (3,), generator=torch.Generator().manual_seed(0 if r is None else r)).numpy()
         for k, j in enumerate(ix):
             row = tr.index[j]
-            assert np.array_equal(slabs[k, 0].numpy(), hi[row, 4 * r:4 * r + 4].astype(np.float32))
-            assert np.array_equal(lows[k, 0].numpy(), lo[row].astype(np.float32))
+            assert np.array_equal(x[k, 0].numpy(), hi[row, a:b].astype(np.float32))
+            assert np.array_equal(x_low[k, 0].numpy(), lo[row].astype(np.float32))
             assert int(y[k]) == tr.labels['class'][j]
             assert np.array_equal(tr.volume(j), hi[row].astype(np.float32))
-            assert np.array_equal(tr.lowres(j), lo[row].astype(np.float32))
-    with pytest.raises(AssertionError):
-        tr.get_batch(2, 8)
+        # a batch is the caller's own: the next one never writes into it
+        held = x.clone()
+        tr.get_batch(3, span, 'cpu', g)
+        assert torch.equal(x, held)
+    with pytest.raises(ValueError, match='span'):
+        tr.get_batch(2, (28, 36))
     # folds are a deterministic function of the ids (and classes): stratified, every fold used
-    rows = _prep_rows(out)
+    rows = _prep_rows(demo)
     folds = [int(r['fold']) for r in rows.values()]
-    assert sorted(folds) == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    assert sorted(folds) == sorted(k % 5 for k in range(12)) and len(va) == folds.count(1)
     assert prepare._fold_of(list(rows), [int(r['class']) for r in rows.values()]) == folds
 
 
-def test_prep_demo_phantom_hu_and_labels(prep_demo_dir):
+def test_prep_demo_phantom_hu_and_labels(demo):
     rng = np.random.default_rng(5)
-    hu, aff, lab = prepare.make_phantom(rng, 3, 64)
+    hu, aff, lab = demo_prepare.make_phantom(rng, 3, 64)
     assert hu.dtype == np.int16 and hu.shape[:2] == (64, 64) and nib.aff2axcodes(aff) == ('L', 'P', 'S')
     assert hu.min() == -1024 and 500 < hu.max() < 3071
     assert abs(np.median(hu[hu < -990]) + 1000) < 25  # air
@@ -744,7 +633,7 @@ def test_prep_demo_phantom_hu_and_labels(prep_demo_dir):
     assert (hu > 300).mean() > 0.0005  # bone
     assert 2000 < lab['lung_volume_ml'] < 8000 and 15 < lab['pct_below_950'] < 40
     # the labels.csv that went through preparation: emphysema index grows with class
-    ds = prepare.VolumeDataset(prep_demo_dir, 'all')
+    ds = prepare.VolumeDataset(demo, 'all')
     c, p = ds.labels['class'], ds.labels['pct_below_950']
     assert sorted(set(c.tolist())) == [0, 1, 2, 3, 4] and c.dtype == np.int64
     means = [p[c == k].mean() for k in range(5)]
@@ -814,43 +703,347 @@ def test_prep_noncubic_and_npy(tmp_path):
     assert rows['missing']['status'] == 'skipped' and 'no such file' in rows['missing']['reason']
     ds = prepare.VolumeDataset(out, 'all')
     assert ds.img_size == (64, 32, 32) and len(ds) == 3
-    s, l, y = ds.get_batch(2, 8 - 2, generator=torch.Generator().manual_seed(0))  # r max = 64/4 - 64/32
+    r_max = HAGANConfig(img_size=(64, 32, 32)).r_max  # 64/4 - 64/32 with 8 slabs
+    s, l, y = ds.get_batch(2, slab_range(r_max, 64, 8), generator=torch.Generator().manual_seed(0))
     assert s.shape == (2, 1, 8, 32, 32) and l.shape == (2, 1, 16, 8, 8) and (y == 0).all()
     assert ds.meta['num_classes'] == 0 and ds.meta['class_column'] == ''
 
 
-def test_prep_cli_demo(tmp_path):
-    import subprocess
-    import sys
-    out = str(tmp_path / 'd')
-    here = os.path.dirname(os.path.abspath(prepare.__file__))
-    p = subprocess.run([sys.executable, os.path.join(here, 'prepare.py'), '--demo', '--out', out, '--num=6',
-                        '--img_size=32', '--workers=2'], capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, p.stdout + p.stderr
-    assert '6 ok, 0 skipped' in p.stdout
-    p = subprocess.run([sys.executable, os.path.join(here, 'prepare.py'), '--bogus=1'], capture_output=True, text=True)
-    assert p.returncode != 0 and 'unknown option --bogus' in p.stderr
+def test_prep_command_lines(demo, tmp_path):
+    # prepare.py itself, with a repeated --input, gives the demo script's volumes (2 workers there)
+    raw = os.path.join(demo, 'raw')
+    out = tmp_path / 'two'
+    p = run('prepare.py', f'--input={raw}/phantom_0000.nii.gz', '--input', f'{raw}/phantom_0001.nii.gz',
+            f'--out={out}', '--img_size=32')
+    assert p.returncode == 0 and '2 ok, 0 skipped' in p.stdout, p.stdout + p.stderr
+    assert np.array_equal(np.load(out / 'hires.npy'), np.load(os.path.join(demo, 'hires.npy'))[:2])
+    assert 'unknown config key \'bogus\'' in one_line_error(run('prepare.py', '--bogus=1'))
+    assert 'usage' in run('prepare.py', f'--out={out}').stderr
+    # the demo in-process with one worker: phantom k is drawn from (seed, k), whatever the number of phantoms
     ref = str(tmp_path / 'ref')
-    assert prepare.make_demo(ref, num=6, img_size=32, log=lambda *a: None) == 0  # 1 worker, in-process
-    assert np.array_equal(np.load(os.path.join(out, 'hires.npy')), np.load(os.path.join(ref, 'hires.npy')))
+    assert demo_prepare.make_demo(ref, num=3, img_size=32, log=lambda *a: None) == 0
+    assert np.array_equal(np.load(os.path.join(ref, 'hires.npy')), np.load(os.path.join(demo, 'hires.npy'))[:3])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
-def test_prep_get_batch_cuda_matches_cpu(prep_demo_dir):
-    ds = prepare.VolumeDataset(prep_demo_dir, 'all')
-    for it in range(4):  # more calls than staging buffers
-        a = ds.get_batch(3, it, 'cpu', torch.Generator().manual_seed(it))
-        b = ds.get_batch(3, it, 'cuda', torch.Generator().manual_seed(it))
+def test_prep_get_batch_cuda_matches_cpu(demo):
+    ds = prepare.VolumeDataset(demo, 'all')
+    for it in range(6):
+        span = slab_range(it, 32, 8) if it < 4 else None  # 4 slab batches of one shape: buffers reused
+        a = ds.get_batch(3, span, 'cpu', torch.Generator().manual_seed(it))
+        b = ds.get_batch(3, span, 'cuda', torch.Generator().manual_seed(it))
         for x, y in zip(a, b):
             assert y.device.type == 'cuda' and x.dtype == y.dtype and torch.equal(x, y.cpu())
 
 
-def test_prep_save_montage_png(tmp_path):
-    import zlib
-    import struct
+# -----------------------------------------------------------------------------
+# train.py
+
+
+def _log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_train_runs_logs_and_checkpoints(demo, tmp_path):
+    out = str(tmp_path / "out")
+    p = run("train.py", *TINY + [f"--data_dir={demo}", f"--out={out}", "--max_iters=3", "--ema_decay=0.9",
+                       "--sample_interval=3"])
+    assert p.returncode == 0, p.stderr
+    log = _log(out)
+    assert [r["iter"] for r in log] == [1, 2, 3]
+    assert all(math.isfinite(r[k]) for r in log for k in NETS)
+    assert "ms/iter" in p.stdout and "vol/s" in p.stdout and "peak" in p.stdout and "ETA" in p.stdout
+    ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert ck["iter_num"] == 3 and ck["meta"]["img_size"] == [32, 32, 32] and ck["config"]["max_iters"] == 3
+    assert set(ck["optimizers"]) == set(NETS) and ck["ema_G"] and ck["fingerprint"]
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["resolved"]["model_args"]["width"] == 0.125
+    png = open(os.path.join(out, "samples_000003.png"), "rb").read()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    model, _ = load_checkpoint(os.path.join(out, "ckpt.pt"))  # EMA weights for sampling
+    assert all(torch.equal(model.G.state_dict()[k], v) for k, v in ck["ema_G"].items())
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_mixed_precision_training_on_cpu(demo, tmp_path, dtype):
+    # CPU autocast exercises the GPU code path: finite losses; float16 saves one scaler per optimiser,
+    # and a resumed run continues from the saved scales
+    out = tmp_path / dtype
+    args = TINY + [f"--data_dir={demo}", f"--out={out}", f"--dtype={dtype}"]
+    p = run("train.py", *args, "--max_iters=2")
+    assert p.returncode == 0, p.stderr
+    assert all(math.isfinite(r[k]) for r in _log(out) for k in NETS)
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
+    assert set(ck["scalers"]) == set(NETS)
+    assert all(bool(s) == (dtype == "float16") for s in ck["scalers"].values())  # a disabled scaler saves {}
+    if dtype == "float16":
+        mine = {k: 2.0 ** (3 + i) for i, k in enumerate(NETS)}  # a scale of our own for each optimiser
+        for k, s in ck["scalers"].items():
+            s["scale"] = mine[k]
+        torch.save(ck, out / "ckpt.pt")
+        assert run("train.py", *args, "--max_iters=3", "--init_from=resume").returncode == 0
+        scalers = torch.load(out / "ckpt.pt", weights_only=True)["scalers"]
+        assert {k: s["scale"] for k, s in scalers.items()} == mine
+
+
+def test_conditional_training_uses_the_class_labels(demo, tmp_path):
+    out = str(tmp_path / "cond")
+    p = run("train.py", *TINY + [f"--data_dir={demo}", f"--out={out}", "--max_iters=2", "--num_classes=5",
+                       "--sample_interval=2"])
+    assert p.returncode == 0, p.stderr
+    ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert ck["model"]["D.D_H.fc_class.weight"].shape[0] == 5 and ck["model_args"]["num_classes"] == 5
+    assert ck["model"]["G.G_A.fc.weight"].shape[1] == 16 + 5  # z and the one-hot class
+
+
+@pytest.mark.parametrize("num_slabs", [4, 16])
+def test_train_and_generate_with_other_slab_counts(demo, tmp_path, num_slabs):
+    data, size = demo, "32"
+    if num_slabs == 16:  # 16 slabs need a depth of 64 (one A slice each): a 64x32x32 store
+        src = tmp_path / "in"
+        src.mkdir()
+        for k in range(3):
+            np.save(src / f"n{k}.npy", _prep_smooth((64, 32, 32), k) - 1024)
+        data, size = str(tmp_path / "deep"), "[64,32,32]"
+        assert prepare.prepare_dataset([str(src)], data, (64, 32, 32), log=lambda *a: None) == 0
+    out = tmp_path / "out"
+    p = run("train.py", *TINY, f"--img_size={size}", f"--num_slabs={num_slabs}", f"--data_dir={data}", f"--out={out}",
+            "--max_iters=2", "--sample_interval=2")
+    assert p.returncode == 0, p.stderr
+    assert len(_log(out)) == 2 and all(math.isfinite(r[k]) for r in _log(out) for k in NETS)
+    model, ck = load_checkpoint(out / "ckpt.pt")
+    assert ck["model_args"]["num_slabs"] == num_slabs and model.cfg.slab_a == model.cfg.a_shape[0] // num_slabs
+    z = torch.randn(2, 16)
+    whole = model.generate(z)
+    for k in (1, 3, model.cfg.slab_a):  # chunked generation is the whole-volume generation
+        assert (model.generate(z, chunk=k) - whole).abs().max() < 1e-5
+    r = model.cfg.r_max  # the last training slab: G^H on the matching slices of A
+    slab, _ = model.train().G(z, r)
+    assert slab.shape[2] == model.cfg.shape[0] // num_slabs
+    assert torch.allclose(slab, model.G.G_H(model.G.G_A(z)[:, :, r:r + model.cfg.slab_a]), atol=1e-6)
+
+
+def test_resume_is_exact(demo, tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    args = [f"--data_dir={demo}", "--ema_decay=0.9", "--ckpt_interval=100"] + TINY
+    assert run("train.py", *args + [f"--out={a}", "--max_iters=4"]).returncode == 0
+    assert run("train.py", *args + [f"--out={b}", "--max_iters=2"]).returncode == 0
+    p = run("train.py", *args + [f"--out={b}", "--max_iters=4", "--init_from=resume"])
+    assert p.returncode == 0 and "resumed" in p.stdout and "not the dataset" not in p.stdout, p.stderr
+    assert _log(a) == [dict(r, ms_per_iter=x["ms_per_iter"], peak_gib=x["peak_gib"]) for r, x in zip(_log(b), _log(a))]
+    ca = torch.load(os.path.join(a, "ckpt.pt"), weights_only=True)
+    cb = torch.load(os.path.join(b, "ckpt.pt"), weights_only=True)
+    for key in ("model", "ema_G"):
+        assert all(torch.equal(ca[key][k], cb[key][k]) for k in ca[key])
+    assert ca["optimizers"]["G"]["state"][0]["exp_avg_sq"].equal(cb["optimizers"]["G"]["state"][0]["exp_avg_sq"])
+    # resuming on other data works, but says so (the checkpoint keeps the dataset's fingerprint)
+    other = tmp_path / "other"
+    shutil.copytree(demo, other)
+    with open(other / "volumes.csv", "a") as f:
+        f.write("\n")
+    p = run("train.py", *TINY + [f"--data_dir={other}", f"--out={b}", "--max_iters=5", "--init_from=resume"])
+    assert p.returncode == 0 and "is not the dataset this checkpoint was trained on" in p.stdout, p.stderr
+
+
+def test_ddp_two_ranks_hold_identical_weights(demo, tmp_path):
+    out = str(tmp_path / "ddp")
+    p = run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", f"--data_dir={demo}",
+            f"--out={out}", "--max_iters=3", "--device=cpu", "--backend=gloo", *TINY)
+    assert p.returncode == 0, "\n".join(l for l in p.stderr.splitlines() if not l.startswith("  "))[-6000:]
+    ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    sums = ck["rank_checksums"]
+    own = sum(v.double().sum().item() for k, v in ck["model"].items() if not k.endswith((".u", ".sigma")))
+    assert len(sums) == 2 and sums[0] == sums[1] and math.isclose(sums[0], own, rel_tol=1e-12)
+    assert p.stdout.count("iter 3:") == 1  # rank 0 alone logs
+
+
+def test_bad_config_and_bad_data_fail_with_one_line(demo, tmp_path):
+    assert "unknown config key 'max_iter'" in one_line_error(run("train.py", "--max_iter=5"))
+    msg = one_line_error(run("train.py", f"--data_dir={tmp_path / 'nothing'}", f"--out={tmp_path / 'o'}", *TINY))
+    assert "no prepared dataset" in msg and "prepare.py" in msg
+    msg = one_line_error(run("train.py", f"--data_dir={demo}", f"--out={tmp_path / 'o'}", "--img_size=64"))
+    assert "32x32x32" in msg and "--img_size=32" in msg
+    msg = one_line_error(run("train.py", *TINY, f"--data_dir={demo}", f"--out={tmp_path / 'o'}", "--num_classes=3"))
+    assert "5 classes but num_classes=3" in msg
+    msg = one_line_error(run("train.py", *TINY, f"--data_dir={demo}", f"--out={tmp_path / 'o'}", "--num_slabs=3"))
+    assert "num_slabs=3 must divide" in msg
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert "cannot write there" in one_line_error(run("train.py", f"--data_dir={demo}", f"--out={blocker / 'out'}", *TINY))
+
+
+def test_interrupted_checkpoints_stay_loadable(demo, tmp_path):
+    out = tmp_path / "o"
+    args = [f"--data_dir={demo}", f"--out={out}", "--ckpt_interval=1"] + TINY
+    assert run("train.py", *args + ["--max_iters=2"]).returncode == 0
+    # a save killed mid-write leaves only a partial temp file: resume ignores it
+    (out / "ckpt.pt.tmp").write_bytes((out / "ckpt.pt").read_bytes()[:1000])
+    assert run("train.py", *args + ["--max_iters=3", "--init_from=resume"]).returncode == 0
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 3
+    assert torch.load(out / "ckpt.prev.pt", weights_only=True)["iter_num"] == 2
+    # SIGTERM (a pre-emption) finishes the iteration, saves and exits cleanly
+    proc = subprocess.Popen([sys.executable, "train.py", *args, "--max_iters=100000", "--init_from=resume"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    while True:
+        line = proc.stdout.readline()
+        if line.startswith("iter 5:") or not line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "stopped by SIGTERM" in stdout
+    it = torch.load(out / "ckpt.pt", weights_only=True)["iter_num"]
+    assert it >= 5 and f"saved {out / 'ckpt.pt'} at iteration {it}" in stdout
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(demo, tmp_path):
+    data = tmp_path / "nan"
+    shutil.copytree(demo, data)
+    out = tmp_path / "o"
+    args = [f"--data_dir={data}", f"--out={out}"] + TINY
+    assert run("train.py", *args + ["--max_iters=2"]).returncode == 0
+    hires = np.load(data / "hires.npy", mmap_mode="r+")
+    hires[:] = np.nan  # a corrupted store: every loss that reads real data turns NaN
+    hires.flush()
+    del hires
+    p = run("train.py", *args + ["--max_iters=4", "--init_from=resume"])
+    assert p.returncode == 1 and "non-finite loss at iteration 3" in p.stdout
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 2
+
+
+# -----------------------------------------------------------------------------
+# sample.py
+
+
+@pytest.fixture(scope="module")
+def ckpts(demo, tmp_path_factory):
+    """The demo data set and tiny unconditional / conditional checkpoints carrying its meta."""
+    d = tmp_path_factory.mktemp("ckpts")
+    meta = json.load(open(os.path.join(demo, "meta.json")))
+    return dict(data=demo, meta=meta, ckpt=tiny_ckpt(d / "ckpt.pt", meta),
+                ckpt_c=tiny_ckpt(d / "ckpt_c.pt", meta, num_classes=meta["num_classes"]))
+
+
+def _read_nifti(path):
+    img = nib.load(str(path))
+    return img, np.asarray(img.dataobj)
+
+
+def test_sample_writes_viewer_ready_nifti_independent_of_batch(ckpts, tmp_path):
+    meta = ckpts['meta']
+    a, b = tmp_path / 'a', tmp_path / 'b'
+    p = run('sample.py', '--ckpt', ckpts['ckpt'], '--out', a, '--num=3', '--batch_size=1', '--png')
+    assert p.returncode == 0, p.stderr
+    p = run('sample.py', f'--ckpt={ckpts["ckpt"]}', f'--out={b}', '--num=3', '--batch_size=3', '--chunk=2')
+    assert p.returncode == 0, p.stderr
+    names = [f'seed{s:06d}' for s in (1337, 1338, 1339)]
+    assert sorted(os.listdir(a)) == sorted(n + e for n in names for e in ('.nii.gz', '.json', '.png'))
+    for n in names:
+        img, x = _read_nifti(a / f'{n}.nii.gz')
+        assert x.shape == (32, 32, 32) and x.dtype == np.int16  # CT: int16 Hounsfield units
+        assert np.allclose(img.affine, np.array(meta['affine']))
+        assert ''.join(nib.aff2axcodes(img.affine)) == meta['orientation']
+        assert int(img.header['qform_code']) == 1 and int(img.header['sform_code']) == 1
+        assert img.header.get_xyzt_units()[0] == 'mm'
+        assert -1024 <= x.min() and x.max() <= 600 and x.std() > 0
+        # same seed, other batch size and slab-wise G^H: the same volume (to 1 HU of float rounding)
+        _, y = _read_nifti(b / f'{n}.nii.gz')
+        assert np.abs(x.astype(int) - y).max() <= 1 and (x == y).mean() > 0.99
+        side = json.load(open(a / f'{n}.json'))
+        assert side['seed'] == int(n[4:]) and side['iter_num'] == 7
+        png = open(a / f'{n}.png', 'rb').read()
+        assert png[:8] == b'\x89PNG\r\n\x1a\n'
+        w, h = int.from_bytes(png[16:20], 'big'), int.from_bytes(png[20:24], 'big')
+        assert w == 3 * h  # one row: axial | coronal | sagittal
+    # different seeds give different volumes
+    assert not np.array_equal(_read_nifti(a / f'{names[0]}.nii.gz')[1], _read_nifti(a / f'{names[1]}.nii.gz')[1])
+
+
+def test_sample_never_overwrites_and_fails_in_one_line(ckpts, tmp_path):
+    out = tmp_path / 's'
+    p = run('sample.py', f'--ckpt={ckpts["ckpt"]}', f'--out={out}', '--num=1')
+    assert p.returncode == 0, p.stderr
+    f = out / 'seed001337.nii.gz'
+    before = f.read_bytes()
+    os.utime(f, (0, 0))
+    with pytest.raises(SystemExit, match='exists.*--overwrite'):
+        sample.main([f'--ckpt={ckpts["ckpt"]}', f'--out={out}', '--num=1'])
+    assert os.stat(f).st_mtime == 0 and f.read_bytes() == before
+    sample.main([f'--ckpt={ckpts["ckpt"]}', f'--out={out}', '--num=1', '--overwrite'])
+    assert os.stat(f).st_mtime > 0 and f.read_bytes() == before  # rewritten, same seed, same bytes
+    bad = tmp_path / 'bad.pt'
+    bad.write_bytes(b'not a checkpoint')
+    blocker = tmp_path / 'file'
+    blocker.write_text('x')
+    for args, msg in [([f'--ckpt={tmp_path / "missing.pt"}'], 'no checkpoint'),
+                      ([f'--ckpt={bad}'], 'unreadable checkpoint'),
+                      ([f'--ckpt={ckpts["ckpt_c"]}', '--label=5'], 'unknown label'),
+                      ([f'--ckpt={ckpts["ckpt"]}', '--label=1'], 'unconditional'),
+                      ([f'--ckpt={ckpts["ckpt"]}', f'--out={blocker / "sub"}'], 'cannot write'),
+                      (['--nmu=3'], 'unknown config key')]:
+        with pytest.raises(SystemExit) as e:
+            sample.main([f'--out={tmp_path / "e"}'] + args)
+        assert str(e.value).startswith('error: ') and msg in str(e.value) and '\n' not in str(e.value)
+    assert not (tmp_path / 'e').exists() or os.listdir(tmp_path / 'e') == []
+    # the script itself: one line on stderr, non-zero exit, no traceback
+    one_line_error(run('sample.py', f'--ckpt={bad}', f'--out={tmp_path / "e"}'))
+
+
+def test_sample_conditional_labels_in_turn(ckpts, tmp_path):
+    sample.main([f'--ckpt={ckpts["ckpt_c"]}', f'--out={tmp_path}', '--num=3', '--batch_size=2'])
+    assert [json.load(open(tmp_path / f'seed{1337 + i:06d}.json'))['class'] for i in range(3)] == [0, 1, 2]
+    sample.main([f'--ckpt={ckpts["ckpt_c"]}', f'--out={tmp_path / "l"}', '--num=2', '--label=4'])
+    assert [json.load(open(tmp_path / 'l' / f'seed{1337 + i:06d}.json'))['class'] for i in range(2)] == [4, 4]
+
+
+def test_sample_interpolation_ends_at_both_seeds(ckpts, tmp_path):
+    sample.main([f'--ckpt={ckpts["ckpt"]}', f'--out={tmp_path / "i"}', '--interp=3', '--seed=5', '--seed2=9'])
+    sample.main([f'--ckpt={ckpts["ckpt"]}', f'--out={tmp_path / "s"}', '--num=1', '--seed=9'])
+    _, end = _read_nifti(tmp_path / 'i' / 'interp_5_9_02.nii.gz')
+    _, ref = _read_nifti(tmp_path / 's' / 'seed000009.nii.gz')
+    assert np.abs(end.astype(int) - ref).max() <= 1
+    z0, z1 = sample.seed_z(5, 16), sample.seed_z(9, 16)
+    mid = sample.slerp(z0, z1, 0.5)
+    assert torch.allclose(sample.slerp(z0, z1, 0.0), z0, atol=1e-5) and torch.allclose(sample.slerp(z0, z1, 1.0), z1, atol=1e-5)
+    assert abs(mid.norm() - (z0.norm() + z1.norm()) / 2) < 0.1 * z0.norm()  # slerp keeps the norm
+
+
+def test_ct_round_trip_prepared_phantom_back_to_hu(ckpts, tmp_path):
+    lo, hi = ckpts['meta']['window']
+    # HU -> prepare's window -> float16 store -> sample's inverse: within float16 rounding plus 0.5 HU
+    hu = np.random.default_rng(0).uniform(lo, hi, size=(32, 32, 32)).astype(np.float32)
+    hu[0, 0, :2] = [-3000, 3000]  # outside the window: clipped to its ends
+    stored = to_unit(hu, (lo, hi)).astype(np.float16)
+    sample.write_volume(str(tmp_path / 'rt.nii.gz'), stored.astype(np.float32), ckpts['meta'])
+    _, back = _read_nifti(tmp_path / 'rt.nii.gz')
+    tol = (hi - lo) / 2 * 2.0 ** -11 + 0.5 + 1e-3
+    ref = np.clip(hu, lo, hi)
+    assert back.dtype == np.int16 and np.abs(back - ref).max() <= tol
+    assert back[0, 0, 0] == lo and back[0, 0, 1] == hi
+    # a prepared demo phantom written as HU reads back as the same prepared volume
+    x = VolumeDataset(ckpts['data'], 'all').volume(0)
+    sample.write_volume(str(tmp_path / 'ph.nii.gz'), x, ckpts['meta'])
+    _, ph = _read_nifti(tmp_path / 'ph.nii.gz')
+    assert np.abs(to_unit(ph.astype(np.float32), (lo, hi)) - x).max() <= 1 / (hi - lo) + 1e-6  # half an HU
+
+
+def test_output_affine_from_orientation_codes_and_rescaled_grids(ckpts):
+    for codes in ('SPL', 'RAS', 'LPI'):
+        A = sample.output_affine(dict(orientation=codes, spacing=[1.0, 2.0, 3.0]), (32, 64, 96))
+        assert ''.join(nib.aff2axcodes(A)) == codes
+        assert np.allclose(np.sqrt((A[:3, :3] ** 2).sum(0)), [1, 2, 3]) and np.allclose(A @ [15.5, 31.5, 47.5, 1], [0, 0, 0, 1])
+    # a model of another size than the data (e.g. official weights with this meta): same field of view and centre
+    meta = ckpts['meta']
+    A32, A64 = np.array(meta['affine']), sample.output_affine(meta, (64, 64, 64))
+    assert ''.join(nib.aff2axcodes(A64)) == meta['orientation']
+    assert np.allclose(A64[:3, :3], A32[:3, :3] / 2)
+    assert np.allclose(A64 @ [31.5, 31.5, 31.5, 1], A32 @ [15.5, 15.5, 15.5, 1])
+
+
+def test_save_montage_png(tmp_path):
     v = np.linspace(-1, 1, 32 * 32 * 32, dtype=np.float32).reshape(32, 32, 32)
     p = str(tmp_path / 'm' / 'x.png')
-    prepare.save_montage(p, [v, -v])
+    sample.save_montage(p, [v, -v])
     data = open(p, 'rb').read()
     assert data[:8] == b'\x89PNG\r\n\x1a\n'
     w, h = struct.unpack('>II', data[16:24])
@@ -861,174 +1054,29 @@ def test_prep_save_montage_png(tmp_path):
     assert px[0, 0] == round((v[16, 0, 0] + 1) * 127.5) or abs(int(px[0, 0]) - (v[16, 0, 0] + 1) * 127.5) <= 1
 
 
-def test_prep_get_batch_never_overwrites_held_batches(prep_demo_dir):
-    # get_batch recycles CPU output tensors: only ones the caller no longer holds, in any form
-    ds = prepare.VolumeDataset(prep_demo_dir, 'all')
-    g = torch.Generator().manual_seed(0)
-    held, views, arrays, copies = [], [], [], []
-    for it in range(12):
-        s, l, y = ds.get_batch(2, it % 8, generator=g)
-        if it % 3 == 0:
-            held.append(s)
-            copies.append(s.clone())
-        elif it % 3 == 1:
-            views.append(s[:, 0, 1:3])
-            copies.append(s[:, 0, 1:3].clone())
-        else:
-            arrays.append(l.numpy())
-            copies.append(l.clone())
-        del s, l, y
-    assert all(torch.equal(a, b) for a, b in zip(held, copies[0::3]))
-    assert all(torch.equal(a, b) for a, b in zip(views, copies[1::3]))
-    assert all(np.array_equal(a, b.numpy()) for a, b in zip(arrays, copies[2::3]))
-    assert len(ds._out[(2, 1, 4, 32, 32)]) <= 4  # the pool stays small
-
 # -----------------------------------------------------------------------------
-# sample.py and encode.py
-
-_SE_REPO = os.path.dirname(os.path.abspath(__file__))
+# encode.py
 
 
-def _se_run(script, *args):
-    """Run a script in a fresh process -> (returncode, stdout, stderr)."""
-    p = subprocess.run([sys.executable, os.path.join(_SE_REPO, script), *map(str, args)],
-                       capture_output=True, text=True, timeout=120)
-    return p.returncode, p.stdout, p.stderr
-
-
-def _se_ckpt(path, meta, num_classes=0):
-    torch.manual_seed(0)
-    m = HAGAN(HAGANConfig(img_size=32, width=1 / 8, latent_dim=16, num_classes=num_classes))
-    torch.save(dict(model=m.state_dict(), model_args=asdict(m.cfg), ema_G={}, iter_num=7, config={}, meta=meta), path)
-    return str(path)
-
-
-def _se_one_line_error(rc, err):
-    assert rc != 0
-    lines = [ln for ln in err.strip().splitlines() if not ln.startswith('HA-GAN ')]
-    assert len(lines) == 1 and lines[0].startswith('error: ') and 'Traceback' not in err, err
-    return lines[0]
-
-
-@pytest.fixture(scope='module')
-def se_demo(demo32, tmp_path_factory):
-    """The 32^3 demo dataset (12 phantoms) and tiny unconditional / conditional checkpoints carrying its meta."""
-    d = tmp_path_factory.mktemp('se_demo')
-    meta = json.load(open(os.path.join(demo32, 'meta.json')))
-    return dict(data=demo32, meta=meta, ckpt=_se_ckpt(d / 'ckpt.pt', meta),
-                ckpt_c=_se_ckpt(d / 'ckpt_c.pt', meta, num_classes=meta['num_classes']))
-
-
-def _se_read(path):
-    img = nib.load(str(path))
-    return img, np.asarray(img.dataobj)
-
-
-def test_sample_writes_viewer_ready_nifti_independent_of_batch(se_demo, tmp_path):
-    meta = se_demo['meta']
-    a, b = tmp_path / 'a', tmp_path / 'b'
-    rc, out, err = _se_run('sample.py', '--ckpt', se_demo['ckpt'], '--out', a, '--num=3', '--batch=1', '--png')
-    assert rc == 0, err
-    rc, out, err = _se_run('sample.py', f'--ckpt={se_demo["ckpt"]}', f'--out={b}', '--num=3', '--batch=3', '--slab=2')
-    assert rc == 0, err
-    names = [f'seed{s:06d}' for s in (1337, 1338, 1339)]
-    assert sorted(os.listdir(a)) == sorted(n + e for n in names for e in ('.nii.gz', '.json', '.png'))
-    for n in names:
-        img, x = _se_read(a / f'{n}.nii.gz')
-        assert x.shape == (32, 32, 32) and x.dtype == np.int16  # CT: int16 Hounsfield units
-        assert np.allclose(img.affine, np.array(meta['affine']))
-        assert ''.join(nib.aff2axcodes(img.affine)) == meta['orientation']
-        assert int(img.header['qform_code']) == 1 and int(img.header['sform_code']) == 1
-        assert img.header.get_xyzt_units()[0] == 'mm'
-        assert -1024 <= x.min() and x.max() <= 600 and x.std() > 0
-        # same seed, other batch size and slab-wise G^H: the same volume (to 1 HU of float rounding)
-        _, y = _se_read(b / f'{n}.nii.gz')
-        assert np.abs(x.astype(int) - y).max() <= 1 and (x == y).mean() > 0.99
-        side = json.load(open(a / f'{n}.json'))
-        assert side['seed'] == int(n[4:]) and side['iter_num'] == 7
-        png = open(a / f'{n}.png', 'rb').read()
-        assert png[:8] == b'\x89PNG\r\n\x1a\n'
-        w, h = int.from_bytes(png[16:20], 'big'), int.from_bytes(png[20:24], 'big')
-        assert w == 3 * h  # one row: axial | coronal | sagittal
-    # different seeds give different volumes
-    assert not np.array_equal(_se_read(a / f'{names[0]}.nii.gz')[1], _se_read(a / f'{names[1]}.nii.gz')[1])
-
-
-def test_sample_never_overwrites_and_fails_in_one_line(se_demo, tmp_path):
-    out = tmp_path / 's'
-    rc, _, err = _se_run('sample.py', f'--ckpt={se_demo["ckpt"]}', f'--out={out}', '--num=1')
-    assert rc == 0, err
-    f = out / 'seed001337.nii.gz'
-    before = f.read_bytes()
-    os.utime(f, (0, 0))
-    with pytest.raises(SystemExit, match='exists.*--overwrite'):
-        sample.main([f'--ckpt={se_demo["ckpt"]}', f'--out={out}', '--num=1'])
-    assert os.stat(f).st_mtime == 0 and f.read_bytes() == before
-    sample.main([f'--ckpt={se_demo["ckpt"]}', f'--out={out}', '--num=1', '--overwrite'])
-    assert os.stat(f).st_mtime > 0 and f.read_bytes() == before  # rewritten, same seed, same bytes
-    bad = tmp_path / 'bad.pt'
-    bad.write_bytes(b'not a checkpoint')
-    blocker = tmp_path / 'file'
-    blocker.write_text('x')
-    for args, msg in [([f'--ckpt={tmp_path / "missing.pt"}'], 'no checkpoint'),
-                      ([f'--ckpt={bad}'], 'unreadable checkpoint'),
-                      ([f'--ckpt={se_demo["ckpt_c"]}', '--label=5'], 'unknown label'),
-                      ([f'--ckpt={se_demo["ckpt"]}', '--label=1'], 'unconditional'),
-                      ([f'--ckpt={se_demo["ckpt"]}', f'--out={blocker / "sub"}'], 'cannot write'),
-                      (['--nmu=3'], 'unknown config key')]:
-        with pytest.raises(SystemExit) as e:
-            sample.main([f'--out={tmp_path / "e"}'] + args)
-        assert str(e.value).startswith('error: ') and msg in str(e.value) and '\n' not in str(e.value)
-    assert not (tmp_path / 'e').exists() or os.listdir(tmp_path / 'e') == []
-    # the script itself: one line on stderr, non-zero exit, no traceback
-    _se_one_line_error(*_se_run('sample.py', f'--ckpt={bad}', f'--out={tmp_path / "e"}')[::2])
-
-
-def test_sample_conditional_labels_in_turn(se_demo, tmp_path):
-    sample.main([f'--ckpt={se_demo["ckpt_c"]}', f'--out={tmp_path}', '--num=3', '--batch=2'])
-    assert [json.load(open(tmp_path / f'seed{1337 + i:06d}.json'))['class'] for i in range(3)] == [0, 1, 2]
-    sample.main([f'--ckpt={se_demo["ckpt_c"]}', f'--out={tmp_path / "l"}', '--num=2', '--label=4'])
-    assert [json.load(open(tmp_path / 'l' / f'seed{1337 + i:06d}.json'))['class'] for i in range(2)] == [4, 4]
-
-
-def test_ct_round_trip_prepared_phantom_back_to_hu(se_demo, tmp_path):
-    lo, hi = se_demo['meta']['window']
-    # HU -> prepare's window -> float16 store -> sample's inverse: within float16 rounding plus 0.5 HU
-    hu = np.random.default_rng(0).uniform(lo, hi, size=(32, 32, 32)).astype(np.float32)
-    hu[0, 0, :2] = [-3000, 3000]  # outside the window: clipped to its ends
-    stored = to_unit(hu, (lo, hi)).astype(np.float16)
-    sample.write_volume(str(tmp_path / 'rt.nii.gz'), stored.astype(np.float32), se_demo['meta'])
-    _, back = _se_read(tmp_path / 'rt.nii.gz')
-    tol = (hi - lo) / 2 * 2.0 ** -11 + 0.5 + 1e-3
-    ref = np.clip(hu, lo, hi)
-    assert back.dtype == np.int16 and np.abs(back - ref).max() <= tol
-    assert back[0, 0, 0] == lo and back[0, 0, 1] == hi
-    # a prepared demo phantom written as HU reads back as the same prepared volume
-    x = VolumeDataset(se_demo['data'], 'all').volume(0)
-    sample.write_volume(str(tmp_path / 'ph.nii.gz'), x, se_demo['meta'])
-    _, ph = _se_read(tmp_path / 'ph.nii.gz')
-    assert np.abs(to_unit(ph.astype(np.float32), (lo, hi)) - x).max() <= 1 / (hi - lo) + 1e-6  # half an HU
-
-
-def test_encode_features_recon_regress_and_direction_for_sample(se_demo, tmp_path):
+def test_encode_features_recon_regress_and_direction_for_sample(ckpts, tmp_path):
     out = tmp_path / 'f'
-    rc, stdout, err = _se_run('encode.py', f'--data={se_demo["data"]}', f'--ckpt={se_demo["ckpt"]}', f'--out={out}',
+    p = run('encode.py', f'--data_dir={ckpts["data"]}', f'--ckpt={ckpts["ckpt"]}', f'--out={out}',
                               '--recon=1', '--regress=lung_volume_ml,pct_below_950', '--direction', 'lung_volume_ml')
-    assert rc == 0, err
-    ds = VolumeDataset(se_demo['data'], 'all')
+    assert p.returncode == 0, p.stderr
+    ds = VolumeDataset(ckpts['data'], 'all')
     Z = np.load(out / 'features.npy')
     assert Z.shape == (12, 16) and Z.dtype == np.float32 and np.all(np.isfinite(Z))
     rows = list(csv.DictReader(open(out / 'ids.csv')))
     assert [r['id'] for r in rows] == ds.ids
     assert np.allclose([float(r['lung_volume_ml']) for r in rows], ds.labels['lung_volume_ml'])
-    model, _ = load_checkpoint(se_demo['ckpt'])
+    model, _ = load_checkpoint(ckpts['ckpt'])
     z3 = model.encode(torch.from_numpy(ds.volume(3))[None, None]).numpy()[0]
     assert np.allclose(Z[3], z3, atol=1e-5)
     # the reconstruction and its prepared original, as HU NIfTI with the dataset's affine
     for kind in ('orig', 'recon'):
-        img, x = _se_read(out / f'{ds.ids[0]}_{kind}.nii.gz')
-        assert x.shape == (32, 32, 32) and np.allclose(img.affine, se_demo['meta']['affine'])
-    assert 'PSNR' in stdout and 'L1' in stdout
+        img, x = _read_nifti(out / f'{ds.ids[0]}_{kind}.nii.gz')
+        assert x.shape == (32, 32, 32) and np.allclose(img.affine, ckpts['meta']['affine'])
+    assert 'PSNR' in p.stdout and 'L1' in p.stdout
     reg = json.load(open(out / 'regress.json'))
     assert set(reg) == {'lung_volume_ml', 'pct_below_950'}
     assert reg['lung_volume_ml']['target'] == 'log(lung_volume_ml)' and len(reg['lung_volume_ml']['r2_per_fold']) == 5
@@ -1037,9 +1085,9 @@ def test_encode_features_recon_regress_and_direction_for_sample(se_demo, tmp_pat
     info = json.load(open(out / 'direction_lung_volume_ml.json'))
     assert w.shape == (16,) and info['column'] == 'lung_volume_ml'
     s = tmp_path / 's'
-    rc, _, err = _se_run('sample.py', f'--ckpt={se_demo["ckpt"]}', f'--out={s}',
+    p = run('sample.py', f'--ckpt={ckpts["ckpt"]}', f'--out={s}',
                          f'--direction={out / "direction_lung_volume_ml.npy"}', '--steps=3', '--scale=2', '--png')
-    assert rc == 0, err
+    assert p.returncode == 0, p.stderr
     preds = [json.load(open(s / f'direction_lung_volume_ml_s1337_{k:02d}.json'))['predicted']['lung_volume_ml']
              for k in range(3)]
     z0 = sample.seed_z(1337, 16).double().numpy()
@@ -1048,18 +1096,6 @@ def test_encode_features_recon_regress_and_direction_for_sample(se_demo, tmp_pat
     assert preds[2] - preds[1] == pytest.approx(2 * np.linalg.norm(w.astype(np.float64)), rel=1e-4)
     assert (s / 'direction_lung_volume_ml_s1337.png').exists()
     assert nib.load(str(s / 'direction_lung_volume_ml_s1337_02.nii.gz')).shape == (32, 32, 32)
-
-
-def test_sample_interpolation_ends_at_both_seeds(se_demo, tmp_path):
-    sample.main([f'--ckpt={se_demo["ckpt"]}', f'--out={tmp_path / "i"}', '--interp=3', '--seed=5', '--seed2=9'])
-    sample.main([f'--ckpt={se_demo["ckpt"]}', f'--out={tmp_path / "s"}', '--num=1', '--seed=9'])
-    _, end = _se_read(tmp_path / 'i' / 'interp_5_9_02.nii.gz')
-    _, ref = _se_read(tmp_path / 's' / 'seed000009.nii.gz')
-    assert np.abs(end.astype(int) - ref).max() <= 1
-    z0, z1 = sample.seed_z(5, 16), sample.seed_z(9, 16)
-    mid = sample.slerp(z0, z1, 0.5)
-    assert torch.allclose(sample.slerp(z0, z1, 0.0), z0, atol=1e-5) and torch.allclose(sample.slerp(z0, z1, 1.0), z1, atol=1e-5)
-    assert abs(mid.norm() - (z0.norm() + z1.norm()) / 2) < 0.1 * z0.norm()  # slerp keeps the norm
 
 
 def test_ridge_matches_direct_least_squares_and_r2():
@@ -1086,12 +1122,13 @@ def test_ridge_matches_direct_least_squares_and_r2():
         encode.cross_validate(Z, t - 100, np.arange(50) % 5)
 
 
-def test_encode_bad_input_writes_nothing(se_demo, tmp_path):
+def test_encode_bad_input_writes_nothing(ckpts, tmp_path):
     out = tmp_path / 'f'
-    base = [f'--data={se_demo["data"]}', f'--ckpt={se_demo["ckpt"]}', f'--out={out}']
+    base = [f'--data_dir={ckpts["data"]}', f'--ckpt={ckpts["ckpt"]}', f'--out={out}']
     for args, msg in [(['--regress=fev1'], "unknown label column 'fev1'"),
                       (['--direction=nope'], 'unknown label column'),
-                      ([f'--data={tmp_path / "none"}'], 'no such file'),
+                      ([f'--data_dir={tmp_path / "none"}'], 'no prepared dataset'),
+                      ([f'--input={tmp_path / "none.nii"}'], 'no such file'),
                       ([f'--ckpt={tmp_path / "missing.pt"}'], 'no checkpoint')]:
         with pytest.raises(SystemExit) as e:
             encode.main(base + args)
@@ -1101,30 +1138,16 @@ def test_encode_bad_input_writes_nothing(se_demo, tmp_path):
     with pytest.raises(SystemExit, match='exists'):
         encode.main(base)
     # NIfTI files, prepared on the fly with the checkpoint's meta, give the prepared folder's features
-    raw = os.path.join(se_demo['data'], 'raw')
-    encode.main([f'--data={raw}', f'--ckpt={se_demo["ckpt"]}', f'--out={tmp_path / "n"}'])
+    raw = os.path.join(ckpts['data'], 'raw')
+    encode.main([f'--input={raw}', f'--ckpt={ckpts["ckpt"]}', f'--out={tmp_path / "n"}'])
     ids = [r['id'] for r in csv.DictReader(open(tmp_path / 'n' / 'ids.csv'))]
     Zn, Zp = np.load(tmp_path / 'n' / 'features.npy'), np.load(out / 'features.npy')
-    order = [ids.index(i) for i in VolumeDataset(se_demo['data'], 'all').ids]
+    order = [ids.index(i) for i in VolumeDataset(ckpts['data'], 'all').ids]
     assert np.allclose(Zn[order], Zp, atol=1e-2)  # float16 store vs float32 on the fly
 
 
-def test_output_affine_from_orientation_codes_and_rescaled_grids(se_demo):
-    for codes in ('SPL', 'RAS', 'LPI'):
-        A = sample.output_affine(dict(orientation=codes, spacing=[1.0, 2.0, 3.0]), (32, 64, 96))
-        assert ''.join(nib.aff2axcodes(A)) == codes
-        assert np.allclose(np.sqrt((A[:3, :3] ** 2).sum(0)), [1, 2, 3]) and np.allclose(A @ [15.5, 31.5, 47.5, 1], [0, 0, 0, 1])
-    # a model of another size than the data (e.g. official weights with this meta): same field of view and centre
-    meta = se_demo['meta']
-    A32, A64 = np.array(meta['affine']), sample.output_affine(meta, (64, 64, 64))
-    assert ''.join(nib.aff2axcodes(A64)) == meta['orientation']
-    assert np.allclose(A64[:3, :3], A32[:3, :3] / 2)
-    assert np.allclose(A64 @ [31.5, 31.5, 31.5, 1], A32 @ [15.5, 15.5, 15.5, 1])
-
 # -----------------------------------------------------------------------------
 # eval.py
-
-_EV_ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def _ev_feats(n=300, d=12, seed=0):
@@ -1253,23 +1276,17 @@ def test_ev_random_features_fixed_seed_and_labelled():
     assert not ia["pretrained"] and "RANDOM" in ia["label"]
 
 
-def test_ev_quality_end_to_end(tmp_path):
-    import prepare
-    data = tmp_path / "demo"
-    assert prepare.make_demo(str(data), num=10, img_size=32, log=lambda *a, **k: None) == 0
-    m = HAGAN(HAGANConfig(img_size=32, width=1 / 8, latent_dim=16))
-    ckpt = tmp_path / "ckpt.pt"
-    torch.save(dict(model=m.state_dict(), model_args=dataclasses.asdict(m.cfg), ema_G={}, iter_num=0,
-                    config={"fold": 1}, meta={}), ckpt)
-    c = dict(ev.config, ckpt=str(ckpt), data=str(data), num=6, depth=10, ssim_pairs=2, device="cpu",
-             out=str(tmp_path / "eval.json"))
+def test_ev_quality_end_to_end(demo, tmp_path):
+    data = demo
+    ckpt = tiny_ckpt(tmp_path / "ckpt.pt", {})  # trained on every fold but 1, says its config
+    c = dict(ev.config, ckpt=ckpt, data_dir=data, num=6, depth=10, ssim_pairs=2, device="cpu", out=str(tmp_path))
     rep = ev.quality(c)
     on_disk = json.loads((tmp_path / "eval.json").read_text())
     assert on_disk["features"]["pretrained"] is False and "RANDOM" in on_disk["features"]["label"]
     assert on_disk["input_norm"]["name"] == "none"
     r = rep["folds"][0]
     assert r["fold"] == 1  # the checkpoint's own held-out fold
-    assert r["n_generated"] == 6 and r["n_real"] == len(prepare.VolumeDataset(str(data), "val", 1))
+    assert r["n_generated"] == 6 and r["n_real"] == len(VolumeDataset(data, "val", 1))
     for k in ("fid", "mmd", "precision", "recall", "ms_ssim"):
         assert np.isfinite(r[k]) and np.isfinite(r[k + "_floor"]), k
     # an untrained generator is far from the data; two halves of the real data are not
@@ -1278,22 +1295,34 @@ def test_ev_quality_end_to_end(tmp_path):
 
 
 def test_ev_bench_s32_complete_table(tmp_path):
-    out = tmp_path / "bench.json"
-    p = subprocess.run([sys.executable, os.path.join(_EV_ROOT, "eval.py"), "--bench", "--sizes=32",
-                        "--bench_seconds=0", "--warmup=1", "--bench_width=0.125", f"--out={out}"],
-                       capture_output=True, text=True, timeout=300, cwd=_EV_ROOT)
+    p = run("eval.py", "--bench", "--sizes=32", "--bench_seconds=0", "--warmup=1", "--bench_width=0.125",
+            f"--out={tmp_path}", timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
-    rep = json.loads(out.read_text())
+    rep = json.loads((tmp_path / "bench.json").read_text())
     (row,) = rep["rows"]
     for mode in ("hagan", "full"):
         cell = row[mode]
         assert "error" not in cell and not cell.get("oom"), cell
         assert cell["params"] > 0 and cell["peak_mem_mib"] > 0 and cell["it_per_s"] > 0
-    assert row["hagan"]["sample_s"] > 0 and row["store_batches_per_s"] > 0
+    assert row["hagan"]["sample_s"] > 0 and min(row["store_batches_per_s"].values()) > 0
     line = next(l for l in rep["table"].splitlines() if l.startswith("| 32^3"))
     cells = [x.strip() for x in line.strip("|").split("|")]
     assert len(cells) == 9 and all(cells) and "-" not in cells[:8], cells
     assert "| 32^3 |" in p.stdout
+
+
+def test_ev_bench_losses_are_model_pys():
+    # the cost table's iterations call model.py's losses, so a changed loss changes what is benchmarked
+    m = tiny(32)
+    opts = m.configure_optimizers()
+    seen = []
+    for name in NETS:
+        f = getattr(m, "loss_" + name)
+        setattr(m, "loss_" + name, lambda *a, _f=f, _n=name, **k: seen.append(_n) or _f(*a, **k))
+    x = torch.rand(1, 1, 32, 32, 32) * 2 - 1
+    for mode in ("hagan", "full"):
+        ev.iteration(m, opts, x, "float32", torch.Generator().manual_seed(0), mode)
+    assert seen == list(NETS) * 2
 
 
 def test_ev_bench_oom_is_a_cell_not_a_crash():

@@ -2,7 +2,7 @@
 Train HA-GAN: the paper's four alternating updates (Sections III-B to III-E), one file, top to bottom.
 
 On one CPU or GPU:
-$ python prepare.py --demo && python train.py config/train_demo.py
+$ python data/demo/prepare.py && python train.py config/train_demo.py
 On 2 GPUs of one machine (torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; NCCL on CUDA, gloo on CPU):
 $ torchrun --standalone --nproc_per_node=2 train.py config/train_lung_ct.py
 On 2 nodes of 8 GPUs each, run on both (the first node's address as the rendezvous endpoint):
@@ -22,6 +22,7 @@ import resource
 import signal
 import sys
 import time
+from collections import namedtuple
 from copy import deepcopy
 from dataclasses import asdict
 
@@ -29,19 +30,21 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from model import HAGAN, HAGANConfig, S_H, autocast_ctx, override
-from prepare import VolumeDataset, save_montage, writable_dir
+from model import HAGAN, NETS, HAGANConfig, S_H, autocast_ctx, override
+from prepare import VolumeDataset, writable_dir
+from sample import save_montage
 
 # -----------------------------------------------------------------------------
 # default config: the paper's settings for 256^3 (Sec. III-E); config/*.py and --key=value override
 config = dict(
-    out_dir="out",  # checkpoint out_dir/ckpt.pt (previous one kept as ckpt.prev.pt), config.json, log.jsonl, PNGs
+    out="out",  # output folder: ckpt.pt (previous one kept as ckpt.prev.pt), config.json, log.jsonl, PNGs
     data_dir="data/demo",  # a folder written by prepare.py
     fold=0,  # held-out fold of the 5-fold split (training uses the other four)
     img_size=256,  # S; must match the prepared data (a [D, H, W] list for non-cubic volumes)
     width=1.0,  # channel multiplier of every network (1.0 = the official model)
     latent_dim=1024,  # size of Z
     num_classes=0,  # >0: class-conditional HA-GAN with AC-GAN heads (paper IV-C); labels from the data
+    num_slabs=8,  # the depth axis is cut into this many slabs; G^H and D^H see one per iteration (paper: 8)
     batch_size=4,  # global batch: split over ranks and gradient-accumulation steps
     grad_accum=1,  # micro-batches per update on each rank
     max_iters=80000,  # total iterations
@@ -54,7 +57,7 @@ config = dict(
     lambda2=5.0,  # weight of eq. 7 (E^G reconstruction)
     lambda_class=0.1,  # weight of the class term in G's loss (conditional only; official value)
     ema_decay=0.0,  # moving average of G's weights for sampling (e.g. 0.999); 0 = off
-    init_from="scratch",  # 'scratch', 'resume' (out_dir/ckpt.pt), or the path of an official G_iterN.pth
+    init_from="scratch",  # 'scratch', 'resume' (out/ckpt.pt), or the path of an official G_iterN.pth
     dtype="auto",  # 'float32', 'bfloat16', 'float16' (autocast); 'auto' = bf16 on GPUs that have it, else float32
     device="auto",  # 'cpu', 'cuda', 'cuda:1', ...; 'auto' = cuda if available
     backend="auto",  # DDP backend: 'nccl' on CUDA, 'gloo' on CPU
@@ -69,25 +72,24 @@ config = dict(
     wandb_run_name="run",
 )
 override(config)
-C = config  # short name used below
 
 # -----------------------------------------------------------------------------
 # processes, devices, precision
 
 ddp = int(os.environ.get("RANK", -1)) != -1  # started by torchrun?
-device = C["device"] if C["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+device = config["device"] if config["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
 if ddp:
     rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
     if device.startswith("cuda"):
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
-    backend = C["backend"] if C["backend"] != "auto" else ("nccl" if device.startswith("cuda") else "gloo")
+    backend = config["backend"] if config["backend"] != "auto" else ("nccl" if device.startswith("cuda") else "gloo")
     dist.init_process_group(backend=backend)
 else:
     rank, local_rank, world = 0, 0, 1
 master = rank == 0
 device_type = torch.device(device).type
-dtype = C["dtype"]
+dtype = config["dtype"]
 if dtype == "auto":
     dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
 if dtype not in ("float32", "bfloat16", "float16"):
@@ -97,10 +99,10 @@ if device_type == "cuda":
     torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels once
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-per_rank = C["batch_size"] // (world * C["grad_accum"])
-if per_rank * world * C["grad_accum"] != C["batch_size"] or per_rank < 1:
-    raise SystemExit(f"error: batch_size={C['batch_size']} must be a multiple of world size ({world}) "
-                     f"x grad_accum ({C['grad_accum']})")
+per_rank = config["batch_size"] // (world * config["grad_accum"])
+if per_rank * world * config["grad_accum"] != config["batch_size"] or per_rank < 1:
+    raise SystemExit(f"error: batch_size={config['batch_size']} must be a multiple of world size ({world}) "
+                     f"x grad_accum ({config['grad_accum']})")
 
 
 def log(*a):
@@ -110,26 +112,26 @@ def log(*a):
 
 def seeded(*key):
     """A 63-bit seed for one (purpose, iteration, ...): nothing depends on how the run got here."""
-    h = hashlib.sha256(repr((C["seed"],) + key).encode()).digest()
+    h = hashlib.sha256(repr((config["seed"],) + key).encode()).digest()
     return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
 
 
 # -----------------------------------------------------------------------------
 # data, model, optimisers
 
-out_dir = C["out_dir"]
+out_dir = config["out"]
 if master:
     try:
         writable_dir(out_dir)
     except ValueError as e:
-        raise SystemExit(f"error: {e}; choose another --out_dir")
+        raise SystemExit(f"error: {e}; choose another --out")
 
 try:
-    ds = VolumeDataset(C["data_dir"], split="train", fold=C["fold"])
+    ds = VolumeDataset(config["data_dir"], split="train", fold=config["fold"])
 except (FileNotFoundError, ValueError) as e:
     raise SystemExit(f"error: {e}")
-img_size = C["img_size"] if isinstance(C["img_size"], int) else tuple(C["img_size"])
-if init_from_resume := (C["init_from"] == "resume"):
+img_size = config["img_size"] if isinstance(config["img_size"], int) else tuple(config["img_size"])
+if init_from_resume := (config["init_from"] == "resume"):
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     if not os.path.exists(ckpt_path) and os.path.exists(os.path.join(out_dir, "ckpt.prev.pt")):
         ckpt_path = os.path.join(out_dir, "ckpt.prev.pt")  # killed between the two renames of a save
@@ -141,45 +143,51 @@ if init_from_resume := (C["init_from"] == "resume"):
         model_args["img_size"] = tuple(model_args["img_size"])
     cfg = HAGANConfig(**model_args)
 else:
-    cfg = HAGANConfig(img_size=img_size, latent_dim=C["latent_dim"], num_classes=C["num_classes"], width=C["width"])
+    try:
+        cfg = HAGANConfig(img_size=img_size, latent_dim=config["latent_dim"], num_classes=config["num_classes"],
+                          width=config["width"], num_slabs=config["num_slabs"])
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
 if tuple(ds.img_size) != cfg.shape:
-    raise SystemExit(f"error: {C['data_dir']} holds {'x'.join(map(str, ds.img_size))} volumes but the model is "
-                     f"{'x'.join(map(str, cfg.shape))}; set --img_size={ds.img_size[0] if len(set(ds.img_size)) == 1 else list(ds.img_size)} "
-                     f"or prepare the data at this size")
+    want = ds.img_size[0] if len(set(ds.img_size)) == 1 else list(ds.img_size)
+    raise SystemExit(f"error: {config['data_dir']} holds {'x'.join(map(str, ds.img_size))} volumes but the model "
+                     f"is {'x'.join(map(str, cfg.shape))}; set --img_size={want} or prepare the data at this size")
 if len(ds) < per_rank:
-    raise SystemExit(f"error: {C['data_dir']}: the training split of fold {C['fold']} has {len(ds)} volumes, "
-                     f"fewer than one batch ({per_rank}); prepare more scans or lower batch_size")
+    raise SystemExit(f"error: {config['data_dir']}: the training split of fold {config['fold']} has {len(ds)} "
+                     f"volumes, fewer than one batch ({per_rank}); prepare more scans or lower batch_size")
 if cfg.num_classes:
     nc = ds.meta.get("num_classes", 0)
     if not ds.meta.get("class_column") or nc < 1:
-        raise SystemExit(f"error: {C['data_dir']} has no class labels; a conditional run needs "
+        raise SystemExit(f"error: {config['data_dir']} has no class labels; a conditional run needs "
                          f"prepare.py --labels=labels.csv with a 'class' column")
     if nc > cfg.num_classes:
-        raise SystemExit(f"error: {C['data_dir']} has {nc} classes but num_classes={cfg.num_classes}")
+        raise SystemExit(f"error: {config['data_dir']} has {nc} classes but num_classes={cfg.num_classes}")
 
-torch.manual_seed(C["seed"])  # initial weights: identical on every rank, and broadcast below anyway
-if C["init_from"] not in ("scratch", "resume"):
-    g = C["init_from"]
+torch.manual_seed(config["seed"])  # initial weights: identical on every rank, and broadcast below anyway
+if config["init_from"] not in ("scratch", "resume"):
+    g = config["init_from"]
     side = {k: g.replace("G_iter", k + "_iter") for k in ("D", "E", "Sub_E")} if "G_iter" in os.path.basename(g) else {}
     side = {k: p for k, p in side.items() if os.path.exists(p)}
     try:
-        model = HAGAN.from_official(G=g, **side, img_size=cfg.img_size)
+        model = HAGAN.from_official(G=g, **side, img_size=cfg.img_size, num_slabs=cfg.num_slabs)
     except (ValueError, OSError) as e:
         raise SystemExit(f"error: {e}")
     cfg = model.cfg
     log(f"initialised from the official checkpoint {g} (+ {', '.join(side) or 'no other files'})")
 else:
-    model = HAGAN(cfg)
+    try:
+        model = HAGAN(cfg)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
 model.to(device)
-nets = dict(D=model.D, G=model.G, E_H=model.E_H, E_G=model.E_G)  # the four updates, in order
-opts = model.configure_optimizers(C["lr_G"], C["lr_D"], C["lr_E"], (C["beta1"], C["beta2"]))
+opts = model.configure_optimizers(config["lr_G"], config["lr_D"], config["lr_E"], (config["beta1"], config["beta2"]))
 # fp16 only: one scaler per optimiser, so an overflow in D's backward never shrinks G's scale
-scalers = {k: torch.amp.GradScaler(device_type, enabled=dtype == "float16") for k in nets}
-ema = deepcopy(model.G).requires_grad_(False) if C["ema_decay"] > 0 else None
+scalers = {k: torch.amp.GradScaler(device_type, enabled=dtype == "float16") for k in NETS}
+ema = deepcopy(model.G).requires_grad_(False) if config["ema_decay"] > 0 else None
 iter_num = 0
 if init_from_resume:
     model.load_state_dict(ckpt["model"])
-    for k in nets:
+    for k in NETS:
         opts[k].load_state_dict(ckpt["optimizers"][k])
         scalers[k].load_state_dict(ckpt["scalers"][k])
     if ema is not None and ckpt.get("ema_G"):
@@ -198,18 +206,18 @@ if init_from_resume:
 if ddp:  # no DDP wrapper (4 networks, frozen parts): same start on every rank, gradients reduced by hand
     for t in list(model.state_dict().values()) + ([] if ema is None else list(ema.state_dict().values())):
         dist.broadcast(t, 0)
-if C["compile"]:
+if config["compile"]:
     # fixed-shape networks only: the slab selection stays eager so 57 values of r never recompile
     for m in (model.G.G_A, model.G.G_L, model.G.G_H, model.D.D_L, model.E_H, model.E_G):
         m.compile()
 
-fingerprint = hashlib.sha1(open(os.path.join(C["data_dir"], "meta.json"), "rb").read()
-                           + open(os.path.join(C["data_dir"], "volumes.csv"), "rb").read()).hexdigest()[:16]
+fingerprint = hashlib.sha1(open(os.path.join(config["data_dir"], "meta.json"), "rb").read()
+                           + open(os.path.join(config["data_dir"], "volumes.csv"), "rb").read()).hexdigest()[:16]
 if init_from_resume and resumed_fingerprint != fingerprint:
-    log(f"warning: {C['data_dir']} is not the dataset this checkpoint was trained on "
+    log(f"warning: {config['data_dir']} is not the dataset this checkpoint was trained on "
         f"(fingerprint {fingerprint} vs {resumed_fingerprint}); continuing on the new data")
-run_config = dict(C, resolved=dict(device=device, dtype=dtype, world=world, per_rank_batch=per_rank,
-                                   model_args=asdict(cfg)))
+run_config = dict(config, resolved=dict(device=device, dtype=dtype, world=world, per_rank_batch=per_rank,
+                                        model_args=asdict(cfg)))
 if master:
     log(json.dumps(run_config, indent=1, default=str))
     with open(os.path.join(out_dir, "config.json"), "w") as f:
@@ -238,7 +246,7 @@ def save_checkpoint():
     ck = dict(model=model.state_dict(), model_args=asdict(cfg), ema_G=ema.state_dict() if ema is not None else {},
               optimizers={k: o.state_dict() for k, o in opts.items()},
               scalers={k: s.state_dict() for k, s in scalers.items()},
-              iter_num=iter_num, config=C, meta=ds.meta, fingerprint=fingerprint, rng=rng,
+              iter_num=iter_num, config=config, meta=ds.meta, fingerprint=fingerprint, rng=rng,
               rank_checksums=rank_checksums)
     path = os.path.join(out_dir, "ckpt.pt")
     tmp = path + ".tmp"
@@ -264,16 +272,17 @@ def peak_memory_gib():
 def write_montage(path):
     """Fixed-z samples and one reconstruction G(E(x)) of a real volume, three mid-planes each."""
     G = ema if ema is not None else model.G
-    gen = torch.Generator().manual_seed(C["seed"])
-    z = torch.randn(C["num_samples"], cfg.latent_dim, generator=gen).to(device)
-    c = (torch.arange(C["num_samples"]) % cfg.num_classes).to(device) if cfg.num_classes else None
+    gen = torch.Generator().manual_seed(config["seed"])
+    z = torch.randn(config["num_samples"], cfg.latent_dim, generator=gen).to(device)
+    c = (torch.arange(config["num_samples"]) % cfg.num_classes).to(device) if cfg.num_classes else None
     was = model.training
     model.eval()
-    vols = [G.generate(z[i:i + 1], None if c is None else c[i:i + 1], slab=8)[0, 0].float().cpu().numpy()
+    k = cfg.slab_a  # G^H one training slab of A at a time: sampling needs no more memory than training
+    vols = [G.generate(z[i:i + 1], None if c is None else c[i:i + 1], chunk=k)[0, 0].float().cpu().numpy()
             for i in range(len(z))]
     x = torch.from_numpy(ds.volume(0))[None, None].to(device)
     y = torch.tensor([int(ds.labels[ds.meta["class_column"]][0])], device=device) if cfg.num_classes else None
-    rec = G.generate(model.encode(x), y, slab=8)
+    rec = G.generate(model.encode(x), y, chunk=k)
     save_montage(path, vols + [x[0, 0].cpu().numpy(), rec[0, 0].float().cpu().numpy()])
     model.train(was)
     return float((rec - x).abs().mean())
@@ -285,63 +294,67 @@ def write_montage(path):
 stop = []
 signal.signal(signal.SIGINT, lambda *_: stop.append("SIGINT"))
 signal.signal(signal.SIGTERM, lambda *_: stop.append("SIGTERM"))
-if C["wandb_log"] and master:
+if config["wandb_log"] and master:
     import wandb  # only when asked for
-    wandb.init(project=C["wandb_project"], name=C["wandb_run_name"], config=run_config)
+    wandb.init(project=config["wandb_project"], name=config["wandb_run_name"], config=run_config)
 
 # -----------------------------------------------------------------------------
-# the training loop: D, G, E^H, E^G updates (paper eqs. 4-8)
+# the paper's four updates (eqs. 4-8), each a call of step(): one network trained, the others frozen
+
+# one micro-batch: whole real volumes x (b,1,D,H,W), their slab S^H(x; r) (b,1,D/num_slabs,H,W) and
+# low-res versions (b,1,D/4,H/4,W/4), class labels c (b,) or None, and fresh noise for D's and G's updates
+Batch = namedtuple("Batch", "x x_slab x_low c z_D z_G")
+
+
+def step(name, micro, loss_fn):
+    """Train network `name` alone on loss_fn(batch) -> (loss, stats), summed over the micro-batches;
+    gradients averaged over ranks, then one optimiser step. Returns {name: loss, **stats}, averaged."""
+    net = model.train_only(name)
+    stats = {}
+    for b in micro:
+        with ctx:
+            loss, more = loss_fn(b)
+        scalers[name].scale(loss / len(micro)).backward()
+        for k, v in {name: loss, **more}.items():
+            stats[k] = stats.get(k, 0.0) + v.detach().float() / len(micro)
+    sync_grads(net)
+    scalers[name].step(opts[name])
+    scalers[name].update()
+    opts[name].zero_grad(set_to_none=True)
+    return stats
+
 
 model.train()
-r_max = cfg.r_max
 rank_checksums = []  # sum of all weights on each rank at the last checkpoint (DDP only)
 t0 = time.time()
 t_first = None
 it_first = iter_num
-while iter_num < C["max_iters"]:
+while iter_num < config["max_iters"]:
     # r: one slab position per iteration, the same on every rank. Volumes and noise: drawn per
     # micro-batch from its place in the global batch, so that 2 ranks x 1 micro-batch and 1 rank x
     # 2 micro-batches see the same data and make the same update
-    r = int(torch.randint(0, r_max + 1, (1,), generator=torch.Generator().manual_seed(seeded("r", iter_num))))
+    r = int(torch.randint(0, cfg.r_max + 1, (1,), generator=torch.Generator().manual_seed(seeded("r", iter_num))))
     micro = []
-    for m in range(C["grad_accum"]):
-        gen = torch.Generator().manual_seed(seeded("batch", iter_num, rank * C["grad_accum"] + m))
-        x, x_low, y = ds.get_batch(per_rank, r, device, generator=gen, full=True)  # x: (b,1,S,S,S)
-        z_D, z_G = torch.randn(2, per_rank, cfg.latent_dim, generator=gen).to(device)  # fresh z for D and G
-        micro.append((x, S_H(x, r), x_low, y if cfg.num_classes else None, z_D, z_G))
-    losses = {}
+    for m in range(config["grad_accum"]):
+        gen = torch.Generator().manual_seed(seeded("batch", iter_num, rank * config["grad_accum"] + m))
+        x, x_low, c = ds.get_batch(per_rank, device=device, generator=gen)  # whole volumes: E^G encodes them all
+        z_D, z_G = torch.randn(2, per_rank, cfg.latent_dim, generator=gen).to(device)
+        micro.append(Batch(x, S_H(x, r, cfg.num_slabs), x_low, c if cfg.num_classes else None, z_D, z_G))
 
-    def update(name, loss_fn):
-        """One of the four updates: only `name`'s parameters get gradients and are stepped."""
-        for k, net in nets.items():
-            net.requires_grad_(k == name)
-        total = 0.0
-        for m in micro:
-            with ctx:
-                loss, stats = loss_fn(*m)
-            scalers[name].scale(loss / len(micro)).backward()
-            total = total + loss.detach() / len(micro)
-            for k, v in stats.items():
-                losses[k] = losses.get(k, 0.0) + v / len(micro)
-        sync_grads(nets[name])
-        scalers[name].step(opts[name])
-        scalers[name].update()
-        opts[name].zero_grad(set_to_none=True)
-        losses[name] = total
-
-    update("D", lambda x, xs, xl, y, z_D, z_G: model.loss_D(xs, xl, r, z_D, y))
-    update("G", lambda x, xs, xl, y, z_D, z_G: model.loss_G(r, z_G, y, lambda_class=C["lambda_class"]))
-    if ema is not None:
+    stats = step("D", micro, lambda b: model.loss_D(b.x_slab, b.x_low, r, b.z_D, b.c))
+    stats |= step("G", micro, lambda b: model.loss_G(r, b.z_G, b.c, config["lambda_class"]))
+    stats |= step("E_H", micro, lambda b: model.loss_E_H(b.x_slab, config["lambda1"]))
+    stats |= step("E_G", micro, lambda b: model.loss_E_G(model.encode_A(b.x), b.x_slab, b.x_low, r, b.c,
+                                                         config["lambda2"]))
+    if ema is not None:  # G changes only in its own update
         with torch.no_grad():
             for pe, p in zip(ema.parameters(), model.G.parameters()):
-                pe.lerp_(p, 1 - C["ema_decay"])
-    update("E_H", lambda x, xs, xl, y, z_D, z_G: model.loss_E_H(xs, lambda1=C["lambda1"]))
-    update("E_G", lambda x, xs, xl, y, z_D, z_G: model.loss_E_G(model.encode_A(x), xs, xl, r, y, lambda2=C["lambda2"]))
+                pe.lerp_(p, 1 - config["ema_decay"])
     iter_num += 1
 
-    # one small all-reduce of the losses: for the log and so that every rank agrees to stop on NaN
-    names = sorted(losses)
-    vec = torch.stack([torch.as_tensor(losses[k], dtype=torch.float32, device=device) for k in names])
+    # one small all-reduce of the stats: for the log and so that every rank agrees to stop on NaN
+    names = list(stats)  # the same order on every rank
+    vec = torch.stack([stats[k] for k in names])
     if ddp:
         dist.all_reduce(vec)
         vec /= world
@@ -356,32 +369,32 @@ while iter_num < C["max_iters"]:
 
     if iter_num == it_first + 1:
         t_first = time.time()  # the first iteration pays for allocation and kernel selection
-    if iter_num % C["log_interval"] == 0 or iter_num in (it_first + 1, C["max_iters"]):  # first: a baseline
+    if iter_num % config["log_interval"] == 0 or iter_num in (it_first + 1, config["max_iters"]):  # first: a baseline
         vals = dict(zip(names, vec.tolist()))
         if device_type == "cuda":
             torch.cuda.synchronize()
         done = iter_num - it_first - 1
         dt = (time.time() - t_first) / done if done > 0 else time.time() - t0
-        eta = dt * (C["max_iters"] - iter_num)
-        log(f"iter {iter_num}: D {vals['D']:.4f} G {vals['G']:.4f} E_H {vals['E_H']:.4f} E_G {vals['E_G']:.4f} "
-            f"| rec L1 {vals['rec_E_H']:.4f}/{vals['rec_E_G']:.4f} D(x) {vals['D_real']:.2f} D(G(z)) {vals['D_fake']:.2f} "
-            f"| {dt * 1000:.0f} ms/iter, {C['batch_size'] / dt:.2f} vol/s, peak {peak_memory_gib():.2f} GiB, "
+        eta = dt * (config["max_iters"] - iter_num)
+        log(f"iter {iter_num}: " + " ".join(f"{k} {v:.4f}" for k, v in vals.items())
+            + f" | {dt * 1000:.0f} ms/iter, {config['batch_size'] / dt:.2f} vol/s, peak {peak_memory_gib():.2f} GiB, "
             f"ETA {eta / 3600:.1f} h")
         if master:
             rec = dict(iter=iter_num, ms_per_iter=dt * 1000, peak_gib=peak_memory_gib(), **vals)
             with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
                 f.write(json.dumps(rec) + "\n")
-            if C["wandb_log"]:
+            if config["wandb_log"]:
                 wandb.log(rec, step=iter_num)
-    if master and C["sample_interval"] and (iter_num % C["sample_interval"] == 0 or iter_num == C["max_iters"]):
-        rec_l1 = write_montage(os.path.join(out_dir, f"samples_{iter_num:06d}.png"))
-        log(f"wrote {os.path.join(out_dir, f'samples_{iter_num:06d}.png')} (reconstruction L1 {rec_l1:.4f})")
+    if master and config["sample_interval"] and (iter_num % config["sample_interval"] == 0
+                                                 or iter_num == config["max_iters"]):
+        png = os.path.join(out_dir, f"samples_{iter_num:06d}.png")
+        log(f"wrote {png} (reconstruction L1 {write_montage(png):.4f})")
     stopping = bool(stop)
     if ddp:  # a signal may reach only some ranks: stop together
         flag = torch.tensor([float(stopping)], device=device)
         dist.all_reduce(flag)
         stopping = flag.item() > 0
-    saving = iter_num % C["ckpt_interval"] == 0 or iter_num == C["max_iters"] or stopping
+    saving = iter_num % config["ckpt_interval"] == 0 or iter_num == config["max_iters"] or stopping
     if ddp and saving:
         # ranks must hold the same weights; if they drifted, a checkpoint of rank 0 would hide it
         chk = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().view(1)

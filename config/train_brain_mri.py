@@ -1,7 +1,7 @@
 # The paper's GSP setting (Sec. IV-A): 256^3 skull-stripped T1 MRI, clipped at the 99.9th percentile.
 # python prepare.py --input=/data/gsp --out=data/gsp --img_size=256 --modality=mri
 # torchrun --standalone --nproc_per_node=2 train.py config/train_brain_mri.py
-out_dir = "out/brain_mri"
+out = "out/brain_mri"
 data_dir = "data/gsp"
 img_size = 256
 batch_size = 4

@@ -1,7 +1,7 @@
 # Class-conditional HA-GAN (paper IV-C: GOLD stage 0-4 at 128^3, AC-GAN heads on D^H and D^L).
 # python prepare.py --input=/data/copdgene --labels=gold.csv --out=data/copd128 --img_size=128 --modality=ct
 # torchrun --standalone --nproc_per_node=2 train.py config/train_conditional.py
-out_dir = "out/conditional"
+out = "out/conditional"
 data_dir = "data/copd128"
 img_size = 128
 num_classes = 5

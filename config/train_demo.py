@@ -1,6 +1,6 @@
-# CPU-sized demo on the procedural thorax phantoms: python prepare.py --demo && python train.py config/train_demo.py
+# CPU-sized demo on the procedural thorax phantoms: python data/demo/prepare.py && python train.py config/train_demo.py
 # A 64^3 model at a quarter of the official widths; finishes on 2 CPU cores in minutes.
-out_dir = "out"
+out = "out"
 data_dir = "data/demo"
 img_size = 64
 width = 0.25
