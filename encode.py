@@ -30,23 +30,23 @@ from sample import fail, write_atomic, write_volume
 
 # -----------------------------------------------------------------------------
 config = dict(
-    data_dir='data/demo',  # a folder written by prepare.py
+    data_dir="data/demo",  # a folder written by prepare.py
     input=[],  # instead of data_dir: scans prepared on the fly, as prepare.py's --input (repeatable)
-    ckpt='out/ckpt.pt',  # checkpoint written by train.py
-    meta='',  # --input: the meta.json whose settings prepare them; '' = the one kept in the checkpoint
-    out='features',  # output folder
-    split='all',  # prepared folder: 'all', or 'train' / 'val' of --fold
+    ckpt="out/ckpt.pt",  # checkpoint written by train.py
+    meta="",  # --input: the meta.json whose settings prepare them; '' = the one kept in the checkpoint
+    out="features",  # output folder
+    split="all",  # prepared folder: 'all', or 'train' / 'val' of --fold
     fold=0,  # the fold of --split=train|val
     batch_size=1,  # volumes per forward
-    device='auto',  # 'cpu', 'cuda', 'cuda:1'...; 'auto' = cuda if available
-    dtype='float32',  # 'float32', 'bfloat16' or 'float16' autocast
+    device="auto",  # 'cpu', 'cuda', 'cuda:1'...; 'auto' = cuda if available
+    dtype="float32",  # 'float32', 'bfloat16' or 'float16' autocast
     ema=True,  # reconstruct with the moving average of G's weights when the checkpoint has one
     recon=0,  # also write this many reconstructions G(E(x)) and their prepared originals, with L1/PSNR
     chunk=0,  # --recon: G^H this many A-slices at a time (0 = all at once)
-    regress='',  # comma-separated label columns: Ridge on Z, held-out R^2 per fold
+    regress="",  # comma-separated label columns: Ridge on Z, held-out R^2 per fold
     lam=1e-4,  # Ridge lambda (paper Sec. IV-D)
     log=True,  # --regress: predict log(column), as the paper does (Table VI)
-    direction='',  # comma-separated label columns: least-squares latent direction -> OUT/direction_<col>.npy
+    direction="",  # comma-separated label columns: least-squares latent direction -> OUT/direction_<col>.npy
     overwrite=False,  # replace existing output files
 )
 # -----------------------------------------------------------------------------
@@ -69,7 +69,7 @@ def r2(y, yhat):
     """Coefficient of determination 1 - SS_res / SS_tot around the held-out mean (sklearn's r2_score)."""
     y, yhat = np.asarray(y, dtype=np.float64), np.asarray(yhat, dtype=np.float64)
     ss = ((y - y.mean()) ** 2).sum()
-    return 1.0 - ((y - yhat) ** 2).sum() / ss if ss > 0 else float('nan')
+    return 1.0 - ((y - yhat) ** 2).sum() / ss if ss > 0 else float("nan")
 
 
 def cross_validate(Z, y, folds, lam=1e-4, log=True):
@@ -112,7 +112,7 @@ class _Files:
         self.paths, self.meta = paths, meta
         self.ids = [volume_id(p) for p in paths]
         self.labels = {}
-        self.img_size = tuple(meta['img_size'])
+        self.img_size = tuple(meta["img_size"])
 
     def __len__(self):
         return len(self.paths)
@@ -123,103 +123,103 @@ class _Files:
 
 def open_data(c, ckpt_meta):
     """The input as (dataset, meta, fold of every volume or None)."""
-    data = c['data_dir']
-    if not c['input']:
+    data = c["data_dir"]
+    if not c["input"]:
         try:
-            ds = VolumeDataset(data, c['split'], c['fold'])
+            ds = VolumeDataset(data, c["split"], c["fold"])
             # fold of every volume: each is in exactly one 'val' split (the paper's 5-fold CV)
             fold_of = {}
-            for f in range(ds.meta.get('num_folds', 5)):
+            for f in range(ds.meta.get("num_folds", 5)):
                 try:
-                    fold_of.update({i: f for i in VolumeDataset(data, 'val', f).ids})
+                    fold_of.update({i: f for i in VolumeDataset(data, "val", f).ids})
                 except ValueError:
                     pass  # an empty fold of a tiny dataset
         except (FileNotFoundError, ValueError, AssertionError, KeyError) as e:
             fail(str(e) if str(e).startswith(data) else f"{data}: {e}")
         return ds, ds.meta, np.array([fold_of.get(i, -1) for i in ds.ids])
-    paths, missing = find_inputs(c['input'])
+    paths, missing = find_inputs(c["input"])
     if missing:
         fail(f"{missing[0][0]}: {missing[0][1]}")
     if not paths:
         fail(f"{', '.join(c['input'])}: no image files there")
     meta = ckpt_meta
-    if c['meta']:
+    if c["meta"]:
         try:
-            meta = read_meta(c['meta'])
+            meta = read_meta(c["meta"])
         except ValueError as e:
             fail(str(e))
-    if not meta or 'img_size' not in meta:
+    if not meta or "img_size" not in meta:
         fail("to prepare NIfTI files we need the dataset's meta.json: the checkpoint has none, pass --meta")
     return _Files(paths, meta), meta, None
 
 
 def main(argv=None):
     c = override(dict(config), argv)
-    if c['dtype'] not in ('float32', 'bfloat16', 'float16'):
+    if c["dtype"] not in ("float32", "bfloat16", "float16"):
         fail(f"--dtype={c['dtype']}: use float32, bfloat16 or float16")
-    if c['batch_size'] < 1 or c['recon'] < 0 or c['chunk'] < 0:
+    if c["batch_size"] < 1 or c["recon"] < 0 or c["chunk"] < 0:
         fail("--batch_size must be >= 1, --recon and --chunk >= 0")
-    if c['device'] == 'auto':
-        c['device'] = 'cuda' if torch.cuda.is_available() else 'cpu'
-    out = c['out']
+    if c["device"] == "auto":
+        c["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    out = c["out"]
     try:  # an unwritable folder fails here, before the model is loaded or anything computed
         writable_dir(out)
     except ValueError as e:
         fail(str(e))
     try:
-        model, ckpt = load_checkpoint(c['ckpt'], c['device'], ema=c['ema'])
+        model, ckpt = load_checkpoint(c["ckpt"], c["device"], ema=c["ema"])
     except ValueError as e:
         fail(str(e).strip().splitlines()[0])
-    ds, meta, folds = open_data(c, ckpt.get('meta') or {})
-    source = ', '.join(c['input']) or c['data_dir']
+    ds, meta, folds = open_data(c, ckpt.get("meta") or {})
+    source = ", ".join(c["input"]) or c["data_dir"]
     if tuple(ds.img_size) != tuple(model.cfg.shape):
         fail(f"{source}: volumes are {'x'.join(map(str, ds.img_size))} but the model takes "
              f"{'x'.join(map(str, model.cfg.shape))}")
     # every requested column must exist before we spend time encoding
-    reg = [s for s in c['regress'].split(',') if s]
-    dirs = [s for s in c['direction'].split(',') if s]
+    reg = [s for s in c["regress"].split(",") if s]
+    dirs = [s for s in c["direction"].split(",") if s]
     for col in reg + dirs:
         if col not in ds.labels:
-            have = [k for k in ds.labels if k != meta.get('class_column')]
+            have = [k for k in ds.labels if k != meta.get("class_column")]
             fail(f"unknown label column '{col}'" + (f"; {source} has: {', '.join(have)}" if have
                                                      else f"; {source} has no labels"))
     if reg and folds is None:
         fail("--regress needs a prepared folder (its labels and folds)")
-    files = ['features.npy', 'ids.csv'] + (['regress.json'] if reg else [])
-    files += [f'direction_{col}{e}' for col in dirs for e in ('.npy', '.json')]
-    files += [f'{i}_{kind}.nii.gz' for i in ds.ids[:c['recon']] for kind in ('orig', 'recon')]
+    files = ["features.npy", "ids.csv"] + (["regress.json"] if reg else [])
+    files += [f"direction_{col}{e}" for col in dirs for e in (".npy", ".json")]
+    files += [f"{i}_{kind}.nii.gz" for i in ds.ids[:c["recon"]] for kind in ("orig", "recon")]
     taken = [f for f in files if os.path.exists(os.path.join(out, f))]
-    if taken and not c['overwrite']:
+    if taken and not c["overwrite"]:
         fail(f"{os.path.join(out, taken[0])} exists; pass --overwrite or another --out")
 
     # ---- encode (and reconstruct the first --recon volumes)
     N = len(ds)
-    cls_col = meta.get('class_column') or ''
+    cls_col = meta.get("class_column") or ""
     classes = ds.labels.get(cls_col) if cls_col else None
     Z = np.zeros((N, model.cfg.latent_dim), dtype=np.float32)
     recons, t0 = [], time.time()
-    for i in range(0, N, c['batch_size']):
-        js = range(i, min(i + c['batch_size'], N))
+    for i in range(0, N, c["batch_size"]):
+        js = range(i, min(i + c["batch_size"], N))
         try:
             xs = [ds.volume(j) for j in js]
         except ValueError as e:  # a NIfTI input that cannot be read or prepared
             fail(str(e))
-        x = torch.from_numpy(np.stack(xs))[:, None].to(c['device'])  # (B,1,D,H,W) in [-1, 1]
-        with torch.no_grad(), autocast_ctx(c['device'], c['dtype']):
+        x = torch.from_numpy(np.stack(xs))[:, None].to(c["device"])  # (B,1,D,H,W) in [-1, 1]
+        with torch.no_grad(), autocast_ctx(c["device"], c["dtype"]):
             z = model.encode(x).float()  # (B, latent_dim)
             Z[i:i + len(js)] = z.cpu().numpy()
-            k = [j for j in js if j < c['recon']]
+            k = [j for j in js if j < c["recon"]]
             if k:
                 cl = None
                 if model.cfg.num_classes:
-                    cl = torch.tensor([int(classes[j]) if classes is not None else 0 for j in k], device=c['device'])
-                xr = model.generate(z[:len(k)], cl, chunk=c['chunk']).float()  # (b,1,D,H,W)
+                    cl = torch.tensor([int(classes[j]) if classes is not None else 0 for j in k], device=c["device"])
+                xr = model.generate(z[:len(k)], cl, chunk=c["chunk"]).float()  # (b,1,D,H,W)
                 for j, a, b in zip(k, x[:len(k)].float().cpu().numpy(), xr.cpu().numpy()):
                     a, b = a[0], b[0]
                     l1 = float(np.abs(a - b).mean())
                     psnr = 10 * math.log10(4.0 / max(float(((a - b) ** 2).mean()), 1e-12))  # peak-to-peak 2
                     recons.append((ds.ids[j], a, b, l1, psnr))
-        if (i // c['batch_size']) % 20 == 0 or i + len(js) == N:
+        if (i // c["batch_size"]) % 20 == 0 or i + len(js) == N:
             print(f"encoded {i + len(js)}/{N} ({(time.time() - t0) / (i + len(js)):.2f} s/volume)")
     if not np.all(np.isfinite(Z)):
         fail("the encoder produced non-finite features (a broken checkpoint?); nothing written")
@@ -228,53 +228,53 @@ def main(argv=None):
     results = {}
     for col in reg:
         try:
-            res = cross_validate(Z, ds.labels[col], folds, c['lam'], c['log'])
+            res = cross_validate(Z, ds.labels[col], folds, c["lam"], c["log"])
         except ValueError as e:
             fail(f"--regress={col}: {e}")
         if not res:
             fail(f"--regress={col}: too few labelled volumes for 5-fold cross-validation")
         v = np.array(list(res.values()))
-        results[col] = dict(target=f"log({col})" if c['log'] else col, lam=c['lam'], r2_per_fold=res,
+        results[col] = dict(target=f"log({col})" if c["log"] else col, lam=c["lam"], r2_per_fold=res,
                             r2_mean=float(v.mean()), r2_std=float(v.std()), n=int(np.isfinite(ds.labels[col]).sum()))
     dir_out = {}
     for col in dirs:
         w, b, fit = direction(Z, ds.labels[col])
         dir_out[col] = (w, dict(column=col, intercept=float(b), norm=float(np.linalg.norm(w)), r2_fit=float(fit),
-                                latent_dim=int(w.size), ckpt=os.path.abspath(c['ckpt']),
+                                latent_dim=int(w.size), ckpt=os.path.abspath(c["ckpt"]),
                                 note=f"{col} ~ w.z + b; one unit of z along w/|w| changes it by |w|"))
 
     # ---- write
     ids = list(ds.ids)
-    write_atomic(os.path.join(out, 'features.npy'), lambda p: np.save(p, Z))
+    write_atomic(os.path.join(out, "features.npy"), lambda p: np.save(p, Z))
     cols = [k for k in ds.labels]
 
     def write_ids(p):
-        with open(p, 'w', newline='') as f:
+        with open(p, "w", newline="") as f:
             wr = csv.writer(f)
-            wr.writerow(['row', 'id'] + cols + (['fold'] if folds is not None else []))
+            wr.writerow(["row", "id"] + cols + (["fold"] if folds is not None else []))
             for j, i in enumerate(ids):
                 wr.writerow([j, i] + [ds.labels[k][j] for k in cols] + ([folds[j]] if folds is not None else []))
-    write_atomic(os.path.join(out, 'ids.csv'), write_ids)
+    write_atomic(os.path.join(out, "ids.csv"), write_ids)
     print(f"{out}/features.npy {tuple(Z.shape)} and ids.csv ({time.time() - t0:.1f}s)")
     for vid, a, b, l1, psnr in recons:
-        write_volume(os.path.join(out, f'{vid}_orig.nii.gz'), a, meta, f"prepared {vid}")
-        write_volume(os.path.join(out, f'{vid}_recon.nii.gz'), b, meta, f"G(E(x)) {vid}")
-        hu = f" ({l1 * (meta['window'][1] - meta['window'][0]) / 2:.1f} HU)" if meta.get('window') else ''
+        write_volume(os.path.join(out, f"{vid}_orig.nii.gz"), a, meta, f"prepared {vid}")
+        write_volume(os.path.join(out, f"{vid}_recon.nii.gz"), b, meta, f"G(E(x)) {vid}")
+        hu = f" ({l1 * (meta['window'][1] - meta['window'][0]) / 2:.1f} HU)" if meta.get("window") else ""
         print(f"recon {vid}: L1 {l1:.4f}{hu}, PSNR {psnr:.2f} dB")
     if recons:
         print(f"recon mean over {len(recons)}: L1 {np.mean([r[3] for r in recons]):.4f}, "
               f"PSNR {np.mean([r[4] for r in recons]):.2f} dB")
     for col, r in results.items():
-        folds_s = ' '.join(f"{v:.3f}" for v in r['r2_per_fold'].values())
+        folds_s = " ".join(f"{v:.3f}" for v in r["r2_per_fold"].values())
         print(f"Ridge {r['target']}: held-out R^2 {r['r2_mean']:.3f} +- {r['r2_std']:.3f} (folds: {folds_s}; n={r['n']})")
     if results:
-        write_atomic(os.path.join(out, 'regress.json'), lambda p: open(p, 'w').write(json.dumps(results, indent=1)))
+        write_atomic(os.path.join(out, "regress.json"), lambda p: open(p, "w").write(json.dumps(results, indent=1)))
     for col, (w, info) in dir_out.items():
-        base = os.path.join(out, f'direction_{col}')
-        write_atomic(base + '.npy', lambda p: np.save(p, w.astype(np.float32)))
-        write_atomic(base + '.json', lambda p: open(p, 'w').write(json.dumps(info, indent=1)))
+        base = os.path.join(out, f"direction_{col}")
+        write_atomic(base + ".npy", lambda p: np.save(p, w.astype(np.float32)))
+        write_atomic(base + ".json", lambda p: open(p, "w").write(json.dumps(info, indent=1)))
         print(f"{base}.npy: |w| = {info['norm']:.4g} {col} per unit of z (in-sample R^2 {info['r2_fit']:.3f})")
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
     main()

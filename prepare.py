@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from model import override
 
+
 # -----------------------------------------------------------------------------
 config = dict(
     input=[],  # files, folders (searched recursively), globs or .txt lists of paths; repeat --input for more
@@ -63,13 +64,15 @@ config = dict(
 FORMAT_VERSION = 1
 CT_WINDOW = (-1024.0, 600.0)        # HA-GAN's COPDGene HU window (paper Sec. IV-A)
 MRI_PERCENTILE = 99.9               # GSP: "clipped at top 0.1% quantile" (paper Sec. IV-A)
-ORIENTATION = ('S', 'P', 'L')       # stored axes: axial slices hires[z] show as radiological images
+ORIENTATION = ("S", "P", "L")       # stored axes: axial slices hires[z] show as radiological images
 NUM_FOLDS = 5                       # the paper's 5-fold cross-validation
 # file endings we pick up when searching folders; the partner files (.img, .HEAD, .REC) are read by nibabel
-IMAGE_ENDINGS = ('.nii', '.nii.gz', '.mgh', '.mgz', '.mnc', '.hdr', '.brik', '.brik.gz', '.par', '.npy')
+IMAGE_ENDINGS = (".nii", ".nii.gz", ".mgh", ".mgz", ".mnc", ".hdr", ".brik", ".brik.gz", ".par", ".npy")
+
 
 # -----------------------------------------------------------------------------
 # intensities
+
 
 def to_unit(x, window):
     """Source units (HU for CT) -> [-1, 1]: window[0] -> -1, window[1] -> +1, clipped."""
@@ -78,42 +81,48 @@ def to_unit(x, window):
         return ((x - lo) * (2.0 / (hi - lo)) - 1.0).clamp_(-1.0, 1.0)
     return np.clip((np.asarray(x, dtype=np.float32) - lo) * (2.0 / (hi - lo)) - 1.0, -1.0, 1.0)
 
+
 def from_unit(x, window):
     """[-1, 1] -> source units; the inverse of to_unit inside the window (sample.py writes HU with it)."""
     lo, hi = float(window[0]), float(window[1])
     return (x + 1.0) * ((hi - lo) / 2.0) + lo
 
+
 def parse_window(s):
     """'LO,HI' -> (lo, hi) floats, or None for ''."""
-    if s in ('', None):
+    if s in ("", None):
         return None
-    lo, hi = (float(v) for v in str(s).split(','))
+    lo, hi = (float(v) for v in str(s).split(","))
     assert hi > lo, f"--window={s}: HI must be greater than LO"
     return (lo, hi)
+
 
 def parse_size(s):
     """256 / '256' / '160,256,256' / (D,H,W) -> (D, H, W), each a multiple of 32 (model.py's contract)."""
     if isinstance(s, (tuple, list)):
         size = tuple(int(v) for v in s)
     else:
-        size = tuple(int(v) for v in str(s).split(','))
+        size = tuple(int(v) for v in str(s).split(","))
     if len(size) == 1:
         size = size * 3
     assert len(size) == 3 and all(v > 0 and v % 32 == 0 for v in size), \
         f"img_size={s}: need S or D,H,W with every dim a multiple of 32"
     return size
 
+
 # -----------------------------------------------------------------------------
 # reading one volume
 
+
 def volume_id(path):
     """File name without its image endings: 'scans/a/0042.nii.gz' -> '0042', 'scaled+tlrc.BRIK' -> 'scaled+tlrc'."""
-    name = os.path.basename(path.rstrip('/'))
-    for end in ('.gz', '.bz2', '.zst'):
+    name = os.path.basename(path.rstrip("/"))
+    for end in (".gz", ".bz2", ".zst"):
         if name.lower().endswith(end):
             name = name[:-len(end)]
     stem, ext = os.path.splitext(name)
     return stem if ext else name
+
 
 def canonical_affine(spacing, shape):
     """Affine of a grid in our stored orientation (S,P,L) with this spacing, centred on the world origin."""
@@ -124,6 +133,7 @@ def canonical_affine(spacing, shape):
     A[:3, 3] = -A[:3, :3] @ (np.array([D, H, W], dtype=np.float64) - 1) / 2
     return A
 
+
 def load_volume(path, first_volume=False):
     """
     Read one scan -> (float32 array [D,H,W] in our stored orientation, 4x4 affine of that array, spacing (3,) mm).
@@ -132,9 +142,9 @@ def load_volume(path, first_volume=False):
     Bad input raises ValueError('<path>: <reason>').
     """
     path = str(path)
-    if path.lower().endswith('.npy'):
+    if path.lower().endswith(".npy"):
         try:
-            data = np.load(path, mmap_mode='r', allow_pickle=False)
+            data = np.load(path, mmap_mode="r", allow_pickle=False)
         except Exception as e:
             raise ValueError(f"{path}: unreadable .npy ({type(e).__name__}: {e})") from None
         affine = canonical_affine((1, 1, 1), data.shape[:3]) if data.ndim >= 3 else np.eye(4)
@@ -152,7 +162,7 @@ def load_volume(path, first_volume=False):
                          f"or convert it to NIfTI") from None
     except Exception as e:
         raise ValueError(f"{path}: not an image nibabel can read ({type(e).__name__}: {e})") from None
-    if not hasattr(img, 'dataobj') or getattr(img, 'affine', None) is None:
+    if not hasattr(img, "dataobj") or getattr(img, "affine", None) is None:
         raise ValueError(f"{path}: {type(img).__name__} has no voxel array with an affine")
     try:
         data = _squeeze_to_3d(path, img.dataobj, first_volume)  # 4D: reads only the first volume
@@ -173,6 +183,7 @@ def load_volume(path, first_volume=False):
     vol = np.ascontiguousarray(vol)
     return (vol if vol.flags.writeable else vol.copy()), affine, spacing
 
+
 def _squeeze_to_3d(path, data, first_volume):
     shape = tuple(int(v) for v in data.shape)
     if len(shape) < 3 or min(shape[:3]) < 2:
@@ -184,8 +195,10 @@ def _squeeze_to_3d(path, data, first_volume):
                              f"(use --first_volume to take its first volume)")
     return data[(slice(None),) * 3 + (0,) * len(extra)] if extra else data
 
+
 # -----------------------------------------------------------------------------
 # mapping one volume to the stored grid
+
 
 def _resample_axis0(x, T, step, bg):
     """
@@ -205,8 +218,8 @@ def _resample_axis0(x, T, step, bg):
     w = w / w.sum(1, keepdim=True)
     idx = idx.clamp_(0, n - 1)  # edge replicate
     out = torch.empty((T,) + tuple(x.shape[1:]), dtype=x.dtype)
-    # one whole (H,W) plane per multiply-add: contiguous, in cache, no temporaries. Along axis 0 this was
-    # 3x faster than index_select over the whole array per tap, so we rotate the axes instead (below).
+    # one whole (H,W) plane per multiply-add: contiguous, in cache, no temporaries. That is why the
+    # caller rotates the axes to bring each one first, rather than indexing along the other two.
     for o in range(T):
         if c[o] < -0.5 or c[o] > n - 0.5:
             out[o] = bg
@@ -217,7 +230,8 @@ def _resample_axis0(x, T, step, bg):
             out[o].add_(x[i], alpha=wk)
     return out
 
-def prepare_array(vol, spacing, img_size, modality='ct', window=None, out_spacing=-1.0, stretch=False,
+
+def prepare_array(vol, spacing, img_size, modality="ct", window=None, out_spacing=-1.0, stretch=False,
                   affine=None):
     """
     One raw volume (float32 [D0,H0,W0], stored orientation, source units) -> (hires float32 [D,H,W] in [-1,1], info).
@@ -237,9 +251,9 @@ def prepare_array(vol, spacing, img_size, modality='ct', window=None, out_spacin
     vmin, vmax = (float(v) for v in torch.aminmax(vals))
     if vmax <= vmin:
         raise ValueError(f"constant volume (all voxels {vmin:g})")
-    if window is None and modality == 'ct':
+    if window is None and modality == "ct":
         window = CT_WINDOW
-    elif window is None and modality == 'mri':
+    elif window is None and modality == "mri":
         # foreground = above the minimum (skull-stripped MRI has a 0 background); subsample big volumes,
         # a percentile of 4M voxels is plenty and keeps this under a second
         fg = vals[vals > vmin]
@@ -286,24 +300,40 @@ def prepare_array(vol, spacing, img_size, modality='ct', window=None, out_spacin
                 out_affine=out_affine, nonfinite=n_bad)
     return u.contiguous().numpy(), info
 
+
 def downsample(hires):
     """hires [D,H,W] -> lowres [D/4,H/4,W/4]: means of 4x4x4 blocks (anti-aliased; official code: nearest)."""
     x = torch.as_tensor(np.asarray(hires, dtype=np.float32))
     return F.avg_pool3d(x[None, None], 4)[0, 0].numpy()
 
+
 def prepare_file(path, meta):
     """Prepare one scan with a dataset's meta.json settings -> (hires float32 [D,H,W], lowres float32 [D/4,H/4,W/4])."""
-    st = meta.get('settings', {})
-    vol, affine, spacing = load_volume(path, first_volume=st.get('first_volume', False))
+    st = meta.get("settings", {})
+    vol, affine, spacing = load_volume(path, first_volume=st.get("first_volume", False))
     try:
-        hires, _ = prepare_array(vol, spacing, meta['img_size'], meta['modality'], meta.get('window'),
-                                 st.get('spacing', -1.0), st.get('stretch', False), affine)
+        hires, _ = prepare_array(vol, spacing, meta["img_size"], meta["modality"], meta.get("window"),
+                                 st.get("spacing", -1.0), st.get("stretch", False), affine)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
     return hires, downsample(hires)
 
+
 # -----------------------------------------------------------------------------
 # preparing a folder of scans: planning, workers, resume
+
+
+def writable_dir(path):
+    """Create folder `path` if needed and check that we can write there, before any long work starts;
+    a one-line ValueError naming the folder otherwise."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write_test{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot write there ({e.strerror or e})") from None
+
 
 def find_inputs(specs):
     """--input values -> list of paths (order kept, duplicates removed). Folders are searched recursively."""
@@ -311,26 +341,26 @@ def find_inputs(specs):
     def is_image(p):
         return p.lower().endswith(IMAGE_ENDINGS)
     for spec in specs:
-        if any(ch in spec for ch in '*?['):
+        if any(ch in spec for ch in "*?["):
             found = sorted(glob.glob(spec, recursive=True))
             out += [p for p in found if os.path.isfile(p)]
             if not found:
-                missing.append((spec, 'glob matches nothing'))
+                missing.append((spec, "glob matches nothing"))
         elif os.path.isdir(spec):
             for root, dirs, files in os.walk(spec):
-                dirs[:] = sorted(d for d in dirs if not d.startswith('.'))  # hidden: .partial/ writes, .git
-                out += [os.path.join(root, f) for f in sorted(files) if is_image(f) and not f.startswith('.')]
-        elif os.path.isfile(spec) and spec.lower().endswith(('.txt', '.lst', '.list')):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # hidden: .partial/ writes, .git
+                out += [os.path.join(root, f) for f in sorted(files) if is_image(f) and not f.startswith(".")]
+        elif os.path.isfile(spec) and spec.lower().endswith((".txt", ".lst", ".list")):
             with open(spec) as f:
-                lines = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith('#')]
+                lines = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
             base = os.path.dirname(spec)
             for ln in lines:
                 p = ln if os.path.isabs(ln) else os.path.join(base, ln)
-                (out.append(p) if os.path.exists(p) else missing.append((p, 'no such file (listed in ' + spec + ')')))
+                (out.append(p) if os.path.exists(p) else missing.append((p, "no such file (listed in " + spec + ")")))
         elif os.path.exists(spec):
             out.append(spec)
         else:
-            missing.append((spec, 'no such file or folder'))
+            missing.append((spec, "no such file or folder"))
     seen, uniq = set(), []
     for p in out:
         rp = os.path.realpath(p)
@@ -339,17 +369,19 @@ def find_inputs(specs):
             uniq.append(p)
     return uniq, missing
 
+
 def read_labels(path):
     """labels.csv -> (columns, {id: {column: value}}); 'class' must be an integer."""
-    with open(path, newline='') as f:
+    with open(path, newline="") as f:
         reader = csv.DictReader(f)
-        cols = [c for c in (reader.fieldnames or []) if c != 'id']
-        if 'id' not in (reader.fieldnames or []):
+        cols = [c for c in (reader.fieldnames or []) if c != "id"]
+        if "id" not in (reader.fieldnames or []):
             raise ValueError(f"{path}: no 'id' column")
         table = {}
         for row in reader:
-            table[row['id'].strip()] = {c: (row[c] or '').strip() for c in cols}
+            table[row["id"].strip()] = {c: (row[c] or "").strip() for c in cols}
     return cols, table
+
 
 def _fold_of(ids, classes):
     """Deterministic, class-stratified 5-fold split: sort by (class, sha1(id)), deal folds round-robin."""
@@ -359,69 +391,74 @@ def _fold_of(ids, classes):
         folds[j] = rank % NUM_FOLDS
     return folds
 
+
 _W = {}  # per-worker settings, set once per process
 
+
 def _worker_init(settings, threads):
-    # one torch thread per worker: on a busy machine torch's multi-threaded elementwise ops were 80x
-    # slower than single-threaded ones here; we scale with processes instead
+    # one torch thread per worker: we scale with processes, and torch's thread pools competing for the
+    # same cores (with each other, or with a training run) cost far more than they gain
     torch.set_num_threads(threads)
     _W.clear()
     _W.update(settings)
 
+
 def _prepare_one(job):
     """Worker: read, prepare and write volume job['index'] into the memory maps; return its csv fields."""
-    i, src = job['index'], job['source']
+    i, src = job["index"], job["source"]
     st = _W
     t = time.time()
     res = dict(index=i)
     try:
-        vol, affine, spacing = load_volume(src, st['first_volume'])
-        res.update(orig_shape='x'.join(map(str, vol.shape)), orig_spacing='x'.join(f'{v:.4g}' for v in spacing),
-                   orig_axcodes=''.join(nib.aff2axcodes(affine)),
-                   orig_affine=' '.join(f'{v:.6g}' for v in affine[:3].ravel()))
+        vol, affine, spacing = load_volume(src, st["first_volume"])
+        res.update(orig_shape="x".join(map(str, vol.shape)), orig_spacing="x".join(f"{v:.4g}" for v in spacing),
+                   orig_axcodes="".join(nib.aff2axcodes(affine)),
+                   orig_affine=" ".join(f"{v:.6g}" for v in affine[:3].ravel()))
         try:
-            hires, info = prepare_array(vol, spacing, st['img_size'], st['modality'], st['window'],
-                                        st['spacing'], st['stretch'], affine)
+            hires, info = prepare_array(vol, spacing, st["img_size"], st["modality"], st["window"],
+                                        st["spacing"], st["stretch"], affine)
         except ValueError as e:
             raise ValueError(f"{src}: {e}") from None
         del vol
         lowres = downsample(hires)
-        hi = np.load(os.path.join(st['out'], 'hires.npy'), mmap_mode='r+')
-        lo = np.load(os.path.join(st['out'], 'lowres.npy'), mmap_mode='r+')
+        hi = np.load(os.path.join(st["out"], "hires.npy"), mmap_mode="r+")
+        lo = np.load(os.path.join(st["out"], "lowres.npy"), mmap_mode="r+")
         hi[i] = hires
         lo[i] = lowres
         hi.flush()
         lo.flush()
         del hi, lo
-        res.update(status='ok', reason='', window_lo=f"{info['window'][0]:.6g}", window_hi=f"{info['window'][1]:.6g}",
-                   trimmed='%d,%d' % info['trim'], out_spacing='x'.join(f'{v:.5g}' for v in info['out_spacing']),
-                   out_affine=' '.join(f'{v:.6g}' for v in info['out_affine'][:3].ravel()),
-                   nonfinite=info['nonfinite'])
+        res.update(status="ok", reason="", window_lo=f"{info['window'][0]:.6g}", window_hi=f"{info['window'][1]:.6g}",
+                   trimmed="%d,%d" % info["trim"], out_spacing="x".join(f"{v:.5g}" for v in info["out_spacing"]),
+                   out_affine=" ".join(f"{v:.6g}" for v in info["out_affine"][:3].ravel()),
+                   nonfinite=info["nonfinite"])
     except ValueError as e:
-        res.update(status='skipped', reason=str(e).replace('\n', ' '))
+        res.update(status="skipped", reason=str(e).replace("\n", " "))
     except MemoryError:
-        res.update(status='skipped', reason=f"{src}: out of memory")
-    res['seconds'] = round(time.time() - t, 3)
+        res.update(status="skipped", reason=f"{src}: out of memory")
+    res["seconds"] = round(time.time() - t, 3)
     return res
+
 
 # orig_*: the source grid after reorientation to our axis order (same world coordinates as the file);
 # out_affine: stored voxel -> RAS+ mm of this volume (first 3 rows, row-major)
-CSV_FIELDS = ['index', 'id', 'source', 'status', 'reason', 'orig_shape', 'orig_spacing', 'orig_axcodes', 'orig_affine',
-              'window_lo', 'window_hi', 'trimmed', 'nonfinite', 'out_spacing', 'out_affine']
+CSV_FIELDS = ["index", "id", "source", "status", "reason", "orig_shape", "orig_spacing", "orig_axcodes", "orig_affine",
+              "window_lo", "window_hi", "trimmed", "nonfinite", "out_spacing", "out_affine"]
 
-def prepare_dataset(inputs, out, img_size=256, modality='ct', window='', labels='', workers=1,
+
+def prepare_dataset(inputs, out, img_size=256, modality="ct", window="", labels="", workers=1,
                     first_volume=False, spacing=-1.0, stretch=False, on_done=None, log=print):
     """
     Prepare every input into the folder out. Returns an exit code: 0 if at least one volume is ok, else 1.
     on_done(n_done) is called after each finished volume (tests use it to simulate a killed run).
     """
     size = parse_size(img_size)
-    assert modality in ('ct', 'mri'), f"modality={modality!r}: use ct or mri"
+    assert modality in ("ct", "mri"), f"modality={modality!r}: use ct or mri"
     win = parse_window(window)
     D, H, W = size
     settings = dict(img_size=list(size), modality=modality, window=list(win) if win else None,
                     spacing=float(spacing), stretch=bool(stretch), first_volume=bool(first_volume),
-                    labels=os.path.abspath(labels) if labels else '')
+                    labels=os.path.abspath(labels) if labels else "")
     # --- the output folder must be writable before we read anything
     try:
         writable_dir(out)
@@ -436,34 +473,34 @@ def prepare_dataset(inputs, out, img_size=256, modality='ct', window='', labels=
         vid = volume_id(p)
         job = dict(index=len(jobs), id=vid, source=os.path.abspath(p))
         if vid in seen:
-            job.update(status='skipped', reason=f"{p}: duplicate id {vid} (also {seen[vid]})")
+            job.update(status="skipped", reason=f"{p}: duplicate id {vid} (also {seen[vid]})")
         elif labels and vid not in table:
-            job.update(status='skipped', reason=f"{p}: id {vid} has no row in {labels}")
+            job.update(status="skipped", reason=f"{p}: id {vid} has no row in {labels}")
         else:
             seen[vid] = p
         jobs.append(job)
     for p, why in missing:
-        jobs.append(dict(index=len(jobs), id=volume_id(p), source=p, status='skipped', reason=f"{p}: {why}"))
+        jobs.append(dict(index=len(jobs), id=volume_id(p), source=p, status="skipped", reason=f"{p}: {why}"))
     for vid in sorted(set(table) - set(seen)):
         log(f"warning: {labels}: id {vid} has no input volume; label ignored")
     if not jobs:
         log("error: no inputs found; nothing prepared")
         return 1
     plan = dict(format_version=FORMAT_VERSION, settings=settings,
-                jobs=[(j['id'], j['source']) for j in jobs])
+                jobs=[(j["id"], j["source"]) for j in jobs])
     # --- resume or start: a complete folder with the same plan is done; a different one we never overwrite
-    mpath, ppath, gpath = (os.path.join(out, n) for n in ('meta.json', '_plan.json', '_progress.jsonl'))
+    mpath, ppath, gpath = (os.path.join(out, n) for n in ("meta.json", "_plan.json", "_progress.jsonl"))
     if os.path.exists(mpath):
         with open(mpath) as f:
             meta = json.load(f)
-        if meta.get('plan_sha1') == _sha1(plan):
+        if meta.get("plan_sha1") == _sha1(plan):
             log(f"{out}: already complete ({meta['num_volumes']} volumes); nothing to do")
-            return 0 if meta['num_volumes'] else 1
+            return 0 if meta["num_volumes"] else 1
         log(f"error: {out} holds a different prepared dataset; delete it or choose another --out")
         return 1
     done = {}
     N = len(jobs)
-    hpath, lpath = os.path.join(out, 'hires.npy'), os.path.join(out, 'lowres.npy')
+    hpath, lpath = os.path.join(out, "hires.npy"), os.path.join(out, "lowres.npy")
     old = None
     if os.path.exists(ppath):
         with open(ppath) as f:
@@ -473,33 +510,33 @@ def prepare_dataset(inputs, out, img_size=256, modality='ct', window='', labels=
             for ln in f:
                 try:
                     res = json.loads(ln)
-                    done[res['index']] = res
+                    done[res["index"]] = res
                 except (ValueError, KeyError):
                     pass  # a line cut short by a kill: that volume is redone
         log(f"{out}: resuming, {len(done)}/{N} inputs already done")
     else:
         # preallocated, sparse until written: 10,000 scans at 256^3 is a 335 GB file but no RAM
-        np.lib.format.open_memmap(hpath, mode='w+', dtype=np.float16, shape=(N, D, H, W))
-        np.lib.format.open_memmap(lpath, mode='w+', dtype=np.float16, shape=(N, D // 4, H // 4, W // 4))
-        with open(ppath, 'w') as f:
+        np.lib.format.open_memmap(hpath, mode="w+", dtype=np.float16, shape=(N, D, H, W))
+        np.lib.format.open_memmap(lpath, mode="w+", dtype=np.float16, shape=(N, D // 4, H // 4, W // 4))
+        with open(ppath, "w") as f:
             json.dump(plan, f)
-        open(gpath, 'w').close()
+        open(gpath, "w").close()
     # --- run
-    todo = [j for j in jobs if j['index'] not in done and 'status' not in j]
+    todo = [j for j in jobs if j["index"] not in done and "status" not in j]
     for j in jobs:
-        if 'status' in j and j['index'] not in done:
-            done[j['index']] = dict(index=j['index'], status=j['status'], reason=j['reason'])
+        if "status" in j and j["index"] not in done:
+            done[j["index"]] = dict(index=j["index"], status=j["status"], reason=j["reason"])
     wsettings = dict(settings, out=out)
     workers = max(1, min(workers, len(todo)))
     t0 = time.time()
-    progress = open(gpath, 'a')
+    progress = open(gpath, "a")
     def record(res):
-        done[res['index']] = res
-        progress.write(json.dumps(res) + '\n')
+        done[res["index"]] = res
+        progress.write(json.dumps(res) + "\n")
         progress.flush()
-        tag = 'ok' if res['status'] == 'ok' else 'skipped'
+        tag = "ok" if res["status"] == "ok" else "skipped"
         log(f"[{len(done)}/{N}] {tag} {jobs[res['index']]['id']} ({res['seconds']:.2f}s)"
-            + ('' if tag == 'ok' else f": {res['reason']}"))
+            + ("" if tag == "ok" else f": {res['reason']}"))
         if on_done is not None:
             on_done(len(done))
     try:
@@ -513,7 +550,7 @@ def prepare_dataset(inputs, out, img_size=256, modality='ct', window='', labels=
                 torch.set_num_threads(nthreads)
         else:
             # spawn, not fork: a forked child of a process that already ran torch ops can hang in OpenMP
-            ctx = mp.get_context('spawn')
+            ctx = mp.get_context("spawn")
             with ctx.Pool(workers, initializer=_worker_init, initargs=(wsettings, 1)) as pool:
                 for res in pool.imap_unordered(_prepare_one, todo):
                     record(res)
@@ -522,81 +559,71 @@ def prepare_dataset(inputs, out, img_size=256, modality='ct', window='', labels=
     # --- finalize: folds, labels, volumes.csv, then meta.json last (its presence = complete)
     rows = []
     for j in jobs:
-        res = done[j['index']]
-        row = {k: '' for k in CSV_FIELDS}
+        res = done[j["index"]]
+        row = {k: "" for k in CSV_FIELDS}
         row.update({k: v for k, v in res.items() if k in CSV_FIELDS})
-        row.update(index=j['index'], id=j['id'], source=j['source'])
-        lab = table.get(j['id'], {})
+        row.update(index=j["index"], id=j["id"], source=j["source"])
+        lab = table.get(j["id"], {})
         for c in label_cols:
-            row[c] = lab.get(c, '')
-        if row['status'] == 'ok' and 'class' in label_cols:
+            row[c] = lab.get(c, "")
+        if row["status"] == "ok" and "class" in label_cols:
             try:
-                row['class'] = int(float(row['class']))
+                row["class"] = int(float(row["class"]))
             except ValueError:
-                row.update(status='skipped', reason=f"{j['source']}: class {row['class']!r} is not an integer")
+                row.update(status="skipped", reason=f"{j['source']}: class {row['class']!r} is not an integer")
         rows.append(row)
     for r in rows:
-        if r['status'] == 'skipped':
+        if r["status"] == "skipped":
             log(f"skipped {r['reason']}")
-    ok = [r for r in rows if r['status'] == 'ok']
-    folds = _fold_of([r['id'] for r in ok], [r['class'] if 'class' in label_cols else 0 for r in ok])
+    ok = [r for r in rows if r["status"] == "ok"]
+    folds = _fold_of([r["id"] for r in ok], [r["class"] if "class" in label_cols else 0 for r in ok])
     for r in rows:
-        r['fold'] = ''
+        r["fold"] = ""
     for r, fo in zip(ok, folds):
-        r['fold'] = fo
-    with open(os.path.join(out, 'volumes.csv.tmp'), 'w', newline='') as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS + label_cols + ['fold'])
+        r["fold"] = fo
+    with open(os.path.join(out, "volumes.csv.tmp"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS + label_cols + ["fold"])
         w.writeheader()
         w.writerows(rows)
-    os.replace(os.path.join(out, 'volumes.csv.tmp'), os.path.join(out, 'volumes.csv'))
+    os.replace(os.path.join(out, "volumes.csv.tmp"), os.path.join(out, "volumes.csv"))
     log(f"{out}: {len(ok)} ok, {len(rows) - len(ok)} skipped, {time.time() - t0:.1f}s")
     if not ok:
         log("error: nothing was prepared")
         return 1
     # one spacing/affine for the whole store (sample.py writes generated volumes with it): exact with
     # --spacing, else the median of the per-volume spacings (fit mode: every volume keeps its own in volumes.csv)
-    sp = np.median(np.array([[float(v) for v in r['out_spacing'].split('x')] for r in ok]), axis=0)
+    sp = np.median(np.array([[float(v) for v in r["out_spacing"].split("x")] for r in ok]), axis=0)
     if spacing > 0:
         sp = np.full(3, float(spacing))
-    classes = [r['class'] for r in ok] if 'class' in label_cols else []
+    classes = [r["class"] for r in ok] if "class" in label_cols else []
     meta = dict(
         format_version=FORMAT_VERSION, img_size=list(size), modality=modality,
-        window=list(win) if win else (list(CT_WINDOW) if modality == 'ct' else None),
-        window_note=('mri: each volume maps [window_lo, window_hi] of volumes.csv to [-1, 1] '
-                     '(min and 99.9th percentile of its foreground)') if (modality == 'mri' and not win) else '',
+        window=list(win) if win else (list(CT_WINDOW) if modality == "ct" else None),
+        window_note=("mri: each volume maps [window_lo, window_hi] of volumes.csv to [-1, 1] "
+                     "(min and 99.9th percentile of its foreground)") if (modality == "mri" and not win) else "",
         spacing=[float(v) for v in sp], affine=canonical_affine(sp, size).tolist(),
-        orientation=''.join(ORIENTATION),
-        resample='stretch' if stretch else ('spacing' if spacing > 0 else 'fit'),
+        orientation="".join(ORIENTATION),
+        resample="stretch" if stretch else ("spacing" if spacing > 0 else "fit"),
         num_volumes=len(ok), num_inputs=N, label_columns=label_cols,
-        class_column='class' if 'class' in label_cols else '',
+        class_column="class" if "class" in label_cols else "",
         num_classes=(max(classes) + 1) if classes else 0, num_folds=NUM_FOLDS,
-        lowres='avg_pool3d 4x4x4 of hires', dtype='float16', settings=settings,
+        lowres="avg_pool3d 4x4x4 of hires", dtype="float16", settings=settings,
         plan_sha1=_sha1(plan), complete=True)
-    with open(mpath + '.tmp', 'w') as f:
+    with open(mpath + ".tmp", "w") as f:
         json.dump(meta, f, indent=1)
-    os.replace(mpath + '.tmp', mpath)
+    os.replace(mpath + ".tmp", mpath)
     for p in (ppath, gpath):
         os.remove(p)
     return 0
 
+
 def _sha1(obj):
     return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()
-
-def writable_dir(path):
-    """Create folder `path` if needed and check that we can write there, before any long work starts;
-    a one-line ValueError naming the folder otherwise."""
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f'.write_test{os.getpid()}')
-        open(probe, 'w').close()
-        os.remove(probe)
-    except OSError as e:
-        raise ValueError(f"{path}: cannot write there ({e.strerror or e})") from None
-
 
 
 # -----------------------------------------------------------------------------
 # the store's reader: what train.py, encode.py and eval.py use
+
 
 def read_meta(path):
     """A dataset's meta.json (sample.py/encode.py --meta); a one-line ValueError if it cannot be read."""
@@ -607,41 +634,40 @@ def read_meta(path):
         raise ValueError(f"{path}: cannot read meta.json ({e})") from None
 
 
-
 class VolumeDataset:
     """A prepared folder seen as one split. split='train': every fold but `fold`; 'val': fold `fold`; 'all'."""
 
-    def __init__(self, path, split='train', fold=0):
+    def __init__(self, path, split="train", fold=0):
         path = str(path)
-        mpath = os.path.join(path, 'meta.json')
+        mpath = os.path.join(path, "meta.json")
         if not os.path.exists(mpath):
             raise FileNotFoundError(f"{path}: no prepared dataset (meta.json missing); run prepare.py on your "
                                     f"scans, or python data/demo/prepare.py for the demo")
         with open(mpath) as f:
             self.meta = json.load(f)
-        if not self.meta.get('complete') or self.meta.get('format_version') != FORMAT_VERSION:
+        if not self.meta.get("complete") or self.meta.get("format_version") != FORMAT_VERSION:
             raise FileNotFoundError(f"{path}: incomplete or unknown-version dataset; re-run its prepare.py command")
-        assert split in ('train', 'val', 'all'), f"split={split!r}: use 'train', 'val' or 'all'"
+        assert split in ("train", "val", "all"), f"split={split!r}: use 'train', 'val' or 'all'"
         assert 0 <= fold < NUM_FOLDS, f"fold={fold}: use 0..{NUM_FOLDS - 1}"
         self.path, self.split, self.fold = path, split, fold
-        self.img_size = tuple(self.meta['img_size'])  # (D,H,W)
-        with open(os.path.join(path, 'volumes.csv'), newline='') as f:
-            rows = [r for r in csv.DictReader(f) if r['status'] == 'ok']
-        if split == 'train':
-            rows = [r for r in rows if int(r['fold']) != fold]
-        elif split == 'val':
-            rows = [r for r in rows if int(r['fold']) == fold]
+        self.img_size = tuple(self.meta["img_size"])  # (D,H,W)
+        with open(os.path.join(path, "volumes.csv"), newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r["status"] == "ok"]
+        if split == "train":
+            rows = [r for r in rows if int(r["fold"]) != fold]
+        elif split == "val":
+            rows = [r for r in rows if int(r["fold"]) == fold]
         if not rows:
             raise ValueError(f"{path}: no volumes in split={split} fold={fold}")
-        self.index = np.array([int(r['index']) for r in rows], dtype=np.int64)  # rows of hires.npy
-        self.ids = [r['id'] for r in rows]
+        self.index = np.array([int(r["index"]) for r in rows], dtype=np.int64)  # rows of hires.npy
+        self.ids = [r["id"] for r in rows]
         self.labels = {}
-        for col in self.meta['label_columns']:
-            if col == self.meta['class_column']:
+        for col in self.meta["label_columns"]:
+            if col == self.meta["class_column"]:
                 self.labels[col] = np.array([int(r[col]) for r in rows], dtype=np.int64)
             else:
-                self.labels[col] = np.array([float(r[col]) if r[col] != '' else np.nan for r in rows])
-        cls = self.labels.get(self.meta['class_column'])
+                self.labels[col] = np.array([float(r[col]) if r[col] != "" else np.nan for r in rows])
+        cls = self.labels.get(self.meta["class_column"])
         self._class = torch.from_numpy(cls if cls is not None else np.zeros(len(rows), dtype=np.int64))
         self._pinned = {}  # CUDA only: two pinned float16 staging buffers per batch shape (get_batch)
 
@@ -698,6 +724,7 @@ class VolumeDataset:
         slot[2] = torch.cuda.Event()
         slot[2].record(torch.cuda.current_stream(device))
         return x, x_low, self._class[ix].to(device, non_blocking=True)
+
 
 if __name__ == "__main__":
     override(config)

@@ -33,25 +33,25 @@ from prepare import from_unit, read_meta, writable_dir
 
 # -----------------------------------------------------------------------------
 config = dict(
-    ckpt='out/ckpt.pt',  # checkpoint written by train.py
-    official='',  # an official batmanlab/HA-GAN G_iterN.pth to sample from instead of --ckpt
+    ckpt="out/ckpt.pt",  # checkpoint written by train.py
+    official="",  # an official batmanlab/HA-GAN G_iterN.pth to sample from instead of --ckpt
     official_size=256,  # the official 128^3 and 256^3 generators share weights; this picks the upsampling
-    meta='',  # a dataset meta.json for intensities and geometry; '' = the one kept in the checkpoint
-    out='samples',  # output folder
+    meta="",  # a dataset meta.json for intensities and geometry; '' = the one kept in the checkpoint
+    out="samples",  # output folder
     num=8,  # number of volumes (ignored by --interp / --direction, which write one series)
     seed=1337,  # volume i is drawn from seed + i
     seed2=-1,  # --interp: the end point's seed; -1 = seed + 1
     batch_size=1,  # volumes per forward; does not change the output
     label=-1,  # conditional model: class of every volume; -1 = classes in turn (volume i gets i % K)
     chunk=0,  # > 0: run G^H this many A-slices at a time (exact, bounded memory; model.py); 0 = all at once
-    device='auto',  # 'cpu', 'cuda', 'cuda:1'...; 'auto' = cuda if available
-    dtype='float32',  # 'float32', 'bfloat16' or 'float16' autocast (G's last conv and tanh stay float32)
+    device="auto",  # 'cpu', 'cuda', 'cuda:1'...; 'auto' = cuda if available
+    dtype="float32",  # 'float32', 'bfloat16' or 'float16' autocast (G's last conv and tanh stay float32)
     ema=True,  # use the moving average of G's weights when the checkpoint has one
-    format='nii.gz',  # 'nii.gz', 'nii' or 'npy' (npy: the same intensities, no geometry)
+    format="nii.gz",  # 'nii.gz', 'nii' or 'npy' (npy: the same intensities, no geometry)
     png=False,  # also write the three mid-planes of each volume as a PNG
     overwrite=False,  # replace existing files
     interp=0,  # > 0: write this many volumes interpolating (slerp) from z(seed) to z(seed2)
-    direction='',  # a latent direction .npy (encode.py --direction): traverse it from z(seed)
+    direction="",  # a latent direction .npy (encode.py --direction): traverse it from z(seed)
     steps=7,  # --direction: number of volumes in the traversal
     scale=3.0,  # --direction: go from -scale to +scale standard deviations of z along the direction
 )
@@ -59,7 +59,7 @@ config = dict(
 
 # what the official code trained on (COPDGene thorax CT, paper Sec. IV-A); its preprocessing keeps no
 # geometry, so 1 mm voxels in our stored orientation is a guess: pass --meta to say otherwise
-OFFICIAL_META = dict(modality='ct', window=[-1024.0, 600.0], spacing=[1.0, 1.0, 1.0], orientation='SPL')
+OFFICIAL_META = dict(modality="ct", window=[-1024.0, 600.0], spacing=[1.0, 1.0, 1.0], orientation="SPL")
 
 
 def fail(msg):
@@ -73,16 +73,16 @@ def fail(msg):
 def output_affine(meta, shape):
     """4x4 voxel -> RAS mm of a generated (D,H,W) volume: the dataset's affine (stored grid -> world)
     when the shapes agree, else its axes rescaled to the new grid about the same centre."""
-    if meta.get('affine') is not None:
-        A = np.array(meta['affine'], dtype=np.float64)
-        src = tuple(meta.get('img_size') or shape)
+    if meta.get("affine") is not None:
+        A = np.array(meta["affine"], dtype=np.float64)
+        src = tuple(meta.get("img_size") or shape)
     else:  # no affine recorded: axes from the orientation codes and the spacing, centred on 0
-        codes = meta.get('orientation') or 'SPL'
-        sp = meta.get('spacing') or [1.0, 1.0, 1.0]
+        codes = meta.get("orientation") or "SPL"
+        sp = meta.get("spacing") or [1.0, 1.0, 1.0]
         A = np.eye(4)
         A[:3, :3] = 0
         for i, code in enumerate(codes):  # stored axis i runs towards `code` in RAS+ world space
-            row, sign = {'R': (0, 1), 'L': (0, -1), 'A': (1, 1), 'P': (1, -1), 'S': (2, 1), 'I': (2, -1)}[code]
+            row, sign = {"R": (0, 1), "L": (0, -1), "A": (1, 1), "P": (1, -1), "S": (2, 1), "I": (2, -1)}[code]
             A[row, i] = sign * float(sp[i])
         A[:3, 3] = -A[:3, :3] @ ((np.array(shape) - 1) / 2)
         src = shape
@@ -96,11 +96,11 @@ def output_affine(meta, shape):
 def to_output(x, meta):
     """[-1, 1] float volume -> the modality's units: CT int16 HU through the inverse of the prepare
     window; MRI float32 in window units, or in [-1, 1] when the window was per volume (meta null)."""
-    win = meta.get('window')
+    win = meta.get("window")
     if win is None:
         return np.asarray(x, dtype=np.float32)
     v = from_unit(np.asarray(x, dtype=np.float64), win)
-    if meta.get('modality', 'ct') == 'ct':
+    if meta.get("modality", "ct") == "ct":
         return np.clip(np.rint(v), -32768, 32767).astype(np.int16)
     return v.astype(np.float32)
 
@@ -108,7 +108,7 @@ def to_output(x, meta):
 def write_atomic(path, write):
     """write(tmp) then rename, so an interrupted run never leaves a half-written file under `path`."""
     base = os.path.basename(path)
-    ext = next((e for e in ('.nii.gz', '.nii', '.npy', '.json', '.png', '.csv') if base.endswith(e)), '')
+    ext = next((e for e in (".nii.gz", ".nii", ".npy", ".json", ".png", ".csv") if base.endswith(e)), "")
     tmp = os.path.join(os.path.dirname(path), f".{base[:len(base) - len(ext)]}.tmp{os.getpid()}{ext}")
     try:
         write(tmp)
@@ -118,23 +118,23 @@ def write_atomic(path, write):
             os.remove(tmp)
 
 
-def write_volume(path, x, meta, descrip=''):
+def write_volume(path, x, meta, descrip=""):
     """One volume x (D,H,W) in [-1, 1] -> path (.nii.gz, .nii or .npy) in the modality's units."""
     data = to_output(x, meta)
-    if path.endswith('.npy'):
+    if path.endswith(".npy"):
         write_atomic(path, lambda p: np.save(p, data))
         return
     A = output_affine(meta, data.shape)
     img = nib.Nifti1Image(data, A)
     img.set_qform(A, code=1)  # 1 = scanner anatomical: both transforms say the same, for every viewer
     img.set_sform(A, code=1)
-    img.header.set_xyzt_units('mm', 'sec')
-    if meta.get('window') is not None:  # the display window viewers open with
-        img.header['cal_min'], img.header['cal_max'] = meta['window']
+    img.header.set_xyzt_units("mm", "sec")
+    if meta.get("window") is not None:  # the display window viewers open with
+        img.header["cal_min"], img.header["cal_max"] = meta["window"]
     else:
-        img.header['cal_min'], img.header['cal_max'] = -1.0, 1.0
-        descrip = (descrip + ' units [-1,1]').strip()
-    img.header['descrip'] = descrip[:79].encode()
+        img.header["cal_min"], img.header["cal_max"] = -1.0, 1.0
+        descrip = (descrip + " units [-1,1]").strip()
+    img.header["descrip"] = descrip[:79].encode()
     write_atomic(path, lambda p: nib.save(img, p))
 
 
@@ -195,7 +195,7 @@ def load_direction(path, latent_dim):
     w = np.asarray(w, dtype=np.float64).reshape(-1) if w.size == latent_dim else None
     if w is None or not np.all(np.isfinite(w)) or np.linalg.norm(w) == 0:
         fail(f"{path}: need a nonzero finite vector of {latent_dim} numbers (this model's latent_dim)")
-    side = os.path.splitext(path)[0] + '.json'
+    side = os.path.splitext(path)[0] + ".json"
     info = {}
     if os.path.isfile(side):
         with open(side) as f:
@@ -208,26 +208,26 @@ def load_direction(path, latent_dim):
 
 def load_model(c):
     """(model, meta, description of the weights) for the config c; one-line SystemExit on failure."""
-    device = c['device']
+    device = c["device"]
     try:
-        if c['official']:
-            model = HAGAN.from_official(G=c['official'], img_size=c['official_size']).to(device).eval()
-            meta, src = dict(OFFICIAL_META), dict(official=os.path.abspath(c['official']))
+        if c["official"]:
+            model = HAGAN.from_official(G=c["official"], img_size=c["official_size"]).to(device).eval()
+            meta, src = dict(OFFICIAL_META), dict(official=os.path.abspath(c["official"]))
         else:
-            model, ckpt = load_checkpoint(c['ckpt'], device, ema=c['ema'])
-            meta = ckpt.get('meta') or {}
-            src = dict(ckpt=os.path.abspath(c['ckpt']), iter_num=ckpt.get('iter_num'),
-                       ema=bool(c['ema'] and ckpt.get('ema_G')))
+            model, ckpt = load_checkpoint(c["ckpt"], device, ema=c["ema"])
+            meta = ckpt.get("meta") or {}
+            src = dict(ckpt=os.path.abspath(c["ckpt"]), iter_num=ckpt.get("iter_num"),
+                       ema=bool(c["ema"] and ckpt.get("ema_G")))
     except ValueError as e:
         fail(str(e).strip().splitlines()[0])
-    if c['meta']:
+    if c["meta"]:
         try:
-            meta = read_meta(c['meta'])
+            meta = read_meta(c["meta"])
         except ValueError as e:
             fail(str(e))
     if not meta:
         print("warning: the checkpoint has no dataset meta; writing [-1, 1] float32 with 1 mm voxels (pass --meta)")
-        meta = dict(modality='mri', window=None)
+        meta = dict(modality="mri", window=None)
     return model, meta, src
 
 
@@ -235,104 +235,104 @@ def plan(c, model):
     """[(file stem, z, class, extra sidecar fields)] of everything this run writes, and the series name."""
     cfg = model.cfg
     K = cfg.num_classes
-    if c['label'] >= 0 and not K:
+    if c["label"] >= 0 and not K:
         fail(f"--label={c['label']}: this model is unconditional (trained without classes)")
-    if c['label'] >= K > 0:
+    if c["label"] >= K > 0:
         fail(f"--label={c['label']}: unknown label, this model has classes 0..{K - 1}")
-    cls = (lambda i: c['label'] if c['label'] >= 0 else i % K) if K else (lambda i: None)
+    cls = (lambda i: c["label"] if c["label"] >= 0 else i % K) if K else (lambda i: None)
     d = cfg.latent_dim
-    if c['interp'] and c['direction']:
+    if c["interp"] and c["direction"]:
         fail("--interp and --direction each write a series; use one at a time")
-    if c['interp']:
-        s0, s1 = c['seed'], (c['seed2'] if c['seed2'] >= 0 else c['seed'] + 1)
+    if c["interp"]:
+        s0, s1 = c["seed"], (c["seed2"] if c["seed2"] >= 0 else c["seed"] + 1)
         z0, z1 = seed_z(s0, d), seed_z(s1, d)
-        n = c['interp']
+        n = c["interp"]
         ts = [k / (n - 1) if n > 1 else 0.0 for k in range(n)]
         name = f"interp_{s0}_{s1}"
         return [(f"{name}_{k:02d}", slerp(z0, z1, t), cls(0), dict(seed=s0, seed2=s1, t=t))
                 for k, t in enumerate(ts)], name
-    if c['direction']:
-        w, info = load_direction(c['direction'], d)
+    if c["direction"]:
+        w, info = load_direction(c["direction"], d)
         u = torch.from_numpy(w / np.linalg.norm(w)).float()
-        z0 = seed_z(c['seed'], d)
-        n = c['steps']
-        ts = [c['scale'] * (2 * k / (n - 1) - 1) if n > 1 else 0.0 for k in range(n)]
+        z0 = seed_z(c["seed"], d)
+        n = c["steps"]
+        ts = [c["scale"] * (2 * k / (n - 1) - 1) if n > 1 else 0.0 for k in range(n)]
         name = f"{os.path.splitext(os.path.basename(c['direction']))[0]}_s{c['seed']}"
         items = []
         for k, t in enumerate(ts):
             z = z0 + t * u
-            extra = dict(seed=c['seed'], direction=os.path.abspath(c['direction']), t=t)
-            if 'intercept' in info:  # the linear model's prediction, to see how far the traversal goes
-                extra['predicted'] = {info.get('column', 'value'): float(info['intercept'] + w @ z.double().numpy())}
+            extra = dict(seed=c["seed"], direction=os.path.abspath(c["direction"]), t=t)
+            if "intercept" in info:  # the linear model's prediction, to see how far the traversal goes
+                extra["predicted"] = {info.get("column", "value"): float(info["intercept"] + w @ z.double().numpy())}
             items.append((f"{name}_{k:02d}", z, cls(0), extra))
         return items, name
-    return [(f"seed{c['seed'] + i:06d}", seed_z(c['seed'] + i, d), cls(i), dict(seed=c['seed'] + i))
-            for i in range(c['num'])], ''
+    return [(f"seed{c['seed'] + i:06d}", seed_z(c["seed"] + i, d), cls(i), dict(seed=c["seed"] + i))
+            for i in range(c["num"])], ""
 
 
 def main(argv=None):
     c = override(dict(config), argv)
-    if c['format'] not in ('nii.gz', 'nii', 'npy'):
+    if c["format"] not in ("nii.gz", "nii", "npy"):
         fail(f"--format={c['format']}: use nii.gz, nii or npy")
-    if c['dtype'] not in ('float32', 'bfloat16', 'float16'):
+    if c["dtype"] not in ("float32", "bfloat16", "float16"):
         fail(f"--dtype={c['dtype']}: use float32, bfloat16 or float16")
-    if c['num'] < 1 or c['batch_size'] < 1 or c['chunk'] < 0 or c['interp'] < 0 or c['steps'] < 1:
+    if c["num"] < 1 or c["batch_size"] < 1 or c["chunk"] < 0 or c["interp"] < 0 or c["steps"] < 1:
         fail("--num, --batch_size and --steps must be >= 1, --chunk and --interp >= 0")
-    if c['device'] == 'auto':
-        c['device'] = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if c["device"] == "auto":
+        c["device"] = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        torch.device(c['device'])
+        torch.device(c["device"])
     except RuntimeError:
         fail(f"--device={c['device']}: not a torch device")
-    out = c['out']
+    out = c["out"]
     try:  # an unwritable folder fails here, before the model is loaded or anything computed
         writable_dir(out)
     except ValueError as e:
         fail(str(e))
     model, meta, src = load_model(c)
     items, series = plan(c, model)
-    ext = '.' + c['format']
+    ext = "." + c["format"]
     paths = [os.path.join(out, stem + ext) for stem, *_ in items]
-    paths += [os.path.join(out, stem + '.json') for stem, *_ in items]
-    if c['png']:
-        paths += [os.path.join(out, (series or stem) + '.png') for stem, *_ in (items[:1] if series else items)]
+    paths += [os.path.join(out, stem + ".json") for stem, *_ in items]
+    if c["png"]:
+        paths += [os.path.join(out, (series or stem) + ".png") for stem, *_ in (items[:1] if series else items)]
     taken = [p for p in paths if os.path.exists(p)]
-    if taken and not c['overwrite']:
+    if taken and not c["overwrite"]:
         fail(f"{taken[0]} exists ({len(taken)} of the {len(paths)} output files do); pass --overwrite or another --out")
     affine = output_affine(meta, model.cfg.shape)
     print(f"{len(items)} volume(s) {'x'.join(map(str, model.cfg.shape))} -> {out}/ "
           f"({meta.get('modality', '?')}, {'int16 HU' if meta.get('modality') == 'ct' and meta.get('window') else 'float32'}"
           f", orientation {''.join(nib.aff2axcodes(affine))}), device {c['device']}, {c['dtype']}"
-          + (f", chunk {c['chunk']}" if c['chunk'] else ''))
+          + (f", chunk {c['chunk']}" if c["chunk"] else ""))
     previews = []
     t_all = time.time()
-    for i in range(0, len(items), c['batch_size']):
-        batch = items[i:i + c['batch_size']]
-        z = torch.stack([it[1] for it in batch]).to(c['device'])  # (B, latent_dim)
-        cl = None if batch[0][2] is None else torch.tensor([it[2] for it in batch], device=c['device'])
+    for i in range(0, len(items), c["batch_size"]):
+        batch = items[i:i + c["batch_size"]]
+        z = torch.stack([it[1] for it in batch]).to(c["device"])  # (B, latent_dim)
+        cl = None if batch[0][2] is None else torch.tensor([it[2] for it in batch], device=c["device"])
         t = time.time()
-        with torch.no_grad(), autocast_ctx(c['device'], c['dtype']):
-            x = model.generate(z, cl, chunk=c['chunk'])  # (B,1,D,H,W) in [-1, 1]
+        with torch.no_grad(), autocast_ctx(c["device"], c["dtype"]):
+            x = model.generate(z, cl, chunk=c["chunk"])  # (B,1,D,H,W) in [-1, 1]
         x = x.float().cpu().numpy()[:, 0]  # (B,D,H,W)
         dt = time.time() - t
         for (stem, _, k, extra), v in zip(batch, x):
-            side = dict(src, seed=extra.pop('seed'), **({} if k is None else {'class': k}), **extra,
-                        chunk=c['chunk'], dtype=c['dtype'], shape=list(v.shape))
+            side = dict(src, seed=extra.pop("seed"), **({} if k is None else {"class": k}), **extra,
+                        chunk=c["chunk"], dtype=c["dtype"], shape=list(v.shape))
             write_volume(os.path.join(out, stem + ext), v, meta, f"HA-GAN {stem}")
-            write_atomic(os.path.join(out, stem + '.json'), lambda p: open(p, 'w').write(json.dumps(side, indent=1)))
-            if c['png'] and not series:  # mid-planes as prepare.py's stored orientation (S,P,L) shows them
-                save_montage(os.path.join(out, stem + '.png'), [v])
-            if c['png'] and series:
+            write_atomic(os.path.join(out, stem + ".json"), lambda p: open(p, "w").write(json.dumps(side, indent=1)))
+            if c["png"] and not series:  # mid-planes as prepare.py's stored orientation (S,P,L) shows them
+                save_montage(os.path.join(out, stem + ".png"), [v])
+            if c["png"] and series:
                 previews.append(v[::2, ::2, ::2].copy())  # half resolution keeps a long series' montage small
-            pred = ' '.join(f"{k2}={v2:.4g}" for k2, v2 in extra.get('predicted', {}).items())
-            print(f"{stem}{ext}" + ('' if k is None else f" class {k}") + (f" t={extra['t']:.3g}" if 't' in extra else '')
-                  + (f" predicted {pred}" if pred else ''))
+            pred = " ".join(f"{k2}={v2:.4g}" for k2, v2 in extra.get("predicted", {}).items())
+            print(f"{stem}{ext}" + ("" if k is None else f" class {k}") + (f" t={extra['t']:.3g}" if "t" in extra else "")
+                  + (f" predicted {pred}" if pred else ""))
         print(f"  {dt / len(batch):.2f} s/volume")
     if previews:
-        save_montage(os.path.join(out, series + '.png'), previews)
+        save_montage(os.path.join(out, series + ".png"), previews)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux -> GiB
     print(f"done: {len(items)} volume(s) in {time.time() - t_all:.1f}s, peak RSS {rss:.2f} GiB")
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
     main()

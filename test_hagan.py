@@ -399,10 +399,10 @@ def test_every_config_file_loads():
 
 
 def _prep_rows(out):
-    with open(os.path.join(out, 'volumes.csv'), newline='') as f:
+    with open(os.path.join(out, "volumes.csv"), newline="") as f:
         rows = {}
         for r in csv.DictReader(f):
-            rows.setdefault(r['id'], r)  # a duplicate id keeps its first row
+            rows.setdefault(r["id"], r)  # a duplicate id keeps its first row
         return rows
 
 
@@ -410,7 +410,7 @@ def _prep_smooth(shape, seed=0):
     # a smooth random volume with a zero border, like a scan's body in air
     g = torch.Generator().manual_seed(seed)
     x = torch.rand((1, 1) + tuple(max(2, s // 4) for s in shape), generator=g)
-    x = F.interpolate(x, size=shape, mode='trilinear', align_corners=False)[0, 0].numpy()
+    x = F.interpolate(x, size=shape, mode="trilinear", align_corners=False)[0, 0].numpy()
     return (1000 * x).astype(np.float32)
 
 
@@ -422,34 +422,34 @@ def test_prep_unit_mapping():
     assert np.allclose(prepare.from_unit(u[1:4], w), x[1:4], atol=1e-3)
     t = prepare.to_unit(torch.tensor([-212.0]), w)
     assert abs(float(t) - 0.0) < 1e-6
-    assert prepare.parse_size(64) == (64, 64, 64) and prepare.parse_size('64,32,32') == (64, 32, 32)
+    assert prepare.parse_size(64) == (64, 64, 64) and prepare.parse_size("64,32,32") == (64, 32, 32)
     with pytest.raises(AssertionError):
         prepare.parse_size(48)
 
 
 def test_prep_load_volume_orientations(tmp_path):
     # anatomical.nii is stored L-A-S: ours is S-P-L = transpose and flip the A axis
-    raw = np.asarray(nib.load(os.path.join(NIB_DATA, 'anatomical.nii')).dataobj, dtype=np.float32)
-    vol, aff, sp = prepare.load_volume(os.path.join(NIB_DATA, 'anatomical.nii'))
+    raw = np.asarray(nib.load(os.path.join(NIB_DATA, "anatomical.nii")).dataobj, dtype=np.float32)
+    vol, aff, sp = prepare.load_volume(os.path.join(NIB_DATA, "anatomical.nii"))
     assert np.array_equal(vol, np.flip(raw.transpose(2, 1, 0), 1))
-    assert nib.aff2axcodes(aff) == ('S', 'P', 'L') and np.allclose(sp, 2.0)
+    assert nib.aff2axcodes(aff) == ("S", "P", "L") and np.allclose(sp, 2.0)
     # tiny.mnc (MINC1) is stored S-A-R: flip axes 1 and 2
-    raw = np.asarray(nib.load(os.path.join(NIB_DATA, 'tiny.mnc')).dataobj, dtype=np.float32)
-    vol, aff, sp = prepare.load_volume(os.path.join(NIB_DATA, 'tiny.mnc'))
+    raw = np.asarray(nib.load(os.path.join(NIB_DATA, "tiny.mnc")).dataobj, dtype=np.float32)
+    vol, aff, sp = prepare.load_volume(os.path.join(NIB_DATA, "tiny.mnc"))
     assert vol.shape == (10, 20, 20) and np.array_equal(vol, np.flip(raw, (1, 2)))
-    assert nib.aff2axcodes(aff) == ('S', 'P', 'L')
+    assert nib.aff2axcodes(aff) == ("S", "P", "L")
     # AFNI BRIK, R-A-S with a trailing singleton 4th dim
-    raw = np.asarray(nib.load(os.path.join(NIB_DATA, 'scaled+tlrc.BRIK')).dataobj, dtype=np.float32)[..., 0]
-    vol, aff, sp = prepare.load_volume(os.path.join(NIB_DATA, 'scaled+tlrc.BRIK'))
+    raw = np.asarray(nib.load(os.path.join(NIB_DATA, "scaled+tlrc.BRIK")).dataobj, dtype=np.float32)[..., 0]
+    vol, aff, sp = prepare.load_volume(os.path.join(NIB_DATA, "scaled+tlrc.BRIK"))
     assert np.array_equal(vol, np.flip(raw.transpose(2, 1, 0), (1, 2)))
     # an MGZ in FreeSurfer's conformed L-I-A orientation, written here
     data = _prep_smooth((20, 24, 16))
     lia = np.array([[-1, 0, 0, 10], [0, 0, 1, -8], [0, -1, 0, 12], [0, 0, 0, 1]], dtype=np.float64)
-    p = str(tmp_path / 'brain.mgz')
+    p = str(tmp_path / "brain.mgz")
     nib.save(nib.MGHImage(data, lia), p)
     vol, aff, sp = prepare.load_volume(p)
     assert np.array_equal(vol, np.flip(data.transpose(1, 2, 0), (0, 1)))
-    assert nib.aff2axcodes(aff) == ('S', 'P', 'L')
+    assert nib.aff2axcodes(aff) == ("S", "P", "L")
     # the returned affine maps stored voxels to the same world points as the file's
     ijk = np.array([3, 5, 7, 1.0])  # stored index -> source index, by the orientation transform above
     src = np.array([7, 24 - 1 - 3, 16 - 1 - 5, 1.0])
@@ -457,16 +457,16 @@ def test_prep_load_volume_orientations(tmp_path):
 
 
 def test_prep_flipped_permuted_affine_same_array(tmp_path):
-    img = nib.load(os.path.join(NIB_DATA, 'anatomical.nii'))
+    img = nib.load(os.path.join(NIB_DATA, "anatomical.nii"))
     img = nib.Nifti1Image(np.asarray(img.dataobj, dtype=np.float32), img.affine)
     # same physical image, stored with axes permuted and two of them flipped
     ornt = np.array([[2, -1], [0, 1], [1, -1]])
     moved = img.as_reoriented(ornt)
     assert moved.shape != img.shape
-    a, b = str(tmp_path / 'a.nii'), str(tmp_path / 'b.nii.gz')
+    a, b = str(tmp_path / "a.nii"), str(tmp_path / "b.nii.gz")
     img.to_filename(a)
     moved.to_filename(b)
-    meta = dict(img_size=[32, 32, 32], modality='mri', window=None)
+    meta = dict(img_size=[32, 32, 32], modality="mri", window=None)
     ha, la = prepare.prepare_file(a, meta)
     hb, lb = prepare.prepare_file(b, meta)
     assert ha.shape == (32, 32, 32) and la.shape == (8, 8, 8)
@@ -475,77 +475,77 @@ def test_prep_flipped_permuted_affine_same_array(tmp_path):
 
 
 def test_prep_real_files_and_bad_inputs(tmp_path, capsys):
-    src = tmp_path / 'in'
-    (src / 'sub').mkdir(parents=True)
-    for f in ['anatomical.nii', 'example4d.nii.gz', 'tiny.mnc', 'scaled+tlrc.BRIK', 'scaled+tlrc.HEAD', 'small.mnc']:
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    for f in ["anatomical.nii", "example4d.nii.gz", "tiny.mnc", "scaled+tlrc.BRIK", "scaled+tlrc.HEAD", "small.mnc"]:
         shutil.copy(os.path.join(NIB_DATA, f), src / f)
-    nib.save(nib.MGHImage(_prep_smooth((20, 24, 16)), np.diag([1.0, 1, 1, 1])), str(src / 'sub' / 'brain.mgz'))
+    nib.save(nib.MGHImage(_prep_smooth((20, 24, 16)), np.diag([1.0, 1, 1, 1])), str(src / "sub" / "brain.mgz"))
     # truncated .nii.gz: a valid header, then the stream stops
     full = gzip.compress(nib.Nifti1Image(_prep_smooth((40, 40, 40)), np.eye(4)).to_bytes())
-    (src / 'cut.nii.gz').write_bytes(full[:len(full) // 2])
-    (src / 'garbage.nii').write_bytes(b'not an image at all' * 10)
-    nib.save(nib.Nifti1Image(np.ones((30, 30), np.float32), np.eye(4)), str(src / 'flat.nii'))
-    nib.save(nib.Nifti1Image(np.full((16, 16, 16), 7, np.float32), np.eye(4)), str(src / 'const.nii'))
+    (src / "cut.nii.gz").write_bytes(full[:len(full) // 2])
+    (src / "garbage.nii").write_bytes(b"not an image at all" * 10)
+    nib.save(nib.Nifti1Image(np.ones((30, 30), np.float32), np.eye(4)), str(src / "flat.nii"))
+    nib.save(nib.Nifti1Image(np.full((16, 16, 16), 7, np.float32), np.eye(4)), str(src / "const.nii"))
     nanvol = _prep_smooth((24, 24, 24), 1)
     nanvol[5:8, 5:8, 5:8] = np.nan
     nanvol[0, 0, 0] = np.inf
-    np.save(src / 'nans.npy', nanvol)
-    np.save(src / 'allnan.npy', np.full((8, 8, 8), np.nan, np.float32))
-    nib.save(nib.Nifti1Image(_prep_smooth((16, 16, 16)), np.eye(4)), str(src / 'sub' / 'tiny.nii'))  # id clash
-    out = str(tmp_path / 'out')
-    rc = prepare.prepare_dataset([str(src)], out, img_size=32, modality='mri', workers=1)
+    np.save(src / "nans.npy", nanvol)
+    np.save(src / "allnan.npy", np.full((8, 8, 8), np.nan, np.float32))
+    nib.save(nib.Nifti1Image(_prep_smooth((16, 16, 16)), np.eye(4)), str(src / "sub" / "tiny.nii"))  # id clash
+    out = str(tmp_path / "out")
+    rc = prepare.prepare_dataset([str(src)], out, img_size=32, modality="mri", workers=1)
     assert rc == 0
     rows = _prep_rows(out)
-    st = {k: (r['status'], r['reason']) for k, r in rows.items()}
-    for vid in ['anatomical', 'tiny', 'scaled+tlrc', 'brain', 'nans']:
-        assert st[vid] == ('ok', ''), (vid, st[vid])
-    expect = {'example4d': '--first_volume', 'small': 'h5py', 'cut': 'truncated', 'garbage': 'not an image',
-              'flat': '2D image', 'const': 'constant volume', 'allnan': 'no finite voxels'}
+    st = {k: (r["status"], r["reason"]) for k, r in rows.items()}
+    for vid in ["anatomical", "tiny", "scaled+tlrc", "brain", "nans"]:
+        assert st[vid] == ("ok", ""), (vid, st[vid])
+    expect = {"example4d": "--first_volume", "small": "h5py", "cut": "truncated", "garbage": "not an image",
+              "flat": "2D image", "const": "constant volume", "allnan": "no finite voxels"}
     for vid, why in expect.items():
-        assert st[vid][0] == 'skipped' and why in st[vid][1], (vid, st[vid])
+        assert st[vid][0] == "skipped" and why in st[vid][1], (vid, st[vid])
         assert vid in st[vid][1]  # the reason names the file
     # the sub/tiny.nii clashes with tiny.mnc: one of them is skipped as a duplicate
-    dup = [r for r in csv.DictReader(open(os.path.join(out, 'volumes.csv'))) if 'duplicate id tiny' in r['reason']]
+    dup = [r for r in csv.DictReader(open(os.path.join(out, "volumes.csv"))) if "duplicate id tiny" in r["reason"]]
     assert len(dup) == 1
-    assert rows['nans']['nonfinite'] == str(27 + 1)
-    assert rows['anatomical']['orig_shape'] == '25x41x33' and rows['anatomical']['orig_axcodes'] == 'SPL'
-    meta = json.load(open(os.path.join(out, 'meta.json')))
-    assert meta['complete'] and meta['img_size'] == [32, 32, 32] and meta['window'] is None
-    assert meta['num_volumes'] == 5 and meta['orientation'] == 'SPL'
-    assert nib.aff2axcodes(np.array(meta['affine'])) == ('S', 'P', 'L')
-    hi = np.load(os.path.join(out, 'hires.npy'))
-    lo = np.load(os.path.join(out, 'lowres.npy'))
-    n = len(open(os.path.join(out, 'volumes.csv')).read().splitlines()) - 1  # one row per input
-    assert n == 13 and meta['num_inputs'] == 13
+    assert rows["nans"]["nonfinite"] == str(27 + 1)
+    assert rows["anatomical"]["orig_shape"] == "25x41x33" and rows["anatomical"]["orig_axcodes"] == "SPL"
+    meta = json.load(open(os.path.join(out, "meta.json")))
+    assert meta["complete"] and meta["img_size"] == [32, 32, 32] and meta["window"] is None
+    assert meta["num_volumes"] == 5 and meta["orientation"] == "SPL"
+    assert nib.aff2axcodes(np.array(meta["affine"])) == ("S", "P", "L")
+    hi = np.load(os.path.join(out, "hires.npy"))
+    lo = np.load(os.path.join(out, "lowres.npy"))
+    n = len(open(os.path.join(out, "volumes.csv")).read().splitlines()) - 1  # one row per input
+    assert n == 13 and meta["num_inputs"] == 13
     assert hi.dtype == np.float16 and hi.shape == (n, 32, 32, 32) and lo.shape == (n, 8, 8, 8)
-    ok = [int(r['index']) for r in rows.values() if r['status'] == 'ok']
+    ok = [int(r["index"]) for r in rows.values() if r["status"] == "ok"]
     assert np.isfinite(hi[ok]).all() and hi[ok].min() >= -1 and hi[ok].max() <= 1
     pooled = F.avg_pool3d(torch.from_numpy(hi[ok].astype(np.float32))[:, None], 4)[:, 0].numpy()
     assert np.abs(pooled - lo[ok]).max() < 2e-3  # low-res = block means (of the float32 hires)
     # the NaN voxels became background in source space
-    ds = prepare.VolumeDataset(out, split='all')
-    assert set(ds.ids) == {'anatomical', 'tiny', 'scaled+tlrc', 'brain', 'nans'} and len(ds) == 5
+    ds = prepare.VolumeDataset(out, split="all")
+    assert set(ds.ids) == {"anatomical", "tiny", "scaled+tlrc", "brain", "nans"} and len(ds) == 5
     captured = capsys.readouterr().out
-    assert '5 ok' in captured and 'skipped' in captured
+    assert "5 ok" in captured and "skipped" in captured
     # --first_volume takes volume 0 of the 4D series
-    out4 = str(tmp_path / 'out4')
-    assert prepare.prepare_dataset([str(src / 'example4d.nii.gz')], out4, 32, 'mri', first_volume=True) == 0
-    img = nib.load(str(src / 'example4d.nii.gz'))
-    first = str(tmp_path / 'first.nii')
+    out4 = str(tmp_path / "out4")
+    assert prepare.prepare_dataset([str(src / "example4d.nii.gz")], out4, 32, "mri", first_volume=True) == 0
+    img = nib.load(str(src / "example4d.nii.gz"))
+    first = str(tmp_path / "first.nii")
     nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[..., 0], img.affine), first)
     h, _ = prepare.prepare_file(first, meta)
-    assert np.array_equal(np.load(os.path.join(out4, 'hires.npy'))[0], h.astype(np.float16))
+    assert np.array_equal(np.load(os.path.join(out4, "hires.npy"))[0], h.astype(np.float16))
 
 
 def test_prep_nothing_prepared_and_unwritable(tmp_path, capsys):
-    (tmp_path / 'afile').write_text('x')
-    rc = prepare.prepare_dataset([os.path.join(NIB_DATA, 'anatomical.nii')], str(tmp_path / 'afile' / 'out'), 32)
-    assert rc == 1 and 'cannot write there' in capsys.readouterr().out
-    rc = prepare.prepare_dataset([os.path.join(NIB_DATA, 'small.mnc')], str(tmp_path / 'o2'), 32)
-    assert rc == 1 and 'nothing was prepared' in capsys.readouterr().out
-    assert not os.path.exists(tmp_path / 'o2' / 'meta.json')
-    with pytest.raises(FileNotFoundError, match='meta.json missing'):
-        prepare.VolumeDataset(str(tmp_path / 'o2'))
+    (tmp_path / "afile").write_text("x")
+    rc = prepare.prepare_dataset([os.path.join(NIB_DATA, "anatomical.nii")], str(tmp_path / "afile" / "out"), 32)
+    assert rc == 1 and "cannot write there" in capsys.readouterr().out
+    rc = prepare.prepare_dataset([os.path.join(NIB_DATA, "small.mnc")], str(tmp_path / "o2"), 32)
+    assert rc == 1 and "nothing was prepared" in capsys.readouterr().out
+    assert not os.path.exists(tmp_path / "o2" / "meta.json")
+    with pytest.raises(FileNotFoundError, match="meta.json missing"):
+        prepare.VolumeDataset(str(tmp_path / "o2"))
 
 
 def test_prep_trim_nan_and_antialias():
@@ -557,21 +557,21 @@ def test_prep_trim_nan_and_antialias():
     src_aff = np.diag([2.0, 1.5, 1.5, 1.0])
     a, ia = prepare.prepare_array(padded, sp, 32, affine=src_aff)
     b, ib = prepare.prepare_array(body, sp, 32)
-    assert ia['trim'] == (4, 6) and ib['trim'] == (0, 0)
+    assert ia["trim"] == (4, 6) and ib["trim"] == (0, 0)
     # out_affine: the stored grid's centre is the world centre of the trimmed body; its columns are the spacing
-    oa = ia['out_affine']
+    oa = ia["out_affine"]
     assert np.allclose(oa @ [15.5, 15.5, 15.5, 1], src_aff @ [4 + 9.5, 11.5, 11.5, 1])
-    assert np.allclose(np.sqrt((oa[:3, :3] ** 2).sum(0)), ia['out_spacing'])
+    assert np.allclose(np.sqrt((oa[:3, :3] ** 2).sum(0)), ia["out_spacing"])
     assert np.array_equal(a, b)
     # physical aspect ratio kept: 20*2 = 40 mm deep vs 24*1.5 = 36 mm wide -> 40/32 mm voxels, W padded
-    assert np.allclose(ia['out_spacing'], 40 / 32)
+    assert np.allclose(ia["out_spacing"], 40 / 32)
     assert (a[:, :, 0] == -1).all() and (a[:, :, 16] > -1).any()
     # stretch: the official plain resize, no padding
     s, info = prepare.prepare_array(body, sp, 32, stretch=True)
-    assert (s[:, :, 0] > -1).any() and np.allclose(info['out_spacing'], [40 / 32, 36 / 32, 36 / 32])
+    assert (s[:, :, 0] > -1).any() and np.allclose(info["out_spacing"], [40 / 32, 36 / 32, 36 / 32])
     # --spacing: isotropic mm then centre crop/pad
     s, info = prepare.prepare_array(body, sp, 32, out_spacing=3.0)
-    assert np.allclose(info['out_spacing'], 3.0) and (s[:9] == -1).all()
+    assert np.allclose(info["out_spacing"], 3.0) and (s[:9] == -1).all()
     # shrinking is anti-aliased: alternating slices average to grey instead of aliasing to +-1
     stripes = np.zeros((64, 64, 64), np.float32)
     stripes[::2] = 600
@@ -579,27 +579,27 @@ def test_prep_trim_nan_and_antialias():
     g, _ = prepare.prepare_array(stripes, np.ones(3), 32, window=(-1024, 600))
     mid = prepare.to_unit(np.float32((600 - 824) / 2), (-1024, 600))
     assert np.abs(g[2:-2, 2:-2, 2:-2] - mid).max() < 0.02
-    with pytest.raises(ValueError, match='constant volume'):
+    with pytest.raises(ValueError, match="constant volume"):
         prepare.prepare_array(np.zeros((8, 8, 8), np.float32), np.ones(3), 32)
-    with pytest.raises(ValueError, match='empty'):
+    with pytest.raises(ValueError, match="empty"):
         prepare.prepare_array(np.full((8, 8, 8), -3000, np.float32) + np.arange(8.0), np.ones(3), 32)
 
 
 def test_prep_get_batch_slices_and_split(demo):
-    meta = json.load(open(os.path.join(demo, 'meta.json')))
-    assert meta['class_column'] == 'class' and meta['num_classes'] == 5 and meta['num_volumes'] == 12
-    tr = prepare.VolumeDataset(demo, 'train', fold=1)
-    va = prepare.VolumeDataset(demo, 'val', fold=1)
-    al = prepare.VolumeDataset(demo, 'all')
+    meta = json.load(open(os.path.join(demo, "meta.json")))
+    assert meta["class_column"] == "class" and meta["num_classes"] == 5 and meta["num_volumes"] == 12
+    tr = prepare.VolumeDataset(demo, "train", fold=1)
+    va = prepare.VolumeDataset(demo, "val", fold=1)
+    al = prepare.VolumeDataset(demo, "all")
     assert len(tr) + len(va) == len(al) == 12 and len(va) >= 2 and not set(tr.ids) & set(va.ids)
     assert tr.img_size == (32, 32, 32)
-    hi = np.load(os.path.join(demo, 'hires.npy'))
-    lo = np.load(os.path.join(demo, 'lowres.npy'))
+    hi = np.load(os.path.join(demo, "hires.npy"))
+    lo = np.load(os.path.join(demo, "lowres.npy"))
     for r, num_slabs in [(0, 8), (3, 8), (7, 8), (2, 4), (None, 8)]:  # r on the A grid; None: whole volumes
         span = None if r is None else slab_range(r, 32, num_slabs)
         a, b = span or (0, 32)
         g = torch.Generator().manual_seed(0 if r is None else r)
-        x, x_low, y = tr.get_batch(3, span, 'cpu', g)
+        x, x_low, y = tr.get_batch(3, span, "cpu", g)
         assert x.shape == (3, 1, b - a, 32, 32) and x_low.shape == (3, 1, 8, 8, 8)
         assert x.dtype == x_low.dtype == torch.float32 and y.dtype == torch.int64
         ix = torch.randint(len(tr), (3,), generator=torch.Generator().manual_seed(0 if r is None else r)).numpy()
@@ -607,53 +607,53 @@ def test_prep_get_batch_slices_and_split(demo):
             row = tr.index[j]
             assert np.array_equal(x[k, 0].numpy(), hi[row, a:b].astype(np.float32))
             assert np.array_equal(x_low[k, 0].numpy(), lo[row].astype(np.float32))
-            assert int(y[k]) == tr.labels['class'][j]
+            assert int(y[k]) == tr.labels["class"][j]
             assert np.array_equal(tr.volume(j), hi[row].astype(np.float32))
         # a batch is the caller's own: the next one never writes into it
         held = x.clone()
-        tr.get_batch(3, span, 'cpu', g)
+        tr.get_batch(3, span, "cpu", g)
         assert torch.equal(x, held)
-    with pytest.raises(ValueError, match='span'):
+    with pytest.raises(ValueError, match="span"):
         tr.get_batch(2, (28, 36))
     # folds are a deterministic function of the ids (and classes): stratified, every fold used
     rows = _prep_rows(demo)
-    folds = [int(r['fold']) for r in rows.values()]
+    folds = [int(r["fold"]) for r in rows.values()]
     assert sorted(folds) == sorted(k % 5 for k in range(12)) and len(va) == folds.count(1)
-    assert prepare._fold_of(list(rows), [int(r['class']) for r in rows.values()]) == folds
+    assert prepare._fold_of(list(rows), [int(r["class"]) for r in rows.values()]) == folds
 
 
 def test_prep_demo_phantom_hu_and_labels(demo):
     rng = np.random.default_rng(5)
     hu, aff, lab = demo_prepare.make_phantom(rng, 3, 64)
-    assert hu.dtype == np.int16 and hu.shape[:2] == (64, 64) and nib.aff2axcodes(aff) == ('L', 'P', 'S')
+    assert hu.dtype == np.int16 and hu.shape[:2] == (64, 64) and nib.aff2axcodes(aff) == ("L", "P", "S")
     assert hu.min() == -1024 and 500 < hu.max() < 3071
     assert abs(np.median(hu[hu < -990]) + 1000) < 25  # air
     assert ((hu > -150) & (hu < -60)).mean() > 0.01  # fat
     assert ((hu > 20) & (hu < 70)).mean() > 0.02  # muscle / heart
     assert (hu > 300).mean() > 0.0005  # bone
-    assert 2000 < lab['lung_volume_ml'] < 8000 and 15 < lab['pct_below_950'] < 40
+    assert 2000 < lab["lung_volume_ml"] < 8000 and 15 < lab["pct_below_950"] < 40
     # the labels.csv that went through preparation: emphysema index grows with class
-    ds = prepare.VolumeDataset(demo, 'all')
-    c, p = ds.labels['class'], ds.labels['pct_below_950']
+    ds = prepare.VolumeDataset(demo, "all")
+    c, p = ds.labels["class"], ds.labels["pct_below_950"]
     assert sorted(set(c.tolist())) == [0, 1, 2, 3, 4] and c.dtype == np.int64
     means = [p[c == k].mean() for k in range(5)]
     assert all(a < b for a, b in zip(means, means[1:])), means
-    assert np.all(ds.labels['lung_volume_ml'] > 1000)
+    assert np.all(ds.labels["lung_volume_ml"] > 1000)
     v = ds.volume(0)
     assert v.shape == (32, 32, 32) and v.min() == -1 and v.max() > 0.2  # air is -1, bone bright
 
 
 def test_prep_resume_after_kill(tmp_path):
-    src = tmp_path / 'in'
+    src = tmp_path / "in"
     src.mkdir()
     for k in range(6):
         nib.save(nib.Nifti1Image(_prep_smooth((20 + k, 24, 24), k) - 1024, np.diag([1.2, 1, 1, 1])),
-                 str(src / f'v{k}.nii.gz'))
-    (src / 'labels.csv').write_text('id,class,fev1\n' + ''.join(f'v{k},{k % 2},{k * 0.5}\n' for k in range(6))
-                                    + 'ghost,1,0\n')
-    ref = str(tmp_path / 'ref')
-    assert prepare.prepare_dataset([str(src)], ref, 32, labels=str(src / 'labels.csv'), log=lambda *a: None) == 0
-    out = str(tmp_path / 'out')
+                 str(src / f"v{k}.nii.gz"))
+    (src / "labels.csv").write_text("id,class,fev1\n" + "".join(f"v{k},{k % 2},{k * 0.5}\n" for k in range(6))
+                                    + "ghost,1,0\n")
+    ref = str(tmp_path / "ref")
+    assert prepare.prepare_dataset([str(src)], ref, 32, labels=str(src / "labels.csv"), log=lambda *a: None) == 0
+    out = str(tmp_path / "out")
 
     class Killed(Exception):
         pass
@@ -662,78 +662,78 @@ def test_prep_resume_after_kill(tmp_path):
         if n == 3:
             raise Killed()
     with pytest.raises(Killed):
-        prepare.prepare_dataset([str(src)], out, 32, labels=str(src / 'labels.csv'), on_done=kill, log=lambda *a: None)
-    assert not os.path.exists(os.path.join(out, 'meta.json'))  # incomplete = not a dataset
+        prepare.prepare_dataset([str(src)], out, 32, labels=str(src / "labels.csv"), on_done=kill, log=lambda *a: None)
+    assert not os.path.exists(os.path.join(out, "meta.json"))  # incomplete = not a dataset
     with pytest.raises(FileNotFoundError):
         prepare.VolumeDataset(out)
     # a volume half-written when the kill came: garbage in its slot, no progress line
-    hi = np.load(os.path.join(out, 'hires.npy'), mmap_mode='r+')
+    hi = np.load(os.path.join(out, "hires.npy"), mmap_mode="r+")
     hi[4, :5] = 7
     hi.flush()
     del hi
-    with open(os.path.join(out, '_progress.jsonl'), 'a') as f:
+    with open(os.path.join(out, "_progress.jsonl"), "a") as f:
         f.write('{"index": 4, "sta')  # a line cut short
     log = []
-    assert prepare.prepare_dataset([str(src)], out, 32, labels=str(src / 'labels.csv'), log=log.append) == 0
-    assert any('resuming, 3/6' in ln for ln in log)
-    assert sum(ln.startswith('[') for ln in log) == 3  # only the other 3 were prepared again
-    assert any('ghost' in ln and 'no input volume' in ln for ln in log)
-    for name in ['hires.npy', 'lowres.npy']:
+    assert prepare.prepare_dataset([str(src)], out, 32, labels=str(src / "labels.csv"), log=log.append) == 0
+    assert any("resuming, 3/6" in ln for ln in log)
+    assert sum(ln.startswith("[") for ln in log) == 3  # only the other 3 were prepared again
+    assert any("ghost" in ln and "no input volume" in ln for ln in log)
+    for name in ["hires.npy", "lowres.npy"]:
         assert np.array_equal(np.load(os.path.join(ref, name)), np.load(os.path.join(out, name)))
     a, b = _prep_rows(ref), _prep_rows(out)
-    strip = lambda rows: {k: {c: v for c, v in r.items() if c not in ('source',)} for k, r in rows.items()}
+    strip = lambda rows: {k: {c: v for c, v in r.items() if c not in ("source",)} for k, r in rows.items()}
     assert strip(a) == strip(b)
-    assert a['v3']['fev1'] == '1.5' and a['v3']['class'] == '1'
+    assert a["v3"]["fev1"] == "1.5" and a["v3"]["class"] == "1"
     # re-running a complete folder does nothing; a different command is refused there
     log = []
-    assert prepare.prepare_dataset([str(src)], out, 32, labels=str(src / 'labels.csv'), log=log.append) == 0
-    assert 'already complete' in log[-1]
-    assert prepare.prepare_dataset([str(src)], out, 64, log=log.append) == 1 and 'different' in log[-1]
+    assert prepare.prepare_dataset([str(src)], out, 32, labels=str(src / "labels.csv"), log=log.append) == 0
+    assert "already complete" in log[-1]
+    assert prepare.prepare_dataset([str(src)], out, 64, log=log.append) == 1 and "different" in log[-1]
 
 
 def test_prep_noncubic_and_npy(tmp_path):
-    src = tmp_path / 'in'
+    src = tmp_path / "in"
     src.mkdir()
     for k in range(3):
-        np.save(src / f'n{k}.npy', _prep_smooth((40, 20, 30), k) - 1024)
-    (tmp_path / 'list.txt').write_text(''.join(f'in/n{k}.npy\n' for k in range(3)) + 'in/missing.npy\n')
-    out = str(tmp_path / 'out')
-    assert prepare.prepare_dataset([str(tmp_path / 'list.txt')], out, '64,32,32', log=lambda *a: None) == 0
+        np.save(src / f"n{k}.npy", _prep_smooth((40, 20, 30), k) - 1024)
+    (tmp_path / "list.txt").write_text("".join(f"in/n{k}.npy\n" for k in range(3)) + "in/missing.npy\n")
+    out = str(tmp_path / "out")
+    assert prepare.prepare_dataset([str(tmp_path / "list.txt")], out, "64,32,32", log=lambda *a: None) == 0
     rows = _prep_rows(out)
-    assert rows['missing']['status'] == 'skipped' and 'no such file' in rows['missing']['reason']
-    ds = prepare.VolumeDataset(out, 'all')
+    assert rows["missing"]["status"] == "skipped" and "no such file" in rows["missing"]["reason"]
+    ds = prepare.VolumeDataset(out, "all")
     assert ds.img_size == (64, 32, 32) and len(ds) == 3
     r_max = HAGANConfig(img_size=(64, 32, 32)).r_max  # 64/4 - 64/32 with 8 slabs
     s, l, y = ds.get_batch(2, slab_range(r_max, 64, 8), generator=torch.Generator().manual_seed(0))
     assert s.shape == (2, 1, 8, 32, 32) and l.shape == (2, 1, 16, 8, 8) and (y == 0).all()
-    assert ds.meta['num_classes'] == 0 and ds.meta['class_column'] == ''
+    assert ds.meta["num_classes"] == 0 and ds.meta["class_column"] == ""
 
 
 def test_prep_command_lines(demo, tmp_path):
     # prepare.py itself, with a repeated --input, gives the demo script's volumes (2 workers there)
-    raw = os.path.join(demo, 'raw')
-    out = tmp_path / 'two'
-    p = run('prepare.py', f'--input={raw}/phantom_0000.nii.gz', '--input', f'{raw}/phantom_0001.nii.gz',
-            f'--out={out}', '--img_size=32')
-    assert p.returncode == 0 and '2 ok, 0 skipped' in p.stdout, p.stdout + p.stderr
-    assert np.array_equal(np.load(out / 'hires.npy'), np.load(os.path.join(demo, 'hires.npy'))[:2])
-    assert 'unknown config key \'bogus\'' in one_line_error(run('prepare.py', '--bogus=1'))
-    assert 'usage' in run('prepare.py', f'--out={out}').stderr
+    raw = os.path.join(demo, "raw")
+    out = tmp_path / "two"
+    p = run("prepare.py", f"--input={raw}/phantom_0000.nii.gz", "--input", f"{raw}/phantom_0001.nii.gz",
+            f"--out={out}", "--img_size=32")
+    assert p.returncode == 0 and "2 ok, 0 skipped" in p.stdout, p.stdout + p.stderr
+    assert np.array_equal(np.load(out / "hires.npy"), np.load(os.path.join(demo, "hires.npy"))[:2])
+    assert "unknown config key 'bogus'" in one_line_error(run("prepare.py", "--bogus=1"))
+    assert "usage" in run("prepare.py", f"--out={out}").stderr
     # the demo in-process with one worker: phantom k is drawn from (seed, k), whatever the number of phantoms
-    ref = str(tmp_path / 'ref')
+    ref = str(tmp_path / "ref")
     assert demo_prepare.make_demo(ref, num=3, img_size=32, log=lambda *a: None) == 0
-    assert np.array_equal(np.load(os.path.join(ref, 'hires.npy')), np.load(os.path.join(demo, 'hires.npy'))[:3])
+    assert np.array_equal(np.load(os.path.join(ref, "hires.npy")), np.load(os.path.join(demo, "hires.npy"))[:3])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_prep_get_batch_cuda_matches_cpu(demo):
-    ds = prepare.VolumeDataset(demo, 'all')
+    ds = prepare.VolumeDataset(demo, "all")
     for it in range(6):
         span = slab_range(it, 32, 8) if it < 4 else None  # 4 slab batches of one shape: buffers reused
-        a = ds.get_batch(3, span, 'cpu', torch.Generator().manual_seed(it))
-        b = ds.get_batch(3, span, 'cuda', torch.Generator().manual_seed(it))
+        a = ds.get_batch(3, span, "cpu", torch.Generator().manual_seed(it))
+        b = ds.get_batch(3, span, "cuda", torch.Generator().manual_seed(it))
         for x, y in zip(a, b):
-            assert y.device.type == 'cuda' and x.dtype == y.dtype and torch.equal(x, y.cpu())
+            assert y.device.type == "cuda" and x.dtype == y.dtype and torch.equal(x, y.cpu())
 
 
 # -----------------------------------------------------------------------------
@@ -930,77 +930,77 @@ def _read_nifti(path):
 
 
 def test_sample_writes_viewer_ready_nifti_independent_of_batch(ckpts, tmp_path):
-    meta = ckpts['meta']
-    a, b = tmp_path / 'a', tmp_path / 'b'
-    p = run('sample.py', '--ckpt', ckpts['ckpt'], '--out', a, '--num=3', '--batch_size=1', '--png')
+    meta = ckpts["meta"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    p = run("sample.py", "--ckpt", ckpts["ckpt"], "--out", a, "--num=3", "--batch_size=1", "--png")
     assert p.returncode == 0, p.stderr
-    p = run('sample.py', f'--ckpt={ckpts["ckpt"]}', f'--out={b}', '--num=3', '--batch_size=3', '--chunk=2')
+    p = run("sample.py", f"--ckpt={ckpts['ckpt']}", f"--out={b}", "--num=3", "--batch_size=3", "--chunk=2")
     assert p.returncode == 0, p.stderr
-    names = [f'seed{s:06d}' for s in (1337, 1338, 1339)]
-    assert sorted(os.listdir(a)) == sorted(n + e for n in names for e in ('.nii.gz', '.json', '.png'))
+    names = [f"seed{s:06d}" for s in (1337, 1338, 1339)]
+    assert sorted(os.listdir(a)) == sorted(n + e for n in names for e in (".nii.gz", ".json", ".png"))
     for n in names:
-        img, x = _read_nifti(a / f'{n}.nii.gz')
+        img, x = _read_nifti(a / f"{n}.nii.gz")
         assert x.shape == (32, 32, 32) and x.dtype == np.int16  # CT: int16 Hounsfield units
-        assert np.allclose(img.affine, np.array(meta['affine']))
-        assert ''.join(nib.aff2axcodes(img.affine)) == meta['orientation']
-        assert int(img.header['qform_code']) == 1 and int(img.header['sform_code']) == 1
-        assert img.header.get_xyzt_units()[0] == 'mm'
+        assert np.allclose(img.affine, np.array(meta["affine"]))
+        assert "".join(nib.aff2axcodes(img.affine)) == meta["orientation"]
+        assert int(img.header["qform_code"]) == 1 and int(img.header["sform_code"]) == 1
+        assert img.header.get_xyzt_units()[0] == "mm"
         assert -1024 <= x.min() and x.max() <= 600 and x.std() > 0
         # same seed, other batch size and slab-wise G^H: the same volume (to 1 HU of float rounding)
-        _, y = _read_nifti(b / f'{n}.nii.gz')
+        _, y = _read_nifti(b / f"{n}.nii.gz")
         assert np.abs(x.astype(int) - y).max() <= 1 and (x == y).mean() > 0.99
-        side = json.load(open(a / f'{n}.json'))
-        assert side['seed'] == int(n[4:]) and side['iter_num'] == 7
-        png = open(a / f'{n}.png', 'rb').read()
-        assert png[:8] == b'\x89PNG\r\n\x1a\n'
-        w, h = int.from_bytes(png[16:20], 'big'), int.from_bytes(png[20:24], 'big')
+        side = json.load(open(a / f"{n}.json"))
+        assert side["seed"] == int(n[4:]) and side["iter_num"] == 7
+        png = open(a / f"{n}.png", "rb").read()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+        w, h = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
         assert w == 3 * h  # one row: axial | coronal | sagittal
     # different seeds give different volumes
-    assert not np.array_equal(_read_nifti(a / f'{names[0]}.nii.gz')[1], _read_nifti(a / f'{names[1]}.nii.gz')[1])
+    assert not np.array_equal(_read_nifti(a / f"{names[0]}.nii.gz")[1], _read_nifti(a / f"{names[1]}.nii.gz")[1])
 
 
 def test_sample_never_overwrites_and_fails_in_one_line(ckpts, tmp_path):
-    out = tmp_path / 's'
-    p = run('sample.py', f'--ckpt={ckpts["ckpt"]}', f'--out={out}', '--num=1')
+    out = tmp_path / "s"
+    p = run("sample.py", f"--ckpt={ckpts['ckpt']}", f"--out={out}", "--num=1")
     assert p.returncode == 0, p.stderr
-    f = out / 'seed001337.nii.gz'
+    f = out / "seed001337.nii.gz"
     before = f.read_bytes()
     os.utime(f, (0, 0))
-    with pytest.raises(SystemExit, match='exists.*--overwrite'):
-        sample.main([f'--ckpt={ckpts["ckpt"]}', f'--out={out}', '--num=1'])
+    with pytest.raises(SystemExit, match="exists.*--overwrite"):
+        sample.main([f"--ckpt={ckpts['ckpt']}", f"--out={out}", "--num=1"])
     assert os.stat(f).st_mtime == 0 and f.read_bytes() == before
-    sample.main([f'--ckpt={ckpts["ckpt"]}', f'--out={out}', '--num=1', '--overwrite'])
+    sample.main([f"--ckpt={ckpts['ckpt']}", f"--out={out}", "--num=1", "--overwrite"])
     assert os.stat(f).st_mtime > 0 and f.read_bytes() == before  # rewritten, same seed, same bytes
-    bad = tmp_path / 'bad.pt'
-    bad.write_bytes(b'not a checkpoint')
-    blocker = tmp_path / 'file'
-    blocker.write_text('x')
-    for args, msg in [([f'--ckpt={tmp_path / "missing.pt"}'], 'no checkpoint'),
-                      ([f'--ckpt={bad}'], 'unreadable checkpoint'),
-                      ([f'--ckpt={ckpts["ckpt_c"]}', '--label=5'], 'unknown label'),
-                      ([f'--ckpt={ckpts["ckpt"]}', '--label=1'], 'unconditional'),
-                      ([f'--ckpt={ckpts["ckpt"]}', f'--out={blocker / "sub"}'], 'cannot write'),
-                      (['--nmu=3'], 'unknown config key')]:
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for args, msg in [([f"--ckpt={tmp_path / 'missing.pt'}"], "no checkpoint"),
+                      ([f"--ckpt={bad}"], "unreadable checkpoint"),
+                      ([f"--ckpt={ckpts['ckpt_c']}", "--label=5"], "unknown label"),
+                      ([f"--ckpt={ckpts['ckpt']}", "--label=1"], "unconditional"),
+                      ([f"--ckpt={ckpts['ckpt']}", f"--out={blocker / 'sub'}"], "cannot write"),
+                      (["--nmu=3"], "unknown config key")]:
         with pytest.raises(SystemExit) as e:
-            sample.main([f'--out={tmp_path / "e"}'] + args)
-        assert str(e.value).startswith('error: ') and msg in str(e.value) and '\n' not in str(e.value)
-    assert not (tmp_path / 'e').exists() or os.listdir(tmp_path / 'e') == []
+            sample.main([f"--out={tmp_path / 'e'}"] + args)
+        assert str(e.value).startswith("error: ") and msg in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "e").exists() or os.listdir(tmp_path / "e") == []
     # the script itself: one line on stderr, non-zero exit, no traceback
-    one_line_error(run('sample.py', f'--ckpt={bad}', f'--out={tmp_path / "e"}'))
+    one_line_error(run("sample.py", f"--ckpt={bad}", f"--out={tmp_path / 'e'}"))
 
 
 def test_sample_conditional_labels_in_turn(ckpts, tmp_path):
-    sample.main([f'--ckpt={ckpts["ckpt_c"]}', f'--out={tmp_path}', '--num=3', '--batch_size=2'])
-    assert [json.load(open(tmp_path / f'seed{1337 + i:06d}.json'))['class'] for i in range(3)] == [0, 1, 2]
-    sample.main([f'--ckpt={ckpts["ckpt_c"]}', f'--out={tmp_path / "l"}', '--num=2', '--label=4'])
-    assert [json.load(open(tmp_path / 'l' / f'seed{1337 + i:06d}.json'))['class'] for i in range(2)] == [4, 4]
+    sample.main([f"--ckpt={ckpts['ckpt_c']}", f"--out={tmp_path}", "--num=3", "--batch_size=2"])
+    assert [json.load(open(tmp_path / f"seed{1337 + i:06d}.json"))["class"] for i in range(3)] == [0, 1, 2]
+    sample.main([f"--ckpt={ckpts['ckpt_c']}", f"--out={tmp_path / 'l'}", "--num=2", "--label=4"])
+    assert [json.load(open(tmp_path / "l" / f"seed{1337 + i:06d}.json"))["class"] for i in range(2)] == [4, 4]
 
 
 def test_sample_interpolation_ends_at_both_seeds(ckpts, tmp_path):
-    sample.main([f'--ckpt={ckpts["ckpt"]}', f'--out={tmp_path / "i"}', '--interp=3', '--seed=5', '--seed2=9'])
-    sample.main([f'--ckpt={ckpts["ckpt"]}', f'--out={tmp_path / "s"}', '--num=1', '--seed=9'])
-    _, end = _read_nifti(tmp_path / 'i' / 'interp_5_9_02.nii.gz')
-    _, ref = _read_nifti(tmp_path / 's' / 'seed000009.nii.gz')
+    sample.main([f"--ckpt={ckpts['ckpt']}", f"--out={tmp_path / 'i'}", "--interp=3", "--seed=5", "--seed2=9"])
+    sample.main([f"--ckpt={ckpts['ckpt']}", f"--out={tmp_path / 's'}", "--num=1", "--seed=9"])
+    _, end = _read_nifti(tmp_path / "i" / "interp_5_9_02.nii.gz")
+    _, ref = _read_nifti(tmp_path / "s" / "seed000009.nii.gz")
     assert np.abs(end.astype(int) - ref).max() <= 1
     z0, z1 = sample.seed_z(5, 16), sample.seed_z(9, 16)
     mid = sample.slerp(z0, z1, 0.5)
@@ -1009,47 +1009,47 @@ def test_sample_interpolation_ends_at_both_seeds(ckpts, tmp_path):
 
 
 def test_ct_round_trip_prepared_phantom_back_to_hu(ckpts, tmp_path):
-    lo, hi = ckpts['meta']['window']
+    lo, hi = ckpts["meta"]["window"]
     # HU -> prepare's window -> float16 store -> sample's inverse: within float16 rounding plus 0.5 HU
     hu = np.random.default_rng(0).uniform(lo, hi, size=(32, 32, 32)).astype(np.float32)
     hu[0, 0, :2] = [-3000, 3000]  # outside the window: clipped to its ends
     stored = to_unit(hu, (lo, hi)).astype(np.float16)
-    sample.write_volume(str(tmp_path / 'rt.nii.gz'), stored.astype(np.float32), ckpts['meta'])
-    _, back = _read_nifti(tmp_path / 'rt.nii.gz')
+    sample.write_volume(str(tmp_path / "rt.nii.gz"), stored.astype(np.float32), ckpts["meta"])
+    _, back = _read_nifti(tmp_path / "rt.nii.gz")
     tol = (hi - lo) / 2 * 2.0 ** -11 + 0.5 + 1e-3
     ref = np.clip(hu, lo, hi)
     assert back.dtype == np.int16 and np.abs(back - ref).max() <= tol
     assert back[0, 0, 0] == lo and back[0, 0, 1] == hi
     # a prepared demo phantom written as HU reads back as the same prepared volume
-    x = VolumeDataset(ckpts['data'], 'all').volume(0)
-    sample.write_volume(str(tmp_path / 'ph.nii.gz'), x, ckpts['meta'])
-    _, ph = _read_nifti(tmp_path / 'ph.nii.gz')
+    x = VolumeDataset(ckpts["data"], "all").volume(0)
+    sample.write_volume(str(tmp_path / "ph.nii.gz"), x, ckpts["meta"])
+    _, ph = _read_nifti(tmp_path / "ph.nii.gz")
     assert np.abs(to_unit(ph.astype(np.float32), (lo, hi)) - x).max() <= 1 / (hi - lo) + 1e-6  # half an HU
 
 
 def test_output_affine_from_orientation_codes_and_rescaled_grids(ckpts):
-    for codes in ('SPL', 'RAS', 'LPI'):
+    for codes in ("SPL", "RAS", "LPI"):
         A = sample.output_affine(dict(orientation=codes, spacing=[1.0, 2.0, 3.0]), (32, 64, 96))
-        assert ''.join(nib.aff2axcodes(A)) == codes
+        assert "".join(nib.aff2axcodes(A)) == codes
         assert np.allclose(np.sqrt((A[:3, :3] ** 2).sum(0)), [1, 2, 3]) and np.allclose(A @ [15.5, 31.5, 47.5, 1], [0, 0, 0, 1])
     # a model of another size than the data (e.g. official weights with this meta): same field of view and centre
-    meta = ckpts['meta']
-    A32, A64 = np.array(meta['affine']), sample.output_affine(meta, (64, 64, 64))
-    assert ''.join(nib.aff2axcodes(A64)) == meta['orientation']
+    meta = ckpts["meta"]
+    A32, A64 = np.array(meta["affine"]), sample.output_affine(meta, (64, 64, 64))
+    assert "".join(nib.aff2axcodes(A64)) == meta["orientation"]
     assert np.allclose(A64[:3, :3], A32[:3, :3] / 2)
     assert np.allclose(A64 @ [31.5, 31.5, 31.5, 1], A32 @ [15.5, 15.5, 15.5, 1])
 
 
 def test_save_montage_png(tmp_path):
     v = np.linspace(-1, 1, 32 * 32 * 32, dtype=np.float32).reshape(32, 32, 32)
-    p = str(tmp_path / 'm' / 'x.png')
+    p = str(tmp_path / "m" / "x.png")
     sample.save_montage(p, [v, -v])
-    data = open(p, 'rb').read()
-    assert data[:8] == b'\x89PNG\r\n\x1a\n'
-    w, h = struct.unpack('>II', data[16:24])
+    data = open(p, "rb").read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    w, h = struct.unpack(">II", data[16:24])
     assert (w, h) == (3 * 34 * 4, 2 * 34 * 4)  # 3 panels + 2 px gaps, 2 rows, enlarged 4x
-    n = struct.unpack('>I', data[33:37])[0]
-    assert data[37:41] == b'IDAT'
+    n = struct.unpack(">I", data[33:37])[0]
+    assert data[37:41] == b"IDAT"
     px = np.frombuffer(zlib.decompress(data[41:41 + n]), np.uint8).reshape(h, 1 + w)[:, 1:]
     assert px[0, 0] == round((v[16, 0, 0] + 1) * 127.5) or abs(int(px[0, 0]) - (v[16, 0, 0] + 1) * 127.5) <= 1
 
@@ -1059,43 +1059,43 @@ def test_save_montage_png(tmp_path):
 
 
 def test_encode_features_recon_regress_and_direction_for_sample(ckpts, tmp_path):
-    out = tmp_path / 'f'
-    p = run('encode.py', f'--data_dir={ckpts["data"]}', f'--ckpt={ckpts["ckpt"]}', f'--out={out}',
-                              '--recon=1', '--regress=lung_volume_ml,pct_below_950', '--direction', 'lung_volume_ml')
+    out = tmp_path / "f"
+    p = run("encode.py", f"--data_dir={ckpts['data']}", f"--ckpt={ckpts['ckpt']}", f"--out={out}",
+                              "--recon=1", "--regress=lung_volume_ml,pct_below_950", "--direction", "lung_volume_ml")
     assert p.returncode == 0, p.stderr
-    ds = VolumeDataset(ckpts['data'], 'all')
-    Z = np.load(out / 'features.npy')
+    ds = VolumeDataset(ckpts["data"], "all")
+    Z = np.load(out / "features.npy")
     assert Z.shape == (12, 16) and Z.dtype == np.float32 and np.all(np.isfinite(Z))
-    rows = list(csv.DictReader(open(out / 'ids.csv')))
-    assert [r['id'] for r in rows] == ds.ids
-    assert np.allclose([float(r['lung_volume_ml']) for r in rows], ds.labels['lung_volume_ml'])
-    model, _ = load_checkpoint(ckpts['ckpt'])
+    rows = list(csv.DictReader(open(out / "ids.csv")))
+    assert [r["id"] for r in rows] == ds.ids
+    assert np.allclose([float(r["lung_volume_ml"]) for r in rows], ds.labels["lung_volume_ml"])
+    model, _ = load_checkpoint(ckpts["ckpt"])
     z3 = model.encode(torch.from_numpy(ds.volume(3))[None, None]).numpy()[0]
     assert np.allclose(Z[3], z3, atol=1e-5)
     # the reconstruction and its prepared original, as HU NIfTI with the dataset's affine
-    for kind in ('orig', 'recon'):
-        img, x = _read_nifti(out / f'{ds.ids[0]}_{kind}.nii.gz')
-        assert x.shape == (32, 32, 32) and np.allclose(img.affine, ckpts['meta']['affine'])
-    assert 'PSNR' in p.stdout and 'L1' in p.stdout
-    reg = json.load(open(out / 'regress.json'))
-    assert set(reg) == {'lung_volume_ml', 'pct_below_950'}
-    assert reg['lung_volume_ml']['target'] == 'log(lung_volume_ml)' and len(reg['lung_volume_ml']['r2_per_fold']) == 5
+    for kind in ("orig", "recon"):
+        img, x = _read_nifti(out / f"{ds.ids[0]}_{kind}.nii.gz")
+        assert x.shape == (32, 32, 32) and np.allclose(img.affine, ckpts["meta"]["affine"])
+    assert "PSNR" in p.stdout and "L1" in p.stdout
+    reg = json.load(open(out / "regress.json"))
+    assert set(reg) == {"lung_volume_ml", "pct_below_950"}
+    assert reg["lung_volume_ml"]["target"] == "log(lung_volume_ml)" and len(reg["lung_volume_ml"]["r2_per_fold"]) == 5
     # sample.py walks the direction: the linear model's prediction rises along it, through z(seed) at t=0
-    w = np.load(out / 'direction_lung_volume_ml.npy')
-    info = json.load(open(out / 'direction_lung_volume_ml.json'))
-    assert w.shape == (16,) and info['column'] == 'lung_volume_ml'
-    s = tmp_path / 's'
-    p = run('sample.py', f'--ckpt={ckpts["ckpt"]}', f'--out={s}',
-                         f'--direction={out / "direction_lung_volume_ml.npy"}', '--steps=3', '--scale=2', '--png')
+    w = np.load(out / "direction_lung_volume_ml.npy")
+    info = json.load(open(out / "direction_lung_volume_ml.json"))
+    assert w.shape == (16,) and info["column"] == "lung_volume_ml"
+    s = tmp_path / "s"
+    p = run("sample.py", f"--ckpt={ckpts['ckpt']}", f"--out={s}",
+                         f"--direction={out / 'direction_lung_volume_ml.npy'}", "--steps=3", "--scale=2", "--png")
     assert p.returncode == 0, p.stderr
-    preds = [json.load(open(s / f'direction_lung_volume_ml_s1337_{k:02d}.json'))['predicted']['lung_volume_ml']
+    preds = [json.load(open(s / f"direction_lung_volume_ml_s1337_{k:02d}.json"))["predicted"]["lung_volume_ml"]
              for k in range(3)]
     z0 = sample.seed_z(1337, 16).double().numpy()
     assert preds[0] < preds[1] < preds[2]
-    assert preds[1] == pytest.approx(info['intercept'] + w.astype(np.float64) @ z0, rel=1e-4)
+    assert preds[1] == pytest.approx(info["intercept"] + w.astype(np.float64) @ z0, rel=1e-4)
     assert preds[2] - preds[1] == pytest.approx(2 * np.linalg.norm(w.astype(np.float64)), rel=1e-4)
-    assert (s / 'direction_lung_volume_ml_s1337.png').exists()
-    assert nib.load(str(s / 'direction_lung_volume_ml_s1337_02.nii.gz')).shape == (32, 32, 32)
+    assert (s / "direction_lung_volume_ml_s1337.png").exists()
+    assert nib.load(str(s / "direction_lung_volume_ml_s1337_02.nii.gz")).shape == (32, 32, 32)
 
 
 def test_ridge_matches_direct_least_squares_and_r2():
@@ -1118,31 +1118,31 @@ def test_ridge_matches_direct_least_squares_and_r2():
     t = np.exp(Z @ rng.standard_normal(6) * 0.3 + 2)
     res = encode.cross_validate(Z, t, np.arange(50) % 5, lam=1e-4, log=True)
     assert sorted(res) == [0, 1, 2, 3, 4] and min(res.values()) > 0.999
-    with pytest.raises(ValueError, match='log'):
+    with pytest.raises(ValueError, match="log"):
         encode.cross_validate(Z, t - 100, np.arange(50) % 5)
 
 
 def test_encode_bad_input_writes_nothing(ckpts, tmp_path):
-    out = tmp_path / 'f'
-    base = [f'--data_dir={ckpts["data"]}', f'--ckpt={ckpts["ckpt"]}', f'--out={out}']
-    for args, msg in [(['--regress=fev1'], "unknown label column 'fev1'"),
-                      (['--direction=nope'], 'unknown label column'),
-                      ([f'--data_dir={tmp_path / "none"}'], 'no prepared dataset'),
-                      ([f'--input={tmp_path / "none.nii"}'], 'no such file'),
-                      ([f'--ckpt={tmp_path / "missing.pt"}'], 'no checkpoint')]:
+    out = tmp_path / "f"
+    base = [f"--data_dir={ckpts['data']}", f"--ckpt={ckpts['ckpt']}", f"--out={out}"]
+    for args, msg in [(["--regress=fev1"], "unknown label column 'fev1'"),
+                      (["--direction=nope"], "unknown label column"),
+                      ([f"--data_dir={tmp_path / 'none'}"], "no prepared dataset"),
+                      ([f"--input={tmp_path / 'none.nii'}"], "no such file"),
+                      ([f"--ckpt={tmp_path / 'missing.pt'}"], "no checkpoint")]:
         with pytest.raises(SystemExit) as e:
             encode.main(base + args)
-        assert str(e.value).startswith('error: ') and msg in str(e.value)
+        assert str(e.value).startswith("error: ") and msg in str(e.value)
         assert not out.exists() or os.listdir(out) == []
     encode.main(base)
-    with pytest.raises(SystemExit, match='exists'):
+    with pytest.raises(SystemExit, match="exists"):
         encode.main(base)
     # NIfTI files, prepared on the fly with the checkpoint's meta, give the prepared folder's features
-    raw = os.path.join(ckpts['data'], 'raw')
-    encode.main([f'--input={raw}', f'--ckpt={ckpts["ckpt"]}', f'--out={tmp_path / "n"}'])
-    ids = [r['id'] for r in csv.DictReader(open(tmp_path / 'n' / 'ids.csv'))]
-    Zn, Zp = np.load(tmp_path / 'n' / 'features.npy'), np.load(out / 'features.npy')
-    order = [ids.index(i) for i in VolumeDataset(ckpts['data'], 'all').ids]
+    raw = os.path.join(ckpts["data"], "raw")
+    encode.main([f"--input={raw}", f"--ckpt={ckpts['ckpt']}", f"--out={tmp_path / 'n'}"])
+    ids = [r["id"] for r in csv.DictReader(open(tmp_path / "n" / "ids.csv"))]
+    Zn, Zp = np.load(tmp_path / "n" / "features.npy"), np.load(out / "features.npy")
+    order = [ids.index(i) for i in VolumeDataset(ckpts["data"], "all").ids]
     assert np.allclose(Zn[order], Zp, atol=1e-2)  # float16 store vs float32 on the fly
 
 

@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from model import override  # noqa: E402 (the repository root is on the path from here on)
 from prepare import parse_size, prepare_dataset  # noqa: E402
 
+
 # -----------------------------------------------------------------------------
 config = dict(
     out=os.path.dirname(__file__) or ".",  # the store's folder (data/demo); phantoms go to OUT/raw
@@ -36,13 +37,13 @@ config = dict(
 
 
 # -----------------------------------------------------------------------------
-# the phantoms
+# the phantoms, and the store made of them
 
 
 def _smooth_noise(rng, shape, cells):
     """Gaussian noise on a coarse grid of `cells` per axis, trilinearly upsampled to shape: blobs ~shape/cells."""
     g = torch.from_numpy(rng.standard_normal([max(2, int(c)) for c in cells]).astype(np.float32))
-    return F.interpolate(g[None, None], size=shape, mode='trilinear', align_corners=False)[0, 0].numpy()
+    return F.interpolate(g[None, None], size=shape, mode="trilinear", align_corners=False)[0, 0].numpy()
 
 
 def make_phantom(rng, cls, n_xy=128):
