@@ -497,8 +497,9 @@ class HAGAN(nn.Module):
         return self.E_G(self.encode_A(x))
 
     # -------------------------------------------------------------------------
-    # the losses of the four alternating updates (paper eqs. 4-9). Each returns (loss, stats);
-    # train.py decides which parameters get gradients and steps the optimisers.
+    # the losses of the four alternating updates (paper eqs. 4-9). Each returns (loss, stats), stats a
+    # dict of scalar tensors that train.py logs as they come; train.py (step) and eval.py --bench train
+    # one network with each (train_only). r=None: x_slab is the whole volume (the non-amortised model).
 
     def loss_D(self, x_slab, x_low, r, z, c=None):
         """Eqs. 4-5 for D^H and D^L (non-saturating BCE on averaged logits) [+ eq. 9, both terms]."""
