@@ -53,6 +53,9 @@ class HAGANConfig:
     dl_channels: int = 256  # official Sub_Discriminator `channel` (D^L)
     eg_channels: int = 256  # official Sub_Encoder `channel` (E^G)
     num_slabs: int = 8  # the depth axis is cut into this many slabs (paper: 8); G^H and D^H train on one
+    # beyond the paper (train.py's small-data options; off = the official networks)
+    slab_context: bool = False  # G^H trains on a slab exactly as G^H(A) renders it (whole-volume norm, halo)
+    mbstd_group: int = 0  # >0: D^H and D^L see the minibatch standard deviation over groups of this size
 
     def __post_init__(self):
         s = self.img_size
@@ -218,9 +221,43 @@ class G_H(nn.Module):
         self.norm1 = nn.GroupNorm(GN_GROUPS, c)
         self.conv2 = nn.Conv3d(c, 1, 3, padding=1)
 
-    def forward(self, a):  # (B,64,d,h,w) -> (B,1,4d,4h,4w)
-        h = F.relu(self.norm1(self.conv1(_up(a))))
-        return _last_conv_tanh(self.conv2, _up(h))
+    def forward(self, a, stats=None):  # (B,64,d,h,w) -> (B,1,4d,4h,4w)
+        """stats: norm1's (mean, 1/std), each (B, groups), to normalise with instead of a's own; the
+        whole volume's (see stats) make G^H of a slab of A equal that slab of G^H(A)."""
+        h = self.conv1(_up(a))
+        if stats is None:
+            h = self.norm1(h)
+        else:
+            B, C, G = h.shape[0], h.shape[1], self.norm1.num_groups
+            mean, rstd = (s.to(h.dtype)[:, :, None] for s in stats)
+            h = ((h.view(B, G, -1) - mean) * rstd).view_as(h)
+            h = h * self.norm1.weight.view(1, C, 1, 1, 1) + self.norm1.bias.view(1, C, 1, 1, 1)
+        return _last_conv_tanh(self.conv2, _up(F.relu(h)))
+
+    @torch.no_grad()
+    def stats(self, A, chunk, keep=None):
+        """norm1's GroupNorm statistics over the whole volume G^H(A) sees: (mean, 1/std), each (B, groups).
+        conv1's output is made `chunk` A-slices at a time and the statistics merged (Chan et al., in
+        float64), so memory stays that of one chunk; `keep`, if given, receives conv1's whole output."""
+        n, ny, G = A.shape[2], 2 * A.shape[2], self.norm1.num_groups
+        mean = m2 = None
+        cnt = 0
+        for a in range(0, n, chunk):
+            b = min(a + chunk, n)
+            lo, hi = max(a - 1, 0), min(b + 1, n)
+            y = _depth_conv(self.conv1, _up(A[:, :, lo:hi]), 2 * lo, ny, 2 * a, 2 * b)  # (B,32,2k,2h,2w)
+            if keep is not None:
+                keep[:, :, 2 * a:2 * b] = y
+            v, mu = torch.var_mean(y.view(y.shape[0], G, -1).float(), dim=2, correction=0)
+            nb = y[0, 0].numel() * (y.shape[1] // G)
+            if mean is None:
+                mean, m2 = mu.double(), v.double() * nb
+            else:
+                d = mu.double() - mean
+                mean = mean + d * nb / (cnt + nb)
+                m2 = m2 + v.double() * nb + d * d * cnt * nb / (cnt + nb)
+            cnt += nb
+        return mean, torch.rsqrt(m2 / cnt + self.norm1.eps)
 
 
 class G_L(nn.Module):
@@ -259,7 +296,16 @@ class Generator(nn.Module):
         Only A's slab r goes through G^H, so no full-resolution tensor is ever made. r=None lifts all
         of A instead: the non-amortised model that eval.py --bench compares against."""
         A = self.G_A(z, c)
-        return self.G_H(A if r is None else S_L(A, r, self.cfg.num_slabs)), self.G_L(A)
+        if r is None or not self.cfg.slab_context:
+            return self.G_H(A if r is None else S_L(A, r, self.cfg.num_slabs)), self.G_L(A)
+        # slab_context: what D^H judges is exactly slab r of the volume sampled at inference, G^H(A).
+        # The official G^H normalises a slab by its own statistics and pads its ends with zeros, and
+        # at inference by the whole volume's with real neighbours. Here: the whole volume's statistics
+        # (no gradient through them), and one slice of A either side, cropped off after G^H.
+        n = self.cfg.slab_a
+        lo, hi = max(r - 1, 0), min(r + n + 1, A.shape[2])
+        x = self.G_H(A[:, :, lo:hi], self.G_H.stats(A, n))
+        return x[:, :, 4 * (r - lo):4 * (r - lo + n)], self.G_L(A)
 
     @torch.no_grad()
     def generate(self, z, c=None, chunk=0):
@@ -272,31 +318,13 @@ class Generator(nn.Module):
 
     def _G_H_chunked(self, A, k):
         """G^H(A) in depth chunks of k A-slices. GroupNorm normalises over the whole volume, so a
-        first pass computes conv1's output Y chunk by chunk and its per-group statistics; Y (1/8 of
-        the output's voxels at 32 channels) is kept so that this, the most expensive conv, runs once. Each chunk
-        then needs one neighbouring slice of Y on either side for the last 3x3x3 conv (its halo)."""
+        first pass (G_H.stats) computes conv1's output Y chunk by chunk and its per-group statistics;
+        Y (1/8 of the output's voxels at 32 channels) is kept so that this, the most expensive conv, runs
+        once. Each chunk then needs one neighbouring slice of Y on either side for the last 3x3x3 conv."""
         g = self.G_H
         n, ny, G = A.shape[2], 2 * A.shape[2], g.norm1.num_groups
-        Y = mean = m2 = None
-        cnt = 0
-        for a in range(0, n, k):
-            b = min(a + k, n)
-            lo, hi = max(a - 1, 0), min(b + 1, n)
-            y = _depth_conv(g.conv1, _up(A[:, :, lo:hi]), 2 * lo, ny, 2 * a, 2 * b)  # (B,32,2k,2h,2w)
-            if Y is None:
-                Y = A.new_empty(A.shape[0], y.shape[1], ny, *y.shape[3:], dtype=y.dtype)
-            Y[:, :, 2 * a:2 * b] = y
-            # GroupNorm statistics of the whole volume, merged chunk by chunk (Chan et al.) in float64
-            v, mu = torch.var_mean(y.view(y.shape[0], G, -1).float(), dim=2, correction=0)
-            nb = y[0, 0].numel() * (y.shape[1] // G)
-            if mean is None:
-                mean, m2 = mu.double(), v.double() * nb
-            else:
-                d = mu.double() - mean
-                mean = mean + d * nb / (cnt + nb)
-                m2 = m2 + v.double() * nb + d * d * cnt * nb / (cnt + nb)
-            cnt += nb
-        rstd = torch.rsqrt(m2 / cnt + g.norm1.eps)
+        Y = A.new_empty(A.shape[0], g.conv1.out_channels, ny, 2 * A.shape[3], 2 * A.shape[4])
+        mean, rstd = g.stats(A, k, keep=Y)
         cpg = Y.shape[1] // G
         rstd = rstd.repeat_interleave(cpg, 1)  # (B,C)
         scale = (rstd * g.norm1.weight.double()).to(Y.dtype)[:, :, None, None, None]  # (B,C,1,1,1)
@@ -352,15 +380,19 @@ class D_H(nn.Module):
             d, h, w, prev = d // kd, h // 2, w // 2, o
         convs.append(SNConv3d(prev, cfg.ch(c), (1, 4, 4), (1, 2, 2), (0, 1, 1)))  # conv6
         h, w = h // 2, w // 2
-        convs.append(SNConv3d(cfg.ch(c), cfg.ch(c // 4), (d, h, w)))  # conv7: (1,4,4) for cubic S
+        # conv7: (1,4,4) for cubic S; with mbstd_group it also sees the minibatch standard deviation
+        convs.append(SNConv3d(cfg.ch(c) + (cfg.mbstd_group > 0), cfg.ch(c // 4), (d, h, w)))
         self.convs = nn.ModuleList(convs)
+        self.mbstd_group = cfg.mbstd_group
         self.fc1 = SNLinear(cfg.ch(c // 4) + 1, cfg.ch(c // 8))
         self.fc2 = SNLinear(cfg.ch(c // 8), 1)
         self.fc_class = SNLinear(cfg.ch(c // 8), cfg.num_classes) if cfg.num_classes else None
         self.r_max = cfg.r_max
 
     def forward(self, x, r):
-        for conv in self.convs:
+        for i, conv in enumerate(self.convs):
+            if self.mbstd_group and i == len(self.convs) - 1:
+                x = mbstd(x, self.mbstd_group)
             x = F.leaky_relu(conv(x), 0.2)
         x = x.flatten(1)  # (B,128)
         # r enters normalised to [0, 1] by this S's largest start (official: crop_idx/224 at 256)
@@ -378,14 +410,29 @@ class D_L(nn.Module):
         n = _halvings(a, 4)
         chans = [1] + [cfg.ch(c >> (n - 1 - i)) for i in range(n)]
         self.convs = nn.ModuleList(SNConv3d(i, o, 4, 2, 1) for i, o in zip(chans[:-1], chans[1:]))
-        self.head = SNConv3d(chans[-1], 1 + cfg.num_classes, tuple(d >> n for d in a))
-        self.num_classes = cfg.num_classes
+        self.head = SNConv3d(chans[-1] + (cfg.mbstd_group > 0), 1 + cfg.num_classes, tuple(d >> n for d in a))
+        self.num_classes, self.mbstd_group = cfg.num_classes, cfg.mbstd_group
 
     def forward(self, x):
         for conv in self.convs:
             x = F.leaky_relu(conv(x), 0.2)
+        if self.mbstd_group:
+            x = mbstd(x, self.mbstd_group)
         x = self.head(x).flatten(1)  # (B,1+K)
         return x[:, :1], (x[:, 1:] if self.num_classes else None)
+
+
+def mbstd(x, group):
+    """Minibatch standard deviation (Karras et al. 2018), beyond the paper: one more channel holding how
+    much the samples of each group differ, so D sees it when G makes the same volume again and again.
+    Samples i, i + B/g, i + 2B/g, ... form a group. (B,C,d,h,w) -> (B,C+1,d,h,w)"""
+    B = x.shape[0]
+    g = min(group, B)
+    while B % g:
+        g -= 1
+    y = x.float().view(g, B // g, *x.shape[1:])
+    s = (y.var(0, unbiased=False) + 1e-8).sqrt().mean((1, 2, 3, 4))  # (B/g,)
+    return torch.cat([x, s.repeat(g).to(x.dtype).view(B, 1, 1, 1, 1).expand(B, 1, *x.shape[2:])], 1)
 
 
 class Discriminator(nn.Module):
@@ -501,21 +548,31 @@ class HAGAN(nn.Module):
     # dict of scalar tensors that train.py logs as they come; train.py (step) and eval.py --bench train
     # one network with each (train_only). r=None: x_slab is the whole volume (the non-amortised model).
 
-    def loss_D(self, x_slab, x_low, r, z, c=None):
-        """Eqs. 4-5 for D^H and D^L (non-saturating BCE on averaged logits) [+ eq. 9, both terms]."""
+    def loss_D(self, x_slab, x_low, r, z, c=None, aug=None, r1=0.0):
+        """Eqs. 4-5 for D^H and D^L (non-saturating BCE on averaged logits) [+ eq. 9, both terms].
+        Beyond the paper: `aug` (augment_params) is applied alike to the real and the fake pair, and
+        r1 > 0 adds r1 times the R1 penalty at the real inputs (Mescheder et al. 2018)."""
         with torch.no_grad():
             fake_slab, fake_low = self.G(z, r, c)
-        real, real_cls = self.D(x_slab, r, x_low)
-        fake, fake_cls = self.D(fake_slab, r, fake_low)
+        if r1:
+            x_slab, x_low = x_slab.detach().requires_grad_(True), x_low.detach().requires_grad_(True)
+        real, real_cls = self.D(*_swap(augment(x_slab, x_low, r, aug), r))
+        fake, fake_cls = self.D(*_swap(augment(fake_slab, fake_low, r, aug), r))
         loss = _bce(real, 1.0) + _bce(fake, 0.0)
         if c is not None and real_cls is not None:
             loss = loss + F.cross_entropy(real_cls.float(), c) + F.cross_entropy(fake_cls.float(), c)
-        return loss, dict(D_real=real.detach().float().mean(), D_fake=fake.detach().float().mean())
+        stats = dict(D_real=real.detach().float().mean(), D_fake=fake.detach().float().mean(),
+                     D_real_sign=real.detach().float().sign().mean())  # ADA's overfitting signal
+        if r1:
+            penalty = r1_penalty(real, x_slab, x_low)
+            loss = loss + r1 * penalty
+            stats["R1"] = penalty.detach()
+        return loss, stats
 
-    def loss_G(self, r, z, c=None, lambda_class=0.1):
+    def loss_G(self, r, z, c=None, lambda_class=0.1, aug=None):
         """Eqs. 4-5 for G^A, G^H, G^L [+ lambda_class times eq. 9's fake term, as officially]."""
         fake_slab, fake_low = self.G(z, r, c)
-        logit, cls = self.D(fake_slab, r, fake_low)
+        logit, cls = self.D(*_swap(augment(fake_slab, fake_low, r, aug), r))
         loss = _bce(logit, 1.0)
         if c is not None and cls is not None:
             loss = loss + lambda_class * F.cross_entropy(cls.float(), c)
@@ -574,6 +631,97 @@ class HAGAN(nn.Module):
                                  + (f"missing {missing[:3]} " if missing else "") + (f"shape {bad[:3]}" if bad else ""))
             target.load_state_dict(mapped)
         return model
+
+
+def _swap(pair, r):  # (slab, low), r -> the Discriminator's argument order (slab, r, low)
+    return pair[0], r, pair[1]
+
+
+def r1_penalty(logits, *inputs):
+    """R1: the squared norm of d(logits)/d(inputs), all inputs together, per sample, batch-averaged.
+    The inputs must require grad; the graph is kept, so the penalty trains D."""
+    grads = torch.autograd.grad(logits.float().sum(), inputs, create_graph=True)
+    return sum(g.float().square().flatten(1).sum(1) for g in grads).mean()
+
+
+# -----------------------------------------------------------------------------
+# differentiable augmentation of D's inputs (DiffAugment, Zhao et al. 2020; ADA, Karras et al. 2020),
+# beyond the paper, for small datasets. One draw covers a (slab, low-res) pair as one volume: the same
+# intensity change, the same in-plane shift (4x as many voxels in high-res) and the same cut-out box,
+# placed in the whole volume. Nothing moves along the slab axis, where r says where a slab is, so
+# augmenting a volume and then cutting slab r equals cutting slab r and augmenting it with r.
+
+AUGMENTS = ("color", "translation", "cutout")
+
+
+def augment_params(batch_size, low_shape, ops, p, generator=None):
+    """Random parameters for `augment`, CPU tensors: each op of `ops` (a subset of AUGMENTS) applies
+    to each sample with probability p. low_shape = the low-res grid (D/4, H/4, W/4)."""
+    if set(ops) - set(AUGMENTS):
+        raise ValueError(f"unknown augmentation {sorted(set(ops) - set(AUGMENTS))}: use some of {', '.join(AUGMENTS)}")
+    B, (d, h, w) = batch_size, low_shape
+
+    def on():
+        return torch.rand(B, generator=generator) < p
+
+    P = {}
+    if "color" in ops:  # ADA's brightness N(0, 0.2) and contrast 2^N(0, 0.5), about the window's middle
+        P["brightness"] = torch.randn(B, generator=generator) * 0.2 * on()
+        P["contrast"] = torch.exp2(torch.randn(B, generator=generator) * 0.5 * on())
+    if "translation" in ops:  # in-plane, up to 1/8 of the extent (DiffAugment), in low-res voxels
+        dy = torch.randint(-(h // 8), h // 8 + 1, (B,), generator=generator)
+        dx = torch.randint(-(w // 8), w // 8 + 1, (B,), generator=generator)
+        P["shift"] = torch.stack([dy, dx], 1) * on()[:, None]
+    if "cutout" in ops:  # a box of half the volume's extent on each axis, anywhere; empty where off
+        size = torch.tensor([d // 2, h // 2, w // 2])
+        lo = (torch.rand(B, 3, generator=generator) * (torch.tensor([d, h, w]) - size + 1)).long()
+        P["box"] = torch.cat([lo, lo + size], 1) * on()[:, None]
+    return P
+
+
+def augment(slab, low, r, params):
+    """(slab (B,1,D/num_slabs,H,W) starting at A-slice r, low (B,1,D/4,H/4,W/4)) -> the pair augmented
+    with `params` from augment_params. Differentiable in both; None or {} is the identity. r=None:
+    `slab` is the whole volume."""
+    if not params:
+        return slab, low
+    if "brightness" in params:
+        b = params["brightness"].to(slab.device, slab.dtype).view(-1, 1, 1, 1, 1)
+        c = params["contrast"].to(slab.device, slab.dtype).view(-1, 1, 1, 1, 1)
+        slab, low = slab * c + b, low * c + b
+    if "shift" in params:
+        shift = params["shift"].tolist()
+        slab, low = _shift_plane(slab, [(4 * a, 4 * b) for a, b in shift]), _shift_plane(low, shift)
+    if "box" in params:
+        box = params["box"].to(slab.device)
+        slab = slab * _outside(slab.shape, 4 * box, 4 * (r or 0)).to(slab.dtype)  # slab r starts at voxel 4r
+        low = low * _outside(low.shape, box, 0).to(low.dtype)
+    return slab, low
+
+
+def _shift_plane(x, shifts, fill=-1.0):
+    """Shift each sample of (B,C,D,H,W) in-plane by its (dy, dx) voxels; what comes in is air (-1)."""
+    m = max(max(abs(a), abs(b)) for a, b in shifts)
+    if m == 0:
+        return x
+    H, W = x.shape[-2:]
+    xp = F.pad(x, (m, m, m, m), value=fill)
+    return torch.stack([xp[i, :, :, m - a:m - a + H, m - b:m - b + W] for i, (a, b) in enumerate(shifts)])
+
+
+def _outside(shape, box, depth0):
+    """(B,1,D,H,W) mask, False inside each sample's box [lo, hi): box (B,6) in whole-volume voxels,
+    the tensor's depth starting at voxel depth0."""
+    D, H, W = shape[2:]
+    dev = box.device
+
+    def inside(coord, k):  # (B, n)
+        return (coord[None] >= box[:, k, None]) & (coord[None] < box[:, k + 3, None])
+
+    ins = (inside(torch.arange(depth0, depth0 + D, device=dev), 0)[:, :, None, None]
+           & inside(torch.arange(H, device=dev), 1)[:, None, :, None]
+           & inside(torch.arange(W, device=dev), 2)[:, None, None, :])
+    return ~ins[:, None]
 
 
 def _bce(logit, target):
