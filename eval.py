@@ -32,6 +32,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import HAGAN, HAGANConfig, S_H, autocast_ctx, load_checkpoint, override, slab_range
+import prepare
+from prepare import NUM_FOLDS, VolumeDataset, from_unit
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -134,6 +136,57 @@ def precision_recall(real, fake, k=3):
     precision = (d <= radii(real)[None, :]).any(1).double().mean()
     recall = (d.T <= radii(fake)[None, :]).any(1).double().mean()
     return float(precision), float(recall)
+
+
+# -----------------------------------------------------------------------------
+# domain metrics: voxel intensities in the data's own units (HU for CT), no feature network. Values
+# are histogrammed over the store's window in fine bins, so these stream over any number of volumes
+# of any size; W1 and the tissue-band fractions are read off the histograms.
+
+CT_BANDS = (("air", -math.inf, -950.0), ("lung", -950.0, -500.0), ("soft tissue", -500.0, 200.0),
+            ("bone", 200.0, math.inf))
+HIST_BINS = 4096  # over the window: 0.4 HU per bin for CT's [-1024, 600]
+
+
+def unit_histogram(vols, bins=HIST_BINS):
+    """Counts of voxel values in [-1, 1] (stored and generated units), float64 (bins,)."""
+    x = torch.as_tensor(vols).float().flatten().clamp(-1, 1)
+    return torch.histc(x, bins, -1.0, 1.0).double().cpu()
+
+
+def wasserstein1(hist_a, hist_b, window):
+    """Wasserstein-1 distance between two intensity distributions given as histograms over the window
+    (lo, hi): the area between their CDFs, in the window's units (HU for CT), exact to one bin."""
+    lo, hi = window
+    ca, cb = torch.cumsum(hist_a, 0) / hist_a.sum(), torch.cumsum(hist_b, 0) / hist_b.sum()
+    return float((ca - cb).abs().sum() * (hi - lo) / len(hist_a))
+
+
+def band_fractions(hist, window, bands=CT_BANDS):
+    """Share of voxels in each (name, lo, hi) band, e.g. {'air': 0.7, ...}; a bin counts by its centre."""
+    lo, hi = window
+    centres = lo + (torch.arange(len(hist), dtype=torch.float64) + 0.5) * (hi - lo) / len(hist)
+    return {name: float(hist[(centres >= a) & (centres < b)].sum() / hist.sum()) for name, a, b in bands}
+
+
+def lung_measures(hu, spacing):
+    """A CT volume (D,H,W) in HU, axis 0 axial -> (lung volume in mL, % of lung voxels below -950 HU,
+    the usual emphysema index). The lung is the air-like tissue (< -500 HU) that the body encloses in
+    each axial slice: air connected in-plane to the slice's border is outside the body."""
+    hu = torch.as_tensor(hu).float()
+    air = hu < -500
+    outside = torch.zeros_like(air)
+    for edge in ((slice(None), 0), (slice(None), -1), (slice(None), slice(None), 0), (slice(None), slice(None), -1)):
+        outside[edge] = air[edge]
+    while True:  # flood fill from the border through air, every slice at once
+        grown = F.max_pool2d(outside[:, None].float(), 3, 1, 1)[:, 0].bool() & air
+        if torch.equal(grown, outside):
+            break
+        outside = grown
+    lung = air & ~outside
+    n = int(lung.sum())
+    pct = 100 * float((hu[lung] < -950).float().mean()) if n else float("nan")
+    return n * math.prod(spacing) / 1000, pct
 
 
 # -----------------------------------------------------------------------------
@@ -342,15 +395,23 @@ def extract(net, vols, input_norm, device):
 
 
 def _real_features(ds, net, c, device):
-    feats = []
+    """Features of every real volume, and what the domain metrics need of each: its intensity
+    histogram and (CT) its class, lung volume and % of lung below -950 HU."""
+    feats, hists, lungs = [], [], []
+    ct = ds.meta.get("modality") == "ct"
+    cls = ds.labels.get(ds.meta.get("class_column") or "")
     for a in range(0, len(ds), c["batch_size"]):
         v = torch.stack([torch.from_numpy(ds.volume(j)) for j in range(a, min(a + c["batch_size"], len(ds)))])[:, None]
         feats.append(extract(net, v, c["input_norm"], device))
-    return torch.cat(feats)
+        hists += [unit_histogram(x) for x in v]
+        if ct:
+            lungs += [(int(cls[a + i]) if cls is not None else "all",
+                       *lung_measures(from_unit(x[0], ds.meta["window"]), ds.meta["spacing"])) for i, x in enumerate(v)]
+    return torch.cat(feats), dict(hist=torch.stack(hists), lungs=lungs)
 
 
-def _pair_ssim(vols):
-    """Mean MS-SSIM over consecutive pairs (0,1), (2,3), ... of a list of (1,D,H,W) volumes."""
+def ms_ssim_pairs(vols):
+    """Mean MS-SSIM over consecutive pairs (0,1), (2,3), ... of volumes (1,D,H,W) (a list or a tensor)."""
     n = len(vols) // 2
     if n == 0:
         return float("nan")
@@ -358,13 +419,46 @@ def _pair_ssim(vols):
                             for i in range(n)]).mean())
 
 
-def evaluate_fold(model, ds_all, ds_val, feats_all, net, c, fold, device):
+def _domain(hist_fake, hists_real, hist_h1, hist_h2, window, ct):
+    """Intensity W1 and (CT) tissue-band fractions, generated vs real, beside real half vs half."""
+    d = dict(w1=wasserstein1(hist_fake, hists_real, window), w1_floor=wasserstein1(hist_h1, hist_h2, window))
+    if ct:
+        bf, br, b1, b2 = (band_fractions(h, window) for h in (hist_fake, hists_real, hist_h1, hist_h2))
+        for k in br:
+            d[f"band {k}"], d[f"band {k} real"] = bf[k], br[k]
+            d[f"band {k} rel"], d[f"band {k} rel_floor"] = bf[k] / br[k] - 1, b1[k] / b2[k] - 1
+    return d
+
+
+def _lung_table(gen, real, half):
+    """Per class (or 'all'): mean % of lung below -950 HU and lung volume, generated vs real, and the
+    floor |half A - half B| of the real volumes. gen/real: lists of (class, volume_ml, pct)."""
+    rows = {}
+    for k in sorted({c for c, _, _ in real}):
+        g = np.array([(v, p) for c, v, p in gen if c == k]).reshape(-1, 2)
+        rr = [(c, v, p, h) for (c, v, p), h in zip(real, half) if c == k]
+        r = np.array([(v, p) for _, v, p, _ in rr]).reshape(-1, 2)
+        a = np.array([(v, p) for _, v, p, h in rr if h]).reshape(-1, 2)
+        b = np.array([(v, p) for _, v, p, h in rr if not h]).reshape(-1, 2)
+        mean = lambda x, i: float(np.nanmean(x[:, i])) if len(x) else float("nan")
+        rows[str(k)] = dict(n_generated=len(g), n_real=len(r),
+                            pct_below_950=mean(g, 1), pct_below_950_real=mean(r, 1),
+                            pct_below_950_floor=abs(mean(a, 1) - mean(b, 1)),
+                            lung_volume_ml=mean(g, 0), lung_volume_ml_real=mean(r, 0),
+                            lung_volume_ml_floor=abs(mean(a, 0) - mean(b, 0)))
+    return rows
+
+
+def evaluate_fold(model, ds_all, ds_val, feats_all, real_stats, net, c, fold, device):
     """Scores of generated vs held-out real volumes, and the real-vs-real floors, for one fold."""
     g = torch.Generator().manual_seed(c["seed"])
     cfg = model.cfg
     size = tuple(ds_val.img_size)
     cls = ds_val.labels.get(ds_val.meta.get("class_column") or "") if cfg.num_classes else None
     feats, keep = [], []
+    ct = ds_all.meta.get("modality") == "ct"
+    window = tuple(ds_all.meta["window"]) if ct else (-1.0, 1.0)  # MRI: the stored [-1, 1] units
+    hist_fake, lungs = torch.zeros(HIST_BINS, dtype=torch.float64), []
     t = time.time()
     for a in range(0, c["num"], c["batch_size"]):
         b = min(a + c["batch_size"], c["num"])
@@ -378,6 +472,11 @@ def evaluate_fold(model, ds_all, ds_val, feats_all, net, c, fold, device):
         if tuple(x.shape[2:]) != size:  # the paper upsampled its 128^3 baselines trilinearly likewise
             x = F.interpolate(x, size=size, mode="trilinear", align_corners=False)
         feats.append(extract(net, x, c["input_norm"], device))
+        hist_fake += unit_histogram(x)
+        if ct:
+            spacing = ds_all.meta["spacing"]
+            lungs += [(int(lab[i]) if lab is not None else "all", *lung_measures(from_unit(v[0], window), spacing))
+                      for i, v in enumerate(x)]
         for v in x:
             if len(keep) < 2 * c["ssim_pairs"]:
                 keep.append(v.cpu().half())
@@ -390,12 +489,20 @@ def evaluate_fold(model, ds_all, ds_val, feats_all, net, c, fold, device):
     p, r = precision_recall(real, feats, c["k"])
     pf, rf = precision_recall(h1, h2, c["k"])
     real_vols = [torch.from_numpy(ds_all.volume(int(j)))[None] for j in perm[: 2 * c["ssim_pairs"]]]
+    val = [ds_all.ids.index(i) for i in ds_val.ids]
+    half = torch.zeros(len(ds_all), dtype=torch.bool)
+    half[perm[: len(perm) // 2]] = True
+    domain = _domain(hist_fake, real_stats["hist"][val].sum(0), real_stats["hist"][half].sum(0),
+                     real_stats["hist"][~half].sum(0), window, ct)
+    if ct:  # per class for a conditional model, else over all volumes
+        real_lungs = [(k if cfg.num_classes else "all", v, p) for k, v, p in real_stats["lungs"]]
+        domain["lungs"] = _lung_table(lungs, real_lungs, half.tolist())
     return dict(
         fold=fold, n_generated=len(feats), n_real=len(real), n_floor=(len(h1), len(h2)),
         fid=frechet_distance(feats, real), fid_floor=frechet_distance(h1, h2),
         mmd=mmd(real, feats), mmd_floor=mmd(h1, h2),
         precision=p, precision_floor=pf, recall=r, recall_floor=rf,
-        ms_ssim=_pair_ssim(keep), ms_ssim_floor=_pair_ssim(real_vols))
+        ms_ssim=ms_ssim_pairs(keep), ms_ssim_floor=ms_ssim_pairs(real_vols), **domain)
 
 
 _ROWS = [("fid", "FID", "lower is better"), ("mmd", "MMD", "lower is better"),
@@ -411,7 +518,6 @@ def _ms(vals):
 
 
 def quality(c):
-    from prepare import VolumeDataset, NUM_FOLDS
     device = c["device"] if c["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if c["input_norm"] not in _INPUT_NORMS:
         raise SystemExit(f"error: --input_norm={c['input_norm']}: use one of {', '.join(_INPUT_NORMS)}")
@@ -419,7 +525,7 @@ def quality(c):
     net = net.to(device)
     ds_all = VolumeDataset(c["data_dir"], split="all")
     t = time.time()
-    feats_all = _real_features(ds_all, net, c, device)
+    feats_all, real_stats = _real_features(ds_all, net, c, device)
     print(f"{len(ds_all)} real volumes embedded by {finfo['label']} ({feats_all.shape[1]} features) "
           f"in {time.time() - t:.1f}s")
     per_ckpt = "{fold}" in c["ckpt"]
@@ -432,10 +538,12 @@ def quality(c):
         if f < 0:  # the checkpoint's own held-out fold
             f = int((ckpt.get("config") or {}).get("fold", 0))
         ds_val = VolumeDataset(c["data_dir"], split="val", fold=f)
-        results.append(dict(evaluate_fold(model, ds_all, ds_val, feats_all, net, c, f, device),
+        results.append(dict(evaluate_fold(model, ds_all, ds_val, feats_all, real_stats, net, c, f, device),
                             features=finfo["label"]))  # every figure carries its feature network's name
     summary = {key: dict(zip(("mean", "std"), _ms([r[key] for r in results])), features=finfo["label"])
                for k, _, _ in _ROWS for key in (k, k + "_floor")}
+    summary |= {k: dict(zip(("mean", "std"), _ms([r[k] for r in results])))
+                for k in results[0] if k.startswith(("w1", "band "))}
     note = None
     if c["folds"] and not per_ckpt:
         note = ("one checkpoint scored against every fold's held-out volumes: it trained on four of these folds, "
@@ -461,6 +569,7 @@ def quality(c):
         a, b = summary[k], summary[k + "_floor"]
         pm = (lambda d: f"{d['mean']:.4g} ± {d['std']:.2g}") if len(results) > 1 else (lambda d: f"{d['mean']:.4g}")
         print(f"| {name.format(k=c['k'])} | {pm(a)} | {pm(b)} | {hint} |")
+    _print_domain(summary, results, ds_all.meta)
     if note:
         print(f"\nnote: {note}")
     out = os.path.join(c["out"] or os.path.dirname(c["ckpt"].replace("{fold}", "0")) or ".", "eval.json")
@@ -469,6 +578,32 @@ def quality(c):
         json.dump(report, fh, indent=1)
     print(f"\nwrote {out}")
     return report
+
+
+def _print_domain(summary, results, meta):
+    """The domain half of the report: figures a radiologist can read, no feature network involved."""
+    ct = meta.get("modality") == "ct"
+    unit = "HU" if ct else "stored units, [-1, 1]"
+    pm = (lambda d: f"{d['mean']:.3g} ± {d['std']:.2g}") if len(results) > 1 else (lambda d: f"{d['mean']:.3g}")
+    print(f"\n| domain metric (no feature network) | generated | real (held out) | real vs real (floor) |\n|---|---|---|---|")
+    print(f"| intensity W1 ({unit}) | {pm(summary['w1'])} | 0 | {pm(summary['w1_floor'])} |")
+    for name, lo, hi in CT_BANDS if ct else ():
+        g, r = summary[f"band {name}"]["mean"], summary[f"band {name} real"]["mean"]
+        rel, fl = summary[f"band {name} rel"]["mean"], summary[f"band {name} rel_floor"]["mean"]
+        band = f"< {hi:g}" if lo == -math.inf else (f"> {lo:g}" if hi == math.inf else f"{lo:g} .. {hi:g}")
+        print(f"| {name} ({band} HU), % of voxels | {100 * g:.2f} ({100 * rel:+.0f}% of real) | {100 * r:.2f} "
+              f"| {100 * fl:+.0f}% |")
+    if not ct:
+        return
+    lungs = results[0]["lungs"]  # (fold 0's generated volumes, all real volumes)
+    print(f"\n| {'class' if len(lungs) > 1 else 'volumes'} | % of lung below -950 HU: generated | real | floor "
+          f"| lung volume mL: generated | real | floor |\n|---|---|---|---|---|---|---|")
+    for k, d in lungs.items():
+        print(f"| {k} | {d['pct_below_950']:.1f} (n={d['n_generated']}) | {d['pct_below_950_real']:.1f} "
+              f"(n={d['n_real']}) | {d['pct_below_950_floor']:.1f} | {d['lung_volume_ml']:.0f} "
+              f"| {d['lung_volume_ml_real']:.0f} | {d['lung_volume_ml_floor']:.0f} |")
+    print("(lung = air-like voxels (< -500 HU) that the body encloses in each axial slice, measured alike on "
+          "generated and real volumes; real = all real volumes; floor = |half - half| of the real ones)")
 
 
 # -----------------------------------------------------------------------------
@@ -574,7 +709,6 @@ def _run_cell(S, mode, c):
 def store_rate(S, batch_size, n=4, iters=20):
     """get_batch's batches/s from a store of n random volumes prepared by prepare.py itself, warm page cache
     (the memory-map path, not the disk): (whole volumes, as train.py reads them; one slab each)."""
-    import prepare
     cfg = HAGANConfig(img_size=S)
     with tempfile.TemporaryDirectory() as d:
         raw = os.path.join(d, "raw")
