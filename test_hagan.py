@@ -195,6 +195,103 @@ def test_training_slab_is_lifted_from_the_right_slice_of_A():
     assert torch.allclose(slab, m.G.G_H(A[:, :, r:r + m.cfg.slab_a]), atol=1e-6)
 
 
+def test_slab_context_trains_on_the_slab_that_inference_renders():
+    # officially G^H normalises a training slab by the slab's own statistics and pads its ends with
+    # zeros; with slab_context the slab D^H judges is exactly that slab of the sampled volume
+    z = torch.randn(2, 16)
+    for ctx in (False, True):
+        m = tiny(64, slab_context=ctx).train()
+        with torch.no_grad():
+            whole = m.G.generate(z)
+            diffs = [(m.G(z, r)[0] - S_H(whole, r, 8)).abs().max().item() for r in (0, 5, m.cfg.r_max)]
+        assert (max(diffs) < 1e-5) == ctx, (ctx, diffs)
+
+
+def _aug_pair(B=2, S=64, r=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(B, 1, S, S, S, generator=g, dtype=torch.float64) * 2 - 1
+    return x, F.avg_pool3d(x, 4), r
+
+
+def test_augment_keeps_slab_and_low_res_one_volume():
+    from model import AUGMENTS, augment, augment_params
+    x, low, r = _aug_pair()
+    P = augment_params(2, (16, 16, 16), AUGMENTS, 1.0, torch.Generator().manual_seed(3))
+    assert P["shift"].abs().sum() > 0 and (P["box"][:, 3:] > P["box"][:, :3]).all() and (P["contrast"] != 1).all()
+    slab, low_a = augment(S_H(x, r, 8), low, r, P)
+    whole, low_b = augment(x, low, None, P)
+    # augmenting the volume then cutting slab r = cutting slab r then augmenting it as slab r;
+    # the low-res volume stays the 4x4x4 block mean of the augmented volume
+    assert torch.equal(slab, S_H(whole, r, 8)) and torch.equal(low_a, low_b)
+    assert torch.allclose(F.avg_pool3d(whole, 4), low_a, atol=1e-12)
+    assert (slab == 0).any() and not torch.equal(slab, S_H(x, r, 8))  # the cut-out box, and a change
+
+
+def test_augment_is_differentiable_and_off_is_the_identity():
+    from model import AUGMENTS, augment, augment_params
+    x, low, r = _aug_pair(B=1, S=32, r=2)
+    P = augment_params(1, (8, 8, 8), AUGMENTS, 1.0, torch.Generator().manual_seed(0))
+    slab = S_H(x, r, 8).clone().requires_grad_(True)
+    low = low.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda s, l: augment(s, l, r, P), (slab, low), fast_mode=True)
+    for off in (None, {}, augment_params(1, (8, 8, 8), AUGMENTS, 0.0)):  # p = 0 draws the identity too
+        a, b = augment(slab, low, r, off)
+        assert torch.equal(a, slab) and torch.equal(b, low)
+    with pytest.raises(ValueError, match="unknown augmentation"):
+        augment_params(1, (8, 8, 8), ["flip"], 1.0)
+
+
+def test_D_update_augments_real_and_fake_alike(monkeypatch):
+    import model as model_py
+    m, seen = tiny(), []
+    real_augment = model_py.augment
+    monkeypatch.setattr(model_py, "augment", lambda s, l, r, p: seen.append(p) or real_augment(s, l, r, p))
+    P_D = model_py.augment_params(2, (8, 8, 8), model_py.AUGMENTS, 1.0, torch.Generator().manual_seed(0))
+    P_G = model_py.augment_params(2, (8, 8, 8), model_py.AUGMENTS, 1.0, torch.Generator().manual_seed(1))
+    x, low, r = _aug_pair(S=32, r=3)
+    m.loss_D(S_H(x.float(), r, 8), low.float(), r, torch.randn(2, 16), aug=P_D)
+    m.loss_G(r, torch.randn(2, 16), aug=P_G)
+    assert seen == [P_D, P_D, P_G]  # real, fake: one draw; G's update: its own
+
+
+def test_r1_penalty_has_its_closed_form():
+    # a linear D: logit = <a, slab> + <b, low>, so d logit / d input = (a, b) for every sample and
+    # R1 = |a|^2 + |b|^2; the penalty's gradient with respect to a is 2a
+    from model import r1_penalty
+    a = torch.randn(1, 1, 4, 32, 32, requires_grad=True)
+    b = torch.randn(1, 1, 8, 8, 8, requires_grad=True)
+    slab = torch.randn(3, 1, 4, 32, 32, requires_grad=True)
+    low = torch.randn(3, 1, 8, 8, 8, requires_grad=True)
+    logits = (slab * a).sum((1, 2, 3, 4)) + (low * b).sum((1, 2, 3, 4))
+    pen = r1_penalty(logits, slab, low)
+    assert torch.allclose(pen, a.square().sum() + b.square().sum())
+    pen.backward()
+    assert torch.allclose(a.grad, 2 * a) and torch.allclose(b.grad, 2 * b)
+    # loss_D adds r1 x the penalty of its own D at the real inputs, and only when asked
+    m = tiny().eval()  # eval: spectral norm's power iteration holds still between the calls
+    x, low_x, r = _aug_pair(S=32, r=1)
+    x, low_x = S_H(x.float(), r, 8), low_x.float()
+    z = torch.randn(2, 16)
+    torch.manual_seed(0)
+    plain, st0 = m.loss_D(x, low_x, r, z)
+    torch.manual_seed(0)
+    with_r1, st1 = m.loss_D(x, low_x, r, z, r1=2.5)
+    assert "R1" not in st0 and st1["R1"] > 0
+    xs, xl = x.clone().requires_grad_(True), low_x.clone().requires_grad_(True)
+    expected = r1_penalty(m.D(xs, r, xl)[0], xs, xl)
+    assert torch.allclose(with_r1 - plain, 2.5 * expected, rtol=1e-4)
+
+
+def test_minibatch_std_sees_identical_samples():
+    from model import mbstd
+    same = torch.randn(1, 3, 2, 4, 4).repeat(4, 1, 1, 1, 1)
+    y = mbstd(same, 4)
+    assert y.shape == (4, 4, 2, 4, 4) and torch.equal(y[:, :3], same) and y[:, 3].max() < 1e-3
+    assert mbstd(torch.randn(4, 3, 2, 4, 4), 2)[:, 3].min() > 0.1
+    m = tiny(mbstd_group=2)  # D^H and D^L take the extra channel
+    assert m.D(torch.randn(4, 1, 4, 32, 32), 1, torch.randn(4, 1, 8, 8, 8))[0].shape == (4, 1)
+
+
 @pytest.mark.parametrize("num_slabs", [4, 8])
 def test_encode_matches_direct_hierarchical_computation(num_slabs):
     m = tiny(64, num_slabs=num_slabs).eval()
@@ -392,6 +489,10 @@ def test_every_config_file_loads():
         cfg = override(dict(defaults), [os.path.join(ROOT, "config", name)])
         HAGANConfig(img_size=cfg["img_size"], width=cfg["width"], latent_dim=cfg["latent_dim"],
                     num_classes=cfg["num_classes"], num_slabs=cfg["num_slabs"])
+        if name in ("train_lung_ct.py", "train_brain_mri.py", "train_conditional.py"):  # the paper, as published
+            off = dict(augment="", ada_target=0.0, r1_gamma=0.0, mbstd_group=0, slab_context=False,
+                       lr_G=1e-4, lr_D=4e-4, lr_E=1e-4, beta1=0.0, beta2=0.999)
+            assert {k: cfg[k] for k in off} == off, name
 
 
 # -----------------------------------------------------------------------------
@@ -751,8 +852,8 @@ def test_train_runs_logs_and_checkpoints(demo, tmp_path):
                        "--sample_interval=3"])
     assert p.returncode == 0, p.stderr
     log = _log(out)
-    assert [r["iter"] for r in log] == [1, 2, 3]
-    assert all(math.isfinite(r[k]) for r in log for k in NETS)
+    assert [r["iter"] for r in log] == [1, 2, 3, 3]  # the last: the quality signal with the montage
+    assert all(math.isfinite(r[k]) for r in log[:3] for k in NETS)
     assert "ms/iter" in p.stdout and "vol/s" in p.stdout and "peak" in p.stdout and "ETA" in p.stdout
     ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ck["iter_num"] == 3 and ck["meta"]["img_size"] == [32, 32, 32] and ck["config"]["max_iters"] == 3
@@ -761,6 +862,9 @@ def test_train_runs_logs_and_checkpoints(demo, tmp_path):
         assert json.load(f)["resolved"]["model_args"]["width"] == 0.125
     png = open(os.path.join(out, "samples_000003.png"), "rb").read()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    q = _log(out)[-1]  # with each montage, the quality signal: samples against real volumes
+    assert q["iter"] == 3 and 0 < q["ms_ssim_real"] < 1 and q["w1"] > 0 and q["band_err"] >= 0
+    assert "MS-SSIM of sample pairs" in p.stdout and "intensity W1" in p.stdout
     model, _ = load_checkpoint(os.path.join(out, "ckpt.pt"))  # EMA weights for sampling
     assert all(torch.equal(model.G.state_dict()[k], v) for k, v in ck["ema_G"].items())
 
@@ -824,9 +928,15 @@ def test_train_and_generate_with_other_slab_counts(demo, tmp_path, num_slabs):
     assert torch.allclose(slab, model.G.G_H(model.G.G_A(z)[:, :, r:r + model.cfg.slab_a]), atol=1e-6)
 
 
-def test_resume_is_exact(demo, tmp_path):
+SMALL_DATA = ["--augment=color,translation,cutout", "--augment_p=0.5", "--ada_target=0.6", "--ada_interval=1",
+              "--ada_kimg=0.01", "--r1_gamma=1", "--r1_interval=2", "--mbstd_group=2", "--slab_context=True",
+              "--channels_last=True"]
+
+
+@pytest.mark.parametrize("options", ["paper", "small_data"])
+def test_resume_is_exact(demo, tmp_path, options):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    args = [f"--data_dir={demo}", "--ema_decay=0.9", "--ckpt_interval=100"] + TINY
+    args = [f"--data_dir={demo}", "--ema_decay=0.9", "--ckpt_interval=100"] + TINY + (SMALL_DATA if options != "paper" else [])
     assert run("train.py", *args + [f"--out={a}", "--max_iters=4"]).returncode == 0
     assert run("train.py", *args + [f"--out={b}", "--max_iters=2"]).returncode == 0
     p = run("train.py", *args + [f"--out={b}", "--max_iters=4", "--init_from=resume"])
@@ -837,6 +947,9 @@ def test_resume_is_exact(demo, tmp_path):
     for key in ("model", "ema_G"):
         assert all(torch.equal(ca[key][k], cb[key][k]) for k in ca[key])
     assert ca["optimizers"]["G"]["state"][0]["exp_avg_sq"].equal(cb["optimizers"]["G"]["state"][0]["exp_avg_sq"])
+    if options != "paper":  # ADA moved augment_p (saved with its running sum), R1 ran twice
+        assert ca["ada"] == cb["ada"] and ca["ada"][0] != 0.5 and sum("R1" in r for r in _log(a)) == 2
+        return
     # resuming on other data works, but says so (the checkpoint keeps the dataset's fingerprint)
     other = tmp_path / "other"
     shutil.copytree(demo, other)
@@ -1276,6 +1389,28 @@ def test_ev_random_features_fixed_seed_and_labelled():
     assert not ia["pretrained"] and "RANDOM" in ia["label"]
 
 
+def test_ev_domain_metrics_known_answers():
+    win = (-1024.0, 600.0)
+    g = torch.Generator().manual_seed(0)
+    hu = torch.rand(2, 1, 16, 16, 16, generator=g) * 1000 - 900  # -900 .. 100 HU: inside the window
+    h = ev.unit_histogram(to_unit(hu, win))
+    assert ev.wasserstein1(h, h, win) == 0
+    shifted = ev.unit_histogram(to_unit(hu + 50, win))
+    assert abs(ev.wasserstein1(h, shifted, win) - 50) < 0.5  # a shift of 50 HU is 50 HU, to one bin
+    # tissue bands of a volume built from them
+    v = torch.cat([torch.full((10,), -1000.0), torch.full((20,), -800.0), torch.full((30,), 40.0),
+                   torch.full((40,), 500.0)])
+    fr = ev.band_fractions(ev.unit_histogram(to_unit(v, win)), win)
+    assert fr == pytest.approx({"air": 0.1, "lung": 0.2, "soft tissue": 0.3, "bone": 0.4})
+    # lungs: air the body encloses; -990 HU in a quarter of them. Outside air does not count
+    vol = torch.full((4, 20, 20), -1000.0)
+    vol[:, 2:18, 2:18] = 40  # body
+    vol[:, 5:15, 5:10] = -800  # a lung of 4 x 10 x 5 voxels
+    vol[:, 5:15, 5:10][:, :5, :2] = -990  # its emphysema: 4 x 5 x 2 voxels
+    vml, pct = ev.lung_measures(vol, (2.0, 1.0, 1.0))
+    assert vml == pytest.approx(4 * 10 * 5 * 2 / 1000) and pct == pytest.approx(100 * 40 / 200)
+
+
 def test_ev_quality_end_to_end(demo, tmp_path):
     data = demo
     ckpt = tiny_ckpt(tmp_path / "ckpt.pt", {})  # trained on every fold but 1, says its config
@@ -1287,8 +1422,12 @@ def test_ev_quality_end_to_end(demo, tmp_path):
     r = rep["folds"][0]
     assert r["fold"] == 1  # the checkpoint's own held-out fold
     assert r["n_generated"] == 6 and r["n_real"] == len(VolumeDataset(data, "val", 1))
-    for k in ("fid", "mmd", "precision", "recall", "ms_ssim"):
+    for k in ("fid", "mmd", "precision", "recall", "ms_ssim", "w1", "band bone rel"):
         assert np.isfinite(r[k]) and np.isfinite(r[k + "_floor"]), k
+    assert sum(r[f"band {k} real"] for k in ("air", "lung", "soft tissue", "bone")) == pytest.approx(1)
+    assert r["w1"] > r["w1_floor"]  # an untrained generator's intensities are far off
+    lungs = r["lungs"]["all"]  # an unconditional model: every volume in one row
+    assert lungs["n_generated"] == 6 and lungs["n_real"] == 12 and lungs["pct_below_950_real"] >= 0
     # an untrained generator is far from the data; two halves of the real data are not
     assert r["fid"] > r["fid_floor"] and r["mmd"] > r["mmd_floor"]
     assert r["ms_ssim"] > 0 and 0 <= r["precision_floor"] <= 1

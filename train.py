@@ -30,7 +30,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from model import HAGAN, NETS, HAGANConfig, S_H, autocast_ctx, override
+from eval import band_fractions, ms_ssim_pairs, unit_histogram, wasserstein1
+from model import HAGAN, NETS, HAGANConfig, S_H, augment_params, autocast_ctx, override
 from prepare import VolumeDataset, writable_dir
 from sample import save_montage
 
@@ -57,6 +58,17 @@ config = dict(
     lambda2=5.0,  # weight of eq. 7 (E^G reconstruction)
     lambda_class=0.1,  # weight of the class term in G's loss (conditional only; official value)
     ema_decay=0.0,  # moving average of G's weights for sampling (e.g. 0.999); 0 = off
+    # beyond the paper, for small data sets: all off in the paper's configs (README: "Beyond the paper")
+    augment="",  # differentiable augmentation of D's inputs, comma-separated: color,translation,cutout
+    augment_p=1.0,  # probability of each augmentation per volume; the start value when ada_target > 0
+    ada_target=0.0,  # >0: adapt augment_p so that the mean sign of D(real) stays at this (ADA: 0.6)
+    ada_interval=4,  # iterations between adjustments of augment_p
+    ada_kimg=2.0,  # thousands of real volumes over which augment_p may go from 0 to 1
+    r1_gamma=0.0,  # >0: R1 penalty gamma/2 |grad D(real)|^2, applied lazily every r1_interval iterations
+    r1_interval=16,  # iterations between R1 penalties (each weighted by the interval)
+    mbstd_group=0,  # >0: minibatch standard deviation layer in D^H and D^L over groups of this size
+    slab_context=False,  # G^H trains on slabs exactly as it renders them in a whole volume (model.py)
+    channels_last=False,  # channels-last 3D weights: oneDNN's preferred layout, faster on CPU
     init_from="scratch",  # 'scratch', 'resume' (out/ckpt.pt), or the path of an official G_iterN.pth
     dtype="auto",  # 'float32', 'bfloat16', 'float16' (autocast); 'auto' = bf16 on GPUs that have it, else float32
     device="auto",  # 'cpu', 'cuda', 'cuda:1', ...; 'auto' = cuda if available
@@ -67,6 +79,7 @@ config = dict(
     ckpt_interval=1000,  # iterations per checkpoint (and one at the end)
     sample_interval=1000,  # iterations per PNG montage of samples and a reconstruction; 0 = never
     num_samples=4,  # volumes in the montage
+    quality_num=8,  # generated and real volumes for the quality signal logged with each montage
     wandb_log=False,  # also log to Weights & Biases (imported only then)
     wandb_project="hagan",
     wandb_run_name="run",
@@ -145,7 +158,8 @@ if init_from_resume := (config["init_from"] == "resume"):
 else:
     try:
         cfg = HAGANConfig(img_size=img_size, latent_dim=config["latent_dim"], num_classes=config["num_classes"],
-                          width=config["width"], num_slabs=config["num_slabs"])
+                          width=config["width"], num_slabs=config["num_slabs"], slab_context=config["slab_context"],
+                          mbstd_group=config["mbstd_group"])
     except ValueError as e:
         raise SystemExit(f"error: {e}")
 if tuple(ds.img_size) != cfg.shape:
@@ -180,11 +194,20 @@ else:
     except ValueError as e:
         raise SystemExit(f"error: {e}")
 model.to(device)
+if config["channels_last"]:
+    model.to(memory_format=torch.channels_last_3d)
 opts = model.configure_optimizers(config["lr_G"], config["lr_D"], config["lr_E"], (config["beta1"], config["beta2"]))
 # fp16 only: one scaler per optimiser, so an overflow in D's backward never shrinks G's scale
 scalers = {k: torch.amp.GradScaler(device_type, enabled=dtype == "float16") for k in NETS}
 ema = deepcopy(model.G).requires_grad_(False) if config["ema_decay"] > 0 else None
 iter_num = 0
+aug_ops = [a for a in config["augment"].split(",") if a]
+try:
+    augment_params(1, cfg.a_shape, aug_ops, 0.0)
+except ValueError as e:
+    raise SystemExit(f"error: --augment={config['augment']}: {e}")
+augment_p = config["augment_p"]  # ADA changes it as training goes; saved in the checkpoint
+ada_sign = 0.0  # ADA: sum of the mean sign of D(real) since augment_p last changed
 if init_from_resume:
     model.load_state_dict(ckpt["model"])
     for k in NETS:
@@ -193,6 +216,7 @@ if init_from_resume:
     if ema is not None and ckpt.get("ema_G"):
         ema.load_state_dict(ckpt["ema_G"])
     iter_num = ckpt["iter_num"]
+    augment_p, ada_sign = ckpt.get("ada", (augment_p, ada_sign))
     rng = ckpt["rng"]
     random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
     np.random.set_state(tuple(rng["numpy"][:1]) + (np.array(rng["numpy"][1], dtype=np.uint32),) + tuple(rng["numpy"][2:]))
@@ -246,7 +270,7 @@ def save_checkpoint():
     ck = dict(model=model.state_dict(), model_args=asdict(cfg), ema_G=ema.state_dict() if ema is not None else {},
               optimizers={k: o.state_dict() for k, o in opts.items()},
               scalers={k: s.state_dict() for k, s in scalers.items()},
-              iter_num=iter_num, config=config, meta=ds.meta, fingerprint=fingerprint, rng=rng,
+              iter_num=iter_num, ada=(augment_p, ada_sign), config=config, meta=ds.meta, fingerprint=fingerprint, rng=rng,
               rank_checksums=rank_checksums)
     path = os.path.join(out_dir, "ckpt.pt")
     tmp = path + ".tmp"
@@ -288,6 +312,33 @@ def write_montage(path):
     return float((rec - x).abs().mean())
 
 
+@torch.no_grad()
+def quality_signal():
+    """Cheap signs of collapse from quality_num fixed-z samples against as many training volumes:
+    MS-SSIM of generated pairs against real pairs (much higher = the samples look alike), the
+    Wasserstein-1 distance of voxel intensities in the data's units (HU for CT), and for CT the worst
+    tissue band's fraction relative to real. eval.py reports the same measures, with floors."""
+    G = ema if ema is not None else model.G
+    n = max(2, config["quality_num"])
+    gen = torch.Generator().manual_seed(config["seed"] + 1)
+    z = torch.randn(n, cfg.latent_dim, generator=gen).to(device)
+    c = (torch.arange(n) % cfg.num_classes).to(device) if cfg.num_classes else None
+    was = model.training
+    model.eval()
+    fake = torch.cat([G.generate(z[i:i + 1], None if c is None else c[i:i + 1], chunk=cfg.slab_a).float().cpu()
+                      for i in range(n)])  # (n,1,D,H,W)
+    model.train(was)
+    real = torch.stack([torch.from_numpy(ds.volume(j)) for j in torch.randperm(len(ds), generator=gen)[:n]])[:, None]
+    ct = ds.meta.get("modality") == "ct"
+    window = tuple(ds.meta["window"]) if ct else (-1.0, 1.0)
+    hf, hr = unit_histogram(fake), unit_histogram(real)
+    q = dict(ms_ssim=ms_ssim_pairs(fake), ms_ssim_real=ms_ssim_pairs(real), w1=wasserstein1(hf, hr, window))
+    if ct:
+        bf, br = band_fractions(hf, window), band_fractions(hr, window)
+        q["band_err"] = max(abs(bf[k] / br[k] - 1) for k in br if br[k] > 0)
+    return q
+
+
 # -----------------------------------------------------------------------------
 # Ctrl-C and SIGTERM (pre-emption) finish the iteration, save, and exit
 
@@ -303,7 +354,8 @@ if config["wandb_log"] and master:
 
 # one micro-batch: whole real volumes x (b,1,D,H,W), their slab S^H(x; r) (b,1,D/num_slabs,H,W) and
 # low-res versions (b,1,D/4,H/4,W/4), class labels c (b,) or None, and fresh noise for D's and G's updates
-Batch = namedtuple("Batch", "x x_slab x_low c z_D z_G")
+# and, with --augment, the augmentation parameters of D's update (real and fake alike) and of G's
+Batch = namedtuple("Batch", "x x_slab x_low c z_D z_G aug_D aug_G")
 
 
 def step(name, micro, loss_fn):
@@ -339,10 +391,14 @@ while iter_num < config["max_iters"]:
         gen = torch.Generator().manual_seed(seeded("batch", iter_num, rank * config["grad_accum"] + m))
         x, x_low, c = ds.get_batch(per_rank, device=device, generator=gen)  # whole volumes: E^G encodes them all
         z_D, z_G = torch.randn(2, per_rank, cfg.latent_dim, generator=gen).to(device)
-        micro.append(Batch(x, S_H(x, r, cfg.num_slabs), x_low, c if cfg.num_classes else None, z_D, z_G))
+        aug_D, aug_G = ([augment_params(per_rank, cfg.a_shape, aug_ops, augment_p, gen) for _ in range(2)]
+                        if aug_ops else (None, None))
+        micro.append(Batch(x, S_H(x, r, cfg.num_slabs), x_low, c if cfg.num_classes else None, z_D, z_G, aug_D, aug_G))
+    # lazy R1 (StyleGAN2): every r1_interval iterations, weighted by the interval
+    r1 = config["r1_gamma"] / 2 * config["r1_interval"] if config["r1_gamma"] and iter_num % config["r1_interval"] == 0 else 0.0
 
-    stats = step("D", micro, lambda b: model.loss_D(b.x_slab, b.x_low, r, b.z_D, b.c))
-    stats |= step("G", micro, lambda b: model.loss_G(r, b.z_G, b.c, config["lambda_class"]))
+    stats = step("D", micro, lambda b: model.loss_D(b.x_slab, b.x_low, r, b.z_D, b.c, b.aug_D, r1))
+    stats |= step("G", micro, lambda b: model.loss_G(r, b.z_G, b.c, config["lambda_class"], b.aug_G))
     stats |= step("E_H", micro, lambda b: model.loss_E_H(b.x_slab, config["lambda1"]))
     stats |= step("E_G", micro, lambda b: model.loss_E_G(model.encode_A(b.x), b.x_slab, b.x_low, r, b.c,
                                                          config["lambda2"]))
@@ -358,6 +414,12 @@ while iter_num < config["max_iters"]:
     if ddp:
         dist.all_reduce(vec)
         vec /= world
+    if aug_ops and config["ada_target"] > 0:  # ADA: more augmentation while D is too sure of the reals
+        ada_sign += vec[names.index("D_real_sign")].item()
+        if iter_num % config["ada_interval"] == 0:
+            adjust = config["ada_interval"] * config["batch_size"] / (config["ada_kimg"] * 1000)
+            augment_p += adjust if ada_sign / config["ada_interval"] > config["ada_target"] else -adjust
+            augment_p, ada_sign = min(max(augment_p, 0.0), 1.0), 0.0
     if not torch.isfinite(vec).all():
         bad = ", ".join(f"{k}={v:.4g}" for k, v in zip(names, vec.tolist()) if not math.isfinite(v))
         log(f"error: non-finite loss at iteration {iter_num} ({bad}); stopping without saving, "
@@ -370,7 +432,7 @@ while iter_num < config["max_iters"]:
     if iter_num == it_first + 1:
         t_first = time.time()  # the first iteration pays for allocation and kernel selection
     if iter_num % config["log_interval"] == 0 or iter_num in (it_first + 1, config["max_iters"]):  # first: a baseline
-        vals = dict(zip(names, vec.tolist()))
+        vals = dict(zip(names, vec.tolist()), **(dict(augment_p=augment_p) if aug_ops else {}))
         if device_type == "cuda":
             torch.cuda.synchronize()
         done = iter_num - it_first - 1
@@ -388,7 +450,12 @@ while iter_num < config["max_iters"]:
     if master and config["sample_interval"] and (iter_num % config["sample_interval"] == 0
                                                  or iter_num == config["max_iters"]):
         png = os.path.join(out_dir, f"samples_{iter_num:06d}.png")
-        log(f"wrote {png} (reconstruction L1 {write_montage(png):.4f})")
+        rec_l1, q = write_montage(png), quality_signal()
+        log(f"wrote {png} (reconstruction L1 {rec_l1:.4f}) | quality: MS-SSIM of sample pairs {q['ms_ssim']:.3f} "
+            f"(real pairs {q['ms_ssim_real']:.3f}), intensity W1 {q['w1']:.1f}" + (" HU" if "band_err" in q else "")
+            + (f", worst tissue band off by {100 * q['band_err']:.0f}%" if "band_err" in q else ""))
+        with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
+            f.write(json.dumps(dict(iter=iter_num, rec_l1=rec_l1, **q)) + "\n")
     stopping = bool(stop)
     if ddp:  # a signal may reach only some ranks: stop together
         flag = torch.tensor([float(stopping)], device=device)
