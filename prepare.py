@@ -634,6 +634,13 @@ def read_meta(path):
         raise ValueError(f"{path}: cannot read meta.json ({e})") from None
 
 
+def store_fingerprint(path):
+    """A prepared store's identity: sha1 of its meta.json + volumes.csv (which hold the plan's hash and every
+    volume's row), 16 hex digits. train.py keeps it in checkpoints; eval.py keys its feature cache by it."""
+    with open(os.path.join(path, "meta.json"), "rb") as f, open(os.path.join(path, "volumes.csv"), "rb") as g:
+        return hashlib.sha1(f.read() + g.read()).hexdigest()[:16]
+
+
 class VolumeDataset:
     """A prepared folder seen as one split. split='train': every fold but `fold`; 'val': fold `fold`; 'all'."""
 

@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from eval import band_fractions, ms_ssim_pairs, unit_histogram, wasserstein1
 from model import HAGAN, NETS, HAGANConfig, S_H, augment_params, autocast_ctx, override
-from prepare import VolumeDataset, writable_dir
+from prepare import VolumeDataset, store_fingerprint, writable_dir
 from sample import save_montage
 
 # -----------------------------------------------------------------------------
@@ -235,8 +235,7 @@ if config["compile"]:
     for m in (model.G.G_A, model.G.G_L, model.G.G_H, model.D.D_L, model.E_H, model.E_G):
         m.compile()
 
-fingerprint = hashlib.sha1(open(os.path.join(config["data_dir"], "meta.json"), "rb").read()
-                           + open(os.path.join(config["data_dir"], "volumes.csv"), "rb").read()).hexdigest()[:16]
+fingerprint = store_fingerprint(config["data_dir"])
 if init_from_resume and resumed_fingerprint != fingerprint:
     log(f"warning: {config['data_dir']} is not the dataset this checkpoint was trained on "
         f"(fingerprint {fingerprint} vs {resumed_fingerprint}); continuing on the new data")
