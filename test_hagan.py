@@ -1389,6 +1389,159 @@ def test_ev_random_features_fixed_seed_and_labelled():
     assert not ia["pretrained"] and "RANDOM" in ia["label"]
 
 
+# Merlin's I3ResNet feature space. A tiny trunk, written out from Merlin's naming rules independently of
+# eval.I3ResNet, in the three file layouts; no download needed.
+
+_I3_TINY = (1, 1, 2, 1)  # blocks per layer: layer3 has two, so the non-first block is covered too
+
+
+def _i3_state_dict(counts=_I3_TINY, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+
+    def conv(name, o, i, k):
+        sd[f"{name}.weight"] = torch.randn(o, i, *k, generator=g) * (2.0 / (i * math.prod(k))) ** 0.5
+
+    def bn(name, c):
+        sd[f"{name}.weight"] = 1 + 0.1 * torch.randn(c, generator=g)
+        sd[f"{name}.bias"] = 0.1 * torch.randn(c, generator=g)
+        sd[f"{name}.running_mean"] = 0.1 * torch.randn(c, generator=g)
+        sd[f"{name}.running_var"] = 1 + torch.rand(c, generator=g)
+        sd[f"{name}.num_batches_tracked"] = torch.tensor(7)
+
+    conv("conv1", 64, 3, (3, 7, 7))
+    bn("bn1", 64)
+    cin = 64
+    for L, (planes, n) in enumerate(zip((64, 128, 256, 512), counts), 1):
+        for i in range(n):
+            p = f"layer{L}.{i}"
+            conv(f"{p}.conv1", planes, cin, (1, 1, 1)), bn(f"{p}.bn1", planes)
+            conv(f"{p}.conv2", planes, planes, (3, 3, 3)), bn(f"{p}.bn2", planes)
+            conv(f"{p}.conv3", planes * 4, planes, (1, 1, 1)), bn(f"{p}.bn3", planes * 4)
+            if i == 0:
+                conv(f"{p}.downsample.0", planes * 4, cin, (1, 1, 1)), bn(f"{p}.downsample.1", planes * 4)
+            cin = planes * 4
+    return sd
+
+
+def _i3_reference(sd, x, counts=_I3_TINY):
+    """Merlin's forward written out functionally: (B,1,X,Y,Z) -> permute to (B,1,Z,X,Y) -> 3 equal channels ->
+    conv1 (1,2,2)/(1,3,3) -> BN -> ReLU -> max-pool 3/2/1 -> bottlenecks, the 3^3 conv strided on all axes."""
+    def bn(h, n):
+        return F.batch_norm(h, sd[f"{n}.running_mean"], sd[f"{n}.running_var"], sd[f"{n}.weight"], sd[f"{n}.bias"],
+                            False, 0.0, 1e-5)
+
+    h = x.permute(0, 1, 4, 2, 3).repeat(1, 3, 1, 1, 1)
+    h = F.max_pool3d(F.relu(bn(F.conv3d(h, sd["conv1.weight"], None, (1, 2, 2), (1, 3, 3)), "bn1")), 3, 2, 1)
+    for L, (n, s) in enumerate(zip(counts, (1, 2, 2, 2)), 1):
+        for i in range(n):
+            p, st = f"layer{L}.{i}", (s if i == 0 else 1)
+            o = F.relu(bn(F.conv3d(h, sd[f"{p}.conv1.weight"]), f"{p}.bn1"))
+            o = F.relu(bn(F.conv3d(o, sd[f"{p}.conv2.weight"], None, st, 1), f"{p}.bn2"))
+            o = bn(F.conv3d(o, sd[f"{p}.conv3.weight"]), f"{p}.bn3")
+            r = bn(F.conv3d(h, sd[f"{p}.downsample.0.weight"], None, st), f"{p}.downsample.1") if i == 0 else h
+            h = F.relu(o + r)
+    return h.mean((2, 3, 4))
+
+
+def _i3_files(tmp_path, sd):
+    """The three layouts: the extracted trunk (bf16, with meta, as the Astra joiner writes it), a Merlin
+    checkpoint (prefixed, beside a text encoder and the two heads), and a bare unprefixed state dict."""
+    ext = tmp_path / "astra_encoder.pt"
+    torch.save({"state_dict": {k: (v.bfloat16() if v.is_floating_point() else v) for k, v in sd.items()},
+                "meta": {"source": "Astra_CTRG converted_weights.pth"}}, ext)
+    merlin = tmp_path / "merlin.pt"
+    full = {"encode_image.i3_resnet." + k: v for k, v in sd.items()}
+    full.update({"encode_image.i3_resnet.classifier.weight": torch.zeros(3, 2048, 1, 1, 1),
+                 "encode_image.i3_resnet.contrastive_head.weight": torch.zeros(512, 2048, 1, 1, 1),
+                 "encode_text.linear_layer.weight": torch.zeros(512, 768), "logit_scale": torch.ones(())})
+    torch.save(full, merlin)
+    bare = tmp_path / "trunk.pt"
+    torch.save(sd, bare)
+    return ext, merlin, bare
+
+
+def test_ev_merlin_trunk_files_load_strictly_and_match_the_reference_forward(tmp_path):
+    sd = _i3_state_dict()
+    ext, merlin, bare = _i3_files(tmp_path, sd)
+    x = torch.rand(2, 1, 32, 32, 16)  # (B,1,X,Y,Z), Merlin's input
+    ref = _i3_reference(sd, x)
+    for path, kind, tol in ((merlin, "Merlin checkpoint", 1e-4), (bare, "trunk state dict", 1e-4),
+                            (ext, "extracted trunk", None)):
+        net, info = ev.feature_net(str(path))
+        assert isinstance(net, ev.I3ResNet) and not net.training
+        assert info["kind"] == "merlin" and info["file_kind"] == kind and info["pretrained"]
+        assert info["counts"] == list(_I3_TINY) and info["depth"] == 3 * sum(_I3_TINY) + 2
+        assert info["label"].startswith("Merlin I3ResNet-")
+        assert ("Astra" in info["label"]) == (kind == "extracted trunk")  # its meta names its source
+        loaded = net.state_dict()
+        assert set(loaded) == set(sd)
+        for k, v in sd.items():
+            want = v.bfloat16().to(v.dtype) if (kind == "extracted trunk" and v.is_floating_point()) else v
+            assert torch.equal(loaded[k], want), k
+        with torch.inference_mode():
+            f = net(x)
+        assert f.shape == (2, 2048) and torch.isfinite(f).all()
+        if tol:  # the 3 channels summed into conv1 instead of repeated: equal to rounding
+            assert (f - ref).abs().max() < tol * ref.abs().max(), (f - ref).abs().max()
+        else:  # the bf16 file rounds the weights: same features to bf16 precision
+            assert F.cosine_similarity(f, ref).min() > 0.99
+
+
+def test_ev_feature_files_of_the_wrong_kind_fail_in_one_line(tmp_path):
+    sd = _i3_state_dict()
+
+    def err(obj, match, name="f.pt"):
+        p = tmp_path / name
+        if isinstance(obj, str):
+            p.write_text(obj)
+        else:
+            torch.save(obj, p)
+        with pytest.raises(ValueError, match=match) as e:
+            ev.feature_net(str(p))
+        msg = str(e.value)
+        assert "\n" not in msg and msg.startswith(str(p)), msg
+        return msg
+
+    err("not a checkpoint\n", "cannot read as a weights file")
+    err({"state_dict": {"fc.weight": torch.zeros(3, 4)}}, "not a feature network eval.py knows")
+    err([1, 2, 3], "not a state dict of tensors")
+    missing = dict(sd)
+    del missing["layer2.0.bn2.running_var"]
+    assert "layer2.0.bn2.running_var" in err({"state_dict": missing, "meta": {}}, "missing")
+    err({**{"encode_image.i3_resnet." + k: v for k, v in sd.items()},
+         "encode_image.i3_resnet.layer1.0.conv4.weight": torch.zeros(1)}, "unexpected")
+    shape = dict(sd, **{"layer1.0.conv3.weight": torch.zeros(256, 64, 3, 3, 3)})
+    err(shape, "shape")
+    # a Merlin trunk under a prefix we do not know is refused, not guessed
+    err({"visual_encoder.model.encode_image.i3_resnet." + k: v for k, v in sd.items()}, "not a feature network")
+    # the script says the same in one line, no traceback
+    assert "not a feature network" in one_line_error(run("eval.py", f"--features={tmp_path / 'f.pt'}"))
+
+
+def test_ev_merlin_input_maps_hu_and_orientation():
+    win = (-1024.0, 600.0)  # the CT store's window (prepare.CT_WINDOW)
+    hu = torch.tensor([-1024.0, -1000.0, -400.0, 200.0, 600.0])
+    u = to_unit(hu.numpy(), win)  # as stored, in [-1, 1]
+    vol = torch.full((1, 1, 4, 5, 6), float(to_unit(np.array([-1000.0]), win)[0]))
+    vol[0, 0, 0, 0, :5] = torch.as_tensor(u)
+    x = ev.to_merlin_input(vol, win, (6, 5, 4))  # no resampling
+    assert x.shape == (1, 1, 6, 5, 4)
+    # HU -1000..200 -> 0..1, clipped (Astra's chest preprocessing)
+    np.testing.assert_allclose(x[0, 0, [5, 4, 3, 2, 1], 4, 0].numpy(), [0, 0, 0.5, 1, 1], atol=2e-6)
+    # orientation: stored (S,P,L) voxel (d,h,w) lands at RAS (X,Y,Z) = (W-1-w, H-1-h, d)
+    m = torch.zeros(1, 1, 4, 5, 6) - 1
+    m[0, 0, 3, 1, 0] = 1  # most superior slice, second most anterior row, rightmost column
+    x = ev.to_merlin_input(m, win, (6, 5, 4))
+    assert tuple(torch.nonzero(x[0, 0] > 0.5)[0].tolist()) == (5, 3, 3)
+    # resampling: shrinking averages (area), growing interpolates; a constant volume stays constant
+    c = ev.to_merlin_input(torch.zeros(2, 1, 8, 8, 8), win, (4, 4, 16))
+    assert c.shape == (2, 1, 4, 4, 16) and torch.allclose(c, torch.full_like(c, (-212.0 + 1000) / 1200))
+    assert ev.parse_merlin_size("96,96,64") == (96, 96, 64) and ev.parse_merlin_size("64") == (64, 64, 64)
+    with pytest.raises(SystemExit, match="merlin_size"):
+        ev.parse_merlin_size("96,96")
+
+
 def test_ev_domain_metrics_known_answers():
     win = (-1024.0, 600.0)
     g = torch.Generator().manual_seed(0)
@@ -1414,7 +1567,8 @@ def test_ev_domain_metrics_known_answers():
 def test_ev_quality_end_to_end(demo, tmp_path):
     data = demo
     ckpt = tiny_ckpt(tmp_path / "ckpt.pt", {})  # trained on every fold but 1, says its config
-    c = dict(ev.config, ckpt=ckpt, data_dir=data, num=6, depth=10, ssim_pairs=2, device="cpu", out=str(tmp_path))
+    c = dict(ev.config, ckpt=ckpt, data_dir=data, num=6, depth=10, ssim_pairs=2, device="cpu", out=str(tmp_path),
+             feature_cache="")  # not the repository's out/; the cache has its own tests
     rep = ev.quality(c)
     on_disk = json.loads((tmp_path / "eval.json").read_text())
     assert on_disk["features"]["pretrained"] is False and "RANDOM" in on_disk["features"]["label"]
@@ -1431,6 +1585,66 @@ def test_ev_quality_end_to_end(demo, tmp_path):
     # an untrained generator is far from the data; two halves of the real data are not
     assert r["fid"] > r["fid_floor"] and r["mmd"] > r["mmd_floor"]
     assert r["ms_ssim"] > 0 and 0 <= r["precision_floor"] <= 1
+
+
+def test_ev_real_features_cache_reused_only_for_the_same_store_weights_and_input(demo, tmp_path):
+    data = tmp_path / "demo"
+    shutil.copytree(demo, data, ignore=shutil.ignore_patterns("raw"))  # a copy (the store alone): this test changes it
+    wfile, _, _ = _i3_files(tmp_path, _i3_state_dict())
+    c = dict(ev.config, feature_cache=str(tmp_path / "cache"), batch_size=3, merlin_size="32,32,16")
+
+    def real(c=c):
+        ds = VolumeDataset(str(data), split="all")
+        trunk, info = ev.feature_net(str(wfile))
+        net = ev.MerlinFeatures(trunk, ds.meta["window"], ev.parse_merlin_size(c["merlin_size"]))
+        return ev.real_features_cached(ds, net, info, c, "cpu")
+
+    f0, s0, hit = real()
+    assert not hit and f0.shape == (12, 2048) and f0.dtype == torch.float64
+    f1, s1, hit = real()  # the domain statistics come back with the features
+    assert hit and torch.equal(f0, f1) and torch.equal(s0["hist"], s1["hist"]) and s0["lungs"] == s1["lungs"]
+    assert s1["hist"].shape == (12, ev.HIST_BINS) and len(s1["lungs"]) == 12
+    assert not real(dict(c, merlin_size="32,32,32"))[2]  # other input settings
+    assert real()[2]  # both kept side by side
+    # the autocast dtype is part of the key (not run here: bf16 convolutions are slow on CPUs without bf16 units)
+    ds = VolumeDataset(str(data), split="all")
+    trunk, info = ev.feature_net(str(wfile))
+    net = ev.MerlinFeatures(trunk, ds.meta["window"], (32, 32, 16))
+    assert ev.feature_cache_key(str(data), info, net, c) != ev.feature_cache_key(str(data), info, net,
+                                                                                   dict(c, feat_dtype="bfloat16"))
+    os.utime(wfile, ns=(1, 1))  # the weights file changed (mtime)
+    f2, _, hit = real()
+    assert not hit and torch.equal(f0, f2)
+    assert real()[2]
+    with open(data / "volumes.csv", "a") as fh:  # the store changed: its fingerprint does
+        fh.write("\n")
+    assert not real()[2]
+    for p in (tmp_path / "cache").iterdir():  # a torn cache file is recomputed, not trusted
+        p.write_bytes(b"torn")
+    f3, _, hit = real()
+    assert not hit and torch.equal(f0, f3) and real()[2]
+
+
+def test_ev_quality_end_to_end_in_merlin_space(demo, tmp_path, monkeypatch):
+    # FID of 2048-d features costs two 2048^2 eigendecompositions (seconds to a minute on 2 busy cores); its
+    # values are tested above, so this test of the labels, the input mapping and the cache uses a stand-in
+    monkeypatch.setattr(ev, "frechet_distance", lambda a, b: float(((a.mean(0) - b.mean(0)) ** 2).sum()))
+    wfile, _, _ = _i3_files(tmp_path, _i3_state_dict())
+    c = dict(ev.config, ckpt=tiny_ckpt(tmp_path / "ckpt.pt", {}), data_dir=demo, num=4, ssim_pairs=1, device="cpu",
+             features=str(wfile), merlin_size="32,32,16", feature_cache=str(tmp_path / "cache"), out=str(tmp_path))
+    rep = ev.quality(c)
+    assert rep["features"]["kind"] == "merlin" and rep["input_norm"]["name"] == "merlin"
+    assert "32x32x16" in rep["input_norm"]["description"] and not rep["real_features_cached"]
+    assert all(rep["summary"][k]["features"].startswith("Merlin I3ResNet-") for k, _, _ in ev._ROWS)
+    r = rep["folds"][0]
+    assert r["features"] == rep["features"]["label"] and np.isfinite(r["fid"]) and np.isfinite(r["fid_floor"])
+    rep2 = ev.quality(c)  # the real set from the cache: the same floors, feature and domain alike
+    assert rep2["real_features_cached"]
+    r2 = rep2["folds"][0]
+    for k in ("fid_floor", "mmd_floor", "w1", "w1_floor", "band lung real", "lungs"):
+        np.testing.assert_equal(r2[k], r[k], err_msg=k)  # NaN (no lung in a generated volume) equals NaN
+    with pytest.raises(SystemExit, match="input_norm"):
+        ev.quality(dict(c, input_norm="zscore"))
 
 
 def test_ev_bench_s32_complete_table(tmp_path):
