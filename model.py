@@ -25,12 +25,14 @@ four updates, checkpoint loading, and the command-line config override used by e
 """
 
 import ast
+import json
 import math
 import os
 import re
 import sys
+import time
 from contextlib import nullcontext
-from dataclasses import dataclass, asdict, field
+from dataclasses import dataclass, asdict, field, fields
 
 import torch
 import torch.nn as nn
@@ -781,30 +783,76 @@ def _official_key(net, key, target):
 # our checkpoints (train.py writes them; sample.py, encode.py and eval.py read them)
 
 
-def load_checkpoint(path, device="cpu", ema=True):
-    """(model, ckpt) from a train.py checkpoint, G's weights replaced by their moving average when
-    the checkpoint has one and ema=True. One-line ValueError for a missing or foreign file."""
+def model_config(args, path):
+    """HAGANConfig from a checkpoint's model_args; a one-line ValueError for keys this code does not know
+    (a checkpoint from a newer version) or values it cannot build."""
+    args = dict(args)
+    unknown = sorted(set(args) - {f.name for f in fields(HAGANConfig)})
+    if unknown:
+        raise ValueError(f"{path}: model_args {', '.join(unknown)} are unknown to this code (a checkpoint from a "
+                         f"newer hagan?); update this code (git pull) to load it")
+    if isinstance(args.get("img_size"), list):
+        args["img_size"] = tuple(args["img_size"])
+    try:
+        return HAGANConfig(**args)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: model_args cannot be built ({e})") from None
+
+
+def read_checkpoint(path, mmap=False):
+    """A train.py checkpoint as a dict; a one-line ValueError for a missing, truncated, empty or foreign file."""
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no checkpoint there (train one with: python train.py config/train_demo.py)")
     try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head != b"PK\x03\x04":  # torch.save writes a zip archive
+            raise ValueError("an empty file" if not head else "not a file that torch.save wrote")
         # mmap: tensors are read from the file as load_state_dict copies them, not held twice
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
-        raise ValueError(f"{path}: unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except ValueError as e:
+        raise ValueError(f"{path}: unreadable checkpoint: {e}") from None
+    except Exception as e:  # torch's own words, up to the end of their first sentence
+        why = re.split(r"\. |\n", str(e).strip())[0][:120]
+        raise ValueError(f"{path}: unreadable checkpoint: truncated or damaged ({why})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
         raise ValueError(f"{path}: not a hagan checkpoint (no 'model'/'model_args')")
-    args = dict(ckpt["model_args"])
-    if isinstance(args.get("img_size"), list):
-        args["img_size"] = tuple(args["img_size"])
-    model = HAGAN(HAGANConfig(**args))
+    return ckpt
+
+
+def load_checkpoint(path, device="cpu", ema=True):
+    """(model, ckpt) from a train.py checkpoint, G's weights replaced by their moving average when
+    the checkpoint has one and ema=True. One-line ValueError for a missing or foreign file."""
+    ckpt = read_checkpoint(path, mmap=True)
+    model = HAGAN(model_config(ckpt["model_args"], path))
     try:
         model.load_state_dict(ckpt["model"])
+        if ema and ckpt.get("ema_G"):
+            model.G.load_state_dict(ckpt["ema_G"])
     except RuntimeError as e:
         raise ValueError(f"{path}: weights do not fit the checkpoint's model_args "
                          f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})") from None
-    if ema and ckpt.get("ema_G"):
-        model.G.load_state_dict(ckpt["ema_G"])
     return model.to(device).eval(), ckpt
+
+
+def pick_device(name):
+    """'auto' -> 'cuda' if available else 'cpu'; a one-line ValueError for a device this torch cannot use."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device={name}: not a torch device (use cpu, cuda, cuda:1, ... or auto)") from None
+    if dev.type == "cuda":
+        if not torch.backends.cuda.is_built():
+            raise ValueError(f"--device={name}: this torch ({torch.__version__}) is a CPU-only build; "
+                             f"use --device=cpu, or install a CUDA build of torch")
+        if not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"--device={name}: no such CUDA device here ({torch.cuda.device_count()} visible); "
+                             f"use --device=cpu or another index")
+    elif dev.type != "cpu" and not getattr(torch, dev.type, None):
+        raise ValueError(f"--device={name}: not available in this torch; use cpu or cuda")
+    return name
 
 
 def autocast_ctx(device, dtype):
@@ -818,15 +866,37 @@ def autocast_ctx(device, dtype):
 # configuration overrides shared by every script: config files and --key=value / --key value
 
 
-def override(config, argv=None):
-    """Apply `config/*.py` files (run in an empty namespace; only keys of `config`, no typos) and
-    `--key=value` or `--key value` arguments to the dict `config`, in order. The default's type is
-    the schema: an int may become a float, nothing else changes type. A list-valued key repeats on
-    the command line (--input=a --input=b). Exits with one line on error."""
-    argv = sys.argv[1:] if argv is None else list(argv)
+def fail(msg):
+    """Exit with the one line 'error: msg' on stderr. Under torchrun only rank 0 says it, and also leaves it
+    in torchrun's error file, so that torchrun's own failure report (a launcher traceback and a table of
+    exit codes, which we cannot silence) names the cause; every other rank exits with status 1, silently."""
+    if int(os.environ.get("RANK", 0)) != 0:
+        raise SystemExit(1)
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):  # set by torchrun for each of its processes
+        try:
+            with open(os.environ["TORCHELASTIC_ERROR_FILE"], "w") as f:
+                json.dump(dict(message=dict(message=f"error: {msg}", extraInfo=dict(
+                    py_callstack=f"error: {msg}", timestamp=str(int(time.time()))))), f)
+        except OSError:
+            pass  # the line on stderr is what matters
+    raise SystemExit(f"error: {msg}")
 
-    def fail(msg):
-        raise SystemExit(f"error: {msg}")
+
+def _tb_frames(tb):
+    while tb is not None:
+        yield tb
+        tb = tb.tb_next
+
+
+def override(config, argv=None, given=None):
+    """Apply `config/*.py` files and `--key=value` or `--key value` arguments to the dict `config`, in
+    order. Config files are executed as Python (as nanoGPT's are), in an empty namespace: trust them as
+    you trust code. Only keys of `config` may be set, no typos. The default's type is the schema: an int
+    may become a float, nothing else changes type; '' and -1 defaults are the 'not given' sentinels. A
+    list-valued key repeats on the command line (--input=a --input=b). `given`, a set, collects the keys
+    that were set. Exits with one line on error."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    given = set() if given is None else given
 
     def setkey(k, v, where):
         if k not in config:
@@ -845,6 +915,7 @@ def override(config, argv=None):
         elif type(v) is not type(d):
             fail(f"{where}: {k} must be {type(d).__name__} like its default {d!r}, got {v!r}")
         config[k] = v
+        given.add(k)
 
     i = 0
     while i < len(argv):
@@ -853,8 +924,13 @@ def override(config, argv=None):
             if not os.path.isfile(arg):
                 fail(f"{arg}: no such config file")
             ns = {}
-            with open(arg) as f:
-                exec(compile(f.read(), arg, "exec"), ns)
+            try:
+                with open(arg) as f:
+                    exec(compile(f.read(), arg, "exec"), ns)
+            except Exception as e:  # it is Python: report where it broke, in one line
+                line = getattr(e, "lineno", None) or next((t.tb_lineno for t in _tb_frames(e.__traceback__)
+                                                           if t.tb_frame.f_code.co_filename == arg), "?")
+                fail(f"{arg}, line {line}: {type(e).__name__}: {getattr(e, 'msg', None) or e}")
             for k, v in ns.items():
                 if not k.startswith("_") and not callable(v) and not isinstance(v, type(os)):
                     setkey(k, v, arg)

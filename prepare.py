@@ -654,13 +654,16 @@ class VolumeDataset:
             self.meta = json.load(f)
         if not self.meta.get("complete") or self.meta.get("format_version") != FORMAT_VERSION:
             raise FileNotFoundError(f"{path}: incomplete or unknown-version dataset; re-run its prepare.py command")
-        assert split in ("train", "val", "all"), f"split={split!r}: use 'train', 'val' or 'all'"
-        assert 0 <= fold < NUM_FOLDS, f"fold={fold}: use 0..{NUM_FOLDS - 1}"
+        if split not in ("train", "val", "all"):
+            raise ValueError(f"split={split!r}: use 'train', 'val' or 'all'")
+        if not -1 <= fold < NUM_FOLDS or (fold == -1 and split == "val"):
+            raise ValueError(f"fold={fold}: use 0..{NUM_FOLDS - 1}" + (", or -1 (no held-out fold) to train on "
+                                                                       "every volume" if split != "val" else ""))
         self.path, self.split, self.fold = path, split, fold
         self.img_size = tuple(self.meta["img_size"])  # (D,H,W)
         with open(os.path.join(path, "volumes.csv"), newline="") as f:
             rows = [r for r in csv.DictReader(f) if r["status"] == "ok"]
-        if split == "train":
+        if split == "train":  # fold -1: every volume
             rows = [r for r in rows if int(r["fold"]) != fold]
         elif split == "val":
             rows = [r for r in rows if int(r["fold"]) == fold]

@@ -6,7 +6,9 @@ sample.py, encode.py, eval.py. A script is tested as the user runs it, in a fres
 """
 
 import csv
+import glob
 import gzip
+import hashlib
 import importlib.util
 import json
 import math
@@ -17,6 +19,7 @@ import struct
 import subprocess
 import sys
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 
 import nibabel as nib
@@ -34,8 +37,8 @@ from prepare import VolumeDataset, to_unit
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 NIB_DATA = os.path.join(os.path.dirname(nib.__file__), "tests", "data")  # nibabel's own scans, every format
-TINY = ["--img_size=32", "--width=0.125", "--latent_dim=16", "--batch_size=2", "--log_interval=1",
-        "--sample_interval=0", "--dtype=float32"]  # train.py at test size
+TINY = ["--img_size=-1", "--width=0.125", "--latent_dim=16", "--batch_size=2", "--log_interval=1",
+        "--sample_interval=0", "--dtype=float32", "--threads=1"]  # train.py at test size; img_size: the store's
 
 # data/demo/prepare.py under its own name (the name 'prepare' is the root's prepare.py)
 _spec = importlib.util.spec_from_file_location("demo_prepare", os.path.join(ROOT, "data", "demo", "prepare.py"))
@@ -43,10 +46,12 @@ demo_prepare = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(demo_prepare)
 
 
-def run(*args, timeout=600):
-    """python ARGS in a fresh process at the repository root -> CompletedProcess (text stdout/stderr)."""
-    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+def run(*args, timeout=600, cwd=ROOT):
+    """python ARGS in a fresh process (at the repository root) -> CompletedProcess (text stdout/stderr).
+    One OpenMP thread: the suite's models are tiny, and on a machine shared with other jobs two threads
+    run several times slower than one (issue 12)."""
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
 def one_line_error(p):
@@ -76,6 +81,15 @@ def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "demo"
     p = run("data/demo/prepare.py", "--out", out, "--num=12", "--img_size=32", "--workers=2")
     assert p.returncode == 0 and "12 ok, 0 skipped" in p.stdout, p.stdout + p.stderr
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def trained(demo, tmp_path_factory):
+    """A tiny training run on the demo store: ckpt.pt at iteration 2, ckpt.prev.pt at 1 (copy it to change it)."""
+    out = tmp_path_factory.mktemp("trained") / "run"
+    p = run("train.py", *TINY, f"--data_dir={demo}", f"--out={out}", "--max_iters=2", "--ckpt_interval=1")
+    assert p.returncode == 0, p.stderr
     return str(out)
 
 
@@ -476,19 +490,26 @@ def test_override_config_files_and_arguments(tmp_path):
     f.write_text("max_itres = 20\n")
     with pytest.raises(SystemExit, match=r"unknown config key 'max_itres' in .*c\.py"):
         override(dict(base), [str(f)])
+    f.write_text("max_iters = 20\nlr = 1 / 0\n")  # config files are Python: their errors are one line too
+    with pytest.raises(SystemExit, match=r"c\.py, line 2: ZeroDivisionError"):
+        override(dict(base), [str(f)])
+    given = set()  # the keys a run set, whatever their value: train.py checks them against a checkpoint
+    f.write_text("lr = 1e-4\n")
+    override(dict(base), [str(f), "--max_iters=10"], given=given)
+    assert given == {"lr", "max_iters"}
 
 
 def test_every_config_file_loads():
     # the keys of every config/*.py exist in train.py's defaults, with the right types
     src = open(os.path.join(ROOT, "train.py")).read()
     start = src.index("config = dict(")
-    defaults = eval(src[start + len("config = "):src.index("\noverride(config)")])
+    defaults = eval(src[start + len("config = "):src.index("\n)\n", start) + 2])
     files = sorted(f for f in os.listdir(os.path.join(ROOT, "config")) if f.endswith(".py"))
     assert {"train_demo.py", "train_lung_ct.py", "train_brain_mri.py", "train_conditional.py"} <= set(files)
     for name in files:
         cfg = override(dict(defaults), [os.path.join(ROOT, "config", name)])
-        HAGANConfig(img_size=cfg["img_size"], width=cfg["width"], latent_dim=cfg["latent_dim"],
-                    num_classes=cfg["num_classes"], num_slabs=cfg["num_slabs"])
+        HAGANConfig(img_size=64 if cfg["img_size"] == -1 else cfg["img_size"], width=cfg["width"],
+                    latent_dim=cfg["latent_dim"], num_classes=cfg["num_classes"], num_slabs=cfg["num_slabs"])
         if name in ("train_lung_ct.py", "train_brain_mri.py", "train_conditional.py"):  # the paper, as published
             off = dict(augment="", ada_target=0.0, r1_gamma=0.0, mbstd_group=0, slab_context=False,
                        lr_G=1e-4, lr_D=4e-4, lr_E=1e-4, beta1=0.0, beta2=0.999)
@@ -849,18 +870,21 @@ def _log(out, key="D"):
 
 def test_train_runs_logs_and_checkpoints(demo, tmp_path):
     out = str(tmp_path / "out")
-    p = run("train.py", *TINY + [f"--data_dir={demo}", f"--out={out}", "--max_iters=3", "--ema_decay=0.9",
-                       "--sample_interval=3"])
+    p = run("train.py", *TINY, f"--data_dir={demo}", f"--out={out}", "--max_iters=3", "--ema_decay=0.9",
+            "--sample_interval=3", "--fold=-1")
     assert p.returncode == 0, p.stderr
+    assert "training on 12 volumes (every volume, fold=-1)" in p.stdout  # fold=-1: no held-out fold
     log = _log(out)
     assert [r["iter"] for r in log] == [1, 2, 3]
     assert all(math.isfinite(r[k]) for r in log for k in NETS)
     assert "ms/iter" in p.stdout and "vol/s" in p.stdout and "peak" in p.stdout and "ETA" in p.stdout
     ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ck["iter_num"] == 3 and ck["meta"]["img_size"] == [32, 32, 32] and ck["config"]["max_iters"] == 3
+    assert ck["config"]["img_size"] == 32 and ck["config"]["fold"] == -1  # the size used, not the -1 asked for
     assert set(ck["optimizers"]) == set(NETS) and ck["ema_G"] and ck["fingerprint"]
     with open(os.path.join(out, "config.json")) as f:
-        assert json.load(f)["resolved"]["model_args"]["width"] == 0.125
+        used = json.load(f)
+    assert used["img_size"] == 32 and used["resolved"]["model_args"]["width"] == 0.125  # the store's size
     png = open(os.path.join(out, "samples_000003.png"), "rb").read()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     [q] = _log(out, "w1")  # with each montage, the quality signal: samples against real volumes
@@ -960,40 +984,40 @@ def test_resume_is_exact(demo, tmp_path, options):
     assert p.returncode == 0 and "is not the dataset this checkpoint was trained on" in p.stdout, p.stderr
 
 
-def test_ddp_two_ranks_hold_identical_weights(demo, tmp_path):
-    out = str(tmp_path / "ddp")
-    p = run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", f"--data_dir={demo}",
-            f"--out={out}", "--max_iters=3", "--device=cpu", "--backend=gloo", *TINY)
+def test_bare_torchrun_two_ranks_hold_identical_weights(demo, tmp_path):
+    # the bare command of the README, `torchrun --nproc_per_node=2 train.py`, in a folder whose data/demo is
+    # the demo store: size from the store, gloo on CPU. Only the model's size and length are the test's own.
+    os.makedirs(tmp_path / "data")
+    os.symlink(demo, tmp_path / "data" / "demo")
+    p = run("-m", "torch.distributed.run", "--nproc_per_node=2", os.path.join(ROOT, "train.py"), "--width=0.125",
+            "--latent_dim=16", "--max_iters=3", cwd=tmp_path)
     assert p.returncode == 0, "\n".join(l for l in p.stderr.splitlines() if not l.startswith("  "))[-6000:]
-    ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    ck = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
     sums = ck["rank_checksums"]
     own = sum(v.double().sum().item() for k, v in ck["model"].items() if not k.endswith((".u", ".sigma")))
     assert len(sums) == 2 and sums[0] == sums[1] and math.isclose(sums[0], own, rel_tol=1e-12)
+    assert ck["model_args"]["img_size"] == 32 and ck["config"]["img_size"] == 32
     assert p.stdout.count("iter 3:") == 1  # rank 0 alone logs
+    assert json.load(open(tmp_path / "out" / "config.json"))["resolved"]["world"] == 2
 
 
-def test_bad_config_and_bad_data_fail_with_one_line(demo, tmp_path):
-    assert "unknown config key 'max_iter'" in one_line_error(run("train.py", "--max_iter=5"))
-    msg = one_line_error(run("train.py", f"--data_dir={tmp_path / 'nothing'}", f"--out={tmp_path / 'o'}", *TINY))
-    assert "no prepared dataset" in msg and "prepare.py" in msg
-    msg = one_line_error(run("train.py", f"--data_dir={demo}", f"--out={tmp_path / 'o'}", "--img_size=64"))
-    assert "32x32x32" in msg and "--img_size=32" in msg
-    msg = one_line_error(run("train.py", *TINY, f"--data_dir={demo}", f"--out={tmp_path / 'o'}", "--num_classes=3"))
-    assert "5 classes but num_classes=3" in msg
-    msg = one_line_error(run("train.py", *TINY, f"--data_dir={demo}", f"--out={tmp_path / 'o'}", "--num_slabs=3"))
-    assert "num_slabs=3 must divide" in msg
-    blocker = tmp_path / "file"
-    blocker.write_text("")
-    assert "cannot write there" in one_line_error(run("train.py", f"--data_dir={demo}", f"--out={blocker / 'out'}", *TINY))
-
-
-def test_interrupted_checkpoints_stay_loadable(demo, tmp_path):
+def test_interrupted_and_damaged_checkpoints(trained, demo, tmp_path):
     out = tmp_path / "o"
+    shutil.copytree(trained, out)  # ckpt.pt at iteration 2, ckpt.prev.pt at 1
     args = [f"--data_dir={demo}", f"--out={out}", "--ckpt_interval=1"] + TINY
-    assert run("train.py", *args + ["--max_iters=2"]).returncode == 0
     # a save killed mid-write leaves only a partial temp file: resume ignores it
     (out / "ckpt.pt.tmp").write_bytes((out / "ckpt.pt").read_bytes()[:1000])
     assert run("train.py", *args + ["--max_iters=3", "--init_from=resume"]).returncode == 0
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 3
+    assert torch.load(out / "ckpt.prev.pt", weights_only=True)["iter_num"] == 2
+    # a damaged ckpt.pt (cut short): one line, and training goes on from ckpt.prev.pt, which the next save
+    # keeps (it overwrites the damaged file instead of renaming it to ckpt.prev.pt)
+    (out / "ckpt.pt").write_bytes((out / "ckpt.pt").read_bytes()[:5000])
+    p = run("train.py", *args + ["--max_iters=3", "--init_from=resume"])
+    assert p.returncode == 0, p.stderr
+    warn = [ln for ln in p.stdout.splitlines() if ln.startswith("warning: ") and "ckpt" in ln]
+    assert len(warn) == 1 and f"{out / 'ckpt.pt'}: unreadable checkpoint: truncated" in warn[0]
+    assert f"resuming from {out / 'ckpt.prev.pt'} (iteration 2)" in warn[0]
     assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 3
     assert torch.load(out / "ckpt.prev.pt", weights_only=True)["iter_num"] == 2
     # SIGTERM (a pre-emption) finishes the iteration, saves and exits cleanly
@@ -1683,3 +1707,122 @@ def test_ev_bench_oom_is_a_cell_not_a_crash():
     # a 1 GiB address-space cap cannot hold torch plus a full-size model: the cell must say so
     r = ev._run_cell(32, "hagan", dict(ev.config, bench_seconds=0.0, warmup=1, mem_limit_gb=1.0, device="cpu"))
     assert r.get("oom") and ev._mem(r) == "out of memory"
+
+
+# -----------------------------------------------------------------------------
+# faults (issue 12): every script, run as the user runs it, on each fault: a non-zero exit, one line on
+# stderr that names the file and the problem, no traceback, and every file that was there before is
+# byte-identical afterwards (no *.tmp left either). {placeholders}: d = the case's own folder, demo = the
+# demo store, run = a copy of the `trained` run (ckpt.pt at iteration 2), ckpt = a tiny checkpoint of
+# the demo's size. A case runs "python ARGS", or torchrun where it starts with "-m torch.distributed.run".
+
+
+TRAIN = "train.py {tiny} --data_dir={demo}"
+RESUME = TRAIN + " --out={run} --init_from=resume"
+
+
+def _damage(ckpt=b"", prev=None):
+    """Replace the run's ckpt.pt (b'' = empty, 'cut' = its first 4 KiB) and its ckpt.prev.pt (None = delete)."""
+    def setup(d, fx):
+        run_dir = fx["run"]
+        data = (run_dir / "ckpt.pt").read_bytes()[:4096] if ckpt == "cut" else ckpt
+        (run_dir / "ckpt.pt").write_bytes(data)
+        if prev is None:
+            os.remove(run_dir / "ckpt.prev.pt")
+        else:
+            (run_dir / "ckpt.prev.pt").write_bytes(prev)
+    return setup
+
+
+FAULTS = [  # (case, command, what its one line must say, setup(d, fx) or None)
+    # train.py: defaults, data, devices
+    ("train-unknown-key", "train.py --max_iter=5", ["unknown config key 'max_iter'"], None),
+    ("train-no-store", TRAIN + " --data_dir={d}/nothing --out={d}/o", ["{d}/nothing: no prepared dataset",
+                                                                       "prepare.py"], None),
+    ("train-img-size-disagrees", TRAIN + " --out={d}/o --img_size=64",
+     ["{demo} holds 32x32x32 volumes but the model is 64x64x64", "--img_size=32"], None),
+    ("train-torchrun-says-it-once", "-m torch.distributed.run --nproc_per_node=2 "
+     + TRAIN + " --out={d}/o --img_size=64",
+     ["{demo} holds 32x32x32 volumes but the model is 64x64x64"], None),
+    ("train-classes", TRAIN + " --out={d}/o --num_classes=3", ["{demo} has 5 classes but num_classes=3"], None),
+    ("train-num-slabs", TRAIN + " --out={d}/o --num_slabs=3", ["num_slabs=3 must divide"], None),
+    ("train-out-unwritable", TRAIN + " --out={d}/file/out", ["{d}/file/out: cannot write there"],
+     lambda d, fx: (d / "file").write_text("")),
+    ("train-cuda-on-cpu-torch", TRAIN + " --out={d}/o --device=cuda:99", ["--device=cuda:99", "--device=cpu"], None),
+    # train.py: resume, and a full disk
+    ("train-resume-ckpt-truncated", RESUME + " --max_iters=4", ["{run}/ckpt.pt: unreadable checkpoint: truncated",
+                                                                "no intact checkpoint", "--init_from=scratch"],
+     _damage("cut")),
+    ("train-resume-both-damaged", RESUME + " --max_iters=4",
+     ["{run}/ckpt.pt: unreadable checkpoint: an empty file", "{run}/ckpt.prev.pt: unreadable checkpoint: truncated",
+      "no intact checkpoint"], _damage(b"", b"PK\x03\x04junk")),
+    ("train-resume-other-architecture", RESUME + " --max_iters=4 --width=0.25 --latent_dim=8",
+     ["{run}/ckpt.pt was trained with other architecture settings", "width=0.25 (checkpoint: 0.125)",
+      "latent_dim=8 (checkpoint: 16)"], None),
+    ("train-resume-other-small-data-architecture", RESUME + " --max_iters=4 --slab_context=True --mbstd_group=2",
+     ["{run}/ckpt.pt was trained with other architecture settings", "slab_context=True (checkpoint: False)",
+      "mbstd_group=2 (checkpoint: 0)"], None),
+    ("train-augment-unknown", TRAIN + " --out={d}/o --augment=colour", ["--augment=colour: unknown augmentation"],
+     None),
+    ("train-disk-full-checkpoint", RESUME + " --max_iters=3",
+     ["{run}/ckpt.pt: cannot write the checkpoint of iteration 3 (No space left on device)",
+      "{run}/ckpt.pt (iteration 2) is intact"],
+     lambda d, fx: os.symlink("/dev/full", fx["run"] / "ckpt.pt.tmp")),  # a write there fails with ENOSPC
+]
+ALLOWED = {"train-disk-full-checkpoint": ("config.json", "log.jsonl")}  # what the resumed run itself rewrites
+
+
+def _files(d):
+    paths = glob.glob(f"{d}/**", recursive=True, include_hidden=True)
+    return {p: hashlib.sha1(open(p, "rb").read()).hexdigest() for p in paths
+            if os.path.isfile(p) and not os.path.islink(p)}
+
+
+@pytest.fixture(scope="module")
+def faults(request, demo, ckpts, trained, tmp_path_factory):
+    """Every selected case's (CompletedProcess, files before, case folder): set up in turn, then run two at a
+    time (each process uses one thread), so that the table costs half its sum on two cores."""
+    wanted = {it.callspec.params["case"] for it in request.session.items if it.originalname == "test_fault"}
+    jobs = {}
+    for case, cmd, _, setup in FAULTS:
+        if case not in wanted:
+            continue
+        d = tmp_path_factory.mktemp(case)
+        fx = dict(demo=demo, ckpt=ckpts["ckpt"], run=d / "run")
+        if "{run}" in cmd:
+            shutil.copytree(trained, d / "run")
+        if setup:
+            setup(d, fx)
+        args = cmd.format(d=d, demo=demo, run=d / "run", ckpt=ckpts["ckpt"], raw=os.path.join(demo, "raw"),
+                          tiny=" ".join(TINY)).split()
+        jobs[case] = (args, _files(d), d)
+    with ThreadPoolExecutor(2) as pool:
+        res = dict(zip(jobs, pool.map(lambda c: run(*jobs[c][0]), jobs)))
+    return {c: (res[c], *jobs[c][1:]) for c in jobs}
+
+
+@pytest.mark.parametrize("case", [f[0] for f in FAULTS])
+def test_fault(faults, case, demo):
+    p, before, d = faults[case]
+    _, cmd, says, _ = next(f for f in FAULTS if f[0] == case)
+    assert p.returncode != 0, p.stdout[-2000:] + p.stderr[-2000:]
+    if cmd.startswith("-m torch.distributed.run"):
+        # torchrun's own failure report follows (its traceback and a table, which a script cannot
+        # silence); the error is said once, by rank 0, and the report's root cause repeats it
+        ours = [ln for ln in (p.stdout + p.stderr).splitlines() if ln.startswith("error: ")]
+        assert len(ours) == 1 and "ChildFailedError" in p.stderr, p.stderr
+        assert f"traceback : {ours[0]}" in p.stderr and 'train.py", line' not in p.stderr
+        line = ours[0]
+    else:
+        lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr[-3000:]
+        assert "Traceback" not in p.stdout + p.stderr
+        line = lines[0]
+    for s in says:
+        assert s.format(d=d, demo=demo, run=d / "run") in line, (s, line)
+    after = _files(d)
+    for path, sha in before.items():
+        if os.path.basename(path) not in ALLOWED.get(case, ()):
+            assert after.get(path) == sha, f"{path} changed"
+    assert not [p for p in glob.glob(f"{d}/**/*.tmp*", recursive=True, include_hidden=True) if p not in before]
+

@@ -24,14 +24,15 @@ import sys
 import time
 from collections import namedtuple
 from copy import deepcopy
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from eval import band_fractions, ms_ssim_pairs, unit_histogram, wasserstein1
-from model import HAGAN, NETS, HAGANConfig, S_H, augment_params, autocast_ctx, override
+from model import (HAGAN, NETS, HAGANConfig, S_H, augment_params, autocast_ctx, fail, model_config, override,
+                   pick_device, read_checkpoint)
 from prepare import VolumeDataset, store_fingerprint, writable_dir
 from sample import save_montage
 
@@ -40,8 +41,8 @@ from sample import save_montage
 config = dict(
     out="out",  # output folder: ckpt.pt (previous one kept as ckpt.prev.pt), config.json, log.jsonl, PNGs
     data_dir="data/demo",  # a folder written by prepare.py
-    fold=0,  # held-out fold of the 5-fold split (training uses the other four)
-    img_size=256,  # S; must match the prepared data (a [D, H, W] list for non-cubic volumes)
+    fold=0,  # held-out fold of the 5-fold split (training uses the other four); -1 = train on every volume
+    img_size=-1,  # S, or [D, H, W] for non-cubic volumes; -1 = the prepared data's size (a given S must match it)
     width=1.0,  # channel multiplier of every network (1.0 = the official model)
     latent_dim=1024,  # size of Z
     num_classes=0,  # >0: class-conditional HA-GAN with AC-GAN heads (paper IV-C); labels from the data
@@ -74,6 +75,7 @@ config = dict(
     device="auto",  # 'cpu', 'cuda', 'cuda:1', ...; 'auto' = cuda if available
     backend="auto",  # DDP backend: 'nccl' on CUDA, 'gloo' on CPU
     compile=False,  # torch.compile the fixed-shape networks
+    threads=0,  # CPU threads per process (torch.set_num_threads); 0 = torch's default (torchrun's OMP_NUM_THREADS)
     seed=1337,  # every random draw derives from (seed, rank, iteration): resume is exact
     log_interval=10,  # iterations per log line
     ckpt_interval=1000,  # iterations per checkpoint (and one at the end)
@@ -84,13 +86,20 @@ config = dict(
     wandb_project="hagan",
     wandb_run_name="run",
 )
-override(config)
+given = set()  # the keys that config files or the command line set (resume checks them against the checkpoint)
+override(config, given=given)
 
 # -----------------------------------------------------------------------------
 # processes, devices, precision
 
+# every error is one line from rank 0 (model.fail): the other ranks exit quietly, so it is never printed twice
 ddp = int(os.environ.get("RANK", -1)) != -1  # started by torchrun?
-device = config["device"] if config["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+try:
+    device = pick_device(config["device"])
+except ValueError as e:
+    fail(str(e))
+if config["threads"] > 0:
+    torch.set_num_threads(config["threads"])
 if ddp:
     rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
     if device.startswith("cuda"):
@@ -106,7 +115,7 @@ dtype = config["dtype"]
 if dtype == "auto":
     dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
 if dtype not in ("float32", "bfloat16", "float16"):
-    raise SystemExit(f"error: dtype must be float32, bfloat16 or float16, not {dtype!r}")
+    fail(f"dtype must be float32, bfloat16 or float16, not {dtype!r}")
 ctx = autocast_ctx(device, dtype)
 if device_type == "cuda":
     torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels once
@@ -114,13 +123,35 @@ if device_type == "cuda":
     torch.backends.cudnn.allow_tf32 = True
 per_rank = config["batch_size"] // (world * config["grad_accum"])
 if per_rank * world * config["grad_accum"] != config["batch_size"] or per_rank < 1:
-    raise SystemExit(f"error: batch_size={config['batch_size']} must be a multiple of world size ({world}) "
-                     f"x grad_accum ({config['grad_accum']})")
+    fail(f"batch_size={config['batch_size']} must be a multiple of world size ({world}) x grad_accum "
+         f"({config['grad_accum']})")
 
 
 def log(*a):
     if master:
         print(*a, flush=True)
+
+
+def stop_if_failed(err):
+    """Rank 0's file writes can fail (a full disk): err is its one-line reason, or None. Under DDP rank 0
+    tells the others (one broadcast), so that every rank stops and none is left waiting in a collective."""
+    if ddp:
+        flag = torch.tensor([float(err is not None)], device=device)
+        dist.broadcast(flag, 0)
+        err = err or ("" if flag.item() else None)
+    if err is not None:
+        fail(err)
+
+
+# threads: when other jobs share the cores, OpenMP threads spend their time waiting on each other and a
+# run slows down several times (README, measured figures); say so, the user can then set --threads
+cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+if load > cores or (device_type == "cpu" and local_world * torch.get_num_threads() > cores):
+    log(f"warning: oversubscribed: {cores} cores, load average {load:.1f}, {local_world} process(es) x "
+        f"{torch.get_num_threads()} threads here; other jobs share the cores, so iterations are slower and "
+        f"their times vary (with another job running, --threads=1 is often faster)")
 
 
 def seeded(*key):
@@ -133,50 +164,83 @@ def seeded(*key):
 # data, model, optimisers
 
 out_dir = config["out"]
+err = None
 if master:
     try:
         writable_dir(out_dir)
     except ValueError as e:
-        raise SystemExit(f"error: {e}; choose another --out")
+        err = f"{e}; choose another --out"
+stop_if_failed(err)
 
 try:
     ds = VolumeDataset(config["data_dir"], split="train", fold=config["fold"])
 except (FileNotFoundError, ValueError) as e:
-    raise SystemExit(f"error: {e}")
-img_size = config["img_size"] if isinstance(config["img_size"], int) else tuple(config["img_size"])
+    fail(str(e))
+# the architecture keys: img_size, latent_dim, num_classes, width, num_slabs, slab_context, mbstd_group
+arch = [f.name for f in fields(HAGANConfig) if f.name in config]
 if init_from_resume := (config["init_from"] == "resume"):
-    ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    if not os.path.exists(ckpt_path) and os.path.exists(os.path.join(out_dir, "ckpt.prev.pt")):
-        ckpt_path = os.path.join(out_dir, "ckpt.prev.pt")  # killed between the two renames of a save
-    if not os.path.exists(ckpt_path):
-        raise SystemExit(f"error: {ckpt_path}: nothing to resume; start with --init_from=scratch")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    model_args = dict(ckpt["model_args"])  # the architecture comes from the checkpoint
-    if isinstance(model_args["img_size"], list):
-        model_args["img_size"] = tuple(model_args["img_size"])
-    cfg = HAGANConfig(**model_args)
+    # the newest intact checkpoint: ckpt.pt, else ckpt.prev.pt (a damaged file, or a kill between the renames)
+    bad = []
+    for ckpt_path in (os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "ckpt.prev.pt")):
+        if not os.path.exists(ckpt_path):
+            continue
+        try:
+            ckpt = read_checkpoint(ckpt_path)
+            missing = [k for k in ("optimizers", "scalers", "iter_num", "rng") if k not in ckpt]
+            if missing:
+                raise ValueError(f"{ckpt_path}: not a checkpoint train.py can resume (no {', '.join(missing)})")
+            cfg = model_config(ckpt["model_args"], ckpt_path)  # the architecture comes from the checkpoint
+            break
+        except ValueError as e:
+            bad.append(str(e))
+    else:
+        fail(f"{os.path.join(out_dir, 'ckpt.pt')}: nothing to resume; start with --init_from=scratch" if not bad else
+             "; ".join(bad) + "; no intact checkpoint to resume from: start again with --init_from=scratch "
+             "(in another --out to keep these files)")
+    ckpt_trusted = not bad  # a damaged ckpt.pt is overwritten by the next save, not kept as ckpt.prev.pt
+    if bad:
+        log(f"warning: {bad[0]}; resuming from {ckpt_path} (iteration {ckpt['iter_num']}) instead")
+    saved = dict(asdict(cfg), img_size=cfg.shape)  # compare sizes as (D, H, W)
+    asked = dict(config, img_size=tuple(config["img_size"]) if isinstance(config["img_size"], list)
+                 else (config["img_size"],) * 3)
+    differ = [f"{k}={config[k]!r} (checkpoint: {saved[k]!r})" for k in arch
+              if k in given and asked[k] != saved[k] and config[k] != -1]
+    if differ:
+        fail(f"{ckpt_path} was trained with other architecture settings than this run's {', '.join(differ)}; "
+             f"resume without those settings (the checkpoint's are used) or start a new run in another --out")
 else:
+    ckpt_trusted = True
+    img_size = config["img_size"] if isinstance(config["img_size"], int) else tuple(config["img_size"])
+    if img_size == -1:  # the store's size
+        img_size = ds.img_size[0] if len(set(ds.img_size)) == 1 else tuple(ds.img_size)
     try:
         cfg = HAGANConfig(img_size=img_size, latent_dim=config["latent_dim"], num_classes=config["num_classes"],
                           width=config["width"], num_slabs=config["num_slabs"], slab_context=config["slab_context"],
                           mbstd_group=config["mbstd_group"])
     except ValueError as e:
-        raise SystemExit(f"error: {e}")
+        fail(str(e))
 if tuple(ds.img_size) != cfg.shape:
     want = ds.img_size[0] if len(set(ds.img_size)) == 1 else list(ds.img_size)
-    raise SystemExit(f"error: {config['data_dir']} holds {'x'.join(map(str, ds.img_size))} volumes but the model "
-                     f"is {'x'.join(map(str, cfg.shape))}; set --img_size={want} or prepare the data at this size")
+    fail(f"{config['data_dir']} holds {'x'.join(map(str, ds.img_size))} volumes but the model is "
+         f"{'x'.join(map(str, cfg.shape))}; " + (f"this checkpoint cannot train on them" if init_from_resume else
+         f"set --img_size={want} (or leave img_size unset) or prepare the data at this size"))
 if len(ds) < per_rank:
-    raise SystemExit(f"error: {config['data_dir']}: the training split of fold {config['fold']} has {len(ds)} "
-                     f"volumes, fewer than one batch ({per_rank}); prepare more scans or lower batch_size")
+    split = "every volume" if config["fold"] == -1 else f"the training split of fold {config['fold']}"
+    fail(f"{config['data_dir']}: {split} has {len(ds)} volumes, fewer than one batch ({per_rank}); prepare more "
+         f"scans, lower batch_size" + ("" if config["fold"] == -1 else " or train on every volume with --fold=-1"))
 if cfg.num_classes:
     nc = ds.meta.get("num_classes", 0)
     if not ds.meta.get("class_column") or nc < 1:
-        raise SystemExit(f"error: {config['data_dir']} has no class labels; a conditional run needs "
-                         f"prepare.py --labels=labels.csv with a 'class' column")
+        fail(f"{config['data_dir']} has no class labels; a conditional run needs prepare.py --labels=labels.csv "
+             f"with a 'class' column")
     if nc > cfg.num_classes:
-        raise SystemExit(f"error: {config['data_dir']} has {nc} classes but num_classes={cfg.num_classes}")
+        fail(f"{config['data_dir']} has {nc} classes but num_classes={cfg.num_classes}")
+    if ds.labels[ds.meta["class_column"]].min() < 0:
+        fail(f"{os.path.join(config['data_dir'], 'volumes.csv')}: class {ds.labels[ds.meta['class_column']].min()} is "
+             f"negative; prepare the data again with classes 0..K-1 in labels.csv")
 
+held_out = "every volume, fold=-1" if config["fold"] == -1 else f"fold {config['fold']} held out"
+log(f"{config['data_dir']}: training on {len(ds)} volumes ({held_out}) of {'x'.join(map(str, cfg.shape))}")
 torch.manual_seed(config["seed"])  # initial weights: identical on every rank, and broadcast below anyway
 if config["init_from"] not in ("scratch", "resume"):
     g = config["init_from"]
@@ -185,14 +249,14 @@ if config["init_from"] not in ("scratch", "resume"):
     try:
         model = HAGAN.from_official(G=g, **side, img_size=cfg.img_size, num_slabs=cfg.num_slabs)
     except (ValueError, OSError) as e:
-        raise SystemExit(f"error: {e}")
+        fail(str(e))
     cfg = model.cfg
     log(f"initialised from the official checkpoint {g} (+ {', '.join(side) or 'no other files'})")
 else:
     try:
         model = HAGAN(cfg)
     except ValueError as e:
-        raise SystemExit(f"error: {e}")
+        fail(str(e))
 model.to(device)
 if config["channels_last"]:
     model.to(memory_format=torch.channels_last_3d)
@@ -205,14 +269,18 @@ aug_ops = [a for a in config["augment"].split(",") if a]
 try:
     augment_params(1, cfg.a_shape, aug_ops, 0.0)
 except ValueError as e:
-    raise SystemExit(f"error: --augment={config['augment']}: {e}")
+    fail(f"--augment={config['augment']}: {e}")
 augment_p = config["augment_p"]  # ADA changes it as training goes; saved in the checkpoint
 ada_sign = 0.0  # ADA: sum of the mean sign of D(real) since augment_p last changed
 if init_from_resume:
-    model.load_state_dict(ckpt["model"])
-    for k in NETS:
-        opts[k].load_state_dict(ckpt["optimizers"][k])
-        scalers[k].load_state_dict(ckpt["scalers"][k])
+    try:
+        model.load_state_dict(ckpt["model"])
+        for k in NETS:
+            opts[k].load_state_dict(ckpt["optimizers"][k])
+            scalers[k].load_state_dict(ckpt["scalers"][k])
+    except (RuntimeError, ValueError, KeyError) as e:
+        fail(f"{ckpt_path}: its weights or optimiser states do not fit its model_args ({type(e).__name__}: "
+             f"{(str(e).strip().splitlines() or [''])[-1][:160]})")
     if ema is not None and ckpt.get("ema_G"):
         ema.load_state_dict(ckpt["ema_G"])
     iter_num = ckpt["iter_num"]
@@ -239,12 +307,20 @@ fingerprint = store_fingerprint(config["data_dir"])
 if init_from_resume and resumed_fingerprint != fingerprint:
     log(f"warning: {config['data_dir']} is not the dataset this checkpoint was trained on "
         f"(fingerprint {fingerprint} vs {resumed_fingerprint}); continuing on the new data")
-run_config = dict(config, resolved=dict(device=device, dtype=dtype, world=world, per_rank_batch=per_rank,
-                                        model_args=asdict(cfg)))
+# what this run uses: the architecture keys as built (from the store's size, or from the checkpoint on resume)
+used_config = dict(config, **{k: v for k, v in asdict(cfg).items() if k in arch})
+run_config = dict(used_config, resolved=dict(device=device, dtype=dtype, world=world, per_rank_batch=per_rank,
+                                             threads=torch.get_num_threads(), model_args=asdict(cfg)))
+err = None
 if master:
     log(json.dumps(run_config, indent=1, default=str))
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(run_config, f, indent=1, default=str)
+    try:
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            json.dump(run_config, f, indent=1, default=str)
+    except OSError as e:
+        err = (f"{os.path.join(out_dir, 'config.json')}: cannot write it ({e.strerror or e}); free some space or "
+               f"choose another --out")
+stop_if_failed(err)
 
 
 def sync_grads(net):
@@ -262,27 +338,52 @@ def sync_grads(net):
 
 
 def save_checkpoint():
-    """Atomic: write a temp file, fsync it, keep the old checkpoint as ckpt.prev.pt, rename."""
+    """Atomic: write a temp file, fsync it, keep the old checkpoint as ckpt.prev.pt, rename. Returns None, or
+    the one-line reason why the temp file could not be written (a full disk): then it is removed, and the
+    checkpoints already there are untouched."""
+    global ckpt_trusted, saved_iter
     rng = dict(python=list(random.getstate()), numpy=[np.random.get_state()[0], np.random.get_state()[1].tolist()]
                + list(np.random.get_state()[2:]), torch=torch.get_rng_state(),
                cuda=torch.cuda.get_rng_state_all() if device_type == "cuda" else None)
     ck = dict(model=model.state_dict(), model_args=asdict(cfg), ema_G=ema.state_dict() if ema is not None else {},
               optimizers={k: o.state_dict() for k, o in opts.items()},
               scalers={k: s.state_dict() for k, s in scalers.items()},
-              iter_num=iter_num, ada=(augment_p, ada_sign), config=config, meta=ds.meta, fingerprint=fingerprint, rng=rng,
+              iter_num=iter_num, ada=(augment_p, ada_sign), config=used_config, meta=ds.meta, fingerprint=fingerprint,
+              rng=rng,
               rank_checksums=rank_checksums)
     path = os.path.join(out_dir, "ckpt.pt")
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(ck, f)
-        f.flush()
-        os.fsync(f.fileno())
-    if os.path.exists(path):
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(ck, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as either
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        why = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [""])[-1][:120]
+        return (f"{path}: cannot write the checkpoint of iteration {iter_num} ({why}); nothing was changed, "
+                + (f"{path} (iteration {saved_iter}) is intact: free some space and continue with --init_from=resume"
+                   if saved_iter is not None else "and no checkpoint was written yet: free some space and start again"))
+    if os.path.exists(path) and ckpt_trusted:
         os.replace(path, os.path.join(out_dir, "ckpt.prev.pt"))
     os.replace(tmp, path)
     dfd = os.open(out_dir, os.O_RDONLY)
     os.fsync(dfd)
     os.close(dfd)
+    ckpt_trusted, saved_iter = True, iter_num
+    return None
+
+
+def append_log(rec):
+    """One record more in log.jsonl. Returns None, or (path, OSError) when the write fails (a full disk)."""
+    path = os.path.join(out_dir, "log.jsonl")
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+    except OSError as e:
+        return path, e
+    return None
 
 
 def peak_memory_gib():
@@ -345,7 +446,10 @@ stop = []
 signal.signal(signal.SIGINT, lambda *_: stop.append("SIGINT"))
 signal.signal(signal.SIGTERM, lambda *_: stop.append("SIGTERM"))
 if config["wandb_log"] and master:
-    import wandb  # only when asked for
+    try:
+        import wandb  # only when asked for
+    except ImportError:
+        fail("wandb_log=True needs the wandb package (pip install wandb)")
     wandb.init(project=config["wandb_project"], name=config["wandb_run_name"], config=run_config)
 
 # -----------------------------------------------------------------------------
@@ -376,6 +480,7 @@ def step(name, micro, loss_fn):
 
 
 model.train()
+saved_iter = iter_num if init_from_resume else None  # the iteration of the checkpoint on disk
 rank_checksums = []  # sum of all weights on each rank at the last checkpoint (DDP only)
 t0 = time.time()
 t_first = None
@@ -406,6 +511,7 @@ while iter_num < config["max_iters"]:
             for pe, p in zip(ema.parameters(), model.G.parameters()):
                 pe.lerp_(p, 1 - config["ema_decay"])
     iter_num += 1
+    err = None  # (path, OSError) of a write of rank 0's that failed
 
     # one small all-reduce of the stats: for the log and so that every rank agrees to stop on NaN
     names = list(stats)  # the same order on every rank
@@ -442,24 +548,33 @@ while iter_num < config["max_iters"]:
             f"ETA {eta / 3600:.1f} h")
         if master:
             rec = dict(iter=iter_num, ms_per_iter=dt * 1000, peak_gib=peak_memory_gib(), **vals)
-            with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            err = append_log(rec)
             if config["wandb_log"]:
                 wandb.log(rec, step=iter_num)
     if master and config["sample_interval"] and (iter_num % config["sample_interval"] == 0
-                                                 or iter_num == config["max_iters"]):
+                                                 or iter_num == config["max_iters"]) and err is None:
         png = os.path.join(out_dir, f"samples_{iter_num:06d}.png")
-        rec_l1, q = write_montage(png), quality_signal()
-        log(f"wrote {png} (reconstruction L1 {rec_l1:.4f}) | quality: MS-SSIM of sample pairs {q['ms_ssim']:.3f} "
-            f"(real pairs {q['ms_ssim_real']:.3f}), intensity W1 {q['w1']:.1f}" + (" HU" if "band_err" in q else "")
-            + (f", worst tissue band off by {100 * q['band_err']:.0f}%" if "band_err" in q else ""))
-        with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
-            f.write(json.dumps(dict(iter=iter_num, rec_l1=rec_l1, **q)) + "\n")
+        try:  # written to a temp file and renamed (sample.write_atomic): a failed write leaves nothing
+            rec_l1, q = write_montage(png), quality_signal()
+        except OSError as e:
+            err = (png, e)
+        else:
+            log(f"wrote {png} (reconstruction L1 {rec_l1:.4f}) | quality: MS-SSIM of sample pairs {q['ms_ssim']:.3f} "
+                f"(real pairs {q['ms_ssim_real']:.3f}), intensity W1 {q['w1']:.1f}" + (" HU" if "band_err" in q else "")
+                + (f", worst tissue band off by {100 * q['band_err']:.0f}%" if "band_err" in q else ""))
+            err = append_log(dict(iter=iter_num, rec_l1=rec_l1, **q))
     stopping = bool(stop)
-    if ddp:  # a signal may reach only some ranks: stop together
-        flag = torch.tensor([float(stopping)], device=device)
+    if ddp:  # a signal may reach only some ranks, and rank 0's writes may fail: stop together
+        flag = torch.tensor([float(stopping), float(err is not None)], device=device)
         dist.all_reduce(flag)
-        stopping = flag.item() > 0
+        stopping = flag[0].item() > 0
+        err = err or (None if flag[1].item() == 0 else ("", None))
+    if err is not None:  # a full disk: the last checkpoint is intact, and nothing half-written is left
+        path, e = err
+        fail(f"{path}: cannot write it at iteration {iter_num} ({getattr(e, 'strerror', None) or e}); "
+             + (f"{os.path.join(out_dir, 'ckpt.pt')} (iteration {saved_iter}) is intact: free some space and "
+                f"continue with --init_from=resume" if saved_iter is not None else
+                "no checkpoint was written yet: free some space and start again"))
     saving = iter_num % config["ckpt_interval"] == 0 or iter_num == config["max_iters"] or stopping
     if ddp and saving:
         # ranks must hold the same weights; if they drifted, a checkpoint of rank 0 would hide it
@@ -472,8 +587,9 @@ while iter_num < config["max_iters"]:
                 f"not saving. This is a bug: please report it with your config")
             dist.destroy_process_group()
             sys.exit(1)
-    if master and saving:
-        save_checkpoint()
+    if saving:
+        err = save_checkpoint() if master else None
+        stop_if_failed(err)
         log(f"saved {os.path.join(out_dir, 'ckpt.pt')} at iteration {iter_num}")
     if stopping:
         log(f"stopped by {stop[0] if stop else 'another rank'} at iteration {iter_num}; "
