@@ -31,6 +31,7 @@ Reading it (train.py, encode.py, eval.py):
 import csv
 import glob
 import hashlib
+import io
 import json
 import math
 import multiprocessing as mp
@@ -43,7 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model import override
+from model import fail, override
 
 
 # -----------------------------------------------------------------------------
@@ -68,6 +69,10 @@ ORIENTATION = ("S", "P", "L")       # stored axes: axial slices hires[z] show as
 NUM_FOLDS = 5                       # the paper's 5-fold cross-validation
 # file endings we pick up when searching folders; the partner files (.img, .HEAD, .REC) are read by nibabel
 IMAGE_ENDINGS = (".nii", ".nii.gz", ".mgh", ".mgz", ".mnc", ".hdr", ".brik", ".brik.gz", ".par", ".npy")
+STORE_FILES = ("hires.npy", "lowres.npy")  # a store's own arrays: never read back as input scans
+MIN_SLICES = 8  # fewer voxels than this along an axis (after trimming blank slices) is not a scan
+MAX_SATURATED = 0.5  # more than this share of voxels above the window's high end: not in the window's units
+DICOM_HINT = "convert each DICOM series to NIfTI first, e.g. dcm2niix -z y -o nifti/ {src}, then --input=nifti/"
 
 
 # -----------------------------------------------------------------------------
@@ -89,24 +94,29 @@ def from_unit(x, window):
 
 
 def parse_window(s):
-    """'LO,HI' -> (lo, hi) floats, or None for ''."""
+    """'LO,HI' -> (lo, hi) floats, or None for ''. A one-line ValueError otherwise."""
     if s in ("", None):
         return None
-    lo, hi = (float(v) for v in str(s).split(","))
-    assert hi > lo, f"--window={s}: HI must be greater than LO"
+    try:
+        lo, hi = (float(v) for v in str(s).split(","))
+    except ValueError:
+        raise ValueError(f"--window={s}: use LO,HI in the scans' units, e.g. --window=-1024,600") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
+        raise ValueError(f"--window={s}: HI must be greater than LO (e.g. --window=-1024,600)")
     return (lo, hi)
 
 
 def parse_size(s):
-    """256 / '256' / '160,256,256' / (D,H,W) -> (D, H, W), each a multiple of 32 (model.py's contract)."""
-    if isinstance(s, (tuple, list)):
-        size = tuple(int(v) for v in s)
-    else:
-        size = tuple(int(v) for v in str(s).split(","))
-    if len(size) == 1:
-        size = size * 3
-    assert len(size) == 3 and all(v > 0 and v % 32 == 0 for v in size), \
-        f"img_size={s}: need S or D,H,W with every dim a multiple of 32"
+    """256 / '256' / '160,256,256' / (D,H,W) -> (D, H, W), each a multiple of 32 from 32 to 512 (the sizes
+    model.py builds). A one-line ValueError otherwise."""
+    try:
+        size = tuple(int(v) for v in (s if isinstance(s, (tuple, list)) else str(s).split(",")))
+    except ValueError:
+        size = ()
+    size = size * 3 if len(size) == 1 else size
+    if len(size) != 3 or not all(32 <= v <= 512 and v % 32 == 0 for v in size):
+        raise ValueError(f"img_size={s}: cannot be built; use S in 32, 64, 128, 256, 512, or D,H,W with every dim "
+                         f"a multiple of 32 between 32 and 512 (e.g. 160,192,224)")
     return size
 
 
@@ -172,8 +182,11 @@ def load_volume(path, first_volume=False):
     except Exception as e:  # truncated gzip, short file, corrupt header...
         raise ValueError(f"{path}: unreadable or truncated ({type(e).__name__}: {e})") from None
     affine = np.asarray(img.affine, dtype=np.float64)
-    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise ValueError(f"{path}: degenerate affine")
+    sp = np.sqrt((affine[:3, :3] ** 2).sum(0)) if np.all(np.isfinite(affine)) else np.zeros(3)
+    # relative to the voxel size, so that a fine grid (microscopy, 1e-3 mm) is not taken for a flat one
+    if not np.all(sp > 0) or abs(np.linalg.det(affine[:3, :3])) < 1e-6 * np.prod(sp):
+        raise ValueError(f"{path}: degenerate affine (voxel axes {' x '.join(f'{v:.3g}' for v in sp)} mm, "
+                         f"not three independent directions)")
     # reorient by axis permutations/flips only (no resampling): the closest axes to (S,P,L)
     ornt = nib.orientations.io_orientation(affine)
     xform = nib.orientations.ornt_transform(ornt, nib.orientations.axcodes2ornt(ORIENTATION))
@@ -277,14 +290,32 @@ def prepare_array(vol, spacing, img_size, modality="ct", window=None, out_spacin
     t0, t1 = int(keep[0]), int(keep[-1]) + 1
     u = u[t0:t1]
     n = u.shape
+    # what no scan looks like: a few slices (a localiser, a 2D series), or values beyond the window
+    # (CT not in Hounsfield units: a raw scanner range without its rescale slope and intercept)
+    if min(n) < MIN_SLICES:
+        a = int(np.argmin(n))
+        raise ValueError(f"too thin to be a scan: {n[a]} voxel(s) along axis {a} ({'x'.join(map(str, n))} after "
+                         f"trimming blank axial slices); at least {MIN_SLICES} are needed")
+    high = float((u >= 1.0).float().mean())
+    if high > MAX_SATURATED:
+        raise ValueError(f"{100 * high:.0f}% of the voxels are at or above the window's high end {window[1]:g} "
+                         f"(not in its units? CT must be in Hounsfield units); set --window=LO,HI or --modality=mri")
     sp = np.asarray(spacing, dtype=np.float64)
-    assert sp.shape == (3,) and np.all(sp > 0), f"bad spacing {spacing}"
+    if sp.shape != (3,) or not np.all(sp > 0):
+        raise ValueError(f"bad voxel spacing {spacing}")
     T = (D, H, W)
     if stretch:
         step = [n[a] / T[a] for a in range(3)]
     else:
         s = out_spacing if out_spacing > 0 else max(n[a] * sp[a] / T[a] for a in range(3))
         step = [s / sp[a] for a in range(3)]
+        fill = [n[a] / step[a] for a in range(3)]  # stored voxels the scan spans along each axis
+        a = int(np.argmin([fill[k] / T[k] for k in range(3)]))
+        if fill[a] < T[a] / 8:
+            fov = " x ".join(f"{n[k] * sp[k]:.0f}" for k in range(3))
+            raise ValueError(f"extreme shape: a field of view of {fov} mm fills only {fill[a]:.1f} of the {T[a]} "
+                             f"stored voxels along axis {a} (under 1/8); not a volume to learn from "
+                             f"(--stretch resizes it anyway)")
     u = u.contiguous()
     for a in range(3):  # resample axis 0, then rotate (D,H,W) -> (H,W,D): each axis comes first once
         u = _resample_axis0(u, T[a], step[a], -1.0)
@@ -335,9 +366,30 @@ def writable_dir(path):
         raise ValueError(f"{path}: cannot write there ({e.strerror or e})") from None
 
 
-def find_inputs(specs):
-    """--input values -> list of paths (order kept, duplicates removed). Folders are searched recursively."""
+def is_dicom(path):
+    """A DICOM file by its ending, or by the 'DICM' tag after the 128-byte preamble (extensionless files)."""
+    if path.lower().endswith((".dcm", ".dicom", ".ima")):
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def is_store_file(path):
+    """hires.npy / lowres.npy of a prepared store (a folder with meta.json or _plan.json beside them)."""
+    d, name = os.path.split(path)
+    return name in STORE_FILES and any(os.path.exists(os.path.join(d, m)) for m in ("meta.json", "_plan.json"))
+
+
+def find_inputs(specs, exclude=""):
+    """--input values -> (paths, missing): paths in order, duplicates removed; folders searched recursively.
+    A store's own arrays are never inputs (an --out inside an input folder), and `exclude`'s are not
+    either; DICOM files are listed in `missing` with how to convert them (reason starting 'DICOM')."""
     out, missing = [], []
+    own = {os.path.realpath(os.path.join(exclude, f)) for f in STORE_FILES} if exclude else set()
+
     def is_image(p):
         return p.lower().endswith(IMAGE_ENDINGS)
     for spec in specs:
@@ -347,9 +399,18 @@ def find_inputs(specs):
             if not found:
                 missing.append((spec, "glob matches nothing"))
         elif os.path.isdir(spec):
+            dicom = None
             for root, dirs, files in os.walk(spec):
                 dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # hidden: .partial/ writes, .git
-                out += [os.path.join(root, f) for f in sorted(files) if is_image(f) and not f.startswith(".")]
+                files = [f for f in sorted(files) if not f.startswith(".")]
+                out += [os.path.join(root, f) for f in files if is_image(f)]
+                if dicom is None:  # the first DICOM file, if any, names the folder's problem
+                    dicom = next((os.path.join(root, f) for f in files if not is_image(f) and f.lower() not in
+                                  ("labels.csv", "readme", "readme.txt") and is_dicom(os.path.join(root, f))), None)
+            if dicom:
+                missing.append((spec, f"DICOM files there (e.g. {dicom}) are not read; {DICOM_HINT.format(src=spec)}"))
+        elif os.path.isfile(spec) and is_dicom(spec):
+            missing.append((spec, f"DICOM file, not read; {DICOM_HINT.format(src=os.path.dirname(spec) or '.')}"))
         elif os.path.isfile(spec) and spec.lower().endswith((".txt", ".lst", ".list")):
             with open(spec) as f:
                 lines = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
@@ -364,22 +425,92 @@ def find_inputs(specs):
     seen, uniq = set(), []
     for p in out:
         rp = os.path.realpath(p)
-        if rp not in seen:
+        if rp not in seen and rp not in own and not is_store_file(rp):
             seen.add(rp)
             uniq.append(p)
     return uniq, missing
 
 
+MISSING = ("", "na", "n/a", "nan", "none", "null", "-")  # empty cells, as spreadsheets write them
+
+
 def read_labels(path):
-    """labels.csv -> (columns, {id: {column: value}}); 'class' must be an integer."""
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        cols = [c for c in (reader.fieldnames or []) if c != "id"]
-        if "id" not in (reader.fieldnames or []):
-            raise ValueError(f"{path}: no 'id' column")
-        table = {}
-        for row in reader:
-            table[row["id"].strip()] = {c: (row[c] or "").strip() for c in cols}
+    """labels.csv -> (columns, {id: {column: value}}), read as spreadsheets export it: UTF-8 with or without
+    a byte-order mark (UTF-16 and Latin-1 too), separated by commas, semicolons (then 1,5 is a decimal comma)
+    or tabs, CRLF line ends, quoted fields, empty trailing columns. 'id' names the scan (its file name, with
+    or without the ending); 'class', if there, is an integer >= 0 in every row; the other columns hold
+    numbers, or an empty/NA cell for a missing value. Anything else is a one-line ValueError that names the
+    file, the row (as a spreadsheet numbers it: the header is row 1) and the column."""
+    try:
+        raw = open(path, "rb").read()
+    except OSError as e:
+        raise ValueError(f"--labels={path}: cannot read it ({e.strerror or e})") from None
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        text = raw.decode("utf-16")
+    else:
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            text = raw.decode("latin-1")  # any byte decodes; ids and numbers are ASCII anyway
+    first = next((ln for ln in text.splitlines() if ln.strip()), "")
+    delim = max((",", ";", "\t"), key=lambda d: len(next(csv.reader([first], delimiter=d))))
+    records = list(csv.reader(io.StringIO(text, newline=""), delimiter=delim))
+    h0 = next((i for i, r in enumerate(records) if any(c.strip() for c in r)), len(records))
+    header = [h.strip() for h in (records[h0] if h0 < len(records) else [])]
+    while header and not header[-1]:
+        header.pop()  # empty trailing columns
+    names = [{"id": "id", "class": "class"}.get(h.lower(), h) for h in header]
+    where = f"{path}: row {h0 + 1} (the header)"
+    if "id" not in names:
+        raise ValueError(f"{where}: no 'id' column (found: {', '.join(header) or 'nothing'}); "
+                         f"a labels file needs an id column naming each scan")
+    for j, h in enumerate(names):
+        if not h:
+            raise ValueError(f"{where}: column {j + 1} has no name")
+        if names.count(h) > 1:
+            raise ValueError(f"{where}: column '{h}' appears twice")
+        if h in CSV_FIELDS + ["fold"] and h != "id":
+            raise ValueError(f"{where}: column '{h}' is a name volumes.csv uses itself; rename it")
+    cols = [h for h in names if h != "id"]
+    table, first_row = {}, {}
+    for n, row in enumerate(records[h0 + 1:], start=h0 + 2):  # n: the row number a spreadsheet shows
+        if not any(c.strip() for c in row):
+            continue  # blank lines
+        if any(c.strip() for c in row[len(names):]):
+            raise ValueError(f"{path}: row {n}: {len(row)} cells but the header names {len(names)} columns")
+        cells = {h: (row[j].strip() if j < len(row) else "") for j, h in enumerate(names)}
+        vid = cells["id"]
+        if vid.lower().endswith(IMAGE_ENDINGS + (".img",)):
+            vid = volume_id(vid)  # a file name: its id
+        if not vid:
+            raise ValueError(f"{path}: row {n}, column 'id': empty")
+        if vid in table:
+            raise ValueError(f"{path}: row {n}, column 'id': {vid!r} repeats row {first_row[vid]}; one row per scan")
+        vals = {}
+        for c in cols:
+            v = cells[c]
+            num = v.replace(",", ".") if delim == ";" and v.count(",") == 1 and "." not in v else v
+            if c == "class":
+                try:
+                    k = float(num)
+                except ValueError:
+                    k = float("nan")
+                if v.lower() in MISSING or not (math.isfinite(k) and k == int(k) and k >= 0):
+                    raise ValueError(f"{path}: row {n}, column 'class': {v!r} is not a class; classes are integers "
+                                     f"0, 1, 2, ... in every row (delete a row to leave its scan out)")
+                vals[c] = str(int(k))
+            elif v.lower() in MISSING:
+                vals[c] = ""
+            else:
+                try:
+                    x = float(num)
+                except ValueError:
+                    x = float("nan")
+                if not math.isfinite(x):
+                    raise ValueError(f"{path}: row {n}, column '{c}': {v!r} is not a number (leave the cell "
+                                     f"empty for a missing value)")
+                vals[c] = v if num == v else repr(x)
+        table[vid], first_row[vid] = vals, n
     return cols, table
 
 
@@ -449,25 +580,32 @@ CSV_FIELDS = ["index", "id", "source", "status", "reason", "orig_shape", "orig_s
 def prepare_dataset(inputs, out, img_size=256, modality="ct", window="", labels="", workers=1,
                     first_volume=False, spacing=-1.0, stretch=False, on_done=None, log=print):
     """
-    Prepare every input into the folder out. Returns an exit code: 0 if at least one volume is ok, else 1.
-    on_done(n_done) is called after each finished volume (tests use it to simulate a killed run).
+    Prepare every input into the folder out. Returns 0 once at least one volume is ok; raises a one-line
+    ValueError for bad arguments, an --out that holds another store, or nothing prepared, before any
+    existing file is changed. on_done(n_done) is called after each finished volume (tests use it to
+    simulate a killed run).
     """
+    # --- arguments, labels and the output folder, before anything is read or written
     size = parse_size(img_size)
-    assert modality in ("ct", "mri"), f"modality={modality!r}: use ct or mri"
+    if modality not in ("ct", "mri"):
+        raise ValueError(f"--modality={modality}: unknown modality; use ct or mri")
     win = parse_window(window)
+    if int(workers) < 1:
+        raise ValueError(f"--workers={workers}: use 1 or more")
     D, H, W = size
     settings = dict(img_size=list(size), modality=modality, window=list(win) if win else None,
                     spacing=float(spacing), stretch=bool(stretch), first_volume=bool(first_volume),
                     labels=os.path.abspath(labels) if labels else "")
-    # --- the output folder must be writable before we read anything
-    try:
-        writable_dir(out)
-    except ValueError as e:
-        log(f"error: {e}; nothing prepared")
-        return 1
-    # --- plan: one row per input, in order; duplicates and unlabeled ids are skipped up front
-    paths, missing = find_inputs(inputs)
     label_cols, table = read_labels(labels) if labels else ([], {})
+    writable_dir(out)
+    # --- plan: one row per input, in order; duplicates and unlabeled ids are skipped up front
+    paths, missing = find_inputs(inputs, exclude=out)
+    dicom = [(p, why) for p, why in missing if why.startswith("DICOM")]
+    missing = [m for m in missing if m not in dicom]
+    if not paths and (dicom or missing):  # nothing to read at all: say why before writing anything
+        raise ValueError("{}: {}".format(*(dicom or missing)[0]))
+    for p, why in dicom:
+        log(f"warning: {p}: {why}")
     jobs, seen = [], {}
     for p in paths:
         vid = volume_id(p)
@@ -484,28 +622,36 @@ def prepare_dataset(inputs, out, img_size=256, modality="ct", window="", labels=
     for vid in sorted(set(table) - set(seen)):
         log(f"warning: {labels}: id {vid} has no input volume; label ignored")
     if not jobs:
-        log("error: no inputs found; nothing prepared")
-        return 1
+        raise ValueError(f"{', '.join(inputs) or '--input'}: no input scans found there "
+                         f"({', '.join(IMAGE_ENDINGS)}); nothing prepared")
     plan = dict(format_version=FORMAT_VERSION, settings=settings,
                 jobs=[(j["id"], j["source"]) for j in jobs])
-    # --- resume or start: a complete folder with the same plan is done; a different one we never overwrite
+    # --- resume or start: a complete folder with the same plan is done; another store, complete or
+    # partial, we never overwrite (the plan is written before the arrays, so a partial store has one)
     mpath, ppath, gpath = (os.path.join(out, n) for n in ("meta.json", "_plan.json", "_progress.jsonl"))
+    hpath, lpath = os.path.join(out, "hires.npy"), os.path.join(out, "lowres.npy")
     if os.path.exists(mpath):
-        with open(mpath) as f:
-            meta = json.load(f)
+        meta = read_meta(mpath)
         if meta.get("plan_sha1") == _sha1(plan):
             log(f"{out}: already complete ({meta['num_volumes']} volumes); nothing to do")
-            return 0 if meta["num_volumes"] else 1
-        log(f"error: {out} holds a different prepared dataset; delete it or choose another --out")
-        return 1
-    done = {}
-    N = len(jobs)
-    hpath, lpath = os.path.join(out, "hires.npy"), os.path.join(out, "lowres.npy")
+            return 0
+        raise ValueError(f"{out} holds a different prepared dataset (other inputs or settings); delete it or "
+                         f"choose another --out")
     old = None
     if os.path.exists(ppath):
-        with open(ppath) as f:
-            old = json.load(f)
-    if old == json.loads(json.dumps(plan)) and os.path.exists(hpath) and os.path.exists(lpath) and os.path.exists(gpath):
+        try:
+            with open(ppath) as f:
+                old = json.load(f)
+        except ValueError:
+            old = "unreadable"
+    elif os.path.exists(hpath) or os.path.exists(lpath):
+        old = "unknown"  # arrays without a plan: not written by this code
+    if old is not None and old != json.loads(json.dumps(plan)):
+        raise ValueError(f"{out} holds a partial store prepared from other inputs or settings; delete it, "
+                         f"re-run the command that started it, or choose another --out")
+    done = {}
+    N = len(jobs)
+    if old is not None and os.path.exists(hpath) and os.path.exists(lpath) and os.path.exists(gpath):
         with open(gpath) as f:
             for ln in f:
                 try:
@@ -515,11 +661,12 @@ def prepare_dataset(inputs, out, img_size=256, modality="ct", window="", labels=
                     pass  # a line cut short by a kill: that volume is redone
         log(f"{out}: resuming, {len(done)}/{N} inputs already done")
     else:
+        with open(ppath + ".tmp", "w") as f:  # first: from now on this folder says what it is becoming
+            json.dump(plan, f)
+        os.replace(ppath + ".tmp", ppath)
         # preallocated, sparse until written: 10,000 scans at 256^3 is a 335 GB file but no RAM
         np.lib.format.open_memmap(hpath, mode="w+", dtype=np.float16, shape=(N, D, H, W))
         np.lib.format.open_memmap(lpath, mode="w+", dtype=np.float16, shape=(N, D // 4, H // 4, W // 4))
-        with open(ppath, "w") as f:
-            json.dump(plan, f)
         open(gpath, "w").close()
     # --- run
     todo = [j for j in jobs if j["index"] not in done and "status" not in j]
@@ -588,8 +735,8 @@ def prepare_dataset(inputs, out, img_size=256, modality="ct", window="", labels=
     os.replace(os.path.join(out, "volumes.csv.tmp"), os.path.join(out, "volumes.csv"))
     log(f"{out}: {len(ok)} ok, {len(rows) - len(ok)} skipped, {time.time() - t0:.1f}s")
     if not ok:
-        log("error: nothing was prepared")
-        return 1
+        raise ValueError(f"{out}: nothing was prepared, every input was skipped (all reasons in "
+                         f"{os.path.join(out, 'volumes.csv')}), the first: {rows[0]['reason']}")
     # one spacing/affine for the whole store (sample.py writes generated volumes with it): exact with
     # --spacing, else the median of the per-volume spacings (fit mode: every volume keeps its own in volumes.csv)
     sp = np.median(np.array([[float(v) for v in r["out_spacing"].split("x")] for r in ok]), axis=0)
@@ -686,8 +833,12 @@ class VolumeDataset:
 
     def _maps(self):
         # re-open the maps per call (cheap) as nanoGPT does, so no long-lived np.memmap holds pages
-        hi = np.load(os.path.join(self.path, "hires.npy"), mmap_mode="r")
-        lo = np.load(os.path.join(self.path, "lowres.npy"), mmap_mode="r")
+        try:
+            hi = np.load(os.path.join(self.path, "hires.npy"), mmap_mode="r")
+            lo = np.load(os.path.join(self.path, "lowres.npy"), mmap_mode="r")
+        except (OSError, ValueError) as e:  # deleted or cut short since we opened the folder
+            raise ValueError(f"{getattr(e, 'filename', None) or self.path}: cannot read the store "
+                             f"({getattr(e, 'strerror', None) or e})") from None
         return hi, lo
 
     def volume(self, j):
@@ -736,11 +887,17 @@ class VolumeDataset:
         return x, x_low, self._class[ix].to(device, non_blocking=True)
 
 
+def main(argv=None):
+    c = override(dict(config), argv)
+    if not c["input"] or not c["out"]:
+        fail("--input and --out are needed: python prepare.py --input=PATH [--input=PATH ...] --out=data/NAME "
+             "[--img_size=256] [--modality=ct|mri]   (the demo: python data/demo/prepare.py)")
+    try:
+        return prepare_dataset(c["input"], c["out"], c["img_size"], c["modality"], c["window"], c["labels"],
+                               c["workers"], c["first_volume"], c["spacing"], c["stretch"])
+    except ValueError as e:
+        fail(str(e))
+
+
 if __name__ == "__main__":
-    override(config)
-    if not config["input"] or not config["out"]:
-        raise SystemExit("usage: python prepare.py --input=PATH [--input=PATH ...] --out=data/NAME "
-                         "[--img_size=256] [--modality=ct|mri]   (the demo: python data/demo/prepare.py)")
-    c = config
-    sys.exit(prepare_dataset(c["input"], c["out"], c["img_size"], c["modality"], c["window"], c["labels"],
-                             c["workers"], c["first_volume"], c["spacing"], c["stretch"]))
+    sys.exit(main())

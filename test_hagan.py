@@ -13,6 +13,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import struct
@@ -545,8 +546,9 @@ def test_prep_unit_mapping():
     t = prepare.to_unit(torch.tensor([-212.0]), w)
     assert abs(float(t) - 0.0) < 1e-6
     assert prepare.parse_size(64) == (64, 64, 64) and prepare.parse_size("64,32,32") == (64, 32, 32)
-    with pytest.raises(AssertionError):
-        prepare.parse_size(48)
+    for bad in (48, 1024, "64,64", "x"):
+        with pytest.raises(ValueError, match="cannot be built"):
+            prepare.parse_size(bad)
 
 
 def test_prep_load_volume_orientations(tmp_path):
@@ -661,10 +663,10 @@ def test_prep_real_files_and_bad_inputs(tmp_path, capsys):
 
 def test_prep_nothing_prepared_and_unwritable(tmp_path, capsys):
     (tmp_path / "afile").write_text("x")
-    rc = prepare.prepare_dataset([os.path.join(NIB_DATA, "anatomical.nii")], str(tmp_path / "afile" / "out"), 32)
-    assert rc == 1 and "cannot write there" in capsys.readouterr().out
-    rc = prepare.prepare_dataset([os.path.join(NIB_DATA, "small.mnc")], str(tmp_path / "o2"), 32)
-    assert rc == 1 and "nothing was prepared" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="cannot write there"):
+        prepare.prepare_dataset([os.path.join(NIB_DATA, "anatomical.nii")], str(tmp_path / "afile" / "out"), 32)
+    with pytest.raises(ValueError, match="nothing was prepared.*small.mnc: needs the optional package h5py"):
+        prepare.prepare_dataset([os.path.join(NIB_DATA, "small.mnc")], str(tmp_path / "o2"), 32)
     assert not os.path.exists(tmp_path / "o2" / "meta.json")
     with pytest.raises(FileNotFoundError, match="meta.json missing"):
         prepare.VolumeDataset(str(tmp_path / "o2"))
@@ -810,7 +812,65 @@ def test_prep_resume_after_kill(tmp_path):
     log = []
     assert prepare.prepare_dataset([str(src)], out, 32, labels=str(src / "labels.csv"), log=log.append) == 0
     assert "already complete" in log[-1]
-    assert prepare.prepare_dataset([str(src)], out, 64, log=log.append) == 1 and "different" in log[-1]
+    with pytest.raises(ValueError, match="holds a different prepared dataset"):
+        prepare.prepare_dataset([str(src)], out, 64, log=log.append)
+
+
+def test_prep_labels_as_spreadsheets_export_them(tmp_path):
+    want = {"a": {"class": "0", "fev1": "1.5", "age": ""}, "b": {"class": "2", "fev1": "2.25", "age": "61"}}
+    files = {  # the same table, as Excel, LibreOffice (German locale), Numbers and a script write it
+        "excel.csv": b"\xef\xbb\xbfID,Class,fev1,age,,\r\na.nii.gz,0,1.5,,,\r\nb,2.0,2.25,61,,\r\n,,,,,\r\n",
+        "semicolon.csv": "id;class;fev1;age\na;0;1,5;NA\nb;2;2,25;61\n".encode("latin-1"),
+        "quoted.tsv": b'"id"\t"class"\t"fev1"\t"age"\n"a"\t"0"\t"1.5"\t"n/a"\n"b"\t"2"\t"2.25"\t"61"\n',
+        "utf16.csv": "id,class,fev1,age\r\na,0,1.5,\r\nb,2,2.25,61\r\n".encode("utf-16"),
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        cols, table = prepare.read_labels(str(tmp_path / name))
+        assert cols == ["class", "fev1", "age"] and table == want, (name, table)
+    for text, msg in [("id,fold\na,1\n", "column 'fold' is a name volumes.csv uses"),
+                      ("name,class\na,1\n", "no 'id' column"),
+                      ("id,class\na,1,7\n", "row 2: 3 cells but the header names 2 columns"),
+                      ("id,class\na,\n", "row 2, column 'class': '' is not a class"),
+                      ("id,x\na,inf\n", "row 2, column 'x': 'inf' is not a number")]:
+        (tmp_path / "l.csv").write_text(text)
+        with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'l.csv'}: ") + ".*" + re.escape(msg)):
+            prepare.read_labels(str(tmp_path / "l.csv"))
+
+
+def test_prep_out_inside_the_input_folder_resumes(demo, tmp_path):
+    # --out=scans/store: the store's own arrays are never read back as scans, so a re-run resumes
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for k in range(3):
+        shutil.copy(os.path.join(demo, "raw", f"phantom_{k:04d}.nii.gz"), scans)
+    out = str(scans / "store")
+
+    def kill(n):
+        if n == 2:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare_dataset([str(scans)], out, 32, on_done=kill, log=lambda *a: None)
+    log = []
+    assert prepare.prepare_dataset([str(scans)], out, 32, log=log.append) == 0
+    assert any("resuming, 2/3" in ln for ln in log)
+    assert prepare.VolumeDataset(out, "all").ids == [f"phantom_{k:04d}" for k in range(3)]
+    assert prepare.prepare_dataset([str(scans)], out, 32, log=log.append) == 0 and "already complete" in log[-1]
+
+
+def test_prep_refuses_what_is_not_a_scan(tmp_path):
+    # a few slices, a sliver of a field of view, or values that are not in the window's units
+    body = _prep_smooth((40, 40, 40)) - 1024
+    with pytest.raises(ValueError, match="too thin to be a scan: 3 voxel"):
+        prepare.prepare_array(body[:3], np.ones(3), 32)
+    with pytest.raises(ValueError, match="extreme shape: a field of view of 40 x 40 x 2 mm"):
+        prepare.prepare_array(body, np.array([1.0, 1.0, 0.05]), 32)
+    assert prepare.prepare_array(body, np.array([1.0, 1.0, 0.05]), 32, stretch=True)[0].shape == (32, 32, 32)
+    with pytest.raises(ValueError, match="at or above the window's high end 600.*Hounsfield"):
+        prepare.prepare_array(body + 3000, np.ones(3), 32)  # a raw scanner range, no rescale intercept
+    assert prepare.prepare_array(body, np.full(3, 1e-3), 32)[0].shape == (32, 32, 32)  # fine voxels are fine
+    nib.save(nib.Nifti1Image(body, np.diag([1e-3, 1e-3, 1e-3, 1.0])), str(tmp_path / "fine.nii"))
+    assert prepare.load_volume(str(tmp_path / "fine.nii"))[0].shape == (40, 40, 40)  # not a 'degenerate affine'
 
 
 def test_prep_noncubic_and_npy(tmp_path):
@@ -839,8 +899,6 @@ def test_prep_command_lines(demo, tmp_path):
             f"--out={out}", "--img_size=32")
     assert p.returncode == 0 and "2 ok, 0 skipped" in p.stdout, p.stdout + p.stderr
     assert np.array_equal(np.load(out / "hires.npy"), np.load(os.path.join(demo, "hires.npy"))[:2])
-    assert "unknown config key 'bogus'" in one_line_error(run("prepare.py", "--bogus=1"))
-    assert "usage" in run("prepare.py", f"--out={out}").stderr
     # the demo in-process with one worker: phantom k is drawn from (seed, k), whatever the number of phantoms
     ref = str(tmp_path / "ref")
     assert demo_prepare.make_demo(ref, num=3, img_size=32, log=lambda *a: None) == 0
@@ -1717,8 +1775,27 @@ def test_ev_bench_oom_is_a_cell_not_a_crash():
 # the demo's size. A case runs "python ARGS", or torchrun where it starts with "-m torch.distributed.run".
 
 
+def _labels(text, encoding="utf-8"):
+    return lambda d, fx: (d / "labels.csv").write_bytes(text.encode(encoding))
+
+
+def _partial_store(d, fx):
+    # a store killed after its first volume, prepared from phantoms 0-1; the case's command asks for 2-3
+    raw = os.path.join(fx["demo"], "raw")
+    for k in range(4):
+        os.makedirs(d / ("a" if k < 2 else "b"), exist_ok=True)
+        shutil.copy(os.path.join(raw, f"phantom_{k:04d}.nii.gz"), d / ("a" if k < 2 else "b"))
+
+    def kill(n):
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare_dataset([str(d / "a")], str(d / "o"), 32, on_done=kill, log=lambda *a: None)
+
+
 TRAIN = "train.py {tiny} --data_dir={demo}"
 RESUME = TRAIN + " --out={run} --init_from=resume"
+PREP = "prepare.py --input={raw} --out={d}/o"
+LABELS = PREP + " --labels={d}/labels.csv"
 
 
 def _damage(ckpt=b"", prev=None):
@@ -1732,6 +1809,16 @@ def _damage(ckpt=b"", prev=None):
         else:
             (run_dir / "ckpt.prev.pt").write_bytes(prev)
     return setup
+
+
+def _dicom(d, fx):
+    os.makedirs(d / "dicom")
+    (d / "dicom" / "IM0001").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 64)  # the preamble, then the tag
+
+
+def _thin(d, fx):
+    os.makedirs(d / "thin")
+    nib.save(nib.Nifti1Image(_prep_smooth((40, 40, 3)) - 1024, np.eye(4)), str(d / "thin" / "slab.nii.gz"))
 
 
 FAULTS = [  # (case, command, what its one line must say, setup(d, fx) or None)
@@ -1768,6 +1855,26 @@ FAULTS = [  # (case, command, what its one line must say, setup(d, fx) or None)
      ["{run}/ckpt.pt: cannot write the checkpoint of iteration 3 (No space left on device)",
       "{run}/ckpt.pt (iteration 2) is intact"],
      lambda d, fx: os.symlink("/dev/full", fx["run"] / "ckpt.pt.tmp")),  # a write there fails with ENOSPC
+    # prepare.py: arguments, labels.csv, inputs, the output folder
+    ("prepare-unknown-key", "prepare.py --bogus=1", ["unknown config key 'bogus'"], None),
+    ("prepare-no-input", "prepare.py --out={d}/o", ["--input and --out are needed"], None),
+    ("prepare-size-cannot-be-built", PREP + " --img_size=48", ["img_size=48: cannot be built"], None),
+    ("prepare-unknown-modality", PREP + " --modality=pet", ["--modality=pet: unknown modality"], None),
+    ("prepare-reversed-window", PREP + " --window=600,-1024", ["--window=600,-1024: HI must be greater than LO"], None),
+    ("prepare-labels-missing", PREP + " --labels={d}/nope.csv", ["{d}/nope.csv: cannot read"], None),
+    ("prepare-labels-class-not-integer", LABELS, ["{d}/labels.csv: row 3, column 'class': '1.5' is not a class"],
+     _labels("id,class\nphantom_0000,0\nphantom_0001,1.5\n")),
+    ("prepare-labels-class-negative", LABELS, ["{d}/labels.csv: row 3, column 'class': '-1' is not a class"],
+     _labels('"id","class"\r\n"phantom_0000","0"\r\n"phantom_0001","-1"\r\n')),
+    ("prepare-labels-repeated-id", LABELS, ["{d}/labels.csv: row 4, column 'id': 'phantom_0000' repeats row 2"],
+     _labels("id,class,,\nphantom_0000,0,,\nphantom_0001,1,,\nphantom_0000.nii.gz,1,,\n")),
+    ("prepare-labels-text-in-number", LABELS, ["{d}/labels.csv: row 3, column 'fev1': 'abc' is not a number"],
+     _labels("\ufeffid;class;fev1\r\nphantom_0000;0;1,5\r\nphantom_0001;1;abc\r\n")),
+    ("prepare-dicom", "prepare.py --input={d}/dicom --out={d}/o", ["{d}/dicom: DICOM files", "dcm2niix"], _dicom),
+    ("prepare-partial-store-of-other-inputs", "prepare.py --input={d}/b --out={d}/o --img_size=32",
+     ["{d}/o holds a partial store prepared from other inputs"], _partial_store),
+    ("prepare-too-thin", "prepare.py --input={d}/thin --out={d}/o --img_size=32",
+     ["nothing was prepared", "{d}/thin/slab.nii.gz: too thin to be a scan: 3 voxel(s)"], _thin),
 ]
 ALLOWED = {"train-disk-full-checkpoint": ("config.json", "log.jsonl")}  # what the resumed run itself rewrites
 

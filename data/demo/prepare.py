@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-from model import override  # noqa: E402 (the repository root is on the path from here on)
+from model import fail, override  # noqa: E402 (the repository root is on the path from here on)
 from prepare import parse_size, prepare_dataset  # noqa: E402
 
 
@@ -125,7 +125,7 @@ def make_phantom(rng, cls, n_xy=128):
 
 def make_demo(out, num=128, img_size=64, seed=1337, workers=1, log=print):
     """Write num phantoms as NIfTI plus labels.csv into out/raw, then prepare them into out like real scans.
-    Returns prepare_dataset's exit code."""
+    Returns 0, or raises prepare_dataset's one-line ValueError."""
     size = parse_size(img_size)
     raw = os.path.join(out, "raw")
     os.makedirs(raw, exist_ok=True)
@@ -166,4 +166,7 @@ def make_demo(out, num=128, img_size=64, seed=1337, workers=1, log=print):
 
 if __name__ == "__main__":
     override(config)
-    sys.exit(make_demo(config["out"], config["num"], config["img_size"], config["seed"], config["workers"]))
+    try:
+        sys.exit(make_demo(config["out"], config["num"], config["img_size"], config["seed"], config["workers"]))
+    except ValueError as e:
+        fail(str(e))
