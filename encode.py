@@ -24,9 +24,9 @@ import time
 import numpy as np
 import torch
 
-from model import autocast_ctx, load_checkpoint, override
+from model import autocast_ctx, fail, load_checkpoint, override, pick_device
 from prepare import VolumeDataset, find_inputs, prepare_file, read_meta, volume_id, writable_dir
-from sample import fail, write_atomic, write_volume
+from sample import safe_name, write_atomic, write_volume
 
 # -----------------------------------------------------------------------------
 config = dict(
@@ -159,8 +159,10 @@ def main(argv=None):
         fail(f"--dtype={c['dtype']}: use float32, bfloat16 or float16")
     if c["batch_size"] < 1 or c["recon"] < 0 or c["chunk"] < 0:
         fail("--batch_size must be >= 1, --recon and --chunk >= 0")
-    if c["device"] == "auto":
-        c["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        c["device"] = pick_device(c["device"])
+    except ValueError as e:
+        fail(str(e))
     out = c["out"]
     try:  # an unwritable folder fails here, before the model is loaded or anything computed
         writable_dir(out)
@@ -185,9 +187,10 @@ def main(argv=None):
                                                      else f"; {source} has no labels"))
     if reg and folds is None:
         fail("--regress needs a prepared folder (its labels and folds)")
+    # file names from ids and label columns: whatever they hold, the files stay inside OUT (safe_name)
     files = ["features.npy", "ids.csv"] + (["regress.json"] if reg else [])
-    files += [f"direction_{col}{e}" for col in dirs for e in (".npy", ".json")]
-    files += [f"{i}_{kind}.nii.gz" for i in ds.ids[:c["recon"]] for kind in ("orig", "recon")]
+    files += [f"direction_{safe_name(col)}{e}" for col in dirs for e in (".npy", ".json")]
+    files += [f"{safe_name(i)}_{kind}.nii.gz" for i in ds.ids[:c["recon"]] for kind in ("orig", "recon")]
     taken = [f for f in files if os.path.exists(os.path.join(out, f))]
     if taken and not c["overwrite"]:
         fail(f"{os.path.join(out, taken[0])} exists; pass --overwrite or another --out")
@@ -204,6 +207,8 @@ def main(argv=None):
             xs = [ds.volume(j) for j in js]
         except ValueError as e:  # a NIfTI input that cannot be read or prepared
             fail(str(e))
+        except OSError as e:  # the store (or a scan) went away while we were reading it
+            fail(f"{e.filename or source}: cannot read it any more ({e.strerror or e}); nothing written")
         x = torch.from_numpy(np.stack(xs))[:, None].to(c["device"])  # (B,1,D,H,W) in [-1, 1]
         with torch.no_grad(), autocast_ctx(c["device"], c["dtype"]):
             z = model.encode(x).float()  # (B, latent_dim)
@@ -243,37 +248,49 @@ def main(argv=None):
                                 latent_dim=int(w.size), ckpt=os.path.abspath(c["ckpt"]),
                                 note=f"{col} ~ w.z + b; one unit of z along w/|w| changes it by |w|"))
 
-    # ---- write
-    ids = list(ds.ids)
-    write_atomic(os.path.join(out, "features.npy"), lambda p: np.save(p, Z))
-    cols = [k for k in ds.labels]
+    # ---- write; a full disk is one line, and write_atomic leaves no half-written file
+    path = out
+    try:
+        ids = list(ds.ids)
+        path = os.path.join(out, "features.npy")
+        write_atomic(path, lambda p: np.save(p, Z))
+        cols = [k for k in ds.labels]
 
-    def write_ids(p):
-        with open(p, "w", newline="") as f:
-            wr = csv.writer(f)
-            wr.writerow(["row", "id"] + cols + (["fold"] if folds is not None else []))
-            for j, i in enumerate(ids):
-                wr.writerow([j, i] + [ds.labels[k][j] for k in cols] + ([folds[j]] if folds is not None else []))
-    write_atomic(os.path.join(out, "ids.csv"), write_ids)
-    print(f"{out}/features.npy {tuple(Z.shape)} and ids.csv ({time.time() - t0:.1f}s)")
-    for vid, a, b, l1, psnr in recons:
-        write_volume(os.path.join(out, f"{vid}_orig.nii.gz"), a, meta, f"prepared {vid}")
-        write_volume(os.path.join(out, f"{vid}_recon.nii.gz"), b, meta, f"G(E(x)) {vid}")
-        hu = f" ({l1 * (meta['window'][1] - meta['window'][0]) / 2:.1f} HU)" if meta.get("window") else ""
-        print(f"recon {vid}: L1 {l1:.4f}{hu}, PSNR {psnr:.2f} dB")
-    if recons:
-        print(f"recon mean over {len(recons)}: L1 {np.mean([r[3] for r in recons]):.4f}, "
-              f"PSNR {np.mean([r[4] for r in recons]):.2f} dB")
-    for col, r in results.items():
-        folds_s = " ".join(f"{v:.3f}" for v in r["r2_per_fold"].values())
-        print(f"Ridge {r['target']}: held-out R^2 {r['r2_mean']:.3f} +- {r['r2_std']:.3f} (folds: {folds_s}; n={r['n']})")
-    if results:
-        write_atomic(os.path.join(out, "regress.json"), lambda p: open(p, "w").write(json.dumps(results, indent=1)))
-    for col, (w, info) in dir_out.items():
-        base = os.path.join(out, f"direction_{col}")
-        write_atomic(base + ".npy", lambda p: np.save(p, w.astype(np.float32)))
-        write_atomic(base + ".json", lambda p: open(p, "w").write(json.dumps(info, indent=1)))
-        print(f"{base}.npy: |w| = {info['norm']:.4g} {col} per unit of z (in-sample R^2 {info['r2_fit']:.3f})")
+        def write_ids(p):
+            with open(p, "w", newline="") as f:
+                wr = csv.writer(f)
+                wr.writerow(["row", "id"] + cols + (["fold"] if folds is not None else []))
+                for j, i in enumerate(ids):
+                    wr.writerow([j, i] + [ds.labels[k][j] for k in cols] + ([folds[j]] if folds is not None else []))
+        path = os.path.join(out, "ids.csv")
+        write_atomic(path, write_ids)
+        print(f"{out}/features.npy {tuple(Z.shape)} and ids.csv ({time.time() - t0:.1f}s)")
+        for vid, a, b, l1, psnr in recons:
+            for kind, v, what in (("orig", a, "prepared"), ("recon", b, "G(E(x))")):
+                path = os.path.join(out, f"{safe_name(vid)}_{kind}.nii.gz")
+                write_volume(path, v, meta, f"{what} {vid}")
+            hu = f" ({l1 * (meta['window'][1] - meta['window'][0]) / 2:.1f} HU)" if meta.get("window") else ""
+            print(f"recon {vid}: L1 {l1:.4f}{hu}, PSNR {psnr:.2f} dB")
+        if recons:
+            print(f"recon mean over {len(recons)}: L1 {np.mean([r[3] for r in recons]):.4f}, "
+                  f"PSNR {np.mean([r[4] for r in recons]):.2f} dB")
+        for col, r in results.items():
+            folds_s = " ".join(f"{v:.3f}" for v in r["r2_per_fold"].values())
+            print(f"Ridge {r['target']}: held-out R^2 {r['r2_mean']:.3f} +- {r['r2_std']:.3f} "
+                  f"(folds: {folds_s}; n={r['n']})")
+        if results:
+            path = os.path.join(out, "regress.json")
+            write_atomic(path, lambda p: open(p, "w").write(json.dumps(results, indent=1)))
+        for col, (w, info) in dir_out.items():
+            base = os.path.join(out, f"direction_{safe_name(col)}")
+            path = base + ".npy"
+            write_atomic(path, lambda p: np.save(p, w.astype(np.float32)))
+            path = base + ".json"
+            write_atomic(path, lambda p: open(p, "w").write(json.dumps(info, indent=1)))
+            print(f"{base}.npy: |w| = {info['norm']:.4g} {col} per unit of z (in-sample R^2 {info['r2_fit']:.3f})")
+    except OSError as e:
+        fail(f"{path}: cannot write it ({e.strerror or e}); the files written before it are complete, and nothing "
+             f"half-written is left")
 
 
 if __name__ == "__main__":

@@ -38,9 +38,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import HAGAN, HAGANConfig, S_H, autocast_ctx, load_checkpoint, override, slab_range
+from model import HAGAN, HAGANConfig, S_H, autocast_ctx, fail, load_checkpoint, override, pick_device, slab_range
 import prepare
-from prepare import NUM_FOLDS, VolumeDataset, from_unit, store_fingerprint
+from prepare import NUM_FOLDS, VolumeDataset, from_unit, store_fingerprint, writable_dir
+from sample import write_atomic
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -69,6 +70,7 @@ config = dict(
     feature_cache="out/feature_cache",  # real volumes' features + statistics, kept per store, weights, input; '' = off
     threads=0,  # CPU threads (torch.set_num_threads); 0 = torch's default, one per core; 1 can be faster on busy cores
     out="",  # output folder of eval.json ('' = the checkpoint's) or, with --bench, of bench.json ('' = out)
+    overwrite=False,  # replace an existing eval.json / bench.json
     # cost
     bench=False,  # run the cost table instead of the quality evaluation
     sizes="32,64,128,256",  # S values for --bench
@@ -625,9 +627,12 @@ def real_features_cached(ds, net, finfo, c, device):
                 pass  # a torn or foreign file: recompute it
     feats, stats = _real_features(ds, net, c, device)
     if path:
-        os.makedirs(c["feature_cache"], exist_ok=True)
-        torch.save(dict(key=key, ids=list(ds.ids), feats=feats, stats=stats), path + ".tmp")
-        os.replace(path + ".tmp", path)
+        try:  # a cache that cannot be written (a full disk) costs the next run time, not this run its result
+            os.makedirs(c["feature_cache"], exist_ok=True)
+            write_atomic(path, lambda p: torch.save(dict(key=key, ids=list(ds.ids), feats=feats, stats=stats), p))
+        except (OSError, RuntimeError) as e:  # torch.save reports a failed write as either
+            why = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [""])[-1][:120]
+            print(f"warning: {path}: cannot write the feature cache ({why}); continuing without it")
     return feats, stats, False
 
 
@@ -690,8 +695,7 @@ def evaluate_fold(model, ds_all, ds_val, feats_all, real_stats, net, c, fold, de
                    else torch.randint(cfg.num_classes, (b - a,), generator=g)).to(device)
         with autocast_ctx(device, c["dtype"]):
             x = model.generate(z, lab, chunk=c["chunk"]).float()  # (b,1,D,H,W) in [-1,1]
-        if tuple(x.shape[2:]) != size:  # the paper upsampled its 128^3 baselines trilinearly likewise
-            x = F.interpolate(x, size=size, mode="trilinear", align_corners=False)
+        assert tuple(x.shape[2:]) == size  # quality() refused a store of another size
         feats.append(extract(net, x, c["input_norm"], device, c["feat_dtype"]))
         hist_fake += unit_histogram(x)
         if ct:
@@ -745,51 +749,117 @@ def _ms(vals):
 
 
 def quality(c):
-    device = c["device"] if c["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    """The quality table. Everything that can be wrong (arguments, checkpoints, the store, the feature network,
+    the output and cache folders) is checked first, in one line each, before the minutes of embedding."""
+    # ---- checks, cheapest first
     if c["input_norm"] not in _INPUT_NORMS:
-        raise SystemExit(f"error: --input_norm={c['input_norm']}: use one of {', '.join(_INPUT_NORMS)}")
-    if c["feat_dtype"] not in ("float32", "bfloat16", "float16"):
-        raise SystemExit(f"error: --feat_dtype={c['feat_dtype']}: use float32, bfloat16 or float16")
-    set_threads(c)
+        fail(f"--input_norm={c['input_norm']}: use one of {', '.join(_INPUT_NORMS)}")
+    least = dict(num=2, k=1, ssim_pairs=0, batch_size=1, chunk=0, threads=0)  # FID and MMD need two samples a side
+    bad = [f"--{k}={c[k]}" for k, v in least.items() if c[k] < v]
+    if bad:
+        fail(f"{', '.join(bad)}: need " + ", ".join(f"{k} >= {v}" for k, v in least.items() if c[k] < v))
+    if not -1 <= c["fold"] < NUM_FOLDS:
+        fail(f"--fold={c['fold']}: use 0..{NUM_FOLDS - 1}, or -1 for the checkpoint's held-out fold")
+    for k in ("dtype", "feat_dtype"):
+        if c[k] not in ("float32", "bfloat16", "float16"):
+            fail(f"--{k}={c[k]}: use float32, bfloat16 or float16")
+    if not c["features"] and c["depth"] not in _DEPTHS:
+        fail(f"--depth={c['depth']}: use one of {sorted(_DEPTHS)}")
+    if c["features"] and not os.path.isfile(c["features"]):
+        fail(f"--features={c['features']}: no such file (README: where MedicalNet's and Merlin's weights come "
+             f"from; leave --features empty for the random-init network)")
+    merlin_size = parse_merlin_size(c["merlin_size"])
     try:
+        device = pick_device(c["device"])
+    except ValueError as e:
+        fail(str(e))
+    set_threads(c)
+    folds = list(range(NUM_FOLDS)) if c["folds"] else [c["fold"]]
+    per_ckpt = "{fold}" in c["ckpt"]
+    paths = {f: c["ckpt"].replace("{fold}", str(max(f, 0))) for f in folds}
+    out_dir = c["out"] or os.path.dirname(paths[folds[0]]) or "."
+    out = os.path.join(out_dir, "eval.json")
+    try:
+        writable_dir(out_dir)
+    except ValueError as e:
+        fail(str(e))
+    if c["feature_cache"]:  # written after the embedding: found unwritable then, the minutes would be lost
+        try:
+            writable_dir(c["feature_cache"])
+        except ValueError as e:
+            fail(f"{e}; choose another --feature_cache, or --feature_cache='' for none")
+    if os.path.exists(out) and not c["overwrite"]:
+        fail(f"{out} exists; pass --overwrite or another --out")
+    try:
+        ds_all = VolumeDataset(c["data_dir"], split="all")
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    held_out, kept = {}, {}  # fold -> the held-out fold it scores; checkpoint path -> (model, ckpt) if kept
+    for f, path in paths.items():  # every checkpoint loads and fits the store, before any work
+        if path in kept:
+            model, ckpt = kept[path]
+        else:
+            try:
+                model, ckpt = load_checkpoint(path, device, ema=c["ema"])
+            except ValueError as e:
+                fail(str(e))
+            kept[path] = (model, ckpt) if not per_ckpt else None  # per-fold checkpoints: reloaded in turn
+        if tuple(model.cfg.shape) != tuple(ds_all.img_size):
+            S = model.cfg.shape
+            fail(f"{c['data_dir']} holds {'x'.join(map(str, ds_all.img_size))} volumes but {path} generates "
+                 f"{'x'.join(map(str, S))}; evaluate on a store prepared at the model's size "
+                 f"(prepare.py --img_size={S[0] if len(set(S)) == 1 else ','.join(map(str, S))})")
+        trained = int((ckpt.get("config") or {}).get("fold", 0))  # the fold it was trained without; -1: none
+        held_out[f] = f if f >= 0 else max(trained, 0)
+        try:
+            VolumeDataset(c["data_dir"], split="val", fold=held_out[f])
+        except ValueError as e:
+            fail(f"{e} (the held-out fold of {path})")
+    try:  # a wrong or unreadable --features file: its one line, still before the embedding
         net, finfo = feature_net(c["features"], c["depth"], c["seed"])
-    except (ValueError, OSError) as e:  # a wrong or unreadable --features file: its one line, no traceback
-        raise SystemExit(f"error: {e}") from None
-    ds_all = VolumeDataset(c["data_dir"], split="all")
+    except (ValueError, OSError) as e:
+        fail(str(e))
     input_desc = (c["input_norm"], _INPUT_NORMS[c["input_norm"]])
     if finfo["kind"] == "merlin":
         window, mod = ds_all.meta.get("window"), ds_all.meta.get("modality")
         if mod != "ct" or not window:
-            raise SystemExit(f"error: {c['data_dir']}: Merlin features need a CT store in HU (modality {mod}, "
-                             f"window {window})")
+            fail(f"{c['data_dir']}: Merlin features need a CT store in HU (modality {mod}, window {window})")
         if c["input_norm"] != "none":
-            raise SystemExit(f"error: --input_norm={c['input_norm']}: Merlin's input mapping is fixed "
-                             f"(to_merlin_input); leave --input_norm=none")
-        net = MerlinFeatures(net, window, parse_merlin_size(c["merlin_size"]))
+            fail(f"--input_norm={c['input_norm']}: Merlin's input mapping is fixed (to_merlin_input); leave "
+                 f"--input_norm=none")
+        net = MerlinFeatures(net, window, merlin_size)
         input_desc = ("merlin", f"RAS, resampled to {'x'.join(map(str, net.size))} (X,Y,Z), HU {MERLIN_HU[0]:g}.."
                                 f"{MERLIN_HU[1]:g} -> 0..1 clipped (store window {window[0]:g}..{window[1]:g} HU)")
+    note = None
+    if c["fold"] < 0 and not c["folds"] and trained < 0:
+        note = (f"{paths[folds[0]]} was trained on every volume (fold=-1): none is held out, so fold 0, which it "
+                f"trained on, stands in for the held-out volumes")
     net = net.to(device)
+    # ---- the work
     t = time.time()
-    feats_all, real_stats, cached = real_features_cached(ds_all, net, finfo, c, device)
+    try:
+        feats_all, real_stats, cached = real_features_cached(ds_all, net, finfo, c, device)
+    except ValueError as e:  # the store went away while we read it
+        fail(str(e))
     print(f"{len(ds_all)} real volumes embedded by {finfo['label']} ({feats_all.shape[1]} features) "
           + (f"read from the cache {c['feature_cache']}" if cached else f"in {time.time() - t:.1f}s"))
-    per_ckpt = "{fold}" in c["ckpt"]
-    model = ckpt = None
     results = []
-    for f in (range(NUM_FOLDS) if c["folds"] else [c["fold"]]):
-        if model is None or per_ckpt:
-            path = c["ckpt"].replace("{fold}", str(max(f, 0)))
-            model, ckpt = load_checkpoint(path, device, ema=c["ema"])
-        if f < 0:  # the checkpoint's own held-out fold
-            f = int((ckpt.get("config") or {}).get("fold", 0))
-        ds_val = VolumeDataset(c["data_dir"], split="val", fold=f)
-        results.append(dict(evaluate_fold(model, ds_all, ds_val, feats_all, real_stats, net, c, f, device),
-                            features=finfo["label"]))  # every figure carries its feature network's name
+    for f in folds:
+        try:
+            model, ckpt = kept[paths[f]] or load_checkpoint(paths[f], device, ema=c["ema"])
+        except ValueError as e:  # the checkpoint went away since the checks
+            fail(str(e))
+        f = held_out[f]  # -1: the checkpoint's own held-out fold
+        try:
+            ds_val = VolumeDataset(c["data_dir"], split="val", fold=f)
+            results.append(dict(evaluate_fold(model, ds_all, ds_val, feats_all, real_stats, net, c, f, device),
+                                features=finfo["label"]))  # every figure carries its feature network's name
+        except (ValueError, FileNotFoundError) as e:
+            fail(str(e))
     summary = {key: dict(zip(("mean", "std"), _ms([r[key] for r in results])), features=finfo["label"])
                for k, _, _ in _ROWS for key in (k, k + "_floor")}
     summary |= {k: dict(zip(("mean", "std"), _ms([r[k] for r in results])))
                 for k in results[0] if k.startswith(("w1", "band "))}
-    note = None
     if c["folds"] and not per_ckpt:
         note = ("one checkpoint scored against every fold's held-out volumes: it trained on four of these folds, "
                 "so this is not the paper's cross-validation (use --ckpt=out/fold{fold}/ckpt.pt for that)")
@@ -817,10 +887,10 @@ def quality(c):
     _print_domain(summary, results, ds_all.meta)
     if note:
         print(f"\nnote: {note}")
-    out = os.path.join(c["out"] or os.path.dirname(c["ckpt"].replace("{fold}", "0")) or ".", "eval.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as fh:
-        json.dump(report, fh, indent=1)
+    try:
+        write_atomic(out, lambda p: open(p, "w").write(json.dumps(report, indent=1)))
+    except OSError as e:
+        fail(f"{out}: cannot write it ({e.strerror or e}); nothing half-written is left")
     print(f"\nwrote {out}")
     return report
 
@@ -999,8 +1069,18 @@ def _rate(r, key="it_per_s", fmt="{:.3g}"):
 
 def bench(c):
     set_threads(c)  # also in each cell's process (bench_one); here so the table's header counts them
-    sizes = [int(s) for s in str(c["sizes"]).split(",") if s.strip()]
-    device = c["device"] if c["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        sizes = [int(s) for s in str(c["sizes"]).split(",") if s.strip()]
+    except ValueError:
+        fail(f"--sizes={c['sizes']}: use sizes separated by commas, e.g. --sizes=32,64")
+    try:
+        device = pick_device(c["device"])
+        writable_dir(c["out"] or "out")
+    except ValueError as e:
+        fail(str(e))
+    out = os.path.join(c["out"] or "out", "bench.json")
+    if os.path.exists(out) and not c["overwrite"]:
+        fail(f"{out} exists; pass --overwrite or another --out")
     mem_what = "CUDA max allocated" if device.startswith("cuda") else "peak process RSS"
     rows = []
     for S in sizes:
@@ -1049,10 +1129,10 @@ def bench(c):
               "(B whole volumes, or B slabs, + B low-res volumes) from a 4-volume store, warm page cache."]
     table = "\n".join(lines)
     print("\n" + table)
-    out = os.path.join(c["out"] or "out", "bench.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as fh:
-        json.dump(dict(rows=rows, table=table, config=c), fh, indent=1)
+    try:
+        write_atomic(out, lambda p: open(p, "w").write(json.dumps(dict(rows=rows, table=table, config=c), indent=1)))
+    except OSError as e:
+        fail(f"{out}: cannot write it ({e.strerror or e}); nothing half-written is left")
     print(f"\nwrote {out}")
     return rows, table
 
@@ -1070,9 +1150,10 @@ def _device_name(device):
 
 # -----------------------------------------------------------------------------
 
+def main(argv=None):
+    c = override(dict(config), argv)
+    return bench(c) if c["bench"] else quality(c)
+
+
 if __name__ == "__main__":
-    override(config)
-    if config["bench"]:
-        bench(config)
-    else:
-        quality(config)
+    main()

@@ -19,6 +19,7 @@ Existing files are never overwritten without --overwrite.
 
 import json
 import os
+import re
 import resource
 import struct
 import time
@@ -28,7 +29,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from model import HAGAN, autocast_ctx, load_checkpoint, override
+from model import HAGAN, autocast_ctx, fail, load_checkpoint, override, pick_device
 from prepare import from_unit, read_meta, writable_dir
 
 # -----------------------------------------------------------------------------
@@ -62,8 +63,7 @@ config = dict(
 OFFICIAL_META = dict(modality="ct", window=[-1024.0, 600.0], spacing=[1.0, 1.0, 1.0], orientation="SPL")
 
 
-def fail(msg):
-    raise SystemExit(f"error: {msg}")
+MONTAGE_ROWS = 16  # a series' PNG shows at most this many of its volumes, evenly spaced
 
 
 # -----------------------------------------------------------------------------
@@ -103,6 +103,12 @@ def to_output(x, meta):
     if meta.get("modality", "ct") == "ct":
         return np.clip(np.rint(v), -32768, 32767).astype(np.int16)
     return v.astype(np.float32)
+
+
+def safe_name(s):
+    """A file name from an id or a column name, whatever it holds: no folders, no leading dot, printable."""
+    s = re.sub(r"[^A-Za-z0-9._+=-]", "_", str(s)).lstrip(".")
+    return s or "_"
 
 
 def write_atomic(path, write):
@@ -198,8 +204,11 @@ def load_direction(path, latent_dim):
     side = os.path.splitext(path)[0] + ".json"
     info = {}
     if os.path.isfile(side):
-        with open(side) as f:
-            info = json.load(f)
+        try:
+            with open(side) as f:
+                info = json.load(f)
+        except (OSError, ValueError) as e:
+            fail(f"{side}: cannot read the direction's sidecar ({e})")
     return w, info
 
 
@@ -218,7 +227,7 @@ def load_model(c):
             meta = ckpt.get("meta") or {}
             src = dict(ckpt=os.path.abspath(c["ckpt"]), iter_num=ckpt.get("iter_num"),
                        ema=bool(c["ema"] and ckpt.get("ema_G")))
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         fail(str(e).strip().splitlines()[0])
     if c["meta"]:
         try:
@@ -232,7 +241,8 @@ def load_model(c):
 
 
 def plan(c, model):
-    """[(file stem, z, class, extra sidecar fields)] of everything this run writes, and the series name."""
+    """(n, item, series name) of what this run writes: item(i) -> (file stem, z, class, extra sidecar fields),
+    computed when volume i is generated, so that any --num streams in constant memory."""
     cfg = model.cfg
     K = cfg.num_classes
     if c["label"] >= 0 and not K:
@@ -247,27 +257,29 @@ def plan(c, model):
         s0, s1 = c["seed"], (c["seed2"] if c["seed2"] >= 0 else c["seed"] + 1)
         z0, z1 = seed_z(s0, d), seed_z(s1, d)
         n = c["interp"]
-        ts = [k / (n - 1) if n > 1 else 0.0 for k in range(n)]
         name = f"interp_{s0}_{s1}"
-        return [(f"{name}_{k:02d}", slerp(z0, z1, t), cls(0), dict(seed=s0, seed2=s1, t=t))
-                for k, t in enumerate(ts)], name
+
+        def item(k):
+            t = k / (n - 1) if n > 1 else 0.0
+            return f"{name}_{k:02d}", slerp(z0, z1, t), cls(0), dict(seed=s0, seed2=s1, t=t)
+        return n, item, name
     if c["direction"]:
         w, info = load_direction(c["direction"], d)
         u = torch.from_numpy(w / np.linalg.norm(w)).float()
         z0 = seed_z(c["seed"], d)
         n = c["steps"]
-        ts = [c["scale"] * (2 * k / (n - 1) - 1) if n > 1 else 0.0 for k in range(n)]
-        name = f"{os.path.splitext(os.path.basename(c['direction']))[0]}_s{c['seed']}"
-        items = []
-        for k, t in enumerate(ts):
+        name = f"{safe_name(os.path.splitext(os.path.basename(c['direction']))[0])}_s{c['seed']}"
+
+        def item(k):
+            t = c["scale"] * (2 * k / (n - 1) - 1) if n > 1 else 0.0
             z = z0 + t * u
             extra = dict(seed=c["seed"], direction=os.path.abspath(c["direction"]), t=t)
             if "intercept" in info:  # the linear model's prediction, to see how far the traversal goes
                 extra["predicted"] = {info.get("column", "value"): float(info["intercept"] + w @ z.double().numpy())}
-            items.append((f"{name}_{k:02d}", z, cls(0), extra))
-        return items, name
-    return [(f"seed{c['seed'] + i:06d}", seed_z(c["seed"] + i, d), cls(i), dict(seed=c["seed"] + i))
-            for i in range(c["num"])], ""
+            return f"{name}_{k:02d}", z, cls(0), extra
+        return n, item, name
+    return c["num"], lambda i: (f"seed{c['seed'] + i:06d}", seed_z(c["seed"] + i, d), cls(i),
+                                dict(seed=c["seed"] + i)), ""
 
 
 def main(argv=None):
@@ -278,60 +290,77 @@ def main(argv=None):
         fail(f"--dtype={c['dtype']}: use float32, bfloat16 or float16")
     if c["num"] < 1 or c["batch_size"] < 1 or c["chunk"] < 0 or c["interp"] < 0 or c["steps"] < 1:
         fail("--num, --batch_size and --steps must be >= 1, --chunk and --interp >= 0")
-    if c["device"] == "auto":
-        c["device"] = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        torch.device(c["device"])
-    except RuntimeError:
-        fail(f"--device={c['device']}: not a torch device")
+        c["device"] = pick_device(c["device"])
+    except ValueError as e:
+        fail(str(e))
     out = c["out"]
     try:  # an unwritable folder fails here, before the model is loaded or anything computed
         writable_dir(out)
     except ValueError as e:
         fail(str(e))
     model, meta, src = load_model(c)
-    items, series = plan(c, model)
+    n, item, series = plan(c, model)
+    stem = (lambda i: f"{series}_{i:02d}") if series else (lambda i: f"seed{c['seed'] + i:06d}")
     ext = "." + c["format"]
-    paths = [os.path.join(out, stem + ext) for stem, *_ in items]
-    paths += [os.path.join(out, stem + ".json") for stem, *_ in items]
-    if c["png"]:
-        paths += [os.path.join(out, (series or stem) + ".png") for stem, *_ in (items[:1] if series else items)]
-    taken = [p for p in paths if os.path.exists(p)]
+    # what would be overwritten, from one listing of the folder: no check per volume, so any --num is fine
+    mine = [ext, ".json"] + ([".png"] if c["png"] and not series else [])
+    pattern = re.compile((re.escape(series) + "_" if series else "seed") + r"(\d+)("
+                         + "|".join(map(re.escape, mine)) + ")")
+    taken = []
+    for f in sorted(os.listdir(out)):
+        m = pattern.fullmatch(f)
+        i = int(m.group(1)) - (0 if series else c["seed"]) if m else -1
+        if (m and 0 <= i < n and stem(i) + m.group(2) == f) or (c["png"] and series and f == series + ".png"):
+            taken.append(f)
     if taken and not c["overwrite"]:
-        fail(f"{taken[0]} exists ({len(taken)} of the {len(paths)} output files do); pass --overwrite or another --out")
+        fail(f"{os.path.join(out, taken[0])} exists ({len(taken)} of the output files do); pass --overwrite or "
+             f"another --out")
     affine = output_affine(meta, model.cfg.shape)
-    print(f"{len(items)} volume(s) {'x'.join(map(str, model.cfg.shape))} -> {out}/ "
+    print(f"{n} volume(s) {'x'.join(map(str, model.cfg.shape))} -> {out}/ "
           f"({meta.get('modality', '?')}, {'int16 HU' if meta.get('modality') == 'ct' and meta.get('window') else 'float32'}"
           f", orientation {''.join(nib.aff2axcodes(affine))}), device {c['device']}, {c['dtype']}"
           + (f", chunk {c['chunk']}" if c["chunk"] else ""))
+    # a series' montage: at most MONTAGE_ROWS of its volumes, at half resolution
+    shown = {round(j * (n - 1) / (MONTAGE_ROWS - 1)) for j in range(MONTAGE_ROWS)} if n > MONTAGE_ROWS else range(n)
     previews = []
     t_all = time.time()
-    for i in range(0, len(items), c["batch_size"]):
-        batch = items[i:i + c["batch_size"]]
-        z = torch.stack([it[1] for it in batch]).to(c["device"])  # (B, latent_dim)
-        cl = None if batch[0][2] is None else torch.tensor([it[2] for it in batch], device=c["device"])
-        t = time.time()
-        with torch.no_grad(), autocast_ctx(c["device"], c["dtype"]):
-            x = model.generate(z, cl, chunk=c["chunk"])  # (B,1,D,H,W) in [-1, 1]
-        x = x.float().cpu().numpy()[:, 0]  # (B,D,H,W)
-        dt = time.time() - t
-        for (stem, _, k, extra), v in zip(batch, x):
-            side = dict(src, seed=extra.pop("seed"), **({} if k is None else {"class": k}), **extra,
-                        chunk=c["chunk"], dtype=c["dtype"], shape=list(v.shape))
-            write_volume(os.path.join(out, stem + ext), v, meta, f"HA-GAN {stem}")
-            write_atomic(os.path.join(out, stem + ".json"), lambda p: open(p, "w").write(json.dumps(side, indent=1)))
-            if c["png"] and not series:  # mid-planes as prepare.py's stored orientation (S,P,L) shows them
-                save_montage(os.path.join(out, stem + ".png"), [v])
-            if c["png"] and series:
-                previews.append(v[::2, ::2, ::2].copy())  # half resolution keeps a long series' montage small
-            pred = " ".join(f"{k2}={v2:.4g}" for k2, v2 in extra.get("predicted", {}).items())
-            print(f"{stem}{ext}" + ("" if k is None else f" class {k}") + (f" t={extra['t']:.3g}" if "t" in extra else "")
-                  + (f" predicted {pred}" if pred else ""))
-        print(f"  {dt / len(batch):.2f} s/volume")
-    if previews:
-        save_montage(os.path.join(out, series + ".png"), previews)
+    path, written = out, 0
+    try:  # a full disk: one line; write_atomic leaves no temp file, and the volumes written so far are whole
+        for i in range(0, n, c["batch_size"]):
+            batch = [item(j) for j in range(i, min(i + c["batch_size"], n))]
+            z = torch.stack([it[1] for it in batch]).to(c["device"])  # (B, latent_dim)
+            cl = None if batch[0][2] is None else torch.tensor([it[2] for it in batch], device=c["device"])
+            t = time.time()
+            with torch.no_grad(), autocast_ctx(c["device"], c["dtype"]):
+                x = model.generate(z, cl, chunk=c["chunk"])  # (B,1,D,H,W) in [-1, 1]
+            x = x.float().cpu().numpy()[:, 0]  # (B,D,H,W)
+            dt = time.time() - t
+            for j, (name, _, k, extra), v in zip(range(i, n), batch, x):
+                side = dict(src, seed=extra.pop("seed"), **({} if k is None else {"class": k}), **extra,
+                            chunk=c["chunk"], dtype=c["dtype"], shape=list(v.shape))
+                path = os.path.join(out, name + ext)
+                write_volume(path, v, meta, f"HA-GAN {name}")
+                path = os.path.join(out, name + ".json")
+                write_atomic(path, lambda p: open(p, "w").write(json.dumps(side, indent=1)))
+                if c["png"] and not series:  # mid-planes as prepare.py's stored orientation (S,P,L) shows them
+                    path = os.path.join(out, name + ".png")
+                    save_montage(path, [v])
+                if c["png"] and series and j in shown:
+                    previews.append(v[::2, ::2, ::2].copy())  # half resolution keeps a long series' montage small
+                written += 1
+                pred = " ".join(f"{k2}={v2:.4g}" for k2, v2 in extra.get("predicted", {}).items())
+                print(f"{name}{ext}" + ("" if k is None else f" class {k}")
+                      + (f" t={extra['t']:.3g}" if "t" in extra else "") + (f" predicted {pred}" if pred else ""))
+            print(f"  {dt / len(batch):.2f} s/volume")
+        if previews:
+            path = os.path.join(out, series + ".png")
+            save_montage(path, previews)
+    except OSError as e:
+        fail(f"{path}: cannot write it ({e.strerror or e}); the {written} volume(s) before it are complete, "
+             f"and nothing half-written is left")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux -> GiB
-    print(f"done: {len(items)} volume(s) in {time.time() - t_all:.1f}s, peak RSS {rss:.2f} GiB")
+    print(f"done: {n} volume(s) in {time.time() - t_all:.1f}s, peak RSS {rss:.2f} GiB")
 
 
 if __name__ == "__main__":

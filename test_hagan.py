@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import resource
 import shutil
 import signal
 import struct
@@ -47,12 +48,14 @@ demo_prepare = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(demo_prepare)
 
 
-def run(*args, timeout=600, cwd=ROOT):
+def run(*args, timeout=600, cwd=ROOT, fsize=0):
     """python ARGS in a fresh process (at the repository root) -> CompletedProcess (text stdout/stderr).
     One OpenMP thread: the suite's models are tiny, and on a machine shared with other jobs two threads
-    run several times slower than one (issue 12)."""
+    run several times slower than one (issue 12). fsize > 0 caps the size of any file the process
+    writes (RLIMIT_FSIZE), so that a write fails as on a full disk."""
+    limit = (lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))) if fsize else None
     return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                          timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS="1"), preexec_fn=limit)
 
 
 def one_line_error(p):
@@ -1181,8 +1184,24 @@ def test_sample_never_overwrites_and_fails_in_one_line(ckpts, tmp_path):
             sample.main([f"--out={tmp_path / 'e'}"] + args)
         assert str(e.value).startswith("error: ") and msg in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "e").exists() or os.listdir(tmp_path / "e") == []
-    # the script itself: one line on stderr, non-zero exit, no traceback
-    one_line_error(run("sample.py", f"--ckpt={bad}", f"--out={tmp_path / 'e'}"))
+
+
+def test_sample_streams_any_num(ckpts, tmp_path, monkeypatch):
+    # --num=10^9: no list of a billion names or latents first; the volumes come one by one at once, and
+    # an existing file far along the sequence is found from one listing of the folder
+    (tmp_path / "seed501337.json").write_text("{}")  # volume 500,000
+    with pytest.raises(SystemExit, match="seed501337.json exists"):
+        sample.main([f"--ckpt={ckpts['ckpt']}", f"--out={tmp_path}", "--num=1000000000"])
+    written = []
+
+    def write_volume(path, x, meta, descrip=""):
+        written.append(os.path.basename(path))
+        if len(written) == 3:
+            raise KeyboardInterrupt  # enough: the stream works
+    monkeypatch.setattr(sample, "write_volume", write_volume)
+    with pytest.raises(KeyboardInterrupt):
+        sample.main([f"--ckpt={ckpts['ckpt']}", f"--out={tmp_path / 'n'}", "--num=1000000000", "--batch_size=2"])
+    assert written == ["seed001337.nii.gz", "seed001338.nii.gz", "seed001339.nii.gz"]
 
 
 def test_sample_conditional_labels_in_turn(ckpts, tmp_path):
@@ -1292,6 +1311,24 @@ def test_encode_features_recon_regress_and_direction_for_sample(ckpts, tmp_path)
     assert preds[2] - preds[1] == pytest.approx(2 * np.linalg.norm(w.astype(np.float64)), rel=1e-4)
     assert (s / "direction_lung_volume_ml_s1337.png").exists()
     assert nib.load(str(s / "direction_lung_volume_ml_s1337_02.nii.gz")).shape == (32, 32, 32)
+
+
+def test_encode_file_names_stay_inside_out(ckpts, tmp_path):
+    # ids come from volumes.csv: whatever one holds (a path, '..'), its files land inside --out
+    store = tmp_path / "store"
+    shutil.copytree(ckpts["data"], store, ignore=shutil.ignore_patterns("raw"))
+    rows = list(csv.DictReader(open(store / "volumes.csv")))
+    ok = [r for r in rows if r["status"] == "ok"]
+    ok[0]["id"], ok[1]["id"] = "../../evil", "/tmp/abs"
+    with open(store / "volumes.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    out = tmp_path / "deep" / "f"
+    encode.main([f"--data_dir={store}", f"--ckpt={ckpts['ckpt']}", f"--out={out}", "--recon=2"])
+    assert sorted(os.listdir(tmp_path)) == ["deep", "store"] and os.listdir(tmp_path / "deep") == ["f"]
+    assert {"_.._evil_orig.nii.gz", "_tmp_abs_recon.nii.gz"} <= set(os.listdir(out))
+    assert sample.safe_name("..") == "_" and sample.safe_name("a/b\\c d") == "a_b_c_d"
 
 
 def test_ridge_matches_direct_least_squares_and_r2():
@@ -1571,7 +1608,7 @@ def test_ev_merlin_trunk_files_load_strictly_and_match_the_reference_forward(tmp
             assert F.cosine_similarity(f, ref).min() > 0.99
 
 
-def test_ev_feature_files_of_the_wrong_kind_fail_in_one_line(tmp_path):
+def test_ev_feature_files_of_the_wrong_kind_fail_in_one_line(ckpts, tmp_path):
     sd = _i3_state_dict()
 
     def err(obj, match, name="f.pt"):
@@ -1598,8 +1635,10 @@ def test_ev_feature_files_of_the_wrong_kind_fail_in_one_line(tmp_path):
     err(shape, "shape")
     # a Merlin trunk under a prefix we do not know is refused, not guessed
     err({"visual_encoder.model.encode_image.i3_resnet." + k: v for k, v in sd.items()}, "not a feature network")
-    # the script says the same in one line, no traceback
-    assert "not a feature network" in one_line_error(run("eval.py", f"--features={tmp_path / 'f.pt'}"))
+    # the script says the same in one line, no traceback (after the cheaper checks of the store and checkpoint)
+    assert "not a feature network" in one_line_error(run("eval.py", f"--features={tmp_path / 'f.pt'}",
+                                                         f"--ckpt={ckpts['ckpt']}", f"--data_dir={ckpts['data']}",
+                                                         f"--out={tmp_path}", "--feature_cache="))
 
 
 def test_ev_merlin_input_maps_hu_and_orientation():
@@ -1792,10 +1831,21 @@ def _partial_store(d, fx):
         prepare.prepare_dataset([str(d / "a")], str(d / "o"), 32, on_done=kill, log=lambda *a: None)
 
 
+def _newer_ckpt(d, fx):
+    ck = torch.load(fx["ckpt"], weights_only=True)
+    ck["model_args"]["attention"] = True  # a setting of a later version
+    torch.save(ck, d / "new.pt")
+
+
+def _sampled(d, fx):
+    sample.main([f"--ckpt={fx['ckpt']}", f"--out={d / 's'}", "--num=1"])  # seed001337, to be kept as it is
+
+
 TRAIN = "train.py {tiny} --data_dir={demo}"
 RESUME = TRAIN + " --out={run} --init_from=resume"
 PREP = "prepare.py --input={raw} --out={d}/o"
 LABELS = PREP + " --labels={d}/labels.csv"
+EVAL = "eval.py --ckpt={ckpt} --data_dir={demo} --out={d}/e --feature_cache={d}/cache"
 
 
 def _damage(ckpt=b"", prev=None):
@@ -1819,6 +1869,11 @@ def _dicom(d, fx):
 def _thin(d, fx):
     os.makedirs(d / "thin")
     nib.save(nib.Nifti1Image(_prep_smooth((40, 40, 3)) - 1024, np.eye(4)), str(d / "thin" / "slab.nii.gz"))
+
+
+def _vanished_store(d, fx):
+    shutil.copytree(fx["demo"], d / "store", ignore=shutil.ignore_patterns("raw"))
+    os.remove(d / "store" / "hires.npy")  # as if deleted after the folder was opened
 
 
 FAULTS = [  # (case, command, what its one line must say, setup(d, fx) or None)
@@ -1875,8 +1930,42 @@ FAULTS = [  # (case, command, what its one line must say, setup(d, fx) or None)
      ["{d}/o holds a partial store prepared from other inputs"], _partial_store),
     ("prepare-too-thin", "prepare.py --input={d}/thin --out={d}/o --img_size=32",
      ["nothing was prepared", "{d}/thin/slab.nii.gz: too thin to be a scan: 3 voxel(s)"], _thin),
+    # sample.py
+    ("sample-unreadable-ckpt", "sample.py --ckpt={d}/bad.pt --out={d}/s",
+     ["{d}/bad.pt: unreadable checkpoint: not a file that torch.save wrote"],
+     lambda d, fx: (d / "bad.pt").write_bytes(b"not a checkpoint")),
+    ("sample-ckpt-from-newer-version", "sample.py --ckpt={d}/new.pt --out={d}/s",
+     ["{d}/new.pt: model_args attention are unknown to this code"], _newer_ckpt),
+    ("sample-cuda-on-cpu-torch", "sample.py --ckpt={ckpt} --out={d}/s --device=cuda:99", ["--device=cuda:99"], None),
+    ("sample-disk-full", "sample.py --ckpt={ckpt} --out={d}/s --seed=1338 --num=2",
+     ["{d}/s/seed001338.nii.gz: cannot write it (File too large)", "the 0 volume(s) before it are complete"], _sampled),
+    # encode.py
+    ("encode-store-vanished", "encode.py --data_dir={d}/store --ckpt={ckpt} --out={d}/f",
+     ["{d}/store/hires.npy: cannot read the store"], _vanished_store),
+    # eval.py: every check comes before the embedding
+    ("eval-k-below-1", EVAL + " --k=0", ["--k=0: need k >= 1"], None),
+    ("eval-num-below-2", EVAL + " --num=1", ["--num=1: need num >= 2"], None),
+    ("eval-result-exists", EVAL, ["{d}/e/eval.json exists", "--overwrite"],
+     lambda d, fx: (os.makedirs(d / "e"), (d / "e" / "eval.json").write_text("{}"))),
+    ("eval-store-of-another-size",
+     "eval.py --ckpt={d}/c64.pt --data_dir={demo} --out={d}/e --feature_cache={d}/cache",
+     ["{demo} holds 32x32x32 volumes but {d}/c64.pt generates 64x64x64"], lambda d, fx: _ckpt64(d)),
+    ("eval-cuda-on-cpu-torch", EVAL + " --device=cuda:99", ["--device=cuda:99"], None),
+    ("eval-threads-negative", EVAL + " --threads=-1", ["--threads=-1: need threads >= 0"], None),
+    ("eval-features-missing", EVAL + " --features={d}/astra_encoder.pt",
+     ["--features={d}/astra_encoder.pt: no such file"], None),
+    ("eval-merlin-size", EVAL + " --merlin_size=96,96", ["--merlin_size=96,96: give X,Y,Z"], None),
+    ("eval-feature-cache-unwritable", EVAL + " --feature_cache={d}/file/cache",
+     ["{d}/file/cache: cannot write there", "--feature_cache"], lambda d, fx: (d / "file").write_text("")),
 ]
+FSIZE = {"sample-disk-full": 4096}  # RLIMIT_FSIZE: the first volume's write fails (EFBIG), as on a full disk
 ALLOWED = {"train-disk-full-checkpoint": ("config.json", "log.jsonl")}  # what the resumed run itself rewrites
+
+
+def _ckpt64(d):
+    m = tiny(64)
+    torch.save(dict(model=m.state_dict(), model_args=asdict(m.cfg), ema_G={}, iter_num=1, config={}, meta={}),
+               d / "c64.pt")
 
 
 def _files(d):
@@ -1903,8 +1992,11 @@ def faults(request, demo, ckpts, trained, tmp_path_factory):
         args = cmd.format(d=d, demo=demo, run=d / "run", ckpt=ckpts["ckpt"], raw=os.path.join(demo, "raw"),
                           tiny=" ".join(TINY)).split()
         jobs[case] = (args, _files(d), d)
+    # RLIMIT_FSIZE is set between fork and exec: only while no other thread runs
+    res = {c: run(*jobs[c][0], fsize=FSIZE[c]) for c in jobs if c in FSIZE}
     with ThreadPoolExecutor(2) as pool:
-        res = dict(zip(jobs, pool.map(lambda c: run(*jobs[c][0]), jobs)))
+        res |= dict(zip([c for c in jobs if c not in FSIZE],
+                        pool.map(lambda c: run(*jobs[c][0]), [c for c in jobs if c not in FSIZE])))
     return {c: (res[c], *jobs[c][1:]) for c in jobs}
 
 
@@ -1927,6 +2019,7 @@ def test_fault(faults, case, demo):
         line = lines[0]
     for s in says:
         assert s.format(d=d, demo=demo, run=d / "run") in line, (s, line)
+    assert "embedded" not in p.stdout  # eval.py: refused before the minutes of embedding
     after = _files(d)
     for path, sha in before.items():
         if os.path.basename(path) not in ALLOWED.get(case, ()):
