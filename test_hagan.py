@@ -1101,6 +1101,16 @@ def test_resume_is_exact(demo, tmp_path, options):
     assert p.returncode == 0 and "is not the dataset this checkpoint was trained on" in p.stdout, p.stderr
 
 
+def test_threads_setting_and_oversubscribed_warning(demo, tmp_path):
+    # --threads sets torch's CPU threads; more threads than cores is said in one warning line (issue 12)
+    cores = len(os.sched_getaffinity(0))
+    p = run("train.py", *TINY, f"--data_dir={demo}", f"--out={tmp_path}", "--max_iters=0", f"--threads={cores + 1}")
+    assert p.returncode == 0, p.stderr
+    warn = [ln for ln in p.stdout.splitlines() if ln.startswith("warning: oversubscribed")]
+    assert len(warn) == 1 and f"{cores} cores" in warn[0] and f"{cores + 1} threads" in warn[0], p.stdout
+    assert json.load(open(tmp_path / "config.json"))["resolved"]["threads"] == cores + 1
+
+
 def test_bare_torchrun_two_ranks_hold_identical_weights(demo, tmp_path):
     # the bare command of the README, `torchrun --nproc_per_node=2 train.py`, in a folder whose data/demo is
     # the demo store: size from the store, gloo on CPU. Only the model's size and length are the test's own.
@@ -1992,6 +2002,7 @@ FAULTS = [  # (case, command, what its one line must say, setup(d, fx) or None)
     ("train-resume-other-small-data-architecture", RESUME + " --max_iters=4 --slab_context=True --mbstd_group=2",
      ["{run}/ckpt.pt was trained with other architecture settings", "slab_context=True (checkpoint: False)",
       "mbstd_group=2 (checkpoint: 0)"], None),
+    ("train-threads-negative", TRAIN + " --out={d}/o --threads=-1", ["threads=-1: use 0"], None),
     ("train-augment-unknown", TRAIN + " --out={d}/o --augment=colour", ["--augment=colour: unknown augmentation"],
      None),
     ("train-disk-full-checkpoint", RESUME + " --max_iters=3",

@@ -98,6 +98,8 @@ try:
     device = pick_device(config["device"])
 except ValueError as e:
     fail(str(e))
+if config["threads"] < 0:
+    fail(f"threads={config['threads']}: use 0 (torch's default) or a number of threads")
 if config["threads"] > 0:
     torch.set_num_threads(config["threads"])
 if ddp:
