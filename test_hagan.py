@@ -1033,11 +1033,13 @@ def test_mixed_precision_training_on_cpu(demo, tmp_path, dtype):
 
 def test_conditional_training_uses_the_class_labels(demo, tmp_path):
     out = str(tmp_path / "cond")
-    p = run("train.py", *TINY + [f"--data_dir={demo}", f"--out={out}", "--max_iters=2", "--num_classes=5",
-                       "--sample_interval=2"])
+    # the README's conditional demo: its class count and small-data options, at the test's size
+    p = run(*readme("python train.py config/train_demo_conditional.py"), *TINY, f"--data_dir={demo}", f"--out={out}",
+            "--max_iters=2", "--sample_interval=2")
     assert p.returncode == 0, p.stderr
     ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ck["model"]["D.D_H.fc_class.weight"].shape[0] == 5 and ck["model_args"]["num_classes"] == 5
+    assert ck["model_args"]["slab_context"] and ck["model_args"]["mbstd_group"] == 4
     assert ck["model"]["G.G_A.fc.weight"].shape[1] == 16 + 5  # z and the one-hot class
 
 

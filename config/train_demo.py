@@ -1,16 +1,24 @@
 # CPU-sized demo on the procedural thorax phantoms: python data/demo/prepare.py && python train.py config/train_demo.py
-# A 64^3 model at a quarter of the official widths; finishes on 2 CPU cores in minutes.
+# A 64^3 model at an eighth of the official widths; trains in under 10 minutes on 2 CPU cores.
+# About 100 training volumes is far below what the paper's recipe needs (the official README asks for
+# 3,000+), so this config turns on the small-data options that go beyond the paper (README, "Beyond the
+# paper"): R1 on D, a faster G, G^H trained as it renders, minibatch-std in D. The paper configs leave them off.
 out = "out"
 data_dir = "data/demo"
 img_size = 64
-width = 0.25
+width = 0.125
 latent_dim = 128
 batch_size = 4
-max_iters = 1500
+max_iters = 1200
+lr_G = 4e-4  # the paper's 1e-4 is tuned for 80k iterations; at ~1k the bodies stay too bright
 lr_D = 4e-4
+r1_gamma = 1.0  # lazy R1 on real volumes: the unregularised D memorises ~100 volumes and G collapses
+slab_context = True  # G^H sees A's whole-volume statistics and a 1-slice halo, as in inference
+mbstd_group = 4
+channels_last = True  # ~1.3x faster on CPU
 ema_decay = 0.99
 dtype = "float32"
 log_interval = 50
-ckpt_interval = 250
-sample_interval = 500
+ckpt_interval = 400
+sample_interval = 400
 num_samples = 3

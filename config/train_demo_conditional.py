@@ -1,0 +1,24 @@
+# Class-conditional demo (AC-GAN heads on D^H and D^L, paper IV-C) on the demo phantoms, whose emphysema
+# class 0-4 sets the share of lung below -950 HU: python data/demo/prepare.py && python train.py config/train_demo_conditional.py
+# The same small-data settings as config/train_demo.py (see its comments), plus the class.
+out = "out/conditional"
+data_dir = "data/demo"
+img_size = 64
+width = 0.125
+latent_dim = 128
+num_classes = 5
+lambda_class = 0.1
+batch_size = 4
+max_iters = 1200
+lr_G = 4e-4
+lr_D = 4e-4
+r1_gamma = 1.0
+slab_context = True
+mbstd_group = 4
+channels_last = True
+ema_decay = 0.99
+dtype = "float32"
+log_interval = 50
+ckpt_interval = 400
+sample_interval = 400
+num_samples = 3
