@@ -356,16 +356,10 @@ class ResNet3D(nn.Module):
         return x.mean((2, 3, 4))
 
 
-def load_med3d(path, ck=None):
+def load_med3d(path, ck):
     """A MedicalNet resnet_*.pth ({'state_dict': 'module.'-prefixed keys}) -> ResNet3D in eval mode.
     Depth and shortcut type are read from the keys; the segmentation head (conv_seg.*) is dropped.
-    ck: the file's contents when the caller has read it already (load_feature_file)."""
-    if ck is None:
-        try:
-            ck = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"{path}: cannot read Med3D weights "
-                             f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    ck: the file's contents, as load_feature_file (the one reader of --features files) read them."""
     sd = ck.get("state_dict", ck) if isinstance(ck, dict) else None
     if not isinstance(sd, dict):
         raise ValueError(f"{path}: expected a dict with 'state_dict' (MedicalNet format)")

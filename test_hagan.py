@@ -1569,7 +1569,7 @@ def test_ev_med3d_weights_load(tmp_path, depth):
     bad = {k: v for k, v in sd.items() if "layer4" not in k}
     torch.save({"state_dict": bad}, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match="Med3D"):
-        ev.load_med3d(str(tmp_path / "bad.pth"))
+        ev.load_feature_file(str(tmp_path / "bad.pth"))
 
 
 def test_ev_random_features_fixed_seed_and_labelled():
