@@ -25,6 +25,7 @@ four updates, checkpoint loading, and the command-line config override used by e
 """
 
 import ast
+import hashlib
 import json
 import math
 import os
@@ -58,6 +59,9 @@ class HAGANConfig:
     # beyond the paper (train.py's small-data options; off = the official networks)
     slab_context: bool = False  # G^H trains on a slab exactly as G^H(A) renders it (whole-volume norm, halo)
     mbstd_group: int = 0  # >0: D^H and D^L see the minibatch standard deviation over groups of this size
+    d_width: float = 0.0  # >0: D^H's and D^L's channel multiplier instead of width (a stronger D costs little)
+    out_scale: float = 1.0  # G^H's and G^L's outputs are out_scale * tanh; > 1 reaches the data's ends at finite inputs
+    g_noise: bool = False  # G^H adds per-voxel noise, a function of z, before its last conv (StyleGAN's noise inputs)
 
     def __post_init__(self):
         s = self.img_size
@@ -68,8 +72,8 @@ class HAGANConfig:
                              f"or a (D, H, W) triple whose dims are multiples of 32 between 32 and 512 "
                              f"(e.g. 160,192,224)")
         self.img_size = s[0] if s[0] == s[1] == s[2] else s
-        if self.latent_dim < 1 or self.num_classes < 0 or self.width <= 0:
-            raise ValueError("latent_dim must be >= 1, num_classes >= 0, width > 0")
+        if self.latent_dim < 1 or self.num_classes < 0 or self.width <= 0 or self.d_width < 0 or self.out_scale < 1:
+            raise ValueError("latent_dim must be >= 1, num_classes >= 0, width > 0, d_width >= 0, out_scale >= 1")
         if self.num_slabs < 1 or s[0] // 4 % self.num_slabs:
             raise ValueError(f"num_slabs={self.num_slabs} must divide A's depth {s[0] // 4} (the volume's depth / 4), "
                              f"so that every slab is whole slices of A")
@@ -91,9 +95,12 @@ class HAGANConfig:
     def r_max(self):  # largest slab start on the A grid (56 at S=256 with 8 slabs)
         return self.a_shape[0] - self.slab_a
 
-    def ch(self, n):
+    def ch(self, n, width=0.0):
         # every width-scaled count stays a multiple of GN_GROUPS
-        return max(GN_GROUPS, int(round(n * self.width / GN_GROUPS)) * GN_GROUPS)
+        return max(GN_GROUPS, int(round(n * (width or self.width) / GN_GROUPS)) * GN_GROUPS)
+
+    def ch_D(self, n):  # the discriminators' counts
+        return self.ch(n, self.d_width)
 
 
 # -----------------------------------------------------------------------------
@@ -222,10 +229,14 @@ class G_H(nn.Module):
         self.conv1 = nn.Conv3d(c_a, c, 3, padding=1)
         self.norm1 = nn.GroupNorm(GN_GROUPS, c)
         self.conv2 = nn.Conv3d(c, 1, 3, padding=1)
+        self.out_scale = cfg.out_scale
+        # g_noise: the strength of the noise in each of conv2's input channels, learned from 0 (Karras et al. 2019)
+        self.noise_scale = nn.Parameter(torch.zeros(c)) if cfg.g_noise else None
 
-    def forward(self, a, stats=None):  # (B,64,d,h,w) -> (B,1,4d,4h,4w)
+    def forward(self, a, stats=None, noise=None):  # (B,64,d,h,w) -> (B,1,4d,4h,4w)
         """stats: norm1's (mean, 1/std), each (B, groups), to normalise with instead of a's own; the
-        whole volume's (see stats) make G^H of a slab of A equal that slab of G^H(A)."""
+        whole volume's (see stats) make G^H of a slab of A equal that slab of G^H(A). noise: (B,1,4d,4h,4w)
+        from voxel_noise, with g_noise; None adds none (E^H's reconstructions, which have no z)."""
         h = self.conv1(_up(a))
         if stats is None:
             h = self.norm1(h)
@@ -234,7 +245,12 @@ class G_H(nn.Module):
             mean, rstd = (s.to(h.dtype)[:, :, None] for s in stats)
             h = ((h.view(B, G, -1) - mean) * rstd).view_as(h)
             h = h * self.norm1.weight.view(1, C, 1, 1, 1) + self.norm1.bias.view(1, C, 1, 1, 1)
-        return _last_conv_tanh(self.conv2, _up(F.relu(h)))
+        return _last_conv_tanh(self.conv2, self.add_noise(_up(F.relu(h)), noise), self.out_scale)
+
+    def add_noise(self, h, noise):  # (B,C,D,H,W) + (B,1,D,H,W) * (C,)
+        if noise is None or self.noise_scale is None:
+            return h
+        return h + noise.to(h.dtype) * self.noise_scale.to(h.dtype).view(1, -1, 1, 1, 1)
 
     @torch.no_grad()
     def stats(self, A, chunk, keep=None):
@@ -273,18 +289,23 @@ class G_L(nn.Module):
         self.conv2 = nn.Conv3d(c, cfg.ch(cfg.g_channels // 2), 3, padding=1)
         self.norm2 = nn.GroupNorm(GN_GROUPS, cfg.ch(cfg.g_channels // 2))
         self.conv3 = nn.Conv3d(cfg.ch(cfg.g_channels // 2), 1, 3, padding=1)
+        self.out_scale = cfg.out_scale
 
     def forward(self, a):  # (B,64,S/4,S/4,S/4) -> (B,1,S/4,S/4,S/4)
         h = F.relu(self.norm1(self.conv1(a)))
         h = F.relu(self.norm2(self.conv2(h)))
-        return _last_conv_tanh(self.conv3, h)
+        return _last_conv_tanh(self.conv3, h, self.out_scale)
 
 
-def _last_conv_tanh(conv, h):
+def _last_conv_tanh(conv, h, scale=1.0):
     # the output layer runs in float32 even under autocast: in bf16, tanh near +-1 has a
-    # resolution of several HU in the CT window, which shows up as banding in the samples
+    # resolution of several HU in the CT window, which shows up as banding in the samples.
+    # scale > 1 (out_scale, beyond the paper): air (-1) and the window's top are reached at finite
+    # inputs. With plain tanh they are not, and the dark tissue next to air goes with it into
+    # saturation, where tanh' ~ 0 and D's gradient no longer reaches it (the demo's lungs at -1024 HU)
     with _no_autocast(h):
-        return torch.tanh(conv(h.float()))
+        y = torch.tanh(conv(h.float()))
+        return y if scale == 1 else y * scale
 
 
 class Generator(nn.Module):
@@ -298,27 +319,44 @@ class Generator(nn.Module):
         Only A's slab r goes through G^H, so no full-resolution tensor is ever made. r=None lifts all
         of A instead: the non-amortised model that eval.py --bench compares against."""
         A = self.G_A(z, c)
+        n = self.cfg.slab_a
         if r is None or not self.cfg.slab_context:
-            return self.G_H(A if r is None else S_L(A, r, self.cfg.num_slabs)), self.G_L(A)
+            lo, hi = (0, A.shape[2]) if r is None else (r, r + n)
+            return self.G_H(A[:, :, lo:hi], noise=self.noise(z, 4 * lo, 4 * hi)), self.G_L(A)
         # slab_context: what D^H judges is exactly slab r of the volume sampled at inference, G^H(A).
         # The official G^H normalises a slab by its own statistics and pads its ends with zeros, and
         # at inference by the whole volume's with real neighbours. Here: the whole volume's statistics
         # (no gradient through them), and one slice of A either side, cropped off after G^H.
-        n = self.cfg.slab_a
         lo, hi = max(r - 1, 0), min(r + n + 1, A.shape[2])
-        x = self.G_H(A[:, :, lo:hi], self.G_H.stats(A, n))
+        x = self.G_H(A[:, :, lo:hi], self.G_H.stats(A, n), self.noise(z, 4 * lo, 4 * hi))
         return x[:, :, 4 * (r - lo):4 * (r - lo + n)], self.G_L(A)
+
+    def noise(self, z, a, b):
+        """g_noise: N(0,1) for rows [a, b) of G^H's output grid, (B,1,b-a,H,W), a function of each sample's
+        z alone, drawn row by row: a volume is the same however it is batched, chunked or cut into
+        training slabs, and resume and DDP stay exact. None without g_noise."""
+        if not self.cfg.g_noise:
+            return None
+        H, W = self.cfg.shape[1:]
+        out = torch.empty(z.shape[0], 1, b - a, H, W)
+        for i, zi in enumerate(z.detach().float().cpu()):
+            base = int.from_bytes(hashlib.sha256(zi.numpy().tobytes()).digest()[:8], "little")
+            for j, row in enumerate(range(a, b)):
+                gen = torch.Generator().manual_seed((base + row * 0x9E3779B97F4A7C15) % (1 << 63))
+                out[i, 0, j] = torch.randn(H, W, generator=gen)
+        return out.to(z.device)
 
     @torch.no_grad()
     def generate(self, z, c=None, chunk=0):
         """Whole S^3 volumes, (B,1,D,H,W): G^H on all of A (paper Fig. 2). With chunk=k, G^H runs k
         slices of A at a time and gives the same result (to float rounding) in bounded memory."""
         A = self.G_A(z, c)
-        if not chunk:
-            return self.G_H(A)
-        return self._G_H_chunked(A, int(chunk))
+        noise = self.noise(z, 0, self.cfg.shape[0])
+        x = self._G_H_chunked(A, int(chunk), noise) if chunk else self.G_H(A, noise=noise)
+        # out_scale > 1: D taught G the data's range, and a sample keeps to it exactly
+        return x.clamp_(-1, 1) if self.cfg.out_scale != 1 else x
 
-    def _G_H_chunked(self, A, k):
+    def _G_H_chunked(self, A, k, noise=None):
         """G^H(A) in depth chunks of k A-slices. GroupNorm normalises over the whole volume, so a
         first pass (G_H.stats) computes conv1's output Y chunk by chunk and its per-group statistics;
         Y (1/8 of the output's voxels at 32 channels) is kept so that this, the most expensive conv, runs
@@ -337,8 +375,10 @@ class Generator(nn.Module):
             b = min(a + k, n)
             lo, hi = max(2 * a - 1, 0), min(2 * b + 1, ny)
             h = _up(torch.addcmul(shift, Y[:, :, lo:hi], scale).relu_())  # rows [2lo, 2hi) of the 4x grid
+            h = g.add_noise(h, None if noise is None else noise[:, :, 2 * lo:2 * hi])
             with _no_autocast(h):
                 x = torch.tanh(_depth_conv(g.conv2, h.float(), 2 * lo, 4 * n, 4 * a, 4 * b))  # (B,1,4k,H,W)
+                x = x * g.out_scale if g.out_scale != 1 else x
             if out is None:
                 out = x.new_empty(x.shape[0], 1, 4 * n, *x.shape[3:])
             out[:, :, 4 * a:4 * b] = x
@@ -368,7 +408,7 @@ class D_H(nn.Module):
         c = cfg.dh_channels
         D, H, W = cfg.shape
         n_stem = _halvings((H, W), 32)
-        stem = [cfg.ch(c // 8 >> (n_stem - 1 - i)) for i in range(n_stem)]
+        stem = [cfg.ch_D(c // 8 >> (n_stem - 1 - i)) for i in range(n_stem)]
         chans = [1] + stem
         convs = [SNConv3d(i, o, 4, 2, 1) for i, o in zip(chans[:-1], chans[1:])]
         d, h, w = D // cfg.num_slabs >> n_stem, H >> n_stem, W >> n_stem
@@ -376,19 +416,19 @@ class D_H(nn.Module):
             raise ValueError(f"num_slabs={cfg.num_slabs}: a slab of {D // cfg.num_slabs} voxels is too thin for "
                              f"D^H's {n_stem} stride-2 convs at this size; use fewer slabs")
         prev = chans[-1]
-        for o in (cfg.ch(c // 4), cfg.ch(c // 2)):  # official conv4, conv5: depth and plane halve
+        for o in (cfg.ch_D(c // 4), cfg.ch_D(c // 2)):  # official conv4, conv5: depth and plane halve
             kd = 2 if d >= 2 else 1
             convs.append(SNConv3d(prev, o, (kd, 4, 4), (kd, 2, 2), (0, 1, 1)))
             d, h, w, prev = d // kd, h // 2, w // 2, o
-        convs.append(SNConv3d(prev, cfg.ch(c), (1, 4, 4), (1, 2, 2), (0, 1, 1)))  # conv6
+        convs.append(SNConv3d(prev, cfg.ch_D(c), (1, 4, 4), (1, 2, 2), (0, 1, 1)))  # conv6
         h, w = h // 2, w // 2
         # conv7: (1,4,4) for cubic S; with mbstd_group it also sees the minibatch standard deviation
-        convs.append(SNConv3d(cfg.ch(c) + (cfg.mbstd_group > 0), cfg.ch(c // 4), (d, h, w)))
+        convs.append(SNConv3d(cfg.ch_D(c) + (cfg.mbstd_group > 0), cfg.ch_D(c // 4), (d, h, w)))
         self.convs = nn.ModuleList(convs)
         self.mbstd_group = cfg.mbstd_group
-        self.fc1 = SNLinear(cfg.ch(c // 4) + 1, cfg.ch(c // 8))
-        self.fc2 = SNLinear(cfg.ch(c // 8), 1)
-        self.fc_class = SNLinear(cfg.ch(c // 8), cfg.num_classes) if cfg.num_classes else None
+        self.fc1 = SNLinear(cfg.ch_D(c // 4) + 1, cfg.ch_D(c // 8))
+        self.fc2 = SNLinear(cfg.ch_D(c // 8), 1)
+        self.fc_class = SNLinear(cfg.ch_D(c // 8), cfg.num_classes) if cfg.num_classes else None
         self.r_max = cfg.r_max
 
     def forward(self, x, r):
@@ -410,7 +450,7 @@ class D_L(nn.Module):
         super().__init__()
         c, a = cfg.dl_channels, cfg.a_shape
         n = _halvings(a, 4)
-        chans = [1] + [cfg.ch(c >> (n - 1 - i)) for i in range(n)]
+        chans = [1] + [cfg.ch_D(c >> (n - 1 - i)) for i in range(n)]
         self.convs = nn.ModuleList(SNConv3d(i, o, 4, 2, 1) for i, o in zip(chans[:-1], chans[1:]))
         self.head = SNConv3d(chans[-1] + (cfg.mbstd_group > 0), 1 + cfg.num_classes, tuple(d >> n for d in a))
         self.num_classes, self.mbstd_group = cfg.num_classes, cfg.mbstd_group

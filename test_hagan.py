@@ -253,6 +253,56 @@ def test_slab_context_trains_on_the_slab_that_inference_renders():
         assert (max(diffs) < 1e-5) == ctx, (ctx, diffs)
 
 
+def test_out_scale_reaches_air_unsaturated_and_samples_keep_the_range():
+    z = torch.randn(2, 16)
+    m, plain = tiny(64, slab_context=True, out_scale=1.1).train(), tiny(64, slab_context=True).train()
+    for net in (m, plain):  # G^H made to draw everything darker than air
+        net.G.G_H.conv2.bias.data.fill_(-10.0)
+    with torch.no_grad():
+        slab, low = m.G(z, 3)
+        assert slab.min() < -1.05 and low.abs().max() <= 1.1  # in training D sees the overshoot ...
+        for k in (0, 1, m.cfg.slab_a):  # ... a sample never leaves the data's [-1, 1]
+            v = m.G.generate(z, chunk=k)
+            assert v.min() == -1 and v.max() <= 1 and torch.equal(v, m.G.generate(z))
+        whole = m.G.generate(z)
+        assert torch.allclose(m.G(z, 3)[0].clamp(-1, 1), S_H(whole, 3, 8), atol=1e-5)  # the rendered slab
+    # -1 (air) at a finite input: a gradient of 1.1 * (1 - (1/1.1)^2) = 0.19 there, where tanh alone gives 0
+    from model import _last_conv_tanh
+    conv = torch.nn.Conv3d(1, 1, 1)
+    conv.weight.data.fill_(1.0), conv.bias.data.zero_()
+    x = torch.full((1, 1, 1, 1, 1), -math.atanh(1 / 1.1), requires_grad=True)
+    y = _last_conv_tanh(conv, x, 1.1)
+    y.backward()
+    assert abs(y.item() + 1) < 1e-6 and abs(x.grad.item() - 0.1909) < 1e-3
+    with pytest.raises(ValueError, match="out_scale >= 1"):
+        HAGANConfig(img_size=32, out_scale=0.9)
+
+
+def test_g_noise_is_a_function_of_z_alone():
+    z = torch.randn(3, 16)
+    m = tiny(64, slab_context=True, g_noise=True).train()
+    m.G.G_H.noise_scale.data.fill_(0.5)
+    with torch.no_grad():
+        whole = m.G.generate(z)
+        for k in (1, 3, m.cfg.slab_a):  # chunked generation draws the same noise
+            assert (m.G.generate(z, chunk=k) - whole).abs().max() < 1e-5
+        assert (m.G.generate(z[2:]) - whole[2:]).abs().max() < 1e-5  # however the batch is made up
+        for r in (0, 5, m.cfg.r_max):  # and a training slab is that slab of the render, noise included
+            assert (m.G(z, r)[0] - S_H(whole, r, 8)).abs().max() < 1e-5
+        n = m.G.noise(z, 8, 12)
+        assert n.shape == (3, 1, 4, 64, 64) and abs(n.std().item() - 1) < 0.02 and torch.equal(n, m.G.noise(z, 0, 64)[:, :, 8:12])
+        assert (n[0] - n[1]).abs().mean() > 1  # another z, other noise
+        m.G.G_H.noise_scale.data.zero_()
+        plain = tiny(64, slab_context=True).train()
+        plain.G.load_state_dict({k: v for k, v in m.G.state_dict().items() if "noise" not in k})
+        assert (whole - m.G.generate(z)).abs().mean() > 0.01  # the noise changed the volumes
+        assert torch.equal(m.G.generate(z), plain.G.generate(z))  # strength 0: G without the noise
+    assert tiny(g_noise=False).G.noise(z, 0, 32) is None
+    m.train_only("G")
+    m.loss_G(3, z)[0].backward()
+    assert m.G.G_H.noise_scale.grad.abs().sum() > 0  # the strength is learned
+
+
 def _aug_pair(B=2, S=64, r=5, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(B, 1, S, S, S, generator=g, dtype=torch.float64) * 2 - 1
@@ -336,6 +386,21 @@ def test_minibatch_std_sees_identical_samples():
     assert mbstd(torch.randn(4, 3, 2, 4, 4), 2)[:, 3].min() > 0.1
     m = tiny(mbstd_group=2)  # D^H and D^L take the extra channel
     assert m.D(torch.randn(4, 1, 4, 32, 32), 1, torch.randn(4, 1, 8, 8, 8))[0].shape == (4, 1)
+
+
+def test_d_width_widens_the_discriminators_alone():
+    base, wide = tiny(), tiny(d_width=0.5)
+    shapes = lambda net: {k: v.shape for k, v in net.state_dict().items()}
+    for name in ("G", "E_H", "E_G"):  # G and the encoders keep width's channels
+        assert shapes(getattr(wide, name)) == shapes(getattr(base, name)), name
+    # D^H's first conv at S=32 (the official conv4): 512 // 4 = 128 channels times 0.5, not times width (1/8)
+    assert base.D.D_H.convs[0].weight.shape[0] == 16 and wide.D.D_H.convs[0].weight.shape[0] == 64
+    assert wide.D.D_L.convs[-1].weight.shape[0] == 4 * base.D.D_L.convs[-1].weight.shape[0]
+    logit, _ = wide.D(torch.randn(4, 1, 4, 32, 32), 1, torch.randn(4, 1, 8, 8, 8))
+    assert logit.shape == (4, 1) and torch.isfinite(logit).all()
+    assert tiny(d_width=1 / 8).D.state_dict().keys() == base.D.state_dict().keys()
+    with pytest.raises(ValueError, match="d_width >= 0"):
+        HAGANConfig(img_size=32, d_width=-1)
 
 
 @pytest.mark.parametrize("num_slabs", [4, 8])
@@ -554,7 +619,7 @@ def test_every_config_file_loads():
         HAGANConfig(img_size=64 if cfg["img_size"] == -1 else cfg["img_size"], width=cfg["width"],
                     latent_dim=cfg["latent_dim"], num_classes=cfg["num_classes"], num_slabs=cfg["num_slabs"])
         if name in ("train_lung_ct.py", "train_brain_mri.py", "train_conditional.py"):  # the paper, as published
-            off = dict(augment="", ada_target=0.0, r1_gamma=0.0, mbstd_group=0, slab_context=False,
+            off = dict(augment="", ada_target=0.0, r1_gamma=0.0, mbstd_group=0, slab_context=False, d_width=0.0, out_scale=1.0, g_noise=False,
                        lr_G=1e-4, lr_D=4e-4, lr_E=1e-4, beta1=0.0, beta2=0.999)
             assert {k: cfg[k] for k in off} == off, name
 
@@ -1072,7 +1137,7 @@ def test_train_and_generate_with_other_slab_counts(demo, tmp_path, num_slabs):
 
 SMALL_DATA = ["--augment=color,translation,cutout", "--augment_p=0.5", "--ada_target=0.6", "--ada_interval=1",
               "--ada_kimg=0.01", "--r1_gamma=1", "--r1_interval=2", "--mbstd_group=2", "--slab_context=True",
-              "--channels_last=True"]
+              "--channels_last=True", "--d_width=0.25", "--out_scale=1.1", "--g_noise=True"]
 
 
 @pytest.mark.parametrize("options", ["paper", "small_data"])

@@ -69,6 +69,9 @@ config = dict(
     r1_interval=16,  # iterations between R1 penalties (each weighted by the interval)
     mbstd_group=0,  # >0: minibatch standard deviation layer in D^H and D^L over groups of this size
     slab_context=False,  # G^H trains on slabs exactly as it renders them in a whole volume (model.py)
+    d_width=0.0,  # >0: channel multiplier of D^H and D^L instead of width (a wider D, nearly free on CPU)
+    out_scale=1.0,  # >1: G's outputs are out_scale * tanh, so air and the window's top are reached unsaturated
+    g_noise=False,  # G^H adds learned-strength per-voxel noise (a function of z): scanner noise that G can't draw
     channels_last=False,  # channels-last 3D weights: oneDNN's preferred layout, faster on CPU
     init_from="scratch",  # 'scratch', 'resume' (out/ckpt.pt), or the path of an official G_iterN.pth
     dtype="auto",  # 'float32', 'bfloat16', 'float16' (autocast); 'auto' = bf16 on GPUs that have it, else float32
@@ -178,7 +181,8 @@ try:
     ds = VolumeDataset(config["data_dir"], split="train", fold=config["fold"])
 except (FileNotFoundError, ValueError) as e:
     fail(str(e))
-# the architecture keys: img_size, latent_dim, num_classes, width, num_slabs, slab_context, mbstd_group
+# the architecture keys (HAGANConfig's fields that config has): img_size, latent_dim, num_classes, width,
+# num_slabs, slab_context, mbstd_group, d_width, out_scale, g_noise
 arch = [f.name for f in fields(HAGANConfig) if f.name in config]
 if init_from_resume := (config["init_from"] == "resume"):
     # the newest intact checkpoint: ckpt.pt, else ckpt.prev.pt (a damaged file, or a kill between the renames)
@@ -218,7 +222,8 @@ else:
     try:
         cfg = HAGANConfig(img_size=img_size, latent_dim=config["latent_dim"], num_classes=config["num_classes"],
                           width=config["width"], num_slabs=config["num_slabs"], slab_context=config["slab_context"],
-                          mbstd_group=config["mbstd_group"])
+                          mbstd_group=config["mbstd_group"], d_width=config["d_width"],
+                          out_scale=config["out_scale"], g_noise=config["g_noise"])
     except ValueError as e:
         fail(str(e))
 if tuple(ds.img_size) != cfg.shape:
