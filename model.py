@@ -236,7 +236,7 @@ class G_H(nn.Module):
     def forward(self, a, stats=None, noise=None):  # (B,64,d,h,w) -> (B,1,4d,4h,4w)
         """stats: norm1's (mean, 1/std), each (B, groups), to normalise with instead of a's own; the
         whole volume's (see stats) make G^H of a slab of A equal that slab of G^H(A). noise: (B,1,4d,4h,4w)
-        from voxel_noise, with g_noise; None adds none (E^H's reconstructions, which have no z)."""
+        from Generator.noise, with g_noise; None adds none (E^H's reconstructions, which have no z)."""
         h = self.conv1(_up(a))
         if stats is None:
             h = self.norm1(h)
@@ -321,8 +321,9 @@ class Generator(nn.Module):
         A = self.G_A(z, c)
         n = self.cfg.slab_a
         if r is None or not self.cfg.slab_context:
-            lo, hi = (0, A.shape[2]) if r is None else (r, r + n)
-            return self.G_H(A[:, :, lo:hi], noise=self.noise(z, 4 * lo, 4 * hi)), self.G_L(A)
+            lo, hi = (0, A.shape[2]) if r is None else (r, r + n)  # the A slices lifted, 4x as many rows out
+            a = A if r is None else S_L(A, r, self.cfg.num_slabs)
+            return self.G_H(a, noise=self.noise(z, 4 * lo, 4 * hi)), self.G_L(A)
         # slab_context: what D^H judges is exactly slab r of the volume sampled at inference, G^H(A).
         # The official G^H normalises a slab by its own statistics and pads its ends with zeros, and
         # at inference by the whole volume's with real neighbours. Here: the whole volume's statistics
