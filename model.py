@@ -298,8 +298,9 @@ class G_L(nn.Module):
 
 
 def _last_conv_tanh(conv, h, scale=1.0):
-    # the output layer runs in float32 even under autocast: in bf16, tanh near +-1 has a
-    # resolution of several HU in the CT window, which shows up as banding in the samples.
+    # conv: the layer, or any function of its input (the chunked render's _depth_conv). The output
+    # layer runs in float32 even under autocast: in bf16, tanh near +-1 has a resolution of several HU
+    # in the CT window, which shows up as banding in the samples.
     # scale > 1 (out_scale, beyond the paper): air (-1) and the window's top are reached at finite
     # inputs. With plain tanh they are not, and the dark tissue next to air goes with it into
     # saturation, where tanh' ~ 0 and D's gradient no longer reaches it (the demo's lungs at -1024 HU)
@@ -377,9 +378,8 @@ class Generator(nn.Module):
             lo, hi = max(2 * a - 1, 0), min(2 * b + 1, ny)
             h = _up(torch.addcmul(shift, Y[:, :, lo:hi], scale).relu_())  # rows [2lo, 2hi) of the 4x grid
             h = g.add_noise(h, None if noise is None else noise[:, :, 2 * lo:2 * hi])
-            with _no_autocast(h):
-                x = torch.tanh(_depth_conv(g.conv2, h.float(), 2 * lo, 4 * n, 4 * a, 4 * b))  # (B,1,4k,H,W)
-                x = x * g.out_scale if g.out_scale != 1 else x
+            # G^H's output layer on this chunk's rows: (B,1,4k,H,W)
+            x = _last_conv_tanh(lambda t: _depth_conv(g.conv2, t, 2 * lo, 4 * n, 4 * a, 4 * b), h, g.out_scale)
             if out is None:
                 out = x.new_empty(x.shape[0], 1, 4 * n, *x.shape[3:])
             out[:, :, 4 * a:4 * b] = x

@@ -220,10 +220,7 @@ else:
     if img_size == -1:  # the store's size
         img_size = ds.img_size[0] if len(set(ds.img_size)) == 1 else tuple(ds.img_size)
     try:
-        cfg = HAGANConfig(img_size=img_size, latent_dim=config["latent_dim"], num_classes=config["num_classes"],
-                          width=config["width"], num_slabs=config["num_slabs"], slab_context=config["slab_context"],
-                          mbstd_group=config["mbstd_group"], d_width=config["d_width"],
-                          out_scale=config["out_scale"], g_noise=config["g_noise"])
+        cfg = HAGANConfig(**dict({k: config[k] for k in arch}, img_size=img_size))
     except ValueError as e:
         fail(str(e))
 if tuple(ds.img_size) != cfg.shape:
