@@ -62,6 +62,8 @@ class HAGANConfig:
     d_width: float = 0.0  # >0: D^H's and D^L's channel multiplier instead of width (a stronger D costs little)
     out_scale: float = 1.0  # G^H's and G^L's outputs are out_scale * tanh; > 1 reaches the data's ends at finite inputs
     g_noise: bool = False  # G^H adds per-voxel noise, a function of z, before its last conv (StyleGAN's noise inputs)
+    gh_width: float = 0.0  # >0: G^H's hidden channel multiplier instead of width (the renderer wider, G^A as it is)
+    g_pad: str = "zeros"  # G^H's conv padding: 'zeros' (official) or 'replicate' (no bright end slices)
 
     def __post_init__(self):
         s = self.img_size
@@ -72,8 +74,12 @@ class HAGANConfig:
                              f"or a (D, H, W) triple whose dims are multiples of 32 between 32 and 512 "
                              f"(e.g. 160,192,224)")
         self.img_size = s[0] if s[0] == s[1] == s[2] else s
-        if self.latent_dim < 1 or self.num_classes < 0 or self.width <= 0 or self.d_width < 0 or self.out_scale < 1:
-            raise ValueError("latent_dim must be >= 1, num_classes >= 0, width > 0, d_width >= 0, out_scale >= 1")
+        if (self.latent_dim < 1 or self.num_classes < 0 or self.width <= 0 or self.d_width < 0 or self.gh_width < 0
+                or self.out_scale < 1):
+            raise ValueError("latent_dim must be >= 1, num_classes >= 0, width > 0, d_width >= 0, gh_width >= 0, "
+                             "out_scale >= 1")
+        if self.g_pad not in ("zeros", "replicate"):
+            raise ValueError(f"g_pad={self.g_pad!r}: use 'zeros' (official) or 'replicate'")
         if self.num_slabs < 1 or s[0] // 4 % self.num_slabs:
             raise ValueError(f"num_slabs={self.num_slabs} must divide A's depth {s[0] // 4} (the volume's depth / 4), "
                              f"so that every slab is whole slices of A")
@@ -225,10 +231,12 @@ class G_H(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        c_a, c = cfg.ch(2 * cfg.g_channels), cfg.ch(cfg.g_channels)
-        self.conv1 = nn.Conv3d(c_a, c, 3, padding=1)
+        c_a, c = cfg.ch(2 * cfg.g_channels), cfg.ch(cfg.g_channels, cfg.gh_width)
+        # g_pad='replicate': zero padding makes the volume's first and last rows from features of 0, which
+        # only the end slabs (2 of 15 slab positions at 64^3) ever show D^H; they come out brighter than air
+        self.conv1 = nn.Conv3d(c_a, c, 3, padding=1, padding_mode=cfg.g_pad)
         self.norm1 = nn.GroupNorm(GN_GROUPS, c)
-        self.conv2 = nn.Conv3d(c, 1, 3, padding=1)
+        self.conv2 = nn.Conv3d(c, 1, 3, padding=1, padding_mode=cfg.g_pad)
         self.out_scale = cfg.out_scale
         # g_noise: the strength of the noise in each of conv2's input channels, learned from 0 (Karras et al. 2019)
         self.noise_scale = nn.Parameter(torch.zeros(c)) if cfg.g_noise else None
@@ -243,7 +251,7 @@ class G_H(nn.Module):
         else:
             B, C, G = h.shape[0], h.shape[1], self.norm1.num_groups
             mean, rstd = (s.to(h.dtype)[:, :, None] for s in stats)
-            h = ((h.view(B, G, -1) - mean) * rstd).view_as(h)
+            h = ((h.reshape(B, G, -1) - mean) * rstd).view(h.shape)
             h = h * self.norm1.weight.view(1, C, 1, 1, 1) + self.norm1.bias.view(1, C, 1, 1, 1)
         return _last_conv_tanh(self.conv2, self.add_noise(_up(F.relu(h)), noise), self.out_scale)
 
@@ -266,7 +274,7 @@ class G_H(nn.Module):
             y = _depth_conv(self.conv1, _up(A[:, :, lo:hi]), 2 * lo, ny, 2 * a, 2 * b)  # (B,32,2k,2h,2w)
             if keep is not None:
                 keep[:, :, 2 * a:2 * b] = y
-            v, mu = torch.var_mean(y.view(y.shape[0], G, -1).float(), dim=2, correction=0)
+            v, mu = torch.var_mean(y.reshape(y.shape[0], G, -1).float(), dim=2, correction=0)
             nb = y[0, 0].numel() * (y.shape[1] // G)
             if mean is None:
                 mean, m2 = mu.double(), v.double() * nb
@@ -387,10 +395,12 @@ class Generator(nn.Module):
 
 def _depth_conv(conv, x, x0, n, y0, y1):
     """Rows [y0, y1) along depth of conv(full) for a 3x3x3 conv with padding 1, where x holds rows
-    [x0, x0 + x.shape[2]) of the full input of depth n. Rows outside [0, n) are the conv's zero
-    padding, so chunk edges that are volume edges match the whole-volume result exactly."""
+    [x0, x0 + x.shape[2]) of the full input of depth n. Rows outside [0, n) are the conv's padding
+    (zeros or replicate), so chunk edges that are volume edges match the whole-volume result exactly."""
     lo, hi = max(y0 - 1, 0), min(y1 + 1, n)
     x = x[:, :, lo - x0:hi - x0]
+    if conv.padding_mode == "replicate":
+        return F.conv3d(F.pad(x, (1, 1, 1, 1, lo - (y0 - 1), (y1 + 1) - hi), mode="replicate"), conv.weight, conv.bias)
     x = F.pad(x, (0, 0, 0, 0, lo - (y0 - 1), (y1 + 1) - hi))
     return F.conv3d(x, conv.weight, conv.bias, padding=(0, 1, 1))
 

@@ -52,11 +52,14 @@ _spec.loader.exec_module(demo_prepare)
 def run(*args, timeout=600, cwd=ROOT, fsize=0):
     """python ARGS in a fresh process (at the repository root) -> CompletedProcess (text stdout/stderr).
     One OpenMP thread: the suite's models are tiny, and on a machine shared with other jobs two threads
-    run several times slower than one (issue 12). fsize > 0 caps the size of any file the process
-    writes (RLIMIT_FSIZE), so that a write fails as on a full disk."""
+    run several times slower than one (issue 12). No CUDA device: the suite's expected values are the
+    CPU's (float32, gloo, bit-exact resume), also on a GPU machine, where device=auto would pick CUDA and
+    bf16. fsize > 0 caps the size of any file the process writes (RLIMIT_FSIZE), so that a write fails as
+    on a full disk."""
     limit = (lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))) if fsize else None
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS="1"), preexec_fn=limit)
+                          timeout=timeout, env=env, preexec_fn=limit)
 
 
 def _readme_commands():
@@ -386,6 +389,45 @@ def test_minibatch_std_sees_identical_samples():
     assert mbstd(torch.randn(4, 3, 2, 4, 4), 2)[:, 3].min() > 0.1
     m = tiny(mbstd_group=2)  # D^H and D^L take the extra channel
     assert m.D(torch.randn(4, 1, 4, 32, 32), 1, torch.randn(4, 1, 8, 8, 8))[0].shape == (4, 1)
+
+
+def test_g_pad_replicate_renders_air_at_the_ends_the_same_in_every_path():
+    z = torch.randn(2, 16)
+    zeros, rep = tiny(64, slab_context=True).train(), tiny(64, slab_context=True, g_pad="replicate").train()
+    rep.load_state_dict(zeros.state_dict())  # the same weights: only the padding differs
+    for m in (zeros, rep):  # A the same in every voxel
+        m.G.G_A.norms[-1].weight.data.zero_(), m.G.G_A.norms[-1].bias.data.fill_(0.5)
+    with torch.no_grad():
+        ends = {}
+        for name, m in (("zeros", zeros), ("replicate", rep)):
+            whole = m.G.generate(z)
+            for k in (1, 3, m.cfg.slab_a):  # chunked, and a training slab, are that part of the render
+                assert (m.G.generate(z, chunk=k) - whole).abs().max() < 1e-5, (name, k)
+            for r in (0, 5, m.cfg.r_max):
+                assert (m.G(z, r)[0] - S_H(whole, r, 8)).abs().max() < 1e-5, (name, r)
+            ends[name] = (whole[:, :, [0, -1]] - whole[:, :, 32:33]).abs().max().item()
+    # a constant input gives a constant volume with replicate padding; zero padding changes the end slices
+    assert ends["replicate"] < 1e-6 < ends["zeros"]
+    assert rep.G.G_H.conv1.padding_mode == "replicate" and zeros.G.G_H.conv2.padding_mode == "zeros"
+    with pytest.raises(ValueError, match="g_pad='reflect'"):
+        HAGANConfig(img_size=32, g_pad="reflect")
+
+
+def test_gh_width_widens_the_renderer_alone():
+    base, wide = tiny(), tiny(gh_width=0.5, g_noise=True)  # 32 * 0.5 = 16 hidden channels; width 1/8 gives GN_GROUPS, 8
+    assert wide.G.G_H.conv1.weight.shape[0] == 2 * base.G.G_H.conv1.weight.shape[0] == 16
+    assert wide.G.G_H.noise_scale.shape == (16,) and wide.G.G_H.conv2.weight.shape[1] == 16
+    for name in ("G_A", "G_L"):  # the trunk and G^L keep width's channels
+        assert {k: v.shape for k, v in getattr(wide.G, name).state_dict().items()} == \
+               {k: v.shape for k, v in getattr(base.G, name).state_dict().items()}
+    z = torch.randn(2, 16)
+    with torch.no_grad():
+        assert (wide.G.generate(z, chunk=1) - wide.G.generate(z)).abs().max() < 1e-5
+        # 16 hidden channels in 8 GroupNorm groups, in train.py's channels_last layout: the slab is the render's
+        ctx = tiny(64, gh_width=0.5, slab_context=True).to(memory_format=torch.channels_last_3d)
+        assert (ctx.G(z, 5)[0] - S_H(ctx.G.generate(z), 5, 8)).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="gh_width >= 0"):
+        HAGANConfig(img_size=32, gh_width=-1)
 
 
 def test_d_width_widens_the_discriminators_alone():
@@ -1216,7 +1258,8 @@ def test_interrupted_and_damaged_checkpoints(trained, demo, tmp_path):
     assert torch.load(out / "ckpt.prev.pt", weights_only=True)["iter_num"] == 2
     # SIGTERM (a pre-emption) finishes the iteration, saves and exits cleanly
     proc = subprocess.Popen([sys.executable, "train.py", *args, "--max_iters=100000", "--init_from=resume"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
     while True:
         line = proc.stdout.readline()
         if line.startswith("iter 5:") or not line:

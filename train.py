@@ -72,6 +72,8 @@ config = dict(
     d_width=0.0,  # >0: channel multiplier of D^H and D^L instead of width (a wider D, nearly free on CPU)
     out_scale=1.0,  # >1: G's outputs are out_scale * tanh, so air and the window's top are reached unsaturated
     g_noise=False,  # G^H adds learned-strength per-voxel noise (a function of z): scanner noise that G can't draw
+    gh_width=0.0,  # >0: channel multiplier of G^H's hidden layer instead of width (a wider renderer, G^A unchanged)
+    g_pad="zeros",  # G^H's conv padding: 'replicate' keeps the volume's first and last slices from turning bright
     channels_last=False,  # channels-last 3D weights: oneDNN's preferred layout, faster on CPU
     init_from="scratch",  # 'scratch', 'resume' (out/ckpt.pt), or the path of an official G_iterN.pth
     dtype="auto",  # 'float32', 'bfloat16', 'float16' (autocast); 'auto' = bf16 on GPUs that have it, else float32
@@ -108,6 +110,9 @@ if config["threads"] > 0:
 if ddp:
     rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
     if device.startswith("cuda"):
+        if local_rank >= torch.cuda.device_count():  # one rank per GPU: cuda:LOCAL_RANK must exist
+            fail(f"LOCAL_RANK {local_rank}: this machine has {torch.cuda.device_count()} visible CUDA device(s); "
+                 f"start at most that many processes per node (--nproc_per_node), or add --device=cpu")
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
     backend = config["backend"] if config["backend"] != "auto" else ("nccl" if device.startswith("cuda") else "gloo")
@@ -182,7 +187,7 @@ try:
 except (FileNotFoundError, ValueError) as e:
     fail(str(e))
 # the architecture keys (HAGANConfig's fields that config has): img_size, latent_dim, num_classes, width,
-# num_slabs, slab_context, mbstd_group, d_width, out_scale, g_noise
+# num_slabs, slab_context, mbstd_group, d_width, out_scale, g_noise, gh_width, g_pad
 arch = [f.name for f in fields(HAGANConfig) if f.name in config]
 if init_from_resume := (config["init_from"] == "resume"):
     # the newest intact checkpoint: ckpt.pt, else ckpt.prev.pt (a damaged file, or a kill between the renames)
