@@ -661,8 +661,8 @@ def test_every_config_file_loads():
         HAGANConfig(img_size=64 if cfg["img_size"] == -1 else cfg["img_size"], width=cfg["width"],
                     latent_dim=cfg["latent_dim"], num_classes=cfg["num_classes"], num_slabs=cfg["num_slabs"])
         if name in ("train_lung_ct.py", "train_brain_mri.py", "train_conditional.py"):  # the paper, as published
-            off = dict(augment="", ada_target=0.0, r1_gamma=0.0, mbstd_group=0, slab_context=False, d_width=0.0, out_scale=1.0, g_noise=False,
-                       lr_G=1e-4, lr_D=4e-4, lr_E=1e-4, beta1=0.0, beta2=0.999)
+            off = dict(augment="", ada_target=0.0, r1_gamma=0.0, mbstd_group=0, slab_context=False, d_width=0.0,
+                       out_scale=1.0, g_noise=False, gh_width=0.0, g_pad="zeros", lr_G=1e-4, lr_D=4e-4, lr_E=1e-4, beta1=0.0, beta2=0.999)
             assert {k: cfg[k] for k in off} == off, name
 
 
@@ -1179,7 +1179,7 @@ def test_train_and_generate_with_other_slab_counts(demo, tmp_path, num_slabs):
 
 SMALL_DATA = ["--augment=color,translation,cutout", "--augment_p=0.5", "--ada_target=0.6", "--ada_interval=1",
               "--ada_kimg=0.01", "--r1_gamma=1", "--r1_interval=2", "--mbstd_group=2", "--slab_context=True",
-              "--channels_last=True", "--d_width=0.25", "--out_scale=1.1", "--g_noise=True"]
+              "--channels_last=True", "--d_width=0.25", "--out_scale=1.1", "--g_noise=True", "--g_pad=replicate"]
 
 
 @pytest.mark.parametrize("options", ["paper", "small_data"])

@@ -18,6 +18,7 @@ mbstd_group = 4
 d_width = 0.25
 out_scale = 1.1
 g_noise = True
+g_pad = "replicate"
 channels_last = True
 ema_decay = 0.99
 dtype = "float32"
