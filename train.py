@@ -110,9 +110,10 @@ if config["threads"] > 0:
 if ddp:
     rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
     if device.startswith("cuda"):
-        if local_rank >= torch.cuda.device_count():  # one rank per GPU: cuda:LOCAL_RANK must exist
-            fail(f"LOCAL_RANK {local_rank}: this machine has {torch.cuda.device_count()} visible CUDA device(s); "
-                 f"start at most that many processes per node (--nproc_per_node), or add --device=cpu")
+        # one rank per GPU, cuda:LOCAL_RANK; every rank tests the same condition, so all stop (rank 0 says why)
+        if (per_node := int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1))) > torch.cuda.device_count():
+            fail(f"{per_node} processes on this node, {torch.cuda.device_count()} visible CUDA device(s): start at "
+                 f"most one per GPU (--nproc_per_node), or add --device=cpu")
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
     backend = config["backend"] if config["backend"] != "auto" else ("nccl" if device.startswith("cuda") else "gloo")
