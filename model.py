@@ -398,11 +398,9 @@ def _depth_conv(conv, x, x0, n, y0, y1):
     [x0, x0 + x.shape[2]) of the full input of depth n. Rows outside [0, n) are the conv's padding
     (zeros or replicate), so chunk edges that are volume edges match the whole-volume result exactly."""
     lo, hi = max(y0 - 1, 0), min(y1 + 1, n)
-    x = x[:, :, lo - x0:hi - x0]
-    if conv.padding_mode == "replicate":
-        return F.conv3d(F.pad(x, (1, 1, 1, 1, lo - (y0 - 1), (y1 + 1) - hi), mode="replicate"), conv.weight, conv.bias)
-    x = F.pad(x, (0, 0, 0, 0, lo - (y0 - 1), (y1 + 1) - hi))
-    return F.conv3d(x, conv.weight, conv.bias, padding=(0, 1, 1))
+    mode = "replicate" if conv.padding_mode == "replicate" else "constant"
+    x = F.pad(x[:, :, lo - x0:hi - x0], (1, 1, 1, 1, lo - (y0 - 1), (y1 + 1) - hi), mode=mode)
+    return F.conv3d(x, conv.weight, conv.bias)
 
 
 # -----------------------------------------------------------------------------
