@@ -620,14 +620,20 @@ class HAGAN(nn.Module):
             stats["R1"] = penalty.detach()
         return loss, stats
 
-    def loss_G(self, r, z, c=None, lambda_class=0.1, aug=None):
-        """Eqs. 4-5 for G^A, G^H, G^L [+ lambda_class times eq. 9's fake term, as officially]."""
+    def loss_G(self, r, z, c=None, lambda_class=0.1, aug=None, lambda_div=0.0, div_real=0.0):
+        """Eqs. 4-5 for G^A, G^H, G^L [+ lambda_class times eq. 9's fake term, as officially]
+        [+ lambda_div times the diversity hinge, beyond the paper: while the batch's low-res volumes are
+        less spread (mean pairwise L1) than real ones (div_real), G is pushed to spread them]."""
         fake_slab, fake_low = self.G(z, r, c)
         logit, cls = self.D(*_swap(augment(fake_slab, fake_low, r, aug), r))
-        loss = _bce(logit, 1.0)
+        loss, stats = _bce(logit, 1.0), {}
         if c is not None and cls is not None:
             loss = loss + lambda_class * F.cross_entropy(cls.float(), c)
-        return loss, {}
+        if lambda_div > 0 and len(z) > 1:
+            spread = pairwise_l1(fake_low.float()) / div_real  # 1 = as spread as the real volumes
+            loss = loss + lambda_div * F.relu(1 - spread)
+            stats["div"] = spread.detach()
+        return loss, stats
 
     def loss_E_H(self, x_slab, lambda1=5.0):
         """Eq. 6: a real slab through E^H and back through G^H, L1."""
@@ -773,6 +779,14 @@ def _outside(shape, box, depth0):
            & inside(torch.arange(H, device=dev), 1)[:, None, :, None]
            & inside(torch.arange(W, device=dev), 2)[:, None, None, :])
     return ~ins[:, None]
+
+
+def pairwise_l1(v):
+    """(b, ...) -> the mean L1 distance over the b(b-1)/2 distinct pairs: how spread a batch is. A row at a
+    time, so memory stays that of the batch at any size."""
+    v = v.flatten(1)
+    b = len(v)
+    return sum((v[i + 1:] - v[i]).abs().mean(1).sum() for i in range(b - 1)) / (b * (b - 1) / 2)
 
 
 def _bce(logit, target):

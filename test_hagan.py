@@ -381,6 +381,28 @@ def test_r1_penalty_has_its_closed_form():
     assert torch.allclose(with_r1 - plain, 2.5 * expected, rtol=1e-4)
 
 
+def test_diversity_hinge_spreads_the_low_res_batch_until_it_is_as_spread_as_real():
+    from model import pairwise_l1
+    v = torch.tensor([0.0, 1.0, 3.0]).view(3, 1, 1)  # pairs 1, 3, 2
+    assert pairwise_l1(v) == 2.0 and pairwise_l1(torch.ones(4, 2, 3)) == 0.0
+    m = tiny().eval()
+    z, r = torch.randn(3, 16), 2
+    torch.manual_seed(0)
+    plain, st0 = m.loss_G(r, z)
+    with torch.no_grad():
+        spread = pairwise_l1(m.G(z, r)[1])
+    torch.manual_seed(0)
+    pushed, st1 = m.loss_G(r, z, lambda_div=2.0, div_real=4 * spread.item())  # a quarter as spread as real
+    assert "div" not in st0 and abs(st1["div"] - 0.25) < 1e-5
+    assert torch.allclose(pushed - plain, torch.tensor(2.0 * 0.75), atol=1e-5)
+    torch.manual_seed(0)
+    assert torch.equal(m.loss_G(r, z, lambda_div=2.0, div_real=spread.item() / 2)[0], plain)  # spread enough: off
+    m.G.zero_grad()
+    (pushed - plain).backward()  # the hinge alone reaches the trunk and G^L, not G^H (the slab is not in it)
+    assert m.G.G_A.fc.weight.grad.abs().sum() > 0 and m.G.G_L.conv1.weight.grad.abs().sum() > 0
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in m.G.G_H.parameters())
+
+
 def test_minibatch_std_sees_identical_samples():
     from model import mbstd
     same = torch.randn(1, 3, 2, 4, 4).repeat(4, 1, 1, 1, 1)
@@ -662,7 +684,7 @@ def test_every_config_file_loads():
                     latent_dim=cfg["latent_dim"], num_classes=cfg["num_classes"], num_slabs=cfg["num_slabs"])
         if name in ("train_lung_ct.py", "train_brain_mri.py", "train_conditional.py"):  # the paper, as published
             off = dict(augment="", ada_target=0.0, r1_gamma=0.0, mbstd_group=0, slab_context=False, d_width=0.0,
-                       out_scale=1.0, g_noise=False, gh_width=0.0, g_pad="zeros", lr_G=1e-4, lr_D=4e-4, lr_E=1e-4, beta1=0.0, beta2=0.999)
+                       out_scale=1.0, g_noise=False, gh_width=0.0, g_pad="zeros", lambda_div=0.0, lr_G=1e-4, lr_D=4e-4, lr_E=1e-4, beta1=0.0, beta2=0.999)
             assert {k: cfg[k] for k in off} == off, name
 
 
@@ -1093,12 +1115,13 @@ def _log(out, key="D"):
 def test_train_runs_logs_and_checkpoints(demo, tmp_path):
     out = str(tmp_path / "out")
     p = run(*readme("python train.py config/train_demo.py"), *TINY, f"--data_dir={demo}", f"--out={out}",
-            "--max_iters=3", "--ema_decay=0.9", "--sample_interval=3", "--fold=-1")
+            "--max_iters=3", "--ema_decay=0.9", "--sample_interval=3", "--fold=-1", "--lambda_div=1")
     assert p.returncode == 0, p.stderr
     assert "training on 12 volumes (every volume, fold=-1)" in p.stdout  # fold=-1: no held-out fold
     log = _log(out)
     assert [r["iter"] for r in log] == [1, 2, 3]
     assert all(math.isfinite(r[k]) for r in log for k in NETS)
+    assert all(r["div"] > 0 for r in log)  # the diversity hinge's spread, generated over real
     assert "ms/iter" in p.stdout and "vol/s" in p.stdout and "peak" in p.stdout and "ETA" in p.stdout
     ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ck["iter_num"] == 3 and ck["meta"]["img_size"] == [32, 32, 32] and ck["config"]["max_iters"] == 3
@@ -1179,7 +1202,8 @@ def test_train_and_generate_with_other_slab_counts(demo, tmp_path, num_slabs):
 
 SMALL_DATA = ["--augment=color,translation,cutout", "--augment_p=0.5", "--ada_target=0.6", "--ada_interval=1",
               "--ada_kimg=0.01", "--r1_gamma=1", "--r1_interval=2", "--mbstd_group=2", "--slab_context=True",
-              "--channels_last=True", "--d_width=0.25", "--out_scale=1.1", "--g_noise=True", "--g_pad=replicate"]
+              "--channels_last=True", "--d_width=0.25", "--out_scale=1.1", "--g_noise=True", "--g_pad=replicate",
+              "--lambda_div=1"]
 
 
 @pytest.mark.parametrize("options", ["paper", "small_data"])
@@ -1199,6 +1223,7 @@ def test_resume_is_exact(demo, tmp_path, options):
     assert ca["optimizers"]["G"]["state"][0]["exp_avg_sq"].equal(cb["optimizers"]["G"]["state"][0]["exp_avg_sq"])
     if options != "paper":  # ADA moved augment_p (saved with its running sum), R1 ran twice
         assert ca["ada"] == cb["ada"] and ca["ada"][0] != 0.5 and sum("R1" in r for r in _log(a)) == 2
+        assert all(r["div"] > 0 for r in _log(a))  # the diversity hinge's spread, logged at every iteration
         return
     # resuming on other data works, but says so (the checkpoint keeps the dataset's fingerprint)
     other = tmp_path / "other"
@@ -2096,6 +2121,8 @@ FAULTS = [  # (case, command, what its one line must say, setup(d, fx) or None)
      ["{demo} holds 32x32x32 volumes but the model is 64x64x64"], None),
     ("train-classes", TRAIN + " --out={d}/o --num_classes=3", ["{demo} has 5 classes but num_classes=3"], None),
     ("train-num-slabs", TRAIN + " --out={d}/o --num_slabs=3", ["num_slabs=3 must divide"], None),
+    ("train-div-one-volume", TRAIN + " --out={d}/o --lambda_div=1 --batch_size=2 --grad_accum=2",
+     ["lambda_div needs 2 or more volumes per micro-batch, not 1"], None),
     ("train-out-unwritable", TRAIN + " --out={d}/file/out", ["{d}/file/out: cannot write there"],
      lambda d, fx: (d / "file").write_text("")),
     ("train-cuda-on-cpu-torch", TRAIN + " --out={d}/o --device=cuda:99", ["--device=cuda:99", "--device=cpu"], None),

@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from eval import band_fractions, ms_ssim_pairs, unit_histogram, wasserstein1
 from model import (HAGAN, NETS, HAGANConfig, S_H, augment_params, autocast_ctx, fail, model_config, override,
-                   pick_device, read_checkpoint)
+                   pairwise_l1, pick_device, read_checkpoint)
 from prepare import VolumeDataset, store_fingerprint, writable_dir
 from sample import save_montage
 
@@ -74,6 +74,7 @@ config = dict(
     g_noise=False,  # G^H adds learned-strength per-voxel noise (a function of z): scanner noise that G can't draw
     gh_width=0.0,  # >0: channel multiplier of G^H's hidden layer instead of width (a wider renderer, G^A unchanged)
     g_pad="zeros",  # G^H's conv padding: 'replicate' keeps the volume's first and last slices from turning bright
+    lambda_div=0.0,  # >0: weight of a hinge that spreads G's low-res batch at least as much as real volumes
     channels_last=False,  # channels-last 3D weights: oneDNN's preferred layout, faster on CPU
     init_from="scratch",  # 'scratch', 'resume' (out/ckpt.pt), or the path of an official G_iterN.pth
     dtype="auto",  # 'float32', 'bfloat16', 'float16' (autocast); 'auto' = bf16 on GPUs that have it, else float32
@@ -314,6 +315,17 @@ if config["compile"]:
         m.compile()
 
 fingerprint = store_fingerprint(config["data_dir"])
+# the diversity hinge's target: the spread of real low-res volumes (64 drawn by the seed alone, so that a
+# resumed run and every rank compute the same number)
+div_real = 0.0
+if config["lambda_div"] > 0:
+    if per_rank < 2:
+        fail(f"lambda_div needs 2 or more volumes per micro-batch, not {per_rank}: raise "
+             f"batch_size or lower grad_accum")
+    x_low = ds.get_batch(64, span=(0, 1), generator=torch.Generator().manual_seed(seeded("div")))[1]
+    div_real = pairwise_l1(x_low).item() * len(ds) / max(len(ds) - 1, 1)  # drawn with replacement: same-volume pairs
+    if div_real <= 0:
+        fail(f"{config['data_dir']}: the training volumes are all alike at low resolution; lambda_div needs a spread")
 if init_from_resume and resumed_fingerprint != fingerprint:
     log(f"warning: {config['data_dir']} is not the dataset this checkpoint was trained on "
         f"(fingerprint {fingerprint} vs {resumed_fingerprint}); continuing on the new data")
@@ -512,7 +524,8 @@ while iter_num < config["max_iters"]:
     r1 = config["r1_gamma"] / 2 * config["r1_interval"] if config["r1_gamma"] and iter_num % config["r1_interval"] == 0 else 0.0
 
     stats = step("D", micro, lambda b: model.loss_D(b.x_slab, b.x_low, r, b.z_D, b.c, b.aug_D, r1))
-    stats |= step("G", micro, lambda b: model.loss_G(r, b.z_G, b.c, config["lambda_class"], b.aug_G))
+    stats |= step("G", micro, lambda b: model.loss_G(r, b.z_G, b.c, config["lambda_class"], b.aug_G,
+                                                     config["lambda_div"], div_real))
     stats |= step("E_H", micro, lambda b: model.loss_E_H(b.x_slab, config["lambda1"]))
     stats |= step("E_G", micro, lambda b: model.loss_E_G(model.encode_A(b.x), b.x_slab, b.x_low, r, b.c,
                                                          config["lambda2"]))
