@@ -137,6 +137,8 @@ per_rank = config["batch_size"] // (world * config["grad_accum"])
 if per_rank * world * config["grad_accum"] != config["batch_size"] or per_rank < 1:
     fail(f"batch_size={config['batch_size']} must be a multiple of world size ({world}) x grad_accum "
          f"({config['grad_accum']})")
+if config["lambda_div"] > 0 and per_rank < 2:  # the hinge compares pairs within a micro-batch
+    fail(f"lambda_div needs 2 or more volumes per micro-batch, not {per_rank}: raise batch_size or lower grad_accum")
 
 
 def log(*a):
@@ -319,9 +321,6 @@ fingerprint = store_fingerprint(config["data_dir"])
 # resumed run and every rank compute the same number)
 div_real = 0.0
 if config["lambda_div"] > 0:
-    if per_rank < 2:
-        fail(f"lambda_div needs 2 or more volumes per micro-batch, not {per_rank}: raise "
-             f"batch_size or lower grad_accum")
     x_low = ds.get_batch(64, span=(0, 1), generator=torch.Generator().manual_seed(seeded("div")))[1]
     div_real = pairwise_l1(x_low).item() * len(ds) / max(len(ds) - 1, 1)  # drawn with replacement: same-volume pairs
     if div_real <= 0:
