@@ -684,7 +684,7 @@ def test_every_config_file_loads():
                     latent_dim=cfg["latent_dim"], num_classes=cfg["num_classes"], num_slabs=cfg["num_slabs"])
         if name in ("train_lung_ct.py", "train_brain_mri.py", "train_conditional.py"):  # the paper, as published
             off = dict(augment="", ada_target=0.0, r1_gamma=0.0, mbstd_group=0, slab_context=False, d_width=0.0,
-                       out_scale=1.0, g_noise=False, gh_width=0.0, g_pad="zeros", lambda_div=0.0,
+                       out_scale=1.0, g_noise=False, gh_width=0.0, g_pad="zeros", lambda_div=0.0, enc_interval=1,
                        lr_G=1e-4, lr_D=4e-4, lr_E=1e-4, beta1=0.0, beta2=0.999)
             assert {k: cfg[k] for k in off} == off, name
 
@@ -1138,6 +1138,23 @@ def test_train_runs_logs_and_checkpoints(demo, tmp_path):
     assert "MS-SSIM of sample pairs" in p.stdout and "intensity W1" in p.stdout
     model, _ = load_checkpoint(os.path.join(out, "ckpt.pt"))  # EMA weights for sampling
     assert all(torch.equal(model.G.state_dict()[k], v) for k, v in ck["ema_G"].items())
+
+
+def test_encoder_interval_leaves_g_and_d_as_they_are(demo, tmp_path):
+    # G and D never use E^H or E^G, so training the encoders every 3rd iteration only changes the encoders
+    runs = {}
+    for k in (1, 3):
+        out = tmp_path / f"e{k}"
+        p = run("train.py", *TINY, f"--data_dir={demo}", f"--out={out}", "--max_iters=4", f"--enc_interval={k}",
+                "--ema_decay=0.9", "--g_noise=True")
+        assert p.returncode == 0, p.stderr
+        runs[k] = torch.load(out / "ckpt.pt", weights_only=True), _log(out)
+    (every, log1), (third, log3) = runs[1], runs[3]
+    for k, v in every["model"].items():  # the encoders trained 4 times against once
+        assert torch.equal(v, third["model"][k]) != k.startswith(("E_H.", "E_G.")), k
+    assert all(torch.equal(v, third["ema_G"][k]) for k, v in every["ema_G"].items())
+    assert [r["iter"] for r in log3 if "E_G" in r] == [3] and all("E_G" in r for r in log1)
+    assert [r["D"] for r in log3] == [r["D"] for r in log1] and [r["G"] for r in log3] == [r["G"] for r in log1]
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -2124,6 +2141,7 @@ FAULTS = [  # (case, command, what its one line must say, setup(d, fx) or None)
     ("train-num-slabs", TRAIN + " --out={d}/o --num_slabs=3", ["num_slabs=3 must divide"], None),
     ("train-div-one-volume", TRAIN + " --out={d}/o --lambda_div=1 --batch_size=2 --grad_accum=2",
      ["lambda_div needs 2 or more volumes per micro-batch, not 1"], None),
+    ("train-enc-interval-zero", TRAIN + " --out={d}/o --enc_interval=0", ["enc_interval=0: use 1"], None),
     ("train-out-unwritable", TRAIN + " --out={d}/file/out", ["{d}/file/out: cannot write there"],
      lambda d, fx: (d / "file").write_text("")),
     ("train-cuda-on-cpu-torch", TRAIN + " --out={d}/o --device=cuda:99", ["--device=cuda:99", "--device=cpu"], None),
