@@ -21,6 +21,7 @@ out_scale = 1.1  # air (-1) reached unsaturated: plain tanh sends the dark tissu
 g_noise = True  # G^H can draw scanner noise, D's first cue for telling samples from phantoms
 g_pad = "replicate"  # G^H pads by replication: no bright first and last slices from zero padding
 lambda_div = 1.0  # a hinge that spreads G's batch as much as real volumes: the samples were right but too alike
+enc_interval = 2  # the encoders learn every 2nd iteration: G and D, and so the samples, are unchanged; it saves time
 channels_last = True  # ~1.3x faster on CPU
 ema_decay = 0.99
 dtype = "float32"

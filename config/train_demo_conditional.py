@@ -20,6 +20,7 @@ d_width = 0.25
 out_scale = 1.1
 g_noise = True
 g_pad = "replicate"
+enc_interval = 2  # as in config/train_demo.py: the samples are unchanged
 channels_last = True
 ema_decay = 0.99
 dtype = "float32"
