@@ -1,7 +1,7 @@
 # Class-conditional demo (AC-GAN heads on D^H and D^L, paper IV-C) on the demo phantoms, whose emphysema
 # class 0-4 sets the share of lung below -950 HU: python data/demo/prepare.py && python train.py config/train_demo_conditional.py
 # The same small-data settings as config/train_demo.py (see its comments) but the diversity hinge (lambda_div),
-# which came after the conditional runs in the README, plus the class.
+# which came after the conditional runs in the README and did not help this config there, plus the class.
 out = "out/conditional"
 data_dir = "data/demo"
 img_size = 64
