@@ -62,6 +62,7 @@ class HAGANConfig:
     d_width: float = 0.0  # >0: D^H's and D^L's channel multiplier instead of width (a stronger D costs little)
     out_scale: float = 1.0  # G^H's and G^L's outputs are out_scale * tanh; > 1 reaches the data's ends at finite inputs
     g_noise: bool = False  # G^H adds per-voxel noise, a function of z, before its last conv (StyleGAN's noise inputs)
+    out_leak: float = 0.0  # >0: out_leak * the pre-activation is added to G's outputs: a gradient also at tanh's floor
     gh_width: float = 0.0  # >0: G^H's hidden channel multiplier instead of width (the renderer wider, G^A as it is)
     g_pad: str = "zeros"  # G^H's conv padding: 'zeros' (official) or 'replicate' (no bright end slices)
 
@@ -75,9 +76,9 @@ class HAGANConfig:
                              f"(e.g. 160,192,224)")
         self.img_size = s[0] if s[0] == s[1] == s[2] else s
         if (self.latent_dim < 1 or self.num_classes < 0 or self.width <= 0 or self.d_width < 0 or self.gh_width < 0
-                or self.out_scale < 1):
+                or self.out_scale < 1 or self.out_leak < 0):
             raise ValueError("latent_dim must be >= 1, num_classes >= 0, width > 0, d_width >= 0, gh_width >= 0, "
-                             "out_scale >= 1")
+                             "out_scale >= 1, out_leak >= 0")
         if self.g_pad not in ("zeros", "replicate"):
             raise ValueError(f"g_pad={self.g_pad!r}: use 'zeros' (official) or 'replicate'")
         if self.num_slabs < 1 or s[0] // 4 % self.num_slabs:
@@ -237,7 +238,7 @@ class G_H(nn.Module):
         self.conv1 = nn.Conv3d(c_a, c, 3, padding=1, padding_mode=cfg.g_pad)
         self.norm1 = nn.GroupNorm(GN_GROUPS, c)
         self.conv2 = nn.Conv3d(c, 1, 3, padding=1, padding_mode=cfg.g_pad)
-        self.out_scale = cfg.out_scale
+        self.out_scale, self.out_leak = cfg.out_scale, cfg.out_leak
         # g_noise: the strength of the noise in each of conv2's input channels, learned from 0 (Karras et al. 2019)
         self.noise_scale = nn.Parameter(torch.zeros(c)) if cfg.g_noise else None
 
@@ -253,7 +254,8 @@ class G_H(nn.Module):
             mean, rstd = (s.to(h.dtype)[:, :, None] for s in stats)
             h = ((h.reshape(B, G, -1) - mean) * rstd).view(h.shape)
             h = h * self.norm1.weight.view(1, C, 1, 1, 1) + self.norm1.bias.view(1, C, 1, 1, 1)
-        return _last_conv_tanh(self.conv2, self.add_noise(_up(F.relu(h)), noise), self.out_scale)
+        return _last_conv_tanh(self.conv2, self.add_noise(_up(F.relu(h)), noise), self.out_scale,
+                                self.out_leak)
 
     def add_noise(self, h, noise):  # (B,C,D,H,W) + (B,1,D,H,W) * (C,)
         if noise is None or self.noise_scale is None:
@@ -297,24 +299,28 @@ class G_L(nn.Module):
         self.conv2 = nn.Conv3d(c, cfg.ch(cfg.g_channels // 2), 3, padding=1)
         self.norm2 = nn.GroupNorm(GN_GROUPS, cfg.ch(cfg.g_channels // 2))
         self.conv3 = nn.Conv3d(cfg.ch(cfg.g_channels // 2), 1, 3, padding=1)
-        self.out_scale = cfg.out_scale
+        self.out_scale, self.out_leak = cfg.out_scale, cfg.out_leak
 
     def forward(self, a):  # (B,64,S/4,S/4,S/4) -> (B,1,S/4,S/4,S/4)
         h = F.relu(self.norm1(self.conv1(a)))
         h = F.relu(self.norm2(self.conv2(h)))
-        return _last_conv_tanh(self.conv3, h, self.out_scale)
+        return _last_conv_tanh(self.conv3, h, self.out_scale, self.out_leak)
 
 
-def _last_conv_tanh(conv, h, scale=1.0):
+def _last_conv_tanh(conv, h, scale=1.0, leak=0.0):
     # conv: the layer, or any function of its input (the chunked render's _depth_conv). The output
     # layer runs in float32 even under autocast: in bf16, tanh near +-1 has a resolution of several HU
     # in the CT window, which shows up as banding in the samples.
     # scale > 1 (out_scale, beyond the paper): air (-1) and the window's top are reached at finite
     # inputs. With plain tanh they are not, and the dark tissue next to air goes with it into
-    # saturation, where tanh' ~ 0 and D's gradient no longer reaches it (the demo's lungs at -1024 HU)
+    # saturation, where tanh' ~ 0 and D's gradient no longer reaches it (the demo's lungs at -1024 HU).
+    # leak > 0 (out_leak): even at scale's floor the slope is leak. D sees a voxel pushed below -1 as
+    # darker than any real one, and G can still move it back; generate clamps to [-1, 1]
     with _no_autocast(h):
-        y = torch.tanh(conv(h.float()))
-        return y if scale == 1 else y * scale
+        p = conv(h.float())
+        y = torch.tanh(p)
+        y = y if scale == 1 else y * scale
+        return y if leak == 0 else y + leak * p
 
 
 class Generator(nn.Module):
@@ -363,8 +369,8 @@ class Generator(nn.Module):
         A = self.G_A(z, c)
         noise = self.noise(z, 0, self.cfg.shape[0])
         x = self._G_H_chunked(A, int(chunk), noise) if chunk else self.G_H(A, noise=noise)
-        # out_scale > 1: D taught G the data's range, and a sample keeps to it exactly
-        return x.clamp_(-1, 1) if self.cfg.out_scale != 1 else x
+        # out_scale > 1 or out_leak > 0: D taught G the data's range, and a sample keeps to it exactly
+        return x.clamp_(-1, 1) if self.cfg.out_scale != 1 or self.cfg.out_leak else x
 
     def _G_H_chunked(self, A, k, noise=None):
         """G^H(A) in depth chunks of k A-slices. GroupNorm normalises over the whole volume, so a
@@ -387,7 +393,8 @@ class Generator(nn.Module):
             h = _up(torch.addcmul(shift, Y[:, :, lo:hi], scale).relu_())  # rows [2lo, 2hi) of the 4x grid
             h = g.add_noise(h, None if noise is None else noise[:, :, 2 * lo:2 * hi])
             # G^H's output layer on this chunk's rows: (B,1,4k,H,W)
-            x = _last_conv_tanh(lambda t: _depth_conv(g.conv2, t, 2 * lo, 4 * n, 4 * a, 4 * b), h, g.out_scale)
+            x = _last_conv_tanh(lambda t: _depth_conv(g.conv2, t, 2 * lo, 4 * n, 4 * a, 4 * b), h, g.out_scale,
+                                    g.out_leak)
             if out is None:
                 out = x.new_empty(x.shape[0], 1, 4 * n, *x.shape[3:])
             out[:, :, 4 * a:4 * b] = x

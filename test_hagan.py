@@ -281,6 +281,28 @@ def test_out_scale_reaches_air_unsaturated_and_samples_keep_the_range():
         HAGANConfig(img_size=32, out_scale=0.9)
 
 
+def test_out_leak_keeps_a_gradient_at_the_floor_and_samples_keep_the_range():
+    from model import _last_conv_tanh
+    conv = torch.nn.Conv3d(1, 1, 1)
+    conv.weight.data.fill_(1.0), conv.bias.data.zero_()
+    for leak in (0.0, 0.05):  # deep in tanh's floor: a slope of about 0 without the leak, the leak with it
+        x = torch.full((1, 1, 1, 1, 1), -8.0, requires_grad=True)
+        y = _last_conv_tanh(conv, x, 1.1, leak)
+        y.backward()
+        assert abs(y.item() - (-1.1 * math.tanh(8.0) - leak * 8)) < 1e-5 and abs(x.grad.item() - leak) < 1e-5
+    z = torch.randn(2, 16)
+    m = tiny(64, slab_context=True, out_leak=0.05).train()  # out_scale 1: the leak alone asks for the clamp
+    m.G.G_H.conv2.bias.data.fill_(-10.0)
+    with torch.no_grad():
+        assert m.G(z, 3)[0].min() < -1.4  # in training D sees the overshoot: -1 - 0.05 * 10 and below
+        for k in (0, 1, m.cfg.slab_a):
+            v = m.G.generate(z, chunk=k)
+            assert v.min() == -1 and v.max() <= 1 and torch.equal(v, m.G.generate(z))
+        assert torch.allclose(m.G(z, 3)[0].clamp(-1, 1), S_H(m.G.generate(z), 3, 8), atol=1e-5)
+    with pytest.raises(ValueError, match="out_leak >= 0"):
+        HAGANConfig(img_size=32, out_leak=-0.1)
+
+
 def test_g_noise_is_a_function_of_z_alone():
     z = torch.randn(3, 16)
     m = tiny(64, slab_context=True, g_noise=True).train()
@@ -684,7 +706,7 @@ def test_every_config_file_loads():
                     latent_dim=cfg["latent_dim"], num_classes=cfg["num_classes"], num_slabs=cfg["num_slabs"])
         if name in ("train_lung_ct.py", "train_brain_mri.py", "train_conditional.py"):  # the paper, as published
             off = dict(augment="", ada_target=0.0, r1_gamma=0.0, mbstd_group=0, slab_context=False, d_width=0.0,
-                       out_scale=1.0, g_noise=False, gh_width=0.0, g_pad="zeros", lambda_div=0.0, enc_interval=1,
+                       out_scale=1.0, out_leak=0.0, g_noise=False, gh_width=0.0, g_pad="zeros", lambda_div=0.0, enc_interval=1,
                        lr_G=1e-4, lr_D=4e-4, lr_E=1e-4, beta1=0.0, beta2=0.999)
             assert {k: cfg[k] for k in off} == off, name
 
