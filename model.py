@@ -255,7 +255,7 @@ class G_H(nn.Module):
             h = ((h.reshape(B, G, -1) - mean) * rstd).view(h.shape)
             h = h * self.norm1.weight.view(1, C, 1, 1, 1) + self.norm1.bias.view(1, C, 1, 1, 1)
         return _last_conv_tanh(self.conv2, self.add_noise(_up(F.relu(h)), noise), self.out_scale,
-                                self.out_leak)
+                               self.out_leak)
 
     def add_noise(self, h, noise):  # (B,C,D,H,W) + (B,1,D,H,W) * (C,)
         if noise is None or self.noise_scale is None:
@@ -394,7 +394,7 @@ class Generator(nn.Module):
             h = g.add_noise(h, None if noise is None else noise[:, :, 2 * lo:2 * hi])
             # G^H's output layer on this chunk's rows: (B,1,4k,H,W)
             x = _last_conv_tanh(lambda t: _depth_conv(g.conv2, t, 2 * lo, 4 * n, 4 * a, 4 * b), h, g.out_scale,
-                                    g.out_leak)
+                                g.out_leak)
             if out is None:
                 out = x.new_empty(x.shape[0], 1, 4 * n, *x.shape[3:])
             out[:, :, 4 * a:4 * b] = x

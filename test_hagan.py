@@ -706,8 +706,8 @@ def test_every_config_file_loads():
                     latent_dim=cfg["latent_dim"], num_classes=cfg["num_classes"], num_slabs=cfg["num_slabs"])
         if name in ("train_lung_ct.py", "train_brain_mri.py", "train_conditional.py"):  # the paper, as published
             off = dict(augment="", ada_target=0.0, r1_gamma=0.0, mbstd_group=0, slab_context=False, d_width=0.0,
-                       out_scale=1.0, out_leak=0.0, g_noise=False, gh_width=0.0, g_pad="zeros", lambda_div=0.0, enc_interval=1,
-                       lr_G=1e-4, lr_D=4e-4, lr_E=1e-4, beta1=0.0, beta2=0.999)
+                       out_scale=1.0, out_leak=0.0, g_noise=False, gh_width=0.0, g_pad="zeros", lambda_div=0.0,
+                       enc_interval=1, lr_G=1e-4, lr_D=4e-4, lr_E=1e-4, beta1=0.0, beta2=0.999)
             assert {k: cfg[k] for k in off} == off, name
 
 
