@@ -2165,6 +2165,7 @@ FAULTS = [  # (case, command, what its one line must say, setup(d, fx) or None)
     ("train-div-one-volume", TRAIN + " --out={d}/o --lambda_div=1 --batch_size=2 --grad_accum=2",
      ["lambda_div needs 2 or more volumes per micro-batch, not 1"], None),
     ("train-enc-interval-zero", TRAIN + " --out={d}/o --enc_interval=0", ["enc_interval=0: use 1"], None),
+    ("train-log-interval-zero", TRAIN + " --out={d}/o --log_interval=0", ["log_interval=0 must be >= 1"], None),
     ("train-out-unwritable", TRAIN + " --out={d}/file/out", ["{d}/file/out: cannot write there"],
      lambda d, fx: (d / "file").write_text("")),
     ("train-cuda-on-cpu-torch", TRAIN + " --out={d}/o --device=cuda:99", ["--device=cuda:99", "--device=cpu"], None),

@@ -87,7 +87,7 @@ config = dict(
     threads=0,  # CPU threads per process (torch.set_num_threads); 0 = torch's default (torchrun's OMP_NUM_THREADS)
     seed=1337,  # every random draw derives from (seed, rank, iteration): resume is exact
     log_interval=10,  # iterations per log line
-    ckpt_interval=1000,  # iterations per checkpoint (and one at the end)
+    ckpt_interval=1000,  # iterations per checkpoint (and one at the end); 0 = only at the end
     sample_interval=1000,  # iterations per PNG montage of samples and a reconstruction; 0 = never
     num_samples=4,  # volumes in the montage
     quality_num=8,  # generated and real volumes for the quality signal logged with each montage
@@ -142,6 +142,9 @@ per_rank = config["batch_size"] // (world * config["grad_accum"])
 if per_rank * world * config["grad_accum"] != config["batch_size"] or per_rank < 1:
     fail(f"batch_size={config['batch_size']} must be a multiple of world size ({world}) x grad_accum "
          f"({config['grad_accum']})")
+if config["log_interval"] < 1 or config["ckpt_interval"] < 0 or config["sample_interval"] < 0:
+    fail(f"log_interval={config['log_interval']} must be >= 1, ckpt_interval={config['ckpt_interval']} and "
+         f"sample_interval={config['sample_interval']} >= 0 (0: a checkpoint only at the end, no montages)")
 if config["lambda_div"] > 0 and per_rank < 2:  # the hinge compares pairs within a micro-batch
     fail(f"lambda_div needs 2 or more volumes per micro-batch, not {per_rank}: raise batch_size or lower grad_accum")
 
@@ -603,7 +606,8 @@ while iter_num < config["max_iters"]:
              + (f"{os.path.join(out_dir, 'ckpt.pt')} (iteration {saved_iter}) is intact: free some space and "
                 f"continue with --init_from=resume" if saved_iter is not None else
                 "no checkpoint was written yet: free some space and start again"))
-    saving = iter_num % config["ckpt_interval"] == 0 or iter_num == config["max_iters"] or stopping
+    every = config["ckpt_interval"]
+    saving = (every and iter_num % every == 0) or iter_num == config["max_iters"] or stopping
     if ddp and saving:
         # ranks must hold the same weights; if they drifted, a checkpoint of rank 0 would hide it
         chk = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().view(1)
