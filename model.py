@@ -65,6 +65,7 @@ class HAGANConfig:
     out_leak: float = 0.0  # >0: out_leak * the pre-activation is added to G's outputs: a gradient also at tanh's floor
     gh_width: float = 0.0  # >0: G^H's hidden channel multiplier instead of width (the renderer wider, G^A as it is)
     g_pad: str = "zeros"  # G^H's conv padding: 'zeros' (official) or 'replicate' (no bright end slices)
+    d_stretch: float = 0.0  # >0: D^H sees intensities stretched near air (slope 1 + d_stretch at -1): lungs vs air
 
     def __post_init__(self):
         s = self.img_size
@@ -76,9 +77,9 @@ class HAGANConfig:
                              f"(e.g. 160,192,224)")
         self.img_size = s[0] if s[0] == s[1] == s[2] else s
         if (self.latent_dim < 1 or self.num_classes < 0 or self.width <= 0 or self.d_width < 0 or self.gh_width < 0
-                or self.out_scale < 1 or self.out_leak < 0):
+                or self.out_scale < 1 or self.out_leak < 0 or self.d_stretch < 0):
             raise ValueError("latent_dim must be >= 1, num_classes >= 0, width > 0, d_width >= 0, gh_width >= 0, "
-                             "out_scale >= 1, out_leak >= 0")
+                             "out_scale >= 1, out_leak >= 0, d_stretch >= 0")
         if self.g_pad not in ("zeros", "replicate"):
             raise ValueError(f"g_pad={self.g_pad!r}: use 'zeros' (official) or 'replicate'")
         if self.num_slabs < 1 or s[0] // 4 % self.num_slabs:
@@ -414,6 +415,18 @@ def _depth_conv(conv, x, x0, n, y0, y1):
 # discriminators
 
 
+STRETCH_WIDTH = 0.2  # d_stretch acts within about this much of -1: 162 HU above air in the CT window
+
+
+def stretch_dark(x, gain):
+    """D^H's view of intensities under d_stretch (beyond the paper): x + gain * w * tanh((x + 1) / w).
+    -1 stays -1, the slope there is 1 + gain, and above -1 + 2w it is 1 again: every voxel brighter than
+    the lungs is only shifted, so D^H keeps its eye for tissue and bone. Why: the phantoms' lungs (-860 HU,
+    -0.80) are 0.17 above air, and a spectrally normalised D^H barely tells them from air, so G^H drew
+    the lungs as air (README, "The demo"). Applied inside D^H, so real and generated slabs alike."""
+    return x if gain == 0 else x + (gain * STRETCH_WIDTH) * torch.tanh((x + 1) / STRETCH_WIDTH)
+
+
 class D_H(nn.Module):
     """(high-res slab (B,1,D/num_slabs,H,W), r) -> logit (B,1) [, class logits (B,K)]. Stride-2 4^3
     convs bring the slab's plane to 32x32 (3 of them at S=256, 2 at S=128), then the official tail,
@@ -445,9 +458,10 @@ class D_H(nn.Module):
         self.fc1 = SNLinear(cfg.ch_D(c // 4) + 1, cfg.ch_D(c // 8))
         self.fc2 = SNLinear(cfg.ch_D(c // 8), 1)
         self.fc_class = SNLinear(cfg.ch_D(c // 8), cfg.num_classes) if cfg.num_classes else None
-        self.r_max = cfg.r_max
+        self.r_max, self.d_stretch = cfg.r_max, cfg.d_stretch
 
     def forward(self, x, r):
+        x = stretch_dark(x, self.d_stretch)
         for i, conv in enumerate(self.convs):
             if self.mbstd_group and i == len(self.convs) - 1:
                 x = mbstd(x, self.mbstd_group)

@@ -303,6 +303,31 @@ def test_out_leak_keeps_a_gradient_at_the_floor_and_samples_keep_the_range():
         HAGANConfig(img_size=32, out_leak=-0.1)
 
 
+def test_d_stretch_widens_the_dark_end_for_D_H_alone():
+    from model import stretch_dark, STRETCH_WIDTH
+    x = torch.linspace(-1.1, 1.0, 2101, dtype=torch.float64, requires_grad=True)
+    y = stretch_dark(x, 1.5)
+    slope = torch.autograd.grad(y.sum(), x)[0]
+    assert abs(y[100].item() + 1) < 1e-12 and abs(slope[100].item() - 2.5) < 1e-9  # x = -1: fixed, slope 1 + gain
+    assert slope.min() >= 1 and (y.diff() > 0).all()  # monotone: nothing D^H saw apart is merged
+    far = x > -1 + 4 * STRETCH_WIDTH  # soft tissue and bone: shifted by gain * w, their differences kept
+    assert torch.allclose(y[far] - x[far], torch.full_like(x[far], 1.5 * STRETCH_WIDTH), atol=2e-3)
+    # lungs (-860 HU) against air (-1000 HU), in the CT window's units: the contrast D^H sees, about doubled
+    lung, air = -1 + 2 * 164 / 1624, -1 + 2 * 24 / 1624
+    gain = (stretch_dark(torch.tensor(lung), 1.5) - stretch_dark(torch.tensor(air), 1.5)) / (lung - air)
+    assert 1.9 < gain.item() < 2.5
+    assert torch.equal(stretch_dark(x, 0.0), x)
+    # inside D^H, for real and generated slabs alike; D^L and the paper's D^H are untouched
+    a, b = tiny(64, d_stretch=1.5), tiny(64)
+    slab, low = torch.rand(2, 1, 8, 64, 64) * 2 - 1, torch.rand(2, 1, 16, 16, 16) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(a.D.D_H(slab, 3)[0], b.D.D_H(stretch_dark(slab, 1.5), 3)[0])
+        assert not torch.equal(a.D.D_H(slab, 3)[0], b.D.D_H(slab, 3)[0])
+        assert torch.equal(a.D.D_L(low)[0], b.D.D_L(low)[0])
+    with pytest.raises(ValueError, match="d_stretch >= 0"):
+        HAGANConfig(img_size=32, d_stretch=-1.0)
+
+
 def test_g_noise_is_a_function_of_z_alone():
     z = torch.randn(3, 16)
     m = tiny(64, slab_context=True, g_noise=True).train()
@@ -707,7 +732,7 @@ def test_every_config_file_loads():
         if name in ("train_lung_ct.py", "train_brain_mri.py", "train_conditional.py"):  # the paper, as published
             off = dict(augment="", ada_target=0.0, r1_gamma=0.0, mbstd_group=0, slab_context=False, d_width=0.0,
                        out_scale=1.0, out_leak=0.0, g_noise=False, gh_width=0.0, g_pad="zeros", lambda_div=0.0,
-                       enc_interval=1, lr_G=1e-4, lr_D=4e-4, lr_E=1e-4, beta1=0.0, beta2=0.999)
+                       d_stretch=0.0, enc_interval=1, lr_G=1e-4, lr_D=4e-4, lr_E=1e-4, beta1=0.0, beta2=0.999)
             assert {k: cfg[k] for k in off} == off, name
 
 

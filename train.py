@@ -75,6 +75,7 @@ config = dict(
     g_noise=False,  # G^H adds learned-strength per-voxel noise (a function of z): scanner noise that G can't draw
     gh_width=0.0,  # >0: channel multiplier of G^H's hidden layer instead of width (a wider renderer, G^A unchanged)
     g_pad="zeros",  # G^H's conv padding: 'replicate' keeps the volume's first and last slices from turning bright
+    d_stretch=0.0,  # >0: D^H sees intensities stretched near air (slope 1 + d_stretch at -1): the lungs' level counts
     lambda_div=0.0,  # >0: weight of a hinge that spreads G's low-res batch at least as much as real volumes
     enc_interval=1,  # >1: E^H and E^G train at every enc_interval-th iteration only: G and D never use them, so
     # G's training is unchanged and each skipped pair of updates saves about a third of an iteration
@@ -199,7 +200,7 @@ try:
 except (FileNotFoundError, ValueError) as e:
     fail(str(e))
 # the architecture keys (HAGANConfig's fields that config has): img_size, latent_dim, num_classes, width,
-# num_slabs, slab_context, mbstd_group, d_width, out_scale, out_leak, g_noise, gh_width, g_pad
+# num_slabs, slab_context, mbstd_group, d_width, out_scale, out_leak, g_noise, gh_width, g_pad, d_stretch
 arch = [f.name for f in fields(HAGANConfig) if f.name in config]
 if init_from_resume := (config["init_from"] == "resume"):
     # the newest intact checkpoint: ckpt.pt, else ckpt.prev.pt (a damaged file, or a kill between the renames)
