@@ -420,8 +420,8 @@ STRETCH_WIDTH = 0.2  # d_stretch acts within about this much of -1: 162 HU above
 
 def stretch_dark(x, gain):
     """D^H's view of intensities under d_stretch (beyond the paper): x + gain * w * tanh((x + 1) / w).
-    -1 stays -1, the slope there is 1 + gain, and above -1 + 2w it is 1 again: every voxel brighter than
-    the lungs is only shifted, so D^H keeps its eye for tissue and bone. Why: the phantoms' lungs (-860 HU,
+    -1 stays -1, the slope there is 1 + gain, and from about -1 + 4w (soft tissue and up) it is 1 again:
+    those voxels are only shifted, so D^H keeps its eye for tissue and bone. Why: the phantoms' lungs (-860 HU,
     -0.80) are 0.17 above air, and a spectrally normalised D^H barely tells them from air, so G^H drew
     the lungs as air (README, "The demo"). Applied inside D^H, so real and generated slabs alike."""
     return x if gain == 0 else x + (gain * STRETCH_WIDTH) * torch.tanh((x + 1) / STRETCH_WIDTH)
