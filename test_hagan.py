@@ -1239,6 +1239,26 @@ def test_conditional_training_uses_the_class_labels(demo, tmp_path):
     assert ck["model"]["G.G_A.fc.weight"].shape[1] == 16 + 5  # z and the one-hot class
 
 
+
+def test_gpu_demo_config_is_the_wide_demo_and_runs(demo, tmp_path):
+    # the README's GPU demo: the CPU demo's settings with G at width 1/2, D at 1, 4,000 iterations, encoders
+    # every 4th iteration; run here at the test's size (TINY's width, a narrower D)
+    ns = {}
+    exec(open(os.path.join(ROOT, "config", "train_demo_gpu.py")).read(), ns)
+    assert (ns["width"], ns["d_width"], ns["max_iters"], ns["enc_interval"]) == (0.5, 1.0, 4000, 4)
+    demo_ns = {}
+    exec(open(os.path.join(ROOT, "config", "train_demo.py")).read(), demo_ns)
+    same = {k for k in demo_ns if not k.startswith("__")} - {"width", "d_width", "max_iters", "enc_interval", "out",
+                                                            "log_interval", "ckpt_interval", "sample_interval"}
+    assert {k: ns[k] for k in same} == {k: demo_ns[k] for k in same}
+    out = str(tmp_path / "gpu")
+    p = run(*readme("python train.py config/train_demo_gpu.py"), *TINY, f"--data_dir={demo}", f"--out={out}",
+            "--max_iters=4", "--d_width=0.25")
+    assert p.returncode == 0, p.stderr
+    assert [r["iter"] for r in _log(out) if "E_H" in r] == [4]  # the encoders' update at every 4th iteration
+    ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert ck["iter_num"] == 4 and ck["config"]["lambda_div"] == 1.0 and ck["model_args"]["g_noise"]
+
 @pytest.mark.parametrize("num_slabs", [4, 16])
 def test_train_and_generate_with_other_slab_counts(demo, tmp_path, num_slabs):
     data, size = demo, "32"
