@@ -1,7 +1,8 @@
-# The demo at the size that draws the spine and the ribs, for a GPU: python data/demo/prepare.py && python train.py config/train_demo_gpu.py
+# The demo at the size that draws the spine and the ribs, for a GPU:
+# python data/demo/prepare.py && python train.py config/train_demo_gpu.py
 # config/train_demo.py's settings (see its comments) with G and the encoders at half the official widths, D at the
 # full width, and 4,000 iterations. The 10-minute CPU demo's G (width 1/8) cannot draw bone at its budget (README,
-# "What reaches the targets"). Cost: about 6 min on one H100 shared by six such runs (90 ms per iteration);
+# "What reaches the targets"). Cost: about 6 min 40 s on one H100 shared by six such runs (90 ms per iteration);
 # on 2 CPU cores about 6.6x the CPU demo's time per iteration, some 3.3 hours.
 out = "out/gpu"
 data_dir = "data/demo"
