@@ -718,15 +718,20 @@ def test_override_config_files_and_arguments(tmp_path):
     assert given == {"lr", "max_iters"}
 
 
-def test_every_config_file_loads():
-    # the keys of every config/*.py exist in train.py's defaults, with the right types
+def _train_config(name):
+    """train.py's config as a config/NAME file resolves it (train.py's defaults, read from its source)."""
     src = open(os.path.join(ROOT, "train.py")).read()
     start = src.index("config = dict(")
     defaults = eval(src[start + len("config = "):src.index("\n)\n", start) + 2])
+    return override(defaults, [os.path.join(ROOT, "config", name)])
+
+
+def test_every_config_file_loads():
+    # the keys of every config/*.py exist in train.py's defaults, with the right types
     files = sorted(f for f in os.listdir(os.path.join(ROOT, "config")) if f.endswith(".py"))
     assert {"train_demo.py", "train_lung_ct.py", "train_brain_mri.py", "train_conditional.py"} <= set(files)
     for name in files:
-        cfg = override(dict(defaults), [os.path.join(ROOT, "config", name)])
+        cfg = _train_config(name)
         HAGANConfig(img_size=64 if cfg["img_size"] == -1 else cfg["img_size"], width=cfg["width"],
                     latent_dim=cfg["latent_dim"], num_classes=cfg["num_classes"], num_slabs=cfg["num_slabs"])
         if name in ("train_lung_ct.py", "train_brain_mri.py", "train_conditional.py"):  # the paper, as published
@@ -1239,18 +1244,13 @@ def test_conditional_training_uses_the_class_labels(demo, tmp_path):
     assert ck["model"]["G.G_A.fc.weight"].shape[1] == 16 + 5  # z and the one-hot class
 
 
-
 def test_gpu_demo_config_is_the_wide_demo_and_runs(demo, tmp_path):
     # the README's GPU demo: the CPU demo's settings with G at width 1/2, D at 1, 4,000 iterations, encoders
     # every 4th iteration; run here at the test's size (TINY's width, a narrower D)
-    ns = {}
-    exec(open(os.path.join(ROOT, "config", "train_demo_gpu.py")).read(), ns)
-    assert (ns["width"], ns["d_width"], ns["max_iters"], ns["enc_interval"]) == (0.5, 1.0, 4000, 4)
-    demo_ns = {}
-    exec(open(os.path.join(ROOT, "config", "train_demo.py")).read(), demo_ns)
-    same = {k for k in demo_ns if not k.startswith("__")} - {"width", "d_width", "max_iters", "enc_interval", "out",
-                                                            "log_interval", "ckpt_interval", "sample_interval"}
-    assert {k: ns[k] for k in same} == {k: demo_ns[k] for k in same}
+    gpu, cpu = _train_config("train_demo_gpu.py"), _train_config("train_demo.py")
+    assert (gpu["width"], gpu["d_width"], gpu["max_iters"], gpu["enc_interval"]) == (0.5, 1.0, 4000, 4)
+    differ = {"width", "d_width", "max_iters", "enc_interval", "out", "log_interval", "ckpt_interval", "sample_interval"}
+    assert {k for k in gpu if gpu[k] != cpu[k]} == differ
     out = str(tmp_path / "gpu")
     p = run(*readme("python train.py config/train_demo_gpu.py"), *TINY, f"--data_dir={demo}", f"--out={out}",
             "--max_iters=4", "--d_width=0.25")
@@ -1258,6 +1258,7 @@ def test_gpu_demo_config_is_the_wide_demo_and_runs(demo, tmp_path):
     assert [r["iter"] for r in _log(out) if "E_H" in r] == [4]  # the encoders' update at every 4th iteration
     ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ck["iter_num"] == 4 and ck["config"]["lambda_div"] == 1.0 and ck["model_args"]["g_noise"]
+
 
 @pytest.mark.parametrize("num_slabs", [4, 16])
 def test_train_and_generate_with_other_slab_counts(demo, tmp_path, num_slabs):
