@@ -66,6 +66,8 @@ class HAGANConfig:
     gh_width: float = 0.0  # >0: G^H's hidden channel multiplier instead of width (the renderer wider, G^A as it is)
     g_pad: str = "zeros"  # G^H's conv padding: 'zeros' (official) or 'replicate' (no bright end slices)
     d_stretch: float = 0.0  # >0: D^H sees intensities stretched near air (slope 1 + d_stretch at -1): lungs vs air
+    class_window: tuple = ()  # (lo, hi) in [-1, 1]: the class term from a slab classifier C on that window, not the
+    # AC-GAN heads (conditional only; train.py sets it from a window in the data's units)
 
     def __post_init__(self):
         s = self.img_size
@@ -80,6 +82,11 @@ class HAGANConfig:
                 or self.out_scale < 1 or self.out_leak < 0 or self.d_stretch < 0):
             raise ValueError("latent_dim must be >= 1, num_classes >= 0, width > 0, d_width >= 0, gh_width >= 0, "
                              "out_scale >= 1, out_leak >= 0, d_stretch >= 0")
+        self.class_window = tuple(float(v) for v in self.class_window)
+        if self.class_window and not (len(self.class_window) == 2 and -1 <= self.class_window[0] < self.class_window[1] <= 1):
+            raise ValueError(f"class_window={self.class_window}: use () or (lo, hi) with -1 <= lo < hi <= 1")
+        if self.class_window and not self.num_classes:
+            raise ValueError("class_window is for class-conditional models: set num_classes too")
         if self.g_pad not in ("zeros", "replicate"):
             raise ValueError(f"g_pad={self.g_pad!r}: use 'zeros' (official) or 'replicate'")
         if self.num_slabs < 1 or s[0] // 4 % self.num_slabs:
@@ -109,6 +116,10 @@ class HAGANConfig:
 
     def ch_D(self, n):  # the discriminators' counts
         return self.ch(n, self.d_width)
+
+    @property
+    def ac_classes(self):  # classes of the AC-GAN heads of D^H and D^L: none when C judges the class
+        return 0 if self.class_window else self.num_classes
 
 
 # -----------------------------------------------------------------------------
@@ -457,7 +468,7 @@ class D_H(nn.Module):
         self.mbstd_group = cfg.mbstd_group
         self.fc1 = SNLinear(cfg.ch_D(c // 4) + 1, cfg.ch_D(c // 8))
         self.fc2 = SNLinear(cfg.ch_D(c // 8), 1)
-        self.fc_class = SNLinear(cfg.ch_D(c // 8), cfg.num_classes) if cfg.num_classes else None
+        self.fc_class = SNLinear(cfg.ch_D(c // 8), cfg.ac_classes) if cfg.ac_classes else None
         self.r_max, self.d_stretch = cfg.r_max, cfg.d_stretch
 
     def forward(self, x, r):
@@ -482,8 +493,8 @@ class D_L(nn.Module):
         n = _halvings(a, 4)
         chans = [1] + [cfg.ch_D(c >> (n - 1 - i)) for i in range(n)]
         self.convs = nn.ModuleList(SNConv3d(i, o, 4, 2, 1) for i, o in zip(chans[:-1], chans[1:]))
-        self.head = SNConv3d(chans[-1] + (cfg.mbstd_group > 0), 1 + cfg.num_classes, tuple(d >> n for d in a))
-        self.num_classes, self.mbstd_group = cfg.num_classes, cfg.mbstd_group
+        self.head = SNConv3d(chans[-1] + (cfg.mbstd_group > 0), 1 + cfg.ac_classes, tuple(d >> n for d in a))
+        self.num_classes, self.mbstd_group = cfg.ac_classes, cfg.mbstd_group
 
     def forward(self, x):
         for conv in self.convs:
@@ -507,10 +518,38 @@ def mbstd(x, group):
     return torch.cat([x, s.repeat(g).to(x.dtype).view(B, 1, 1, 1, 1).expand(B, 1, *x.shape[2:])], 1)
 
 
+class SlabClassifier(nn.Module):
+    """C, beyond the paper (class_window): high-res slab (B,1,d,H,W) -> class logits (B,K), read through an
+    intensity window. The paper's AC-GAN heads share D's features and are trained on fakes too. In the
+    demo that let G write the class as a code that D^L reads (D^L named the fakes' class 97-100% right
+    and the held-out phantoms' at chance), while the class itself, the emphysema share, is hidden in the
+    lungs' fine texture at the dark end of the window, and is absent from the low-res volume. C is
+    trained on real slabs only, so G can meet the class term only by drawing what C learnt from the
+    data. Plain convs (no spectral norm: C is a classifier, not a critic), a fixed small width."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.window = cfg.class_window
+        d = cfg.shape[0] // cfg.num_slabs  # the slab's depth: 3 stride-2 convs in-plane, 2 in depth
+        kd = 2 if d >= 8 else 1
+        self.net = nn.Sequential(
+            nn.Conv3d(1, 8, (3, 4, 4), (1, 2, 2), (1, 1, 1)), nn.LeakyReLU(0.2),
+            nn.Conv3d(8, 16, 4, 2, 1), nn.LeakyReLU(0.2),
+            nn.Conv3d(16, 32, 4, 2, 1), nn.LeakyReLU(0.2),
+            nn.Conv3d(32, 64, (kd, 4, 4), (1, 2, 2), (0, 1, 1)), nn.LeakyReLU(0.2),
+            nn.AdaptiveAvgPool3d(1), nn.Flatten(),  # (B,64): a mean over the slab, whatever its extent
+            nn.Linear(64, cfg.num_classes))
+
+    def forward(self, x):
+        lo, hi = self.window
+        return self.net(((x - lo) / (hi - lo)).clamp(0, 1))  # the window -> [0, 1], the rest saturated
+
+
 class Discriminator(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.D_H, self.D_L = D_H(cfg), D_L(cfg)
+        self.C = SlabClassifier(cfg) if cfg.num_classes and cfg.class_window else None
         self.num_slabs, self.slab_a = cfg.num_slabs, cfg.slab_a
 
     def forward(self, slab, r, low):
@@ -620,10 +659,12 @@ class HAGAN(nn.Module):
     # dict of scalar tensors that train.py logs as they come; train.py (step) and eval.py --bench train
     # one network with each (train_only). r=None: x_slab is the whole volume (the non-amortised model).
 
-    def loss_D(self, x_slab, x_low, r, z, c=None, aug=None, r1=0.0):
+    def loss_D(self, x_slab, x_low, r, z, c=None, aug=None, r1=0.0, x=None):
         """Eqs. 4-5 for D^H and D^L (non-saturating BCE on averaged logits) [+ eq. 9, both terms].
-        Beyond the paper: `aug` (augment_params) is applied alike to the real and the fake pair, and
-        r1 > 0 adds r1 times the R1 penalty at the real inputs (Mescheder et al. 2018)."""
+        Beyond the paper: `aug` (augment_params) is applied alike to the real and the fake pair;
+        r1 > 0 adds r1 times the R1 penalty at the real inputs (Mescheder et al. 2018); with
+        class_window, eq. 9 is C's cross-entropy on real slabs only: every slab of the whole real
+        volumes x (B,1,D,H,W) when given, else x_slab."""
         with torch.no_grad():
             fake_slab, fake_low = self.G(z, r, c)
         if r1:
@@ -631,10 +672,24 @@ class HAGAN(nn.Module):
         real, real_cls = self.D(*_swap(augment(x_slab, x_low, r, aug), r))
         fake, fake_cls = self.D(*_swap(augment(fake_slab, fake_low, r, aug), r))
         loss = _bce(real, 1.0) + _bce(fake, 0.0)
-        if c is not None and real_cls is not None:
-            loss = loss + F.cross_entropy(real_cls.float(), c) + F.cross_entropy(fake_cls.float(), c)
         stats = dict(D_real=real.detach().float().mean(), D_fake=fake.detach().float().mean(),
                      D_real_sign=real.detach().float().sign().mean())  # ADA's overfitting signal
+        if c is not None and self.D.C is not None:
+            if x is None:
+                real_cls = self.D.C(x_slab.detach())
+            else:  # all num_slabs slabs of each volume: (num_slabs*B,1,D/num_slabs,H,W), classes repeated
+                real_cls = self.D.C(torch.cat(x.detach().chunk(self.cfg.num_slabs, dim=2)))
+                c = c.repeat(self.cfg.num_slabs)
+            with torch.no_grad():
+                fake_cls = self.D.C(fake_slab)
+            loss = loss + F.cross_entropy(real_cls.float(), c)
+        elif c is not None and real_cls is not None:
+            loss = loss + F.cross_entropy(real_cls.float(), c) + F.cross_entropy(fake_cls.float(), c)
+        if c is not None and real_cls is not None:
+            # how often the class term's classifier names the class: real ~ fake is what a conditional G
+            # should reach; fake near 1 with real near chance is G writing a code that D reads (README)
+            stats["cls_real"] = (real_cls.detach().argmax(1) == c).float().mean()
+            stats["cls_fake"] = (fake_cls.detach().argmax(1) == c[:len(fake_cls)]).float().mean()
         if r1:
             penalty = r1_penalty(real, x_slab, x_low)
             loss = loss + r1 * penalty
@@ -642,12 +697,14 @@ class HAGAN(nn.Module):
         return loss, stats
 
     def loss_G(self, r, z, c=None, lambda_class=0.1, aug=None, lambda_div=0.0, div_real=0.0):
-        """Eqs. 4-5 for G^A, G^H, G^L [+ lambda_class times eq. 9's fake term, as officially]
+        """Eqs. 4-5 for G^A, G^H, G^L [+ lambda_class times eq. 9's fake term, as officially; C's with class_window]
         [+ lambda_div times the diversity hinge, beyond the paper: while the batch's low-res volumes are
         less spread (mean pairwise L1) than real ones (div_real), G is pushed to spread them]."""
         fake_slab, fake_low = self.G(z, r, c)
         logit, cls = self.D(*_swap(augment(fake_slab, fake_low, r, aug), r))
         loss, stats = _bce(logit, 1.0), {}
+        if c is not None and self.D.C is not None:
+            cls = self.D.C(fake_slab)
         if c is not None and cls is not None:
             loss = loss + lambda_class * F.cross_entropy(cls.float(), c)
         if lambda_div > 0 and len(z) > 1:

@@ -328,6 +328,52 @@ def test_d_stretch_widens_the_dark_end_for_D_H_alone():
         HAGANConfig(img_size=32, d_stretch=-1.0)
 
 
+def test_class_window_classifier_learns_from_real_slabs_only():
+    # C replaces the AC-GAN heads: D^H and D^L keep one logit each, C reads the slab through the window
+    m = tiny(64, num_classes=3, class_window=(-0.97, -0.72))
+    assert m.D.D_H.fc_class is None and m.D.D_L.head.out_channels == 1 and m.D.C is not None
+    assert tiny(64, num_classes=3).D.C is None
+    with pytest.raises(ValueError, match="class_window is for class-conditional models"):
+        HAGANConfig(img_size=64, class_window=(-0.97, -0.72))
+    slab = torch.rand(2, 1, 8, 64, 64) * 2 - 1
+    with torch.no_grad():  # outside the window only which side counts: -1 and -0.98 look alike, as do 0 and 1
+        a, b = slab.clone(), slab.clone()
+        a[slab < -0.97], b[slab < -0.97] = -1.0, -0.98
+        a[slab > -0.72], b[slab > -0.72] = 0.0, 1.0
+        assert torch.allclose(m.D.C(a), m.D.C(b)) and not torch.allclose(m.D.C(slab), m.D.C(slab * 0.5))
+    x = torch.rand(2, 1, 64, 64, 64) * 2 - 1
+    c = torch.tensor([0, 2])
+    x_slab, x_low = S_H(x, 3, 8), F.avg_pool3d(x, 4)
+
+    def grads(z, loss_fn):
+        m.zero_grad(set_to_none=True)
+        m.train_only("D")
+        loss, stats = loss_fn(z)
+        loss.backward()
+        return [p.grad.clone() for p in m.D.C.parameters()], loss, stats
+
+    # eq. 9 for D: C's cross-entropy over all 8 slabs of the real volumes, and no fake term
+    g1, l1, st = grads(torch.randn(2, 16), lambda z: m.loss_D(x_slab, x_low, 3, z, c, x=x))
+    g2, _, _ = grads(torch.randn(2, 16), lambda z: m.loss_D(x_slab, x_low, 3, z, c, x=x))
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2)) and any(a.abs().sum() > 0 for a in g1)
+    ce = F.cross_entropy(m.D.C(torch.cat([x[:, :, 8 * v:8 * v + 8] for v in range(8)])), c.repeat(8))
+    g3, _, _ = grads(None, lambda z: (ce, {}))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g1, g3))  # C's gradient is exactly that term's
+    assert set(st) >= {"cls_real", "cls_fake"} and 0 <= st["cls_real"] <= 1 and 0 <= st["cls_fake"] <= 1
+    # G's class term is C's on the fake slab (eval: D's spectral norms take no power step between the calls)
+    m.eval()
+    z = torch.randn(2, 16)
+    torch.manual_seed(5)
+    lg, _ = m.loss_G(3, z, c, lambda_class=2.0)
+    torch.manual_seed(5)
+    fake_slab, fake_low = m.G(z, 3, c)
+    logit, _ = m.D(fake_slab, 3, fake_low)
+    want = F.binary_cross_entropy_with_logits(logit, torch.ones_like(logit)) + 2.0 * F.cross_entropy(m.D.C(fake_slab), c)
+    assert torch.allclose(lg, want, atol=1e-6)
+    with pytest.raises(ValueError, match="class_window"):
+        HAGANConfig(img_size=32, class_window=(-0.7, -0.9))
+
+
 def test_g_noise_is_a_function_of_z_alone():
     z = torch.randn(3, 16)
     m = tiny(64, slab_context=True, g_noise=True).train()
@@ -737,7 +783,7 @@ def test_every_config_file_loads():
         if name in ("train_lung_ct.py", "train_brain_mri.py", "train_conditional.py"):  # the paper, as published
             off = dict(augment="", ada_target=0.0, r1_gamma=0.0, mbstd_group=0, slab_context=False, d_width=0.0,
                        out_scale=1.0, out_leak=0.0, g_noise=False, gh_width=0.0, g_pad="zeros", lambda_div=0.0,
-                       d_stretch=0.0, enc_interval=1, lr_G=1e-4, lr_D=4e-4, lr_E=1e-4, beta1=0.0, beta2=0.999)
+                       d_stretch=0.0, class_window="", enc_interval=1, lr_G=1e-4, lr_D=4e-4, lr_E=1e-4, beta1=0.0, beta2=0.999)
             assert {k: cfg[k] for k in off} == off, name
 
 
@@ -1239,9 +1285,16 @@ def test_conditional_training_uses_the_class_labels(demo, tmp_path):
             "--max_iters=2", "--sample_interval=2")
     assert p.returncode == 0, p.stderr
     ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
-    assert ck["model"]["D.D_H.fc_class.weight"].shape[0] == 5 and ck["model_args"]["num_classes"] == 5
+    assert ck["model"]["D.C.net.10.weight"].shape[0] == 5 and ck["model_args"]["num_classes"] == 5
+    assert "D.D_H.fc_class.weight" not in ck["model"]  # the class term is C's, not the AC-GAN heads'
+    lo, hi = ck["model_args"]["class_window"]  # -1000..-800 HU in the store's window, -1024..600 HU
+    assert abs(lo - (-1 + 2 * 24 / 1624)) < 1e-6 and abs(hi - (-1 + 2 * 224 / 1624)) < 1e-6
     assert ck["model_args"]["slab_context"] and ck["model_args"]["mbstd_group"] == 4
     assert ck["model"]["G.G_A.fc.weight"].shape[1] == 16 + 5  # z and the one-hot class
+    assert all(0 <= r["cls_real"] <= 1 and 0 <= r["cls_fake"] <= 1 for r in _log(out))  # C's accuracy, logged
+    p = run("train.py", "config/train_demo_conditional.py", *TINY, f"--data_dir={demo}", f"--out={out}x",
+            "--max_iters=1", "--class_window=-800")
+    assert p.returncode != 0 and "--class_window='-800': give 'lo,hi'" in p.stderr.strip().splitlines()[-1]
 
 
 def test_gpu_demo_config_is_the_wide_demo_and_runs(demo, tmp_path):

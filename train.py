@@ -33,7 +33,7 @@ import torch.distributed as dist
 from eval import band_fractions, ms_ssim_pairs, unit_histogram, wasserstein1
 from model import (HAGAN, NETS, HAGANConfig, S_H, augment_params, autocast_ctx, fail, model_config, override,
                    pairwise_l1, pick_device, read_checkpoint)
-from prepare import VolumeDataset, store_fingerprint, writable_dir
+from prepare import VolumeDataset, store_fingerprint, to_unit, writable_dir
 from sample import save_montage
 
 # -----------------------------------------------------------------------------
@@ -76,6 +76,8 @@ config = dict(
     gh_width=0.0,  # >0: channel multiplier of G^H's hidden layer instead of width (a wider renderer, G^A unchanged)
     g_pad="zeros",  # G^H's conv padding: 'replicate' keeps the volume's first and last slices from turning bright
     d_stretch=0.0,  # >0: D^H sees intensities stretched near air (slope 1 + d_stretch at -1): the lungs' level counts
+    class_window="",  # conditional: "lo,hi" in HU for CT (in the store's [-1, 1] for MRI): the class term from a
+    # classifier of real slabs seen through that window (model.SlabClassifier), not D's AC-GAN heads; "" = the heads
     lambda_div=0.0,  # >0: weight of a hinge that spreads G's low-res batch at least as much as real volumes
     enc_interval=1,  # >1: E^H and E^G train at every enc_interval-th iteration only: G and D never use them, so
     # G's training is unchanged and each skipped pair of updates saves about a third of an iteration
@@ -200,8 +202,17 @@ try:
 except (FileNotFoundError, ValueError) as e:
     fail(str(e))
 # the architecture keys (HAGANConfig's fields that config has): img_size, latent_dim, num_classes, width,
-# num_slabs, slab_context, mbstd_group, d_width, out_scale, out_leak, g_noise, gh_width, g_pad, d_stretch
+# num_slabs, slab_context, mbstd_group, d_width, out_scale, out_leak, g_noise, gh_width, g_pad, d_stretch,
+# class_window (given in the data's units, kept by the model in [-1, 1]: the store's window maps one to the other)
 arch = [f.name for f in fields(HAGANConfig) if f.name in config]
+try:
+    lo_hi = [float(v) for v in config["class_window"].split(",")] if config["class_window"] else []
+    if lo_hi and (len(lo_hi) != 2 or lo_hi[0] >= lo_hi[1]):
+        raise ValueError
+except ValueError:
+    fail(f"--class_window={config['class_window']!r}: give 'lo,hi' with lo < hi in the data's units (e.g. -1000,-800 HU)")
+data_window = tuple(ds.meta["window"]) if ds.meta.get("modality") == "ct" else (-1.0, 1.0)
+class_window = tuple(float(to_unit(v, data_window)) for v in lo_hi)
 if init_from_resume := (config["init_from"] == "resume"):
     # the newest intact checkpoint: ckpt.pt, else ckpt.prev.pt (a damaged file, or a kill between the renames)
     bad = []
@@ -226,7 +237,7 @@ if init_from_resume := (config["init_from"] == "resume"):
         log(f"warning: {bad[0]}; resuming from {ckpt_path} (iteration {ckpt['iter_num']}) instead")
     saved = dict(asdict(cfg), img_size=cfg.shape)  # compare sizes as (D, H, W)
     asked = dict(config, img_size=tuple(config["img_size"]) if isinstance(config["img_size"], list)
-                 else (config["img_size"],) * 3)
+                 else (config["img_size"],) * 3, class_window=class_window)
     differ = [f"{k}={config[k]!r} (checkpoint: {saved[k]!r})" for k in arch
               if k in given and asked[k] != saved[k] and config[k] != -1]
     if differ:
@@ -238,7 +249,7 @@ else:
     if img_size == -1:  # the store's size
         img_size = ds.img_size[0] if len(set(ds.img_size)) == 1 else tuple(ds.img_size)
     try:
-        cfg = HAGANConfig(**dict({k: config[k] for k in arch}, img_size=img_size))
+        cfg = HAGANConfig(**dict({k: config[k] for k in arch}, img_size=img_size, class_window=class_window))
     except ValueError as e:
         fail(str(e))
 if tuple(ds.img_size) != cfg.shape:
@@ -531,7 +542,7 @@ while iter_num < config["max_iters"]:
     # lazy R1 (StyleGAN2): every r1_interval iterations, weighted by the interval
     r1 = config["r1_gamma"] / 2 * config["r1_interval"] if config["r1_gamma"] and iter_num % config["r1_interval"] == 0 else 0.0
 
-    stats = step("D", micro, lambda b: model.loss_D(b.x_slab, b.x_low, r, b.z_D, b.c, b.aug_D, r1))
+    stats = step("D", micro, lambda b: model.loss_D(b.x_slab, b.x_low, r, b.z_D, b.c, b.aug_D, r1, b.x))
     stats |= step("G", micro, lambda b: model.loss_G(r, b.z_G, b.c, config["lambda_class"], b.aug_G,
                                                      config["lambda_div"], div_real))
     if (iter_num + 1) % config["enc_interval"] == 0:

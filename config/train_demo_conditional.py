@@ -1,5 +1,6 @@
-# Class-conditional demo (AC-GAN heads on D^H and D^L, paper IV-C) on the demo phantoms, whose emphysema
-# class 0-4 sets the share of lung below -950 HU: python data/demo/prepare.py && python train.py config/train_demo_conditional.py
+# Class-conditional demo (paper IV-C, its class term from a slab classifier: class_window) on the demo phantoms,
+# whose emphysema class 0-4 sets the share of lung below -950 HU:
+# python data/demo/prepare.py && python train.py config/train_demo_conditional.py
 # The same small-data settings as config/train_demo.py (see its comments) but the diversity hinge (lambda_div),
 # which came after the conditional runs in the README and did not help this config there, plus the class.
 out = "out/conditional"
@@ -8,7 +9,7 @@ img_size = 64
 width = 0.125
 latent_dim = 128
 num_classes = 5
-lambda_class = 0.1
+lambda_class = 1.0
 batch_size = 4
 max_iters = 1200
 lr_G = 4e-4
@@ -20,6 +21,9 @@ d_width = 0.25
 out_scale = 1.1
 g_noise = True
 g_pad = "replicate"
+d_stretch = 1.5  # D^H sees the lungs' level against air (README: the lungs come out as air otherwise)
+class_window = "-1000,-800"  # the class term from a classifier of real slabs in a lung window, not D's AC
+# heads, which G fooled with a code of its own; and ten times the paper's class weight (README: the conditional demo)
 enc_interval = 2  # as in config/train_demo.py: the samples are unchanged
 channels_last = True
 ema_decay = 0.99
