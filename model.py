@@ -549,7 +549,7 @@ class Discriminator(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.D_H, self.D_L = D_H(cfg), D_L(cfg)
-        self.C = SlabClassifier(cfg) if cfg.num_classes and cfg.class_window else None
+        self.C = SlabClassifier(cfg) if cfg.class_window else None  # class_window implies num_classes
         self.num_slabs, self.slab_a = cfg.num_slabs, cfg.slab_a
 
     def forward(self, slab, r, low):
