@@ -211,7 +211,7 @@ try:
         raise ValueError
 except ValueError:
     fail(f"--class_window={config['class_window']!r}: give 'lo,hi' with lo < hi in the data's units (e.g. -1000,-800 HU)")
-data_window = tuple(ds.meta["window"]) if ds.meta.get("modality") == "ct" else (-1.0, 1.0)
+data_window = tuple(ds.meta["window"]) if ds.meta.get("modality") == "ct" else (-1.0, 1.0)  # the units of [-1, 1]
 class_window = tuple(float(to_unit(v, data_window)) for v in lo_hi)
 if init_from_resume := (config["init_from"] == "resume"):
     # the newest intact checkpoint: ckpt.pt, else ckpt.prev.pt (a damaged file, or a kill between the renames)
@@ -470,12 +470,10 @@ def quality_signal():
                       for i in range(n)])  # (n,1,D,H,W)
     model.train(was)
     real = torch.stack([torch.from_numpy(ds.volume(j)) for j in torch.randperm(len(ds), generator=gen)[:n]])[:, None]
-    ct = ds.meta.get("modality") == "ct"
-    window = tuple(ds.meta["window"]) if ct else (-1.0, 1.0)
     hf, hr = unit_histogram(fake), unit_histogram(real)
-    q = dict(ms_ssim=ms_ssim_pairs(fake), ms_ssim_real=ms_ssim_pairs(real), w1=wasserstein1(hf, hr, window))
-    if ct:
-        bf, br = band_fractions(hf, window), band_fractions(hr, window)
+    q = dict(ms_ssim=ms_ssim_pairs(fake), ms_ssim_real=ms_ssim_pairs(real), w1=wasserstein1(hf, hr, data_window))
+    if ds.meta.get("modality") == "ct":
+        bf, br = band_fractions(hf, data_window), band_fractions(hr, data_window)
         q["band_err"] = max(abs(bf[k] / br[k] - 1) for k in br if br[k] > 0)
     return q
 
