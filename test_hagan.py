@@ -341,6 +341,24 @@ def test_class_window_classifier_learns_from_real_slabs_only():
         a[slab < -0.97], b[slab < -0.97] = -1.0, -0.98
         a[slab > -0.72], b[slab > -0.72] = 0.0, 1.0
         assert torch.allclose(m.D.C(a), m.D.C(b)) and not torch.allclose(m.D.C(slab), m.D.C(slab * 0.5))
+        # C reads no shapes: only the intensities of the dark voxels the body encloses in their axial slice.
+        # A body (0.5) in air (-1) holding a lung of window values: air outside the body does not count, the
+        # lung's voxels count by value alone, and a slab with no enclosed dark voxel gives C's prior (its bias).
+        yy, xx = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+        body = ((yy - 32) ** 2 + (xx - 32) ** 2 < 26 ** 2).expand(8, 64, 64)
+        lung = ((yy - 32) ** 2 + (xx - 24) ** 2 < 9 ** 2).expand(8, 64, 64)
+        ph = torch.where(body, 0.5, -1.0).clone()
+        ph[lung] = -0.97 + 0.25 * torch.rand(int(lung.sum()))
+        outside = ph.clone()
+        outside[~body] = -0.9  # grey air outside the body: still dark, still reaching the border
+        shuffled = ph.clone()
+        shuffled[lung] = ph[lung][torch.randperm(int(lung.sum()))]
+        brighter = ph.clone()
+        brighter[lung] += 0.05
+        logits = lambda v: m.D.C(v[None, None])
+        assert torch.allclose(logits(ph), logits(outside)) and torch.allclose(logits(ph), logits(shuffled), atol=1e-6)
+        assert not torch.allclose(logits(ph), logits(brighter))
+        assert torch.equal(logits(torch.where(body, 0.5, -1.0))[0], m.D.C.out.bias)
     x = torch.rand(2, 1, 64, 64, 64) * 2 - 1
     c = torch.tensor([0, 2])
     x_slab, x_low = S_H(x, 3, 8), F.avg_pool3d(x, 4)
@@ -1285,7 +1303,7 @@ def test_conditional_training_uses_the_class_labels(demo, tmp_path):
             "--max_iters=2", "--sample_interval=2")
     assert p.returncode == 0, p.stderr
     ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
-    assert ck["model"]["D.C.net.10.weight"].shape[0] == 5 and ck["model_args"]["num_classes"] == 5
+    assert ck["model"]["D.C.out.weight"].shape[0] == 5 and ck["model_args"]["num_classes"] == 5
     assert "D.D_H.fc_class.weight" not in ck["model"]  # the class term is C's, not the AC-GAN heads'
     lo, hi = ck["model_args"]["class_window"]  # -1000..-800 HU in the store's window, -1024..600 HU
     assert abs(lo - (-1 + 2 * 24 / 1624)) < 1e-6 and abs(hi - (-1 + 2 * 224 / 1624)) < 1e-6
