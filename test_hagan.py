@@ -35,7 +35,7 @@ import encode
 import eval as ev
 import prepare
 import sample
-from model import HAGAN, NETS, HAGANConfig, S_H, S_L, load_checkpoint, override, slab_range
+from model import HAGAN, NETS, HAGANConfig, S_H, S_L, enclosed, load_checkpoint, override, slab_range
 from prepare import VolumeDataset, to_unit
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -359,6 +359,9 @@ def test_class_window_classifier_learns_from_real_slabs_only():
         assert torch.allclose(logits(ph), logits(outside)) and torch.allclose(logits(ph), logits(shuffled), atol=1e-6)
         assert not torch.allclose(logits(ph), logits(brighter))
         assert torch.equal(logits(torch.where(body, 0.5, -1.0))[0], m.D.C.out.bias)
+        # its mask is eval.py's lung mask (the flood fill from the border) where the body is convex, in one pass
+        dark = ph < -0.72
+        assert torch.equal(enclosed(dark), dark & ~ev._border_connected(dark)) and int(enclosed(dark).sum()) == int(lung.sum())
     x = torch.rand(2, 1, 64, 64, 64) * 2 - 1
     c = torch.tensor([0, 2])
     x_slab, x_low = S_H(x, 3, 8), F.avg_pool3d(x, 4)
