@@ -66,8 +66,9 @@ class HAGANConfig:
     gh_width: float = 0.0  # >0: G^H's hidden channel multiplier instead of width (the renderer wider, G^A as it is)
     g_pad: str = "zeros"  # G^H's conv padding: 'zeros' (official) or 'replicate' (no bright end slices)
     d_stretch: float = 0.0  # >0: D^H sees intensities stretched near air (slope 1 + d_stretch at -1): lungs vs air
-    class_window: tuple = ()  # (lo, hi) in [-1, 1]: the class term from a slab classifier C on that window, not the
-    # AC-GAN heads (conditional only; train.py sets it from a window in the data's units)
+    class_window: tuple = ()  # (lo, hi[, top]) in [-1, 1]: the class term from a slab classifier C on that window over
+    # the enclosed voxels below top (default hi), not the AC-GAN heads (conditional only; train.py sets it from the
+    # data's units)
 
     def __post_init__(self):
         s = self.img_size
@@ -83,8 +84,9 @@ class HAGANConfig:
             raise ValueError("latent_dim must be >= 1, num_classes >= 0, width > 0, d_width >= 0, gh_width >= 0, "
                              "out_scale >= 1, out_leak >= 0, d_stretch >= 0")
         self.class_window = tuple(float(v) for v in self.class_window)
-        if self.class_window and not (len(self.class_window) == 2 and -1 <= self.class_window[0] < self.class_window[1] <= 1):
-            raise ValueError(f"class_window={self.class_window}: use () or (lo, hi) with -1 <= lo < hi <= 1")
+        w = self.class_window
+        if w and not (len(w) in (2, 3) and -1 <= w[0] and w[-1] <= 1 and all(a < b for a, b in zip(w, w[1:]))):
+            raise ValueError(f"class_window={w}: use () or (lo, hi[, top]) with -1 <= lo < hi < top <= 1")
         if self.class_window and not self.num_classes:
             raise ValueError("class_window is for class-conditional models: set num_classes too")
         if self.g_pad not in ("zeros", "replicate"):
@@ -528,7 +530,10 @@ class SlabClassifier(nn.Module):
     window's top that the body encloses in their axial slice (the lungs, for a CT lung window). It reads
     the class as a radiologist's density index does, from the enclosed region's intensity distribution
     (LAA-950 is one such function), and names held-out phantoms' class 0.70 of the time. The mask is a
-    constant of the input (no gradient); G's gradient flows through the intensities it covers."""
+    constant of the input (no gradient); G's gradient flows through the intensities it covers. With a
+    top above the window (lo, hi, top), the mask takes the enclosed voxels below top and reads those
+    above hi as hi: C's push to brighten a low class's lungs ends at hi, and lungs pushed past it are
+    still lungs to C rather than leaving its mask (README: the conditional demo's thirteenth pass)."""
 
     def __init__(self, cfg, width=16):
         super().__init__()
@@ -537,10 +542,10 @@ class SlabClassifier(nn.Module):
         self.out = nn.Linear(width, cfg.num_classes)
 
     def forward(self, x):
-        lo, hi = self.window
+        (lo, hi), top = self.window[:2], self.window[-1]  # top: hi unless given
         B = x.shape[0]
         with torch.no_grad():
-            m = enclosed(x.detach().flatten(0, 2) < hi).view(B, -1)  # (B,d*H*W): the lungs, for a lung window
+            m = enclosed(x.detach().flatten(0, 2) < top).view(B, -1)  # (B,d*H*W): the lungs, for a lung window
             which = torch.arange(B, device=x.device).repeat_interleave(m.sum(1))  # each enclosed voxel's slab
         v = ((x.reshape(B, -1)[m] - lo) / (hi - lo)).clamp(0, 1)  # (n,): the window -> [0, 1]
         h = self.f(v[:, None].float())  # (n,width): only the enclosed voxels, a few % of the slab

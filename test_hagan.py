@@ -359,6 +359,16 @@ def test_class_window_classifier_learns_from_real_slabs_only():
         assert torch.allclose(logits(ph), logits(outside)) and torch.allclose(logits(ph), logits(shuffled), atol=1e-6)
         assert not torch.allclose(logits(ph), logits(brighter))
         assert torch.equal(logits(torch.where(body, 0.5, -1.0))[0], m.D.C.out.bias)
+        # with a top above the window (lo, hi, top): voxels between hi and top stay in C's region, read as hi, so a
+        # lung pushed brighter than the window is still a lung to C, not the prior
+        mt = tiny(64, num_classes=3, class_window=(-0.97, -0.72, -0.5))
+        mt.D.C.load_state_dict(m.D.C.state_dict())
+        at_top, past, gone = ph.clone(), ph.clone(), ph.clone()
+        at_top[lung], past[lung], gone[lung] = -0.72, -0.6, -0.4
+        logits_t = lambda v: mt.D.C(v[None, None])
+        assert torch.allclose(logits_t(past), logits_t(at_top)) and torch.allclose(logits_t(ph), logits(ph))
+        assert not torch.equal(logits_t(past)[0], mt.D.C.out.bias) and torch.equal(logits(past)[0], m.D.C.out.bias)
+        assert torch.equal(logits_t(gone)[0], mt.D.C.out.bias)
         # its mask is eval.py's lung mask (the flood fill from the border) where the body is convex, in one pass
         dark = ph < -0.72
         assert torch.equal(enclosed(dark), dark & ~ev._border_connected(dark)) and int(enclosed(dark).sum()) == int(lung.sum())
@@ -391,8 +401,9 @@ def test_class_window_classifier_learns_from_real_slabs_only():
     logit, _ = m.D(fake_slab, 3, fake_low)
     want = F.binary_cross_entropy_with_logits(logit, torch.ones_like(logit)) + 2.0 * F.cross_entropy(m.D.C(fake_slab), c)
     assert torch.allclose(lg, want, atol=1e-6)
-    with pytest.raises(ValueError, match="class_window"):
-        HAGANConfig(img_size=32, class_window=(-0.7, -0.9))
+    for bad in [(-0.7, -0.9), (-0.9, -0.7, -0.8), (-0.9, -0.7, 1.5), (-0.9,)]:
+        with pytest.raises(ValueError, match="class_window"):
+            HAGANConfig(img_size=32, num_classes=2, class_window=bad)
 
 
 def test_g_noise_is_a_function_of_z_alone():
@@ -1308,8 +1319,9 @@ def test_conditional_training_uses_the_class_labels(demo, tmp_path):
     ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ck["model"]["D.C.out.weight"].shape[0] == 5 and ck["model_args"]["num_classes"] == 5
     assert "D.D_H.fc_class.weight" not in ck["model"]  # the class term is C's, not the AC-GAN heads'
-    lo, hi = ck["model_args"]["class_window"]  # -1000..-800 HU in the store's window, -1024..600 HU
+    lo, hi, top = ck["model_args"]["class_window"]  # -1000..-800 HU, -500 HU, in the store's window, -1024..600 HU
     assert abs(lo - (-1 + 2 * 24 / 1624)) < 1e-6 and abs(hi - (-1 + 2 * 224 / 1624)) < 1e-6
+    assert abs(top - (-1 + 2 * 524 / 1624)) < 1e-6
     assert ck["model_args"]["slab_context"] and ck["model_args"]["mbstd_group"] == 4
     assert ck["model"]["G.G_A.fc.weight"].shape[1] == 16 + 5  # z and the one-hot class
     assert all(0 <= r["cls_real"] <= 1 and 0 <= r["cls_fake"] <= 1 for r in _log(out))  # C's accuracy, logged

@@ -76,8 +76,9 @@ config = dict(
     gh_width=0.0,  # >0: channel multiplier of G^H's hidden layer instead of width (a wider renderer, G^A unchanged)
     g_pad="zeros",  # G^H's conv padding: 'replicate' keeps the volume's first and last slices from turning bright
     d_stretch=0.0,  # >0: D^H sees intensities stretched near air (slope 1 + d_stretch at -1): the lungs' level counts
-    class_window="",  # conditional: "lo,hi" in HU for CT (in the store's [-1, 1] for MRI): the class term from a
-    # classifier of real slabs seen through that window (model.SlabClassifier), not D's AC-GAN heads; "" = the heads
+    class_window="",  # conditional: "lo,hi[,top]" in HU for CT (in the store's [-1, 1] for MRI): the class term from
+    # a classifier of real slabs seen through that window (model.SlabClassifier), over the enclosed voxels below top
+    # (default hi), not D's AC-GAN heads; "" = the heads
     lambda_div=0.0,  # >0: weight of a hinge that spreads G's low-res batch at least as much as real volumes
     enc_interval=1,  # >1: E^H and E^G train at every enc_interval-th iteration only: G and D never use them, so
     # G's training is unchanged and each skipped pair of updates saves about a third of an iteration
@@ -207,10 +208,11 @@ except (FileNotFoundError, ValueError) as e:
 arch = [f.name for f in fields(HAGANConfig) if f.name in config]
 try:
     lo_hi = [float(v) for v in config["class_window"].split(",")] if config["class_window"] else []
-    if lo_hi and (len(lo_hi) != 2 or lo_hi[0] >= lo_hi[1]):
+    if lo_hi and (len(lo_hi) not in (2, 3) or not all(a < b for a, b in zip(lo_hi, lo_hi[1:]))):
         raise ValueError
 except ValueError:
-    fail(f"--class_window={config['class_window']!r}: give 'lo,hi' with lo < hi in the data's units (e.g. -1000,-800 HU)")
+    fail(f"--class_window={config['class_window']!r}: give 'lo,hi' or 'lo,hi,top' with lo < hi < top in the data's "
+         f"units (e.g. -1000,-800,-500 HU)")
 data_window = tuple(ds.meta["window"]) if ds.meta.get("modality") == "ct" else (-1.0, 1.0)  # the units of [-1, 1]
 class_window = tuple(float(to_unit(v, data_window)) for v in lo_hi)
 if init_from_resume := (config["init_from"] == "resume"):
