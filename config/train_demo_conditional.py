@@ -22,8 +22,9 @@ out_scale = 1.1
 g_noise = True
 g_pad = "replicate"
 d_stretch = 1.5  # D^H sees the lungs' level against air (README: the lungs come out as air otherwise)
-class_window = "-1000,-800"  # the class term from a classifier of real slabs in a lung window, not D's AC
-# heads, which G fooled with a code of its own; and ten times the paper's class weight (README: the conditional demo)
+class_window = "-1000,-800,-500"  # the class term from a classifier of real slabs in a lung window, not D's AC
+# heads, which G fooled with a code of its own; over the enclosed voxels below -500 HU (the lung band's top), so that
+# lungs brightened past -800 stay in its view; and ten times the paper's class weight (README: the conditional demo)
 enc_interval = 2  # as in config/train_demo.py: the samples are unchanged
 channels_last = True
 ema_decay = 0.99
