@@ -1310,6 +1310,21 @@ def test_mixed_precision_training_on_cpu(demo, tmp_path, dtype):
         assert {k: s["scale"] for k, s in scalers.items()} == mine
 
 
+def test_compiled_training_with_r1_matches_eager(demo, tmp_path):
+    # R1 differentiates D's input gradient, which torch.compile's graphs cannot (no double backward): with
+    # r1_gamma on, train.py leaves D^L eager and compiles the rest, and the losses are the eager run's
+    args = TINY + [f"--data_dir={demo}", "--max_iters=2", "--r1_gamma=1", "--r1_interval=1"]
+    logs = []
+    for compiled in (False, True):
+        out = tmp_path / f"compile{int(compiled)}"
+        p = run("train.py", *args, f"--out={out}", f"--compile={compiled}", timeout=900)
+        assert p.returncode == 0, p.stderr[-2000:]
+        logs.append(_log(out))
+    assert all("R1" in r for r in logs[1][:1]) and len(logs[0]) == len(logs[1]) == 2
+    for a, b in zip(*logs):
+        assert all(math.isclose(a[k], b[k], rel_tol=1e-3, abs_tol=1e-4) for k in a if k not in ("ms_per_iter", "peak_gib")), (a, b)
+
+
 def test_conditional_training_uses_the_class_labels(demo, tmp_path):
     out = str(tmp_path / "cond")
     # the README's conditional demo: its class count and small-data options, at the test's size

@@ -334,8 +334,9 @@ if ddp:  # no DDP wrapper (4 networks, frozen parts): same start on every rank, 
     for t in list(model.state_dict().values()) + ([] if ema is None else list(ema.state_dict().values())):
         dist.broadcast(t, 0)
 if config["compile"]:
-    # fixed-shape networks only: the slab selection stays eager so 57 values of r never recompile
-    for m in (model.G.G_A, model.G.G_L, model.G.G_H, model.D.D_L, model.E_H, model.E_G):
+    # fixed-shape networks only: the slab selection stays eager so 57 values of r never recompile. D^L stays
+    # eager under R1, whose penalty differentiates D's input gradient: compiled graphs have no double backward
+    for m in (model.G.G_A, model.G.G_L, model.G.G_H, model.E_H, model.E_G) + (() if config["r1_gamma"] else (model.D.D_L,)):
         m.compile()
 
 fingerprint = store_fingerprint(config["data_dir"])
