@@ -677,10 +677,11 @@ class HAGAN(nn.Module):
     # dict of scalar tensors that train.py logs as they come; train.py (step) and eval.py --bench train
     # one network with each (train_only). r=None: x_slab is the whole volume (the non-amortised model).
 
-    def loss_D(self, x_slab, x_low, r, z, c=None, aug=None, r1=0.0, x=None):
+    def loss_D(self, x_slab, x_low, r, z, c=None, aug=None, r1=0.0, x=None, lecam=None):
         """Eqs. 4-5 for D^H and D^L (non-saturating BCE on averaged logits) [+ eq. 9, both terms].
         Beyond the paper: `aug` (augment_params) is applied alike to the real and the fake pair;
-        r1 > 0 adds r1 times the R1 penalty at the real inputs (Mescheder et al. 2018); with
+        r1 > 0 adds r1 times the R1 penalty at the real inputs (Mescheder et al. 2018); lecam = (weight,
+        anchor_real, anchor_fake) adds weight times lecam_penalty (Tseng et al. 2021); with
         class_window, eq. 9 is C's cross-entropy on real slabs only: every slab of the whole real
         volumes x (B,1,D,H,W) when given, else x_slab."""
         with torch.no_grad():
@@ -708,6 +709,10 @@ class HAGAN(nn.Module):
             # should reach; fake near 1 with real near chance is G writing a code that D reads (README)
             stats["cls_real"] = (real_cls.detach().argmax(1) == c).float().mean()
             stats["cls_fake"] = (fake_cls.detach().argmax(1) == c[:len(fake_cls)]).float().mean()
+        if lecam is not None:
+            penalty = lecam_penalty(real, fake, *lecam[1:])
+            loss = loss + lecam[0] * penalty
+            stats["LeCam"] = penalty.detach()
         if r1:
             penalty = r1_penalty(real, x_slab, x_low)
             loss = loss + r1 * penalty
@@ -795,6 +800,14 @@ def r1_penalty(logits, *inputs):
     The inputs must require grad; the graph is kept, so the penalty trains D."""
     grads = torch.autograd.grad(logits.float().sum(), inputs, create_graph=True)
     return sum(g.float().square().flatten(1).sum(1) for g in grads).mean()
+
+
+def lecam_penalty(real, fake, anchor_real, anchor_fake):
+    """LeCam (Tseng et al. 2021), beyond the paper: D's logits on real inputs above the moving average of
+    its logits on fakes, and on fakes below that on reals, squared and batch-averaged. It holds D's
+    scores of real and fake volumes near each other, so that a D shown ~100 volumes cannot drive them apart."""
+    return (F.relu(real.float() - anchor_fake).square().mean()
+            + F.relu(anchor_real - fake.float()).square().mean())
 
 
 # -----------------------------------------------------------------------------

@@ -478,6 +478,38 @@ def test_D_update_augments_real_and_fake_alike(monkeypatch):
     assert seen == [P_D, P_D, P_G]  # real, fake: one draw; G's update: its own
 
 
+def _loss_D_without_and_with(**option):
+    """A tiny model's loss_D (loss, stats) on one real (slab, low-res) pair at r=1, as it is and with `option`,
+    from the same noise. eval(): spectral norm's power iteration holds still between the calls."""
+    m = tiny().eval()
+    x, low_x, r = _aug_pair(S=32, r=1)
+    x, low_x = S_H(x.float(), r, 8), low_x.float()
+    z = torch.randn(2, 16)
+    out = []
+    for kw in ({}, option):
+        torch.manual_seed(0)
+        out += m.loss_D(x, low_x, r, z, **kw)
+    return (m, x, low_x, r, z), out
+
+
+def test_lecam_penalty_has_its_closed_form():
+    # real logits above the fakes' anchor and fake logits below the reals' anchor, squared, batch-averaged
+    from model import lecam_penalty
+    real = torch.tensor([2.0, -1.0], requires_grad=True)
+    fake = torch.tensor([0.0, 3.0], requires_grad=True)
+    pen = lecam_penalty(real, fake, anchor_real=1.0, anchor_fake=0.5)
+    assert torch.allclose(pen, torch.tensor((1.5 ** 2 + 0) / 2 + (1.0 ** 2 + 0) / 2))
+    pen.backward()
+    assert torch.allclose(real.grad, torch.tensor([1.5, 0.0])) and torch.allclose(fake.grad, torch.tensor([-1.0, 0.0]))
+    # loss_D adds weight x the penalty of its own logits, and only when asked
+    (m, x, low_x, r, z), (plain, st0, with_lc, st1) = _loss_D_without_and_with(lecam=(0.3, 5.0, -5.0))
+    with torch.no_grad():
+        fake_slab, fake_low = m.G(z, r)
+        d_real, d_fake = m.D(x, r, low_x)[0], m.D(fake_slab, r, fake_low)[0]
+    assert "LeCam" not in st0 and torch.allclose(st1["LeCam"], lecam_penalty(d_real, d_fake, 5.0, -5.0), rtol=1e-4)
+    assert st1["LeCam"] > 0 and torch.allclose(with_lc - plain, 0.3 * st1["LeCam"], rtol=1e-4)
+
+
 def test_r1_penalty_has_its_closed_form():
     # a linear D: logit = <a, slab> + <b, low>, so d logit / d input = (a, b) for every sample and
     # R1 = |a|^2 + |b|^2; the penalty's gradient with respect to a is 2a
@@ -492,14 +524,7 @@ def test_r1_penalty_has_its_closed_form():
     pen.backward()
     assert torch.allclose(a.grad, 2 * a) and torch.allclose(b.grad, 2 * b)
     # loss_D adds r1 x the penalty of its own D at the real inputs, and only when asked
-    m = tiny().eval()  # eval: spectral norm's power iteration holds still between the calls
-    x, low_x, r = _aug_pair(S=32, r=1)
-    x, low_x = S_H(x.float(), r, 8), low_x.float()
-    z = torch.randn(2, 16)
-    torch.manual_seed(0)
-    plain, st0 = m.loss_D(x, low_x, r, z)
-    torch.manual_seed(0)
-    with_r1, st1 = m.loss_D(x, low_x, r, z, r1=2.5)
+    (m, x, low_x, r, z), (plain, st0, with_r1, st1) = _loss_D_without_and_with(r1=2.5)
     assert "R1" not in st0 and st1["R1"] > 0
     xs, xl = x.clone().requires_grad_(True), low_x.clone().requires_grad_(True)
     expected = r1_penalty(m.D(xs, r, xl)[0], xs, xl)
@@ -815,7 +840,7 @@ def test_every_config_file_loads():
         if name in ("train_lung_ct.py", "train_brain_mri.py", "train_conditional.py"):  # the paper, as published
             off = dict(augment="", ada_target=0.0, r1_gamma=0.0, mbstd_group=0, slab_context=False, d_width=0.0,
                        out_scale=1.0, out_leak=0.0, g_noise=False, gh_width=0.0, g_pad="zeros", lambda_div=0.0,
-                       d_stretch=0.0, class_window="", enc_interval=1, lr_G=1e-4, lr_D=4e-4, lr_E=1e-4, beta1=0.0, beta2=0.999)
+                       lambda_lecam=0.0, d_stretch=0.0, class_window="", enc_interval=1, lr_G=1e-4, lr_D=4e-4, lr_E=1e-4, beta1=0.0, beta2=0.999)
             assert {k: cfg[k] for k in off} == off, name
 
 
@@ -1392,7 +1417,7 @@ def test_train_and_generate_with_other_slab_counts(demo, tmp_path, num_slabs):
 SMALL_DATA = ["--augment=color,translation,cutout", "--augment_p=0.5", "--ada_target=0.6", "--ada_interval=1",
               "--ada_kimg=0.01", "--r1_gamma=1", "--r1_interval=2", "--mbstd_group=2", "--slab_context=True",
               "--channels_last=True", "--d_width=0.25", "--out_scale=1.1", "--g_noise=True", "--g_pad=replicate",
-              "--lambda_div=1"]
+              "--lambda_div=1", "--lambda_lecam=0.3"]
 
 
 @pytest.mark.parametrize("options", ["paper", "small_data"])
@@ -1413,6 +1438,9 @@ def test_resume_is_exact(demo, tmp_path, options):
     if options != "paper":  # ADA moved augment_p (saved with its running sum), R1 ran twice
         assert ca["ada"] == cb["ada"] and ca["ada"][0] != 0.5 and sum("R1" in r for r in _log(a)) == 2
         assert all(r["div"] > 0 for r in _log(a))  # the diversity hinge's spread, logged at every iteration
+        # LeCam's anchors resume too; they exist from the first D update, the penalty from the second
+        assert ca["lecam"] == cb["lecam"] and len(ca["lecam"]) == 2
+        assert [("LeCam" in r) for r in _log(a)] == [False, True, True, True]
         return
     # resuming on other data works, but says so (the checkpoint keeps the dataset's fingerprint)
     other = tmp_path / "other"

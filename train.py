@@ -67,6 +67,8 @@ config = dict(
     ada_kimg=2.0,  # thousands of real volumes over which augment_p may go from 0 to 1
     r1_gamma=0.0,  # >0: R1 penalty gamma/2 |grad D(real)|^2, applied lazily every r1_interval iterations
     r1_interval=16,  # iterations between R1 penalties (each weighted by the interval)
+    lambda_lecam=0.0,  # >0: weight of LeCam's penalty on D's logits, held near moving averages of D(real) and D(fake)
+    lecam_decay=0.99,  # decay of those moving averages
     mbstd_group=0,  # >0: minibatch standard deviation layer in D^H and D^L over groups of this size
     slab_context=False,  # G^H trains on slabs exactly as it renders them in a whole volume (model.py)
     d_width=0.0,  # >0: channel multiplier of D^H and D^L instead of width (a wider D, nearly free on CPU)
@@ -307,6 +309,7 @@ except ValueError as e:
     fail(f"--augment={config['augment']}: {e}")
 augment_p = config["augment_p"]  # ADA changes it as training goes; saved in the checkpoint
 ada_sign = 0.0  # ADA: sum of the mean sign of D(real) since augment_p last changed
+lecam_anchor = None  # LeCam: moving averages of D's mean logit on real and on fake inputs, (real, fake)
 if init_from_resume:
     try:
         model.load_state_dict(ckpt["model"])
@@ -320,6 +323,7 @@ if init_from_resume:
         ema.load_state_dict(ckpt["ema_G"])
     iter_num = ckpt["iter_num"]
     augment_p, ada_sign = ckpt.get("ada", (augment_p, ada_sign))
+    lecam_anchor = ckpt.get("lecam")
     rng = ckpt["rng"]
     random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
     np.random.set_state(tuple(rng["numpy"][:1]) + (np.array(rng["numpy"][1], dtype=np.uint32),) + tuple(rng["numpy"][2:]))
@@ -392,8 +396,8 @@ def save_checkpoint():
     ck = dict(model=model.state_dict(), model_args=asdict(cfg), ema_G=ema.state_dict() if ema is not None else {},
               optimizers={k: o.state_dict() for k, o in opts.items()},
               scalers={k: s.state_dict() for k, s in scalers.items()},
-              iter_num=iter_num, ada=(augment_p, ada_sign), config=used_config, meta=ds.meta, fingerprint=fingerprint,
-              rng=rng,
+              iter_num=iter_num, ada=(augment_p, ada_sign), lecam=lecam_anchor, config=used_config, meta=ds.meta,
+              fingerprint=fingerprint, rng=rng,
               rank_checksums=rank_checksums)
     path = os.path.join(out_dir, "ckpt.pt")
     tmp = path + ".tmp"
@@ -543,7 +547,8 @@ while iter_num < config["max_iters"]:
     # lazy R1 (StyleGAN2): every r1_interval iterations, weighted by the interval
     r1 = config["r1_gamma"] / 2 * config["r1_interval"] if config["r1_gamma"] and iter_num % config["r1_interval"] == 0 else 0.0
 
-    stats = step("D", micro, lambda b: model.loss_D(b.x_slab, b.x_low, r, b.z_D, b.c, b.aug_D, r1, b.x))
+    lecam = (config["lambda_lecam"], *lecam_anchor) if config["lambda_lecam"] and lecam_anchor else None
+    stats = step("D", micro, lambda b: model.loss_D(b.x_slab, b.x_low, r, b.z_D, b.c, b.aug_D, r1, b.x, lecam))
     stats |= step("G", micro, lambda b: model.loss_G(r, b.z_G, b.c, config["lambda_class"], b.aug_G,
                                                      config["lambda_div"], div_real))
     if (iter_num + 1) % config["enc_interval"] == 0:
@@ -569,6 +574,11 @@ while iter_num < config["max_iters"]:
             adjust = config["ada_interval"] * config["batch_size"] / (config["ada_kimg"] * 1000)
             augment_p += adjust if ada_sign / config["ada_interval"] > config["ada_target"] else -adjust
             augment_p, ada_sign = min(max(augment_p, 0.0), 1.0), 0.0
+    if config["lambda_lecam"]:  # the averages of every rank's logits: the same anchors on every rank
+        d_real, d_fake = vec[names.index("D_real")].item(), vec[names.index("D_fake")].item()
+        decay = config["lecam_decay"]
+        lecam_anchor = ((d_real, d_fake) if lecam_anchor is None else
+                        (decay * lecam_anchor[0] + (1 - decay) * d_real, decay * lecam_anchor[1] + (1 - decay) * d_fake))
     if not torch.isfinite(vec).all():
         bad = ", ".join(f"{k}={v:.4g}" for k, v in zip(names, vec.tolist()) if not math.isfinite(v))
         log(f"error: non-finite loss at iteration {iter_num} ({bad}); stopping without saving, "
