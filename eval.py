@@ -63,6 +63,7 @@ config = dict(
     chunk=0,  # >0: G^H runs this many A-slices at a time when sampling (bounded memory, same volumes)
     ema=True,  # evaluate the moving-average generator when the checkpoint has one
     seed=0,  # latent codes, real-data halves and the random-init feature net
+    draws=1,  # >1: score this many sets of `num` generated volumes (seeds seed, seed+1, ...): mean +- std over draws
     device="auto",  # 'cpu', 'cuda', 'cuda:1'...; 'auto' = cuda if available
     dtype="float32",  # autocast dtype for the generator ('float32', 'bfloat16', 'float16')
     feat_dtype="float32",  # autocast dtype for the feature net: 'bfloat16' for GPUs (far slower on CPUs without bf16)
@@ -748,7 +749,7 @@ def quality(c):
     # ---- checks, cheapest first
     if c["input_norm"] not in _INPUT_NORMS:
         fail(f"--input_norm={c['input_norm']}: use one of {', '.join(_INPUT_NORMS)}")
-    least = dict(num=2, k=1, ssim_pairs=0, batch_size=1, chunk=0, threads=0)  # FID and MMD need two samples a side
+    least = dict(num=2, k=1, ssim_pairs=0, batch_size=1, chunk=0, threads=0, draws=1)  # FID and MMD need two samples a side
     bad = [f"--{k}={c[k]}" for k, v in least.items() if c[k] < v]
     if bad:
         fail(f"{', '.join(bad)}: need " + ", ".join(f"{k} >= {v}" for k, v in least.items() if c[k] < v))
@@ -844,12 +845,14 @@ def quality(c):
         except ValueError as e:  # the checkpoint went away since the checks
             fail(str(e))
         f = held_out[f]  # -1: the checkpoint's own held-out fold
-        try:
-            ds_val = VolumeDataset(c["data_dir"], split="val", fold=f)
-            results.append(dict(evaluate_fold(model, ds_all, ds_val, feats_all, real_stats, net, c, f, device),
-                                features=finfo["label"]))  # every figure carries its feature network's name
-        except (ValueError, FileNotFoundError) as e:
-            fail(str(e))
+        for d in range(c["draws"]):  # the same network and held-out volumes; new latents and floor halves
+            try:
+                ds_val = VolumeDataset(c["data_dir"], split="val", fold=f)
+                results.append(dict(evaluate_fold(model, ds_all, ds_val, feats_all, real_stats, net,
+                                                  dict(c, seed=c["seed"] + d), f, device),
+                                    draw=d, features=finfo["label"]))  # every figure names its feature network
+            except (ValueError, FileNotFoundError) as e:
+                fail(str(e))
     summary = {key: dict(zip(("mean", "std"), _ms([r[key] for r in results])), features=finfo["label"])
                for k, _, _ in _ROWS for key in (k, k + "_floor")}
     summary |= {k: dict(zip(("mean", "std"), _ms([r[k] for r in results])))
@@ -865,14 +868,16 @@ def quality(c):
     # ---- the readable table
     lab = finfo["label"]
     print(f"\nHA-GAN quality: {c['ckpt']} (iter {report['iter_num']}, {'x'.join(map(str, model.cfg.shape))}) "
-          f"vs {c['data_dir']} held-out fold{'s' if len(results) > 1 else ''} "
-          f"{','.join(str(r['fold']) for r in results)}")
+          f"vs {c['data_dir']} held-out fold{'s' if len(results) > c['draws'] else ''} "
+          f"{','.join(str(f) for f in dict.fromkeys(r['fold'] for r in results))}")
     print(f"features: {lab}, {finfo['weights']}" + ("" if finfo["pretrained"] else
           "  <- NOT pretrained: figures comparable only with other runs of the same random net"))
     print(f"input: {input_desc[0]}: {input_desc[1]}")
     r0 = results[0]
     print(f"samples: {r0['n_generated']} generated vs {r0['n_real']} real; floor: {r0['n_floor'][0]} vs "
-          f"{r0['n_floor'][1]} real (two disjoint halves); mean +- std over {len(results)} fold(s)\n")
+          f"{r0['n_floor'][1]} real (two disjoint halves); mean +- std over {len(results) // c['draws']} fold(s)"
+          + (f" x {c['draws']} draws of the generated set (latent seeds {c['seed']}..{c['seed'] + c['draws'] - 1})"
+             if c["draws"] > 1 else "") + "\n")
     print(f"| metric [{lab}] | generated vs real | real vs real (floor) | |\n|---|---|---|---|")
     for k, name, hint in _ROWS:
         a, b = summary[k], summary[k + "_floor"]

@@ -2110,11 +2110,19 @@ def test_ev_domain_metrics_known_answers():
 def test_ev_quality_end_to_end(demo, tmp_path):
     data = demo
     ckpt = tiny_ckpt(tmp_path / "ckpt.pt", {})  # trained on every fold but 1, says its config
-    rep = ev.main(readme("python eval.py --ckpt=out/ckpt.pt --data_dir=data/demo [--features=resnet_50.pth] [--folds]",
+    rep = ev.main(readme("python eval.py --ckpt=out/ckpt.pt --data_dir=data/demo [--features=resnet_50.pth] [--folds] [--draws=3]",
                          {"out/ckpt.pt": ckpt, "data/demo": data})[1:]
                   + ["--num=6", "--depth=10", "--ssim_pairs=2", "--device=cpu", f"--out={tmp_path}",
-                     "--feature_cache="])  # not the repository's out/; the cache has its own tests
+                     "--feature_cache=", "--draws=2"])  # not the repository's out/; the cache has its own tests
     on_disk = json.loads((tmp_path / "eval.json").read_text())
+    # two draws of the generated set: draw 0 is the single-draw figure, draw 1 another set of volumes
+    one = ev.main([f"--ckpt={ckpt}", f"--data_dir={data}", "--num=6", "--depth=10", "--ssim_pairs=2", "--device=cpu",
+                   f"--out={tmp_path / 'one'}", "--feature_cache="])
+    assert [(r["fold"], r["draw"]) for r in rep["folds"]] == [(1, 0), (1, 1)]
+    assert rep["folds"][0]["fid"] == one["folds"][0]["fid"] and rep["folds"][0]["w1"] == one["folds"][0]["w1"]
+    assert rep["folds"][1]["fid"] != rep["folds"][0]["fid"]
+    assert rep["summary"]["fid"]["mean"] == pytest.approx((rep["folds"][0]["fid"] + rep["folds"][1]["fid"]) / 2)
+    assert rep["summary"]["fid"]["std"] > 0
     assert on_disk["features"]["pretrained"] is False and "RANDOM" in on_disk["features"]["label"]
     assert on_disk["input_norm"]["name"] == "none"
     r = rep["folds"][0]
@@ -2400,6 +2408,7 @@ FAULTS = [  # (case, command, what its one line must say, setup(d, fx) or None)
     # eval.py: every check comes before the embedding
     ("eval-k-below-1", EVAL + " --k=0", ["--k=0: need k >= 1"], None),
     ("eval-num-below-2", EVAL + " --num=1", ["--num=1: need num >= 2"], None),
+    ("eval-draws-below-1", EVAL + " --draws=0", ["--draws=0: need draws >= 1"], None),
     ("eval-result-exists", EVAL, ["{d}/e/eval.json exists", "--overwrite"],
      lambda d, fx: (os.makedirs(d / "e"), (d / "e" / "eval.json").write_text("{}"))),
     ("eval-store-of-another-size",
