@@ -845,14 +845,14 @@ def quality(c):
         except ValueError as e:  # the checkpoint went away since the checks
             fail(str(e))
         f = held_out[f]  # -1: the checkpoint's own held-out fold
-        for d in range(c["draws"]):  # the same network and held-out volumes; new latents and floor halves
-            try:
-                ds_val = VolumeDataset(c["data_dir"], split="val", fold=f)
+        try:
+            ds_val = VolumeDataset(c["data_dir"], split="val", fold=f)
+            for d in range(c["draws"]):  # the same network and held-out volumes; new latents and floor halves
                 results.append(dict(evaluate_fold(model, ds_all, ds_val, feats_all, real_stats, net,
                                                   dict(c, seed=c["seed"] + d), f, device),
                                     draw=d, features=finfo["label"]))  # every figure names its feature network
-            except (ValueError, FileNotFoundError) as e:
-                fail(str(e))
+        except (ValueError, FileNotFoundError) as e:
+            fail(str(e))
     summary = {key: dict(zip(("mean", "std"), _ms([r[key] for r in results])), features=finfo["label"])
                for k, _, _ in _ROWS for key in (k, k + "_floor")}
     summary |= {k: dict(zip(("mean", "std"), _ms([r[k] for r in results])))
