@@ -868,14 +868,13 @@ def quality(c):
     # ---- the readable table
     lab = finfo["label"]
     print(f"\nHA-GAN quality: {c['ckpt']} (iter {report['iter_num']}, {'x'.join(map(str, model.cfg.shape))}) "
-          f"vs {c['data_dir']} held-out fold{'s' if len(results) > c['draws'] else ''} "
-          f"{','.join(str(f) for f in dict.fromkeys(r['fold'] for r in results))}")
+          f"vs {c['data_dir']} held-out fold{'s' if len(folds) > 1 else ''} {','.join(str(held_out[f]) for f in folds)}")
     print(f"features: {lab}, {finfo['weights']}" + ("" if finfo["pretrained"] else
           "  <- NOT pretrained: figures comparable only with other runs of the same random net"))
     print(f"input: {input_desc[0]}: {input_desc[1]}")
     r0 = results[0]
     print(f"samples: {r0['n_generated']} generated vs {r0['n_real']} real; floor: {r0['n_floor'][0]} vs "
-          f"{r0['n_floor'][1]} real (two disjoint halves); mean +- std over {len(results) // c['draws']} fold(s)"
+          f"{r0['n_floor'][1]} real (two disjoint halves); mean +- std over {len(folds)} fold(s)"
           + (f" x {c['draws']} draws of the generated set (latent seeds {c['seed']}..{c['seed'] + c['draws'] - 1})"
              if c["draws"] > 1 else "") + "\n")
     print(f"| metric [{lab}] | generated vs real | real vs real (floor) | |\n|---|---|---|---|")
