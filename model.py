@@ -63,6 +63,7 @@ class HAGANConfig:
     out_scale: float = 1.0  # G^H's and G^L's outputs are out_scale * tanh; > 1 reaches the data's ends at finite inputs
     g_noise: bool = False  # G^H adds per-voxel noise, a function of z, before its last conv (StyleGAN's noise inputs)
     out_leak: float = 0.0  # >0: out_leak * the pre-activation is added to G's outputs: a gradient also at tanh's floor
+    out_clip: bool = False  # G's outputs clipped to [-1, 1] in training too, as the data are (straight-through)
     gh_width: float = 0.0  # >0: G^H's hidden channel multiplier instead of width (the renderer wider, G^A as it is)
     g_pad: str = "zeros"  # G^H's conv padding: 'zeros' (official) or 'replicate' (no bright end slices)
     d_stretch: float = 0.0  # >0: D^H sees intensities stretched near air (slope 1 + d_stretch at -1): lungs vs air
@@ -252,7 +253,7 @@ class G_H(nn.Module):
         self.conv1 = nn.Conv3d(c_a, c, 3, padding=1, padding_mode=cfg.g_pad)
         self.norm1 = nn.GroupNorm(GN_GROUPS, c)
         self.conv2 = nn.Conv3d(c, 1, 3, padding=1, padding_mode=cfg.g_pad)
-        self.out_scale, self.out_leak = cfg.out_scale, cfg.out_leak
+        self.out_scale, self.out_leak, self.out_clip = cfg.out_scale, cfg.out_leak, cfg.out_clip
         # g_noise: the strength of the noise in each of conv2's input channels, learned from 0 (Karras et al. 2019)
         self.noise_scale = nn.Parameter(torch.zeros(c)) if cfg.g_noise else None
 
@@ -269,7 +270,7 @@ class G_H(nn.Module):
             h = ((h.reshape(B, G, -1) - mean) * rstd).view(h.shape)
             h = h * self.norm1.weight.view(1, C, 1, 1, 1) + self.norm1.bias.view(1, C, 1, 1, 1)
         return _last_conv_tanh(self.conv2, self.add_noise(_up(F.relu(h)), noise), self.out_scale,
-                               self.out_leak)
+                               self.out_leak, self.out_clip)
 
     def add_noise(self, h, noise):  # (B,C,D,H,W) + (B,1,D,H,W) * (C,)
         if noise is None or self.noise_scale is None:
@@ -313,15 +314,15 @@ class G_L(nn.Module):
         self.conv2 = nn.Conv3d(c, cfg.ch(cfg.g_channels // 2), 3, padding=1)
         self.norm2 = nn.GroupNorm(GN_GROUPS, cfg.ch(cfg.g_channels // 2))
         self.conv3 = nn.Conv3d(cfg.ch(cfg.g_channels // 2), 1, 3, padding=1)
-        self.out_scale, self.out_leak = cfg.out_scale, cfg.out_leak
+        self.out_scale, self.out_leak, self.out_clip = cfg.out_scale, cfg.out_leak, cfg.out_clip
 
     def forward(self, a):  # (B,64,S/4,S/4,S/4) -> (B,1,S/4,S/4,S/4)
         h = F.relu(self.norm1(self.conv1(a)))
         h = F.relu(self.norm2(self.conv2(h)))
-        return _last_conv_tanh(self.conv3, h, self.out_scale, self.out_leak)
+        return _last_conv_tanh(self.conv3, h, self.out_scale, self.out_leak, self.out_clip)
 
 
-def _last_conv_tanh(conv, h, scale=1.0, leak=0.0):
+def _last_conv_tanh(conv, h, scale=1.0, leak=0.0, clip=False):
     # conv: the layer, or any function of its input (the chunked render's _depth_conv). The output
     # layer runs in float32 even under autocast: in bf16, tanh near +-1 has a resolution of several HU
     # in the CT window, which shows up as banding in the samples.
@@ -330,11 +331,17 @@ def _last_conv_tanh(conv, h, scale=1.0, leak=0.0):
     # saturation, where tanh' ~ 0 and D's gradient no longer reaches it (the demo's lungs at -1024 HU).
     # leak > 0 (out_leak): even at scale's floor the slope is leak. D sees a voxel pushed below -1 as
     # darker than any real one, and G can still move it back; generate clamps to [-1, 1]
+    # clip (out_clip): the data were clipped to the window (air is exactly -1), so G's output is clipped
+    # the same way in training too. Without it G must hold air at -1 itself, on a knife's edge between
+    # "darker than any scan" and grey; clipped, any depth below -1 is air, and the air keeps a margin
+    # from -950 HU. The gradient passes the clip unchanged (straight-through), so a voxel pushed past
+    # the window still feels D's pull back, as with out_leak
     with _no_autocast(h):
         p = conv(h.float())
         y = torch.tanh(p)
         y = y if scale == 1 else y * scale
-        return y if leak == 0 else y + leak * p
+        y = y if leak == 0 else y + leak * p
+        return y + (y.clamp(-1, 1) - y).detach() if clip else y
 
 
 class Generator(nn.Module):
@@ -408,7 +415,7 @@ class Generator(nn.Module):
             h = g.add_noise(h, None if noise is None else noise[:, :, 2 * lo:2 * hi])
             # G^H's output layer on this chunk's rows: (B,1,4k,H,W)
             x = _last_conv_tanh(lambda t: _depth_conv(g.conv2, t, 2 * lo, 4 * n, 4 * a, 4 * b), h, g.out_scale,
-                                g.out_leak)
+                                g.out_leak, g.out_clip)
             if out is None:
                 out = x.new_empty(x.shape[0], 1, 4 * n, *x.shape[3:])
             out[:, :, 4 * a:4 * b] = x

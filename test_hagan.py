@@ -303,6 +303,31 @@ def test_out_leak_keeps_a_gradient_at_the_floor_and_samples_keep_the_range():
         HAGANConfig(img_size=32, out_leak=-0.1)
 
 
+def test_out_clip_keeps_training_outputs_in_the_window_and_passes_the_gradient_straight_through():
+    from model import _last_conv_tanh
+    conv = torch.nn.Conv3d(1, 1, 1)
+    conv.weight.data.fill_(1.0), conv.bias.data.zero_()
+    x = torch.linspace(-4, 4, 17).view(1, 1, 17, 1, 1).requires_grad_()
+    x0 = x.detach().clone().requires_grad_()
+    y, y0 = _last_conv_tanh(conv, x, 1.5, clip=True), _last_conv_tanh(conv, x0, 1.5)
+    assert torch.equal(y, y0.clamp(-1, 1)) and y.min() == -1 and y.max() == 1 and (y0.abs() > 1).sum() == 14  # |x| >= 1
+    (y * torch.arange(1.0, 18.0).view(1, 1, 17, 1, 1)).sum().backward()  # a weight per voxel, as D's gradient
+    (y0 * torch.arange(1.0, 18.0).view(1, 1, 17, 1, 1)).sum().backward()
+    assert torch.equal(x.grad, x0.grad) and x.grad[0, 0, 0].item() > 0  # also where the clip bit: -4 -> -1
+    z = torch.randn(2, 16)
+    m, free = tiny(64, slab_context=True, out_scale=1.1, out_clip=True).train(), tiny(64, slab_context=True,
+                                                                                       out_scale=1.1).train()
+    free.load_state_dict(m.state_dict())
+    for net in (m, free):  # G^H made to draw everything darker than air
+        net.G.G_H.conv2.bias.data.fill_(-10.0)
+    with torch.no_grad():
+        (slab, low), (slab0, low0) = m.G(z, 3), free.G(z, 3)
+        assert slab0.min() < -1.05 and torch.equal(slab, slab0.clamp(-1, 1)) and torch.equal(low, low0.clamp(-1, 1))
+        assert slab.min() == -1 and low.abs().max() <= 1  # D sees what a clipped scan has: air at exactly -1
+        assert torch.equal(m.G.generate(z), free.G.generate(z)) and torch.equal(m.G.generate(z, chunk=1),
+                                                                                 m.G.generate(z))
+
+
 def test_d_stretch_widens_the_dark_end_for_D_H_alone():
     from model import stretch_dark, STRETCH_WIDTH
     x = torch.linspace(-1.1, 1.0, 2101, dtype=torch.float64, requires_grad=True)
@@ -839,7 +864,7 @@ def test_every_config_file_loads():
                     latent_dim=cfg["latent_dim"], num_classes=cfg["num_classes"], num_slabs=cfg["num_slabs"])
         if name in ("train_lung_ct.py", "train_brain_mri.py", "train_conditional.py"):  # the paper, as published
             off = dict(augment="", ada_target=0.0, r1_gamma=0.0, mbstd_group=0, slab_context=False, d_width=0.0,
-                       out_scale=1.0, out_leak=0.0, g_noise=False, gh_width=0.0, g_pad="zeros", lambda_div=0.0,
+                       out_scale=1.0, out_leak=0.0, out_clip=False, g_noise=False, gh_width=0.0, g_pad="zeros", lambda_div=0.0,
                        lambda_lecam=0.0, d_stretch=0.0, class_window="", enc_interval=1, lr_G=1e-4, lr_D=4e-4, lr_E=1e-4, beta1=0.0, beta2=0.999)
             assert {k: cfg[k] for k in off} == off, name
 
@@ -1416,7 +1441,7 @@ def test_train_and_generate_with_other_slab_counts(demo, tmp_path, num_slabs):
 
 SMALL_DATA = ["--augment=color,translation,cutout", "--augment_p=0.5", "--ada_target=0.6", "--ada_interval=1",
               "--ada_kimg=0.01", "--r1_gamma=1", "--r1_interval=2", "--mbstd_group=2", "--slab_context=True",
-              "--channels_last=True", "--d_width=0.25", "--out_scale=1.1", "--g_noise=True", "--g_pad=replicate",
+              "--channels_last=True", "--d_width=0.25", "--out_scale=1.1", "--out_clip=True", "--g_noise=True", "--g_pad=replicate",
               "--lambda_div=1", "--lambda_lecam=0.3"]
 
 

@@ -74,6 +74,7 @@ config = dict(
     d_width=0.0,  # >0: channel multiplier of D^H and D^L instead of width (a wider D, nearly free on CPU)
     out_scale=1.0,  # >1: G's outputs are out_scale * tanh, so air and the window's top are reached unsaturated
     out_leak=0.0,  # >0: G's outputs also get out_leak * their pre-activation: a gradient even at tanh's floor
+    out_clip=False,  # G's outputs clipped to the data's [-1, 1] in training too: the air outside the body stays air
     g_noise=False,  # G^H adds learned-strength per-voxel noise (a function of z): scanner noise that G can't draw
     gh_width=0.0,  # >0: channel multiplier of G^H's hidden layer instead of width (a wider renderer, G^A unchanged)
     g_pad="zeros",  # G^H's conv padding: 'replicate' keeps the volume's first and last slices from turning bright
@@ -205,7 +206,7 @@ try:
 except (FileNotFoundError, ValueError) as e:
     fail(str(e))
 # the architecture keys (HAGANConfig's fields that config has): img_size, latent_dim, num_classes, width,
-# num_slabs, slab_context, mbstd_group, d_width, out_scale, out_leak, g_noise, gh_width, g_pad, d_stretch,
+# num_slabs, slab_context, mbstd_group, d_width, out_scale, out_leak, out_clip, g_noise, gh_width, g_pad, d_stretch,
 # class_window (given in the data's units, kept by the model in [-1, 1]: the store's window maps one to the other)
 arch = [f.name for f in fields(HAGANConfig) if f.name in config]
 try:
