@@ -1397,11 +1397,13 @@ def test_conditional_training_uses_the_class_labels(demo, tmp_path):
 
 
 def test_gpu_demo_config_is_the_wide_demo_and_runs(demo, tmp_path):
-    # the README's GPU demo: the CPU demo's settings with G at width 1/2, D at 1, 4,000 iterations, encoders
-    # every 4th iteration; run here at the test's size (TINY's width, a narrower D)
+    # the README's GPU demo: the CPU demo's settings with G at width 1/2, D at 1, out_clip, 3,000 iterations,
+    # encoders every 4th iteration; run here at the test's size (TINY's width, a narrower D)
     gpu, cpu = _train_config("train_demo_gpu.py"), _train_config("train_demo.py")
-    assert (gpu["width"], gpu["d_width"], gpu["max_iters"], gpu["enc_interval"]) == (0.5, 1.0, 4000, 4)
-    differ = {"width", "d_width", "max_iters", "enc_interval", "out", "log_interval", "ckpt_interval", "sample_interval"}
+    assert (gpu["width"], gpu["d_width"], gpu["out_clip"], gpu["max_iters"], gpu["enc_interval"]) == (0.5, 1.0, True,
+                                                                                                    3000, 4)
+    differ = {"width", "d_width", "out_clip", "max_iters", "enc_interval", "out", "log_interval", "ckpt_interval",
+              "sample_interval"}
     assert {k for k in gpu if gpu[k] != cpu[k]} == differ
     out = str(tmp_path / "gpu")
     p = run(*readme("python train.py config/train_demo_gpu.py"), *TINY, f"--data_dir={demo}", f"--out={out}",
@@ -1410,6 +1412,7 @@ def test_gpu_demo_config_is_the_wide_demo_and_runs(demo, tmp_path):
     assert [r["iter"] for r in _log(out) if "E_H" in r] == [4]  # the encoders' update at every 4th iteration
     ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ck["iter_num"] == 4 and ck["config"]["lambda_div"] == 1.0 and ck["model_args"]["g_noise"]
+    assert ck["model_args"]["out_clip"] is True
 
 
 @pytest.mark.parametrize("num_slabs", [4, 16])
