@@ -334,8 +334,9 @@ def _last_conv_tanh(conv, h, scale=1.0, leak=0.0, clip=False):
     # clip (out_clip): the data were clipped to the window (air is exactly -1), so G's output is clipped
     # the same way in training too. Without it G must hold air at -1 itself, on a knife's edge between
     # "darker than any scan" and grey; clipped, any depth below -1 is air, and the air keeps a margin
-    # from -950 HU. The gradient passes the clip unchanged (straight-through), so a voxel pushed past
-    # the window still feels D's pull back, as with out_leak
+    # from -950 HU. The gradient passes the clip unchanged (straight-through), so a clipped voxel still
+    # gets D's gradient; but D sees it as plain air, so a lung pushed below -1 is no longer pulled back as
+    # too dark (on the wide demo model the lungs came out darker: README, "What reaches the targets")
     with _no_autocast(h):
         p = conv(h.float())
         y = torch.tanh(p)
