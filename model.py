@@ -253,7 +253,7 @@ class G_H(nn.Module):
         self.conv1 = nn.Conv3d(c_a, c, 3, padding=1, padding_mode=cfg.g_pad)
         self.norm1 = nn.GroupNorm(GN_GROUPS, c)
         self.conv2 = nn.Conv3d(c, 1, 3, padding=1, padding_mode=cfg.g_pad)
-        self.out_scale, self.out_leak, self.out_clip = cfg.out_scale, cfg.out_leak, cfg.out_clip
+        self.out = (cfg.out_scale, cfg.out_leak, cfg.out_clip)  # _last_conv_tanh's scale, leak, clip
         # g_noise: the strength of the noise in each of conv2's input channels, learned from 0 (Karras et al. 2019)
         self.noise_scale = nn.Parameter(torch.zeros(c)) if cfg.g_noise else None
 
@@ -269,8 +269,7 @@ class G_H(nn.Module):
             mean, rstd = (s.to(h.dtype)[:, :, None] for s in stats)
             h = ((h.reshape(B, G, -1) - mean) * rstd).view(h.shape)
             h = h * self.norm1.weight.view(1, C, 1, 1, 1) + self.norm1.bias.view(1, C, 1, 1, 1)
-        return _last_conv_tanh(self.conv2, self.add_noise(_up(F.relu(h)), noise), self.out_scale,
-                               self.out_leak, self.out_clip)
+        return _last_conv_tanh(self.conv2, self.add_noise(_up(F.relu(h)), noise), *self.out)
 
     def add_noise(self, h, noise):  # (B,C,D,H,W) + (B,1,D,H,W) * (C,)
         if noise is None or self.noise_scale is None:
@@ -314,12 +313,12 @@ class G_L(nn.Module):
         self.conv2 = nn.Conv3d(c, cfg.ch(cfg.g_channels // 2), 3, padding=1)
         self.norm2 = nn.GroupNorm(GN_GROUPS, cfg.ch(cfg.g_channels // 2))
         self.conv3 = nn.Conv3d(cfg.ch(cfg.g_channels // 2), 1, 3, padding=1)
-        self.out_scale, self.out_leak, self.out_clip = cfg.out_scale, cfg.out_leak, cfg.out_clip
+        self.out = (cfg.out_scale, cfg.out_leak, cfg.out_clip)  # _last_conv_tanh's scale, leak, clip
 
     def forward(self, a):  # (B,64,S/4,S/4,S/4) -> (B,1,S/4,S/4,S/4)
         h = F.relu(self.norm1(self.conv1(a)))
         h = F.relu(self.norm2(self.conv2(h)))
-        return _last_conv_tanh(self.conv3, h, self.out_scale, self.out_leak, self.out_clip)
+        return _last_conv_tanh(self.conv3, h, *self.out)
 
 
 def _last_conv_tanh(conv, h, scale=1.0, leak=0.0, clip=False):
@@ -415,8 +414,7 @@ class Generator(nn.Module):
             h = _up(torch.addcmul(shift, Y[:, :, lo:hi], scale).relu_())  # rows [2lo, 2hi) of the 4x grid
             h = g.add_noise(h, None if noise is None else noise[:, :, 2 * lo:2 * hi])
             # G^H's output layer on this chunk's rows: (B,1,4k,H,W)
-            x = _last_conv_tanh(lambda t: _depth_conv(g.conv2, t, 2 * lo, 4 * n, 4 * a, 4 * b), h, g.out_scale,
-                                g.out_leak, g.out_clip)
+            x = _last_conv_tanh(lambda t: _depth_conv(g.conv2, t, 2 * lo, 4 * n, 4 * a, 4 * b), h, *g.out)
             if out is None:
                 out = x.new_empty(x.shape[0], 1, 4 * n, *x.shape[3:])
             out[:, :, 4 * a:4 * b] = x

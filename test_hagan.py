@@ -864,7 +864,8 @@ def test_every_config_file_loads():
                     latent_dim=cfg["latent_dim"], num_classes=cfg["num_classes"], num_slabs=cfg["num_slabs"])
         if name in ("train_lung_ct.py", "train_brain_mri.py", "train_conditional.py"):  # the paper, as published
             off = dict(augment="", ada_target=0.0, r1_gamma=0.0, mbstd_group=0, slab_context=False, d_width=0.0,
-                       out_scale=1.0, out_leak=0.0, out_clip=False, g_noise=False, gh_width=0.0, g_pad="zeros", lambda_div=0.0,
+                       out_scale=1.0, out_leak=0.0, out_clip=False, g_noise=False, gh_width=0.0, g_pad="zeros",
+                       lambda_div=0.0,
                        lambda_lecam=0.0, d_stretch=0.0, class_window="", enc_interval=1, lr_G=1e-4, lr_D=4e-4, lr_E=1e-4, beta1=0.0, beta2=0.999)
             assert {k: cfg[k] for k in off} == off, name
 
@@ -1444,7 +1445,8 @@ def test_train_and_generate_with_other_slab_counts(demo, tmp_path, num_slabs):
 
 SMALL_DATA = ["--augment=color,translation,cutout", "--augment_p=0.5", "--ada_target=0.6", "--ada_interval=1",
               "--ada_kimg=0.01", "--r1_gamma=1", "--r1_interval=2", "--mbstd_group=2", "--slab_context=True",
-              "--channels_last=True", "--d_width=0.25", "--out_scale=1.1", "--out_clip=True", "--g_noise=True", "--g_pad=replicate",
+              "--channels_last=True", "--d_width=0.25", "--out_scale=1.1", "--out_clip=True", "--g_noise=True",
+              "--g_pad=replicate",
               "--lambda_div=1", "--lambda_lecam=0.3"]
 
 
