@@ -865,7 +865,7 @@ def test_every_config_file_loads():
         if name in ("train_lung_ct.py", "train_brain_mri.py", "train_conditional.py"):  # the paper, as published
             off = dict(augment="", ada_target=0.0, r1_gamma=0.0, mbstd_group=0, slab_context=False, d_width=0.0,
                        out_scale=1.0, out_leak=0.0, out_clip=False, g_noise=False, gh_width=0.0, g_pad="zeros",
-                       lambda_div=0.0,
+                       lambda_div=0.0, lr_decay_iters=0,
                        lambda_lecam=0.0, d_stretch=0.0, class_window="", enc_interval=1, lr_G=1e-4, lr_D=4e-4, lr_E=1e-4, beta1=0.0, beta2=0.999)
             assert {k: cfg[k] for k in off} == off, name
 
@@ -1447,7 +1447,7 @@ SMALL_DATA = ["--augment=color,translation,cutout", "--augment_p=0.5", "--ada_ta
               "--ada_kimg=0.01", "--r1_gamma=1", "--r1_interval=2", "--mbstd_group=2", "--slab_context=True",
               "--channels_last=True", "--d_width=0.25", "--out_scale=1.1", "--out_clip=True", "--g_noise=True",
               "--g_pad=replicate",
-              "--lambda_div=1", "--lambda_lecam=0.3"]
+              "--lambda_div=1", "--lambda_lecam=0.3", "--lr_decay_start=1", "--lr_decay_iters=4"]
 
 
 @pytest.mark.parametrize("options", ["paper", "small_data"])
@@ -1471,6 +1471,11 @@ def test_resume_is_exact(demo, tmp_path, options):
         # LeCam's anchors resume too; they exist from the first D update, the penalty from the second
         assert ca["lecam"] == cb["lecam"] and len(ca["lecam"]) == 2
         assert [("LeCam" in r) for r in _log(a)] == [False, True, True, True]
+        # the rates fall from iteration 1 to 0 at 4: the last update (iteration 3) ran at a third of them
+        assert all(ca["optimizers"][k]["param_groups"][0]["lr"] == cb["optimizers"][k]["param_groups"][0]["lr"]
+                   for k in NETS)
+        assert ca["optimizers"]["G"]["param_groups"][0]["lr"] == ca["config"]["lr_G"] * (1 - 2 / 3)
+        assert ca["optimizers"]["D"]["param_groups"][0]["lr"] == ca["config"]["lr_D"] * (1 - 2 / 3)
         return
     # resuming on other data works, but says so (the checkpoint keeps the dataset's fingerprint)
     other = tmp_path / "other"
@@ -1480,6 +1485,25 @@ def test_resume_is_exact(demo, tmp_path, options):
     p = run(*readme("python train.py config/train_demo.py --init_from=resume"), *args, f"--data_dir={other}",
             f"--out={b}", "--max_iters=5")
     assert p.returncode == 0 and "is not the dataset this checkpoint was trained on" in p.stdout, p.stderr
+
+
+def test_lr_decay_reaches_zero_and_warns_past_its_end(demo, tmp_path):
+    # the rates fall from 1 at lr_decay_start to 0 at lr_decay_iters: from there on no network moves, which a
+    # run longer than the decay is told in one warning line
+    args = TINY + [f"--data_dir={demo}", "--lr_decay_start=0", "--lr_decay_iters=1", "--sample_interval=0"]
+    one = run("train.py", *args, f"--out={tmp_path / 'one'}", "--max_iters=1")
+    two = run("train.py", *args, f"--out={tmp_path / 'two'}", "--max_iters=2")
+    assert one.returncode == 0 and two.returncode == 0, two.stderr
+    assert "learn nothing" not in one.stdout
+    warn = [ln for ln in two.stdout.splitlines() if "learn nothing" in ln]
+    assert len(warn) == 1 and warn[0].startswith("warning:") and "iterations 1..2 learn nothing" in warn[0]
+    weights = lambda d: dict(load_checkpoint(tmp_path / d / "ckpt.pt", ema=False)[0].named_parameters())
+    a, b = weights("one"), weights("two")  # parameters only: spectral norm's power iteration moves on regardless
+    assert all(torch.equal(a[k], b[k]) for k in a)  # iteration 1 ran at rate 0
+    plain = run("train.py", *args[:-3], "--sample_interval=0", f"--out={tmp_path / 'plain'}", "--max_iters=2")
+    assert plain.returncode == 0
+    c = weights("plain")
+    assert not any(torch.equal(a[k], c[k]) for k in ("G.G_A.fc.weight", "D.D_L.convs.0.weight"))  # it learns
 
 
 def test_threads_setting_and_oversubscribed_warning(demo, tmp_path):
@@ -2379,6 +2403,8 @@ FAULTS = [  # (case, command, what its one line must say, setup(d, fx) or None)
     ("train-div-one-volume", TRAIN + " --out={d}/o --lambda_div=1 --batch_size=2 --grad_accum=2",
      ["lambda_div needs 2 or more volumes per micro-batch, not 1"], None),
     ("train-enc-interval-zero", TRAIN + " --out={d}/o --enc_interval=0", ["enc_interval=0: use 1"], None),
+    ("train-lr-decay-backwards", TRAIN + " --out={d}/o --lr_decay_start=8 --lr_decay_iters=4",
+     ["lr_decay_start=8, lr_decay_iters=4: the decay must start"], None),
     ("train-log-interval-zero", TRAIN + " --out={d}/o --log_interval=0", ["log_interval=0 must be >= 1"], None),
     ("train-out-unwritable", TRAIN + " --out={d}/file/out", ["{d}/file/out: cannot write there"],
      lambda d, fx: (d / "file").write_text("")),

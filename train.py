@@ -53,6 +53,8 @@ config = dict(
     lr_G=1e-4,  # generator (G^A, G^L, G^H)
     lr_E=1e-4,  # both encoders (E^H, E^G)
     lr_D=4e-4,  # both discriminators (D^H, D^L)
+    lr_decay_iters=0,  # >0: every learning rate falls linearly from lr_decay_start to 0 at this iteration (0 = constant)
+    lr_decay_start=0,  # the iteration where that fall begins
     beta1=0.0,  # Adam betas of all four optimisers
     beta2=0.999,
     lambda1=5.0,  # weight of eq. 6 (E^H reconstruction)
@@ -118,6 +120,9 @@ if config["threads"] < 0:
     fail(f"threads={config['threads']}: use 0 (torch's default) or a number of threads")
 if config["enc_interval"] < 1:
     fail(f"enc_interval={config['enc_interval']}: use 1 (the paper: every iteration) or a larger whole number")
+if config["lr_decay_iters"] and not 0 <= config["lr_decay_start"] < config["lr_decay_iters"]:
+    fail(f"lr_decay_start={config['lr_decay_start']}, lr_decay_iters={config['lr_decay_iters']}: the decay must start "
+         f"at an iteration >= 0 and before it ends")
 if config["threads"] > 0:
     torch.set_num_threads(config["threads"])
 if ddp:
@@ -181,6 +186,10 @@ if load > cores or (device_type == "cpu" and local_world * torch.get_num_threads
     log(f"warning: oversubscribed: {cores} cores, load average {load:.1f}, {local_world} process(es) x "
         f"{torch.get_num_threads()} threads here; other jobs share the cores, so iterations are slower and "
         f"their times vary (with another job running, --threads=1 is often faster)")
+if config["lr_decay_iters"] and config["max_iters"] > config["lr_decay_iters"]:
+    log(f"warning: the learning rates reach 0 at lr_decay_iters={config['lr_decay_iters']}, and iterations "
+        f"{config['lr_decay_iters']}..{config['max_iters']} learn nothing; to train longer, move lr_decay_start "
+        f"and lr_decay_iters too")
 
 
 def seeded(*key):
@@ -299,6 +308,16 @@ model.to(device)
 if config["channels_last"]:
     model.to(memory_format=torch.channels_last_3d)
 opts = model.configure_optimizers(config["lr_G"], config["lr_D"], config["lr_E"], (config["beta1"], config["beta2"]))
+base_lr = {k: o.param_groups[0]["lr"] for k, o in opts.items()}  # the config's rates, which lr_scale scales
+
+
+def lr_scale(it):
+    """The factor on every learning rate at iteration it: 1 until lr_decay_start, then linearly down to 0 at
+    lr_decay_iters (nanoGPT's decay_lr, linear; beyond, 0). A function of the iteration alone: resume is exact."""
+    a, b = config["lr_decay_start"], config["lr_decay_iters"]
+    return min(1.0, max(0.0, 1 - (it - a) / (b - a))) if b else 1.0
+
+
 # fp16 only: one scaler per optimiser, so an overflow in D's backward never shrinks G's scale
 scalers = {k: torch.amp.GradScaler(device_type, enabled=dtype == "float16") for k in NETS}
 ema = deepcopy(model.G).requires_grad_(False) if config["ema_decay"] > 0 else None
@@ -548,6 +567,9 @@ while iter_num < config["max_iters"]:
     # lazy R1 (StyleGAN2): every r1_interval iterations, weighted by the interval
     r1 = config["r1_gamma"] / 2 * config["r1_interval"] if config["r1_gamma"] and iter_num % config["r1_interval"] == 0 else 0.0
 
+    for k, o in opts.items():
+        for group in o.param_groups:
+            group["lr"] = base_lr[k] * lr_scale(iter_num)
     lecam = (config["lambda_lecam"], *lecam_anchor) if config["lambda_lecam"] and lecam_anchor else None
     stats = step("D", micro, lambda b: model.loss_D(b.x_slab, b.x_low, r, b.z_D, b.c, b.aug_D, r1, b.x, lecam))
     stats |= step("G", micro, lambda b: model.loss_G(r, b.z_G, b.c, config["lambda_class"], b.aug_G,
