@@ -1399,12 +1399,14 @@ def test_conditional_training_uses_the_class_labels(demo, tmp_path):
 
 def test_gpu_demo_config_is_the_wide_demo_and_runs(demo, tmp_path):
     # the README's GPU demo: the CPU demo's settings with G at width 1/2, D at 1, out_clip, 3,000 iterations,
-    # encoders every 4th iteration; run here at the test's size (TINY's width, a narrower D)
+    # encoders every 4th iteration, and constant rates (it was measured before lr_decay); run here at the test's size
+    # (TINY's width, a narrower D)
     gpu, cpu = _train_config("train_demo_gpu.py"), _train_config("train_demo.py")
     assert (gpu["width"], gpu["d_width"], gpu["out_clip"], gpu["max_iters"], gpu["enc_interval"]) == (0.5, 1.0, True,
                                                                                                     3000, 4)
     differ = {"width", "d_width", "out_clip", "max_iters", "enc_interval", "out", "log_interval", "ckpt_interval",
-              "sample_interval"}
+              "sample_interval", "lr_decay_start", "lr_decay_iters"}
+    assert gpu["lr_decay_iters"] == 0 and cpu["lr_decay_iters"] == cpu["max_iters"]
     assert {k for k in gpu if gpu[k] != cpu[k]} == differ
     out = str(tmp_path / "gpu")
     p = run(*readme("python train.py config/train_demo_gpu.py"), *TINY, f"--data_dir={demo}", f"--out={out}",

@@ -3,7 +3,8 @@
 # About 100 training volumes is far below what the paper's recipe needs (the official README asks for
 # 3,000+), so this config turns on the small-data options that go beyond the paper (README, "Beyond the
 # paper"): R1 on D, a faster G, G^H trained as it renders, minibatch-std in D, a wider D, an unsaturated
-# output, noise inputs and replicate padding in G^H, and a diversity hinge on G. The paper configs leave them off.
+# output, noise inputs and replicate padding in G^H, a diversity hinge on G, and learning rates that decay to 0.
+# The paper configs leave them off.
 out = "out"
 data_dir = "data/demo"
 img_size = 64
@@ -21,6 +22,8 @@ out_scale = 1.1  # air (-1) reached unsaturated: plain tanh sends the dark tissu
 g_noise = True  # G^H can draw scanner noise, D's first cue for telling samples from phantoms
 g_pad = "replicate"  # G^H pads by replication: no bright first and last slices from zero padding
 lambda_div = 1.0  # a hinge that spreads G's batch as much as real volumes: the samples were right but too alike
+lr_decay_start = 600  # every rate falls linearly to 0 over the second half: FID 1-4 on four seeds, 7-24 without
+lr_decay_iters = 1200  # (README: the nineteenth pass), at a price in recall; move both to train longer
 enc_interval = 2  # the encoders learn every 2nd iteration: G and D, and so the samples, are unchanged; it saves time
 channels_last = True  # ~1.3x faster on CPU
 ema_decay = 0.99

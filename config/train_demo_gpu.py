@@ -1,9 +1,9 @@
 # The demo at the size that draws the spine and the ribs, for a GPU:
 # python data/demo/prepare.py && python train.py config/train_demo_gpu.py
 # config/train_demo.py's settings (see its comments) with G and the encoders at half the official widths, D at the
-# full width, out_clip, and 3,000 iterations. The 10-minute CPU demo's G (width 1/8) cannot draw bone at its budget
-# (README, "What reaches the targets"). Cost: about 2 min 40 s alone on one H200 (52 ms per iteration); on 2 CPU
-# cores about 6.6x the CPU demo's time per iteration, some 2.6 hours.
+# full width, out_clip, and 3,000 iterations at constant rates (as measured: lr_decay came after). The 10-minute CPU
+# demo's G (width 1/8) cannot draw bone at its budget (README, "What reaches the targets"). Cost: about 2 min 40 s
+# alone on one H200 (52 ms per iteration); on 2 CPU cores about 6.6x the CPU demo's time per iteration, some 2.6 hours.
 out = "out/gpu"
 data_dir = "data/demo"
 img_size = 64
