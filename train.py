@@ -567,9 +567,10 @@ while iter_num < config["max_iters"]:
     # lazy R1 (StyleGAN2): every r1_interval iterations, weighted by the interval
     r1 = config["r1_gamma"] / 2 * config["r1_interval"] if config["r1_gamma"] and iter_num % config["r1_interval"] == 0 else 0.0
 
+    scale = lr_scale(iter_num)
     for k, o in opts.items():
         for group in o.param_groups:
-            group["lr"] = base_lr[k] * lr_scale(iter_num)
+            group["lr"] = base_lr[k] * scale
     lecam = (config["lambda_lecam"], *lecam_anchor) if config["lambda_lecam"] and lecam_anchor else None
     stats = step("D", micro, lambda b: model.loss_D(b.x_slab, b.x_low, r, b.z_D, b.c, b.aug_D, r1, b.x, lecam))
     stats |= step("G", micro, lambda b: model.loss_G(r, b.z_G, b.c, config["lambda_class"], b.aug_G,
