@@ -1392,6 +1392,9 @@ def test_conditional_training_uses_the_class_labels(demo, tmp_path):
     assert ck["model_args"]["slab_context"] and ck["model_args"]["mbstd_group"] == 4
     assert ck["model"]["G.G_A.fc.weight"].shape[1] == 16 + 5  # z and the one-hot class
     assert all(0 <= r["cls_real"] <= 1 and 0 <= r["cls_fake"] <= 1 for r in _log(out))  # C's accuracy, logged
+    cfg = _train_config("train_demo_conditional.py")  # its rates reach 0 at its last iteration, as the demo's do
+    assert 0 < cfg["lr_decay_start"] < cfg["lr_decay_iters"] == cfg["max_iters"]
+    assert cfg["max_iters"] == _train_config("train_demo.py")["max_iters"]
     p = run("train.py", "config/train_demo_conditional.py", *TINY, f"--data_dir={demo}", f"--out={out}x",
             "--max_iters=1", "--class_window=-800")
     assert p.returncode != 0 and "--class_window='-800': give 'lo,hi'" in p.stderr.strip().splitlines()[-1]
