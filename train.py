@@ -308,7 +308,7 @@ model.to(device)
 if config["channels_last"]:
     model.to(memory_format=torch.channels_last_3d)
 opts = model.configure_optimizers(config["lr_G"], config["lr_D"], config["lr_E"], (config["beta1"], config["beta2"]))
-base_lr = {k: o.param_groups[0]["lr"] for k, o in opts.items()}  # the config's rates, which lr_scale scales
+base_lr = {k: [g["lr"] for g in o.param_groups] for k, o in opts.items()}  # the configured rates, per group
 
 
 def lr_scale(it):
@@ -569,8 +569,8 @@ while iter_num < config["max_iters"]:
 
     scale = lr_scale(iter_num)
     for k, o in opts.items():
-        for group in o.param_groups:
-            group["lr"] = base_lr[k] * scale
+        for group, lr in zip(o.param_groups, base_lr[k]):
+            group["lr"] = lr * scale
     lecam = (config["lambda_lecam"], *lecam_anchor) if config["lambda_lecam"] and lecam_anchor else None
     stats = step("D", micro, lambda b: model.loss_D(b.x_slab, b.x_low, r, b.z_D, b.c, b.aug_D, r1, b.x, lecam))
     stats |= step("G", micro, lambda b: model.loss_G(r, b.z_G, b.c, config["lambda_class"], b.aug_G,
