@@ -66,6 +66,7 @@ class HAGANConfig:
     out_clip: bool = False  # G's outputs clipped to [-1, 1] in training too, as the data are (straight-through)
     gh_width: float = 0.0  # >0: G^H's hidden channel multiplier instead of width (the renderer wider, G^A as it is)
     g_pad: str = "zeros"  # G^H's conv padding: 'zeros' (official) or 'replicate' (no bright end slices)
+    g_class: bool = False  # conditional: G^H's norm also gets a per-class gain and bias (BigGAN's conditional norm)
     d_stretch: float = 0.0  # >0: D^H sees intensities stretched near air (slope 1 + d_stretch at -1): lungs vs air
     class_window: tuple = ()  # (lo, hi[, top]) in [-1, 1]: the class term from a slab classifier C on that window over
     # the enclosed voxels below top (default hi), not the AC-GAN heads (conditional only; train.py sets it from the
@@ -90,6 +91,8 @@ class HAGANConfig:
             raise ValueError(f"class_window={w}: use () or (lo, hi[, top]) with -1 <= lo < hi < top <= 1")
         if self.class_window and not self.num_classes:
             raise ValueError("class_window is for class-conditional models: set num_classes too")
+        if self.g_class and not self.num_classes:
+            raise ValueError("g_class is for class-conditional models: set num_classes too")
         if self.g_pad not in ("zeros", "replicate"):
             raise ValueError(f"g_pad={self.g_pad!r}: use 'zeros' (official) or 'replicate'")
         if self.num_slabs < 1 or s[0] // 4 % self.num_slabs:
@@ -256,11 +259,25 @@ class G_H(nn.Module):
         self.out = (cfg.out_scale, cfg.out_leak, cfg.out_clip)  # _last_conv_tanh's scale, leak, clip
         # g_noise: the strength of the noise in each of conv2's input channels, learned from 0 (Karras et al. 2019)
         self.noise_scale = nn.Parameter(torch.zeros(c)) if cfg.g_noise else None
+        # g_class (BigGAN's class-conditional norm, Brock et al. 2019): the class reaches the renderer directly. G^A
+        # gets it only as K of its fc's inputs, beside z's latent_dim, and the demo's class is a texture that G^H
+        # draws (the lungs' share below -950 HU). Learned from 0, so that G starts as the model without it
+        self.class_affine = nn.Embedding(cfg.num_classes, 2 * c) if cfg.g_class and cfg.num_classes else None
+        if self.class_affine is not None:
+            nn.init.zeros_(self.class_affine.weight)
 
-    def forward(self, a, stats=None, noise=None):  # (B,64,d,h,w) -> (B,1,4d,4h,4w)
+    def modulation(self, c):
+        """g_class: per-sample (1 + gain, bias), each (B,C), for norm1's output; None without it or c."""
+        if self.class_affine is None or c is None:
+            return None
+        g, b = self.class_affine(c.long()).chunk(2, 1)
+        return 1 + g, b
+
+    def forward(self, a, stats=None, noise=None, c=None):  # (B,64,d,h,w) -> (B,1,4d,4h,4w)
         """stats: norm1's (mean, 1/std), each (B, groups), to normalise with instead of a's own; the
         whole volume's (see stats) make G^H of a slab of A equal that slab of G^H(A). noise: (B,1,4d,4h,4w)
-        from Generator.noise, with g_noise; None adds none (E^H's reconstructions, which have no z)."""
+        from Generator.noise, with g_noise; None adds none (E^H's reconstructions, which have no z). c: (B,) class
+        labels, with g_class; None leaves norm1's output unmodulated."""
         h = self.conv1(_up(a))
         if stats is None:
             h = self.norm1(h)
@@ -269,6 +286,8 @@ class G_H(nn.Module):
             mean, rstd = (s.to(h.dtype)[:, :, None] for s in stats)
             h = ((h.reshape(B, G, -1) - mean) * rstd).view(h.shape)
             h = h * self.norm1.weight.view(1, C, 1, 1, 1) + self.norm1.bias.view(1, C, 1, 1, 1)
+        if (mod := self.modulation(c)) is not None:
+            h = h * mod[0].to(h.dtype)[:, :, None, None, None] + mod[1].to(h.dtype)[:, :, None, None, None]
         return _last_conv_tanh(self.conv2, self.add_noise(_up(F.relu(h)), noise), *self.out)
 
     def add_noise(self, h, noise):  # (B,C,D,H,W) + (B,1,D,H,W) * (C,)
@@ -359,13 +378,13 @@ class Generator(nn.Module):
         if r is None or not self.cfg.slab_context:
             lo, hi = (0, A.shape[2]) if r is None else (r, r + n)  # the A slices lifted, 4x as many rows out
             a = A if r is None else S_L(A, r, self.cfg.num_slabs)
-            return self.G_H(a, noise=self.noise(z, 4 * lo, 4 * hi)), self.G_L(A)
+            return self.G_H(a, noise=self.noise(z, 4 * lo, 4 * hi), c=c), self.G_L(A)
         # slab_context: what D^H judges is exactly slab r of the volume sampled at inference, G^H(A).
         # The official G^H normalises a slab by its own statistics and pads its ends with zeros, and
         # at inference by the whole volume's with real neighbours. Here: the whole volume's statistics
         # (no gradient through them), and one slice of A either side, cropped off after G^H.
         lo, hi = max(r - 1, 0), min(r + n + 1, A.shape[2])
-        x = self.G_H(A[:, :, lo:hi], self.G_H.stats(A, n), self.noise(z, 4 * lo, 4 * hi))
+        x = self.G_H(A[:, :, lo:hi], self.G_H.stats(A, n), self.noise(z, 4 * lo, 4 * hi), c)
         return x[:, :, 4 * (r - lo):4 * (r - lo + n)], self.G_L(A)
 
     def noise(self, z, a, b):
@@ -389,11 +408,11 @@ class Generator(nn.Module):
         slices of A at a time and gives the same result (to float rounding) in bounded memory."""
         A = self.G_A(z, c)
         noise = self.noise(z, 0, self.cfg.shape[0])
-        x = self._G_H_chunked(A, int(chunk), noise) if chunk else self.G_H(A, noise=noise)
+        x = self._G_H_chunked(A, int(chunk), noise, c) if chunk else self.G_H(A, noise=noise, c=c)
         # out_scale > 1 or out_leak > 0: D taught G the data's range, and a sample keeps to it exactly
         return x.clamp_(-1, 1) if self.cfg.out_scale != 1 or self.cfg.out_leak else x
 
-    def _G_H_chunked(self, A, k, noise=None):
+    def _G_H_chunked(self, A, k, noise=None, c=None):
         """G^H(A) in depth chunks of k A-slices. GroupNorm normalises over the whole volume, so a
         first pass (G_H.stats) computes conv1's output Y chunk by chunk and its per-group statistics;
         Y (1/8 of the output's voxels at 32 channels) is kept so that this, the most expensive conv, runs
@@ -404,9 +423,11 @@ class Generator(nn.Module):
         mean, rstd = g.stats(A, k, keep=Y)
         cpg = Y.shape[1] // G
         rstd = rstd.repeat_interleave(cpg, 1)  # (B,C)
-        scale = (rstd * g.norm1.weight.double()).to(Y.dtype)[:, :, None, None, None]  # (B,C,1,1,1)
-        shift = (g.norm1.bias.double() - mean.repeat_interleave(cpg, 1) * rstd * g.norm1.weight.double())
-        shift = shift.to(Y.dtype)[:, :, None, None, None]
+        scale = rstd * g.norm1.weight.double()  # (B,C)
+        shift = g.norm1.bias.double() - mean.repeat_interleave(cpg, 1) * scale
+        if (mod := g.modulation(c)) is not None:  # g_class: (B,C) each
+            scale, shift = scale * mod[0].double(), shift * mod[0].double() + mod[1].double()
+        scale, shift = (t.to(Y.dtype)[:, :, None, None, None] for t in (scale, shift))  # (B,C,1,1,1)
         out = None
         for a in range(0, n, k):
             b = min(a + k, n)
@@ -742,9 +763,9 @@ class HAGAN(nn.Module):
             stats["div"] = spread.detach()
         return loss, stats
 
-    def loss_E_H(self, x_slab, lambda1=5.0):
-        """Eq. 6: a real slab through E^H and back through G^H, L1."""
-        rec = self.G.G_H(self.E_H(x_slab))
+    def loss_E_H(self, x_slab, lambda1=5.0, c=None):
+        """Eq. 6: a real slab through E^H and back through G^H, L1 (g_class: G^H of the slab's class c)."""
+        rec = self.G.G_H(self.E_H(x_slab), c=c)
         l1 = F.l1_loss(rec.float(), x_slab.float())
         return lambda1 * l1, dict(rec_E_H=l1.detach())
 

@@ -256,6 +256,31 @@ def test_slab_context_trains_on_the_slab_that_inference_renders():
         assert (max(diffs) < 1e-5) == ctx, (ctx, diffs)
 
 
+def test_g_class_gives_the_renderer_the_class_and_keeps_slabs_and_chunks_exact():
+    # g_class: G^H's norm gets a per-class gain and bias. At its zero init G is the model without it; trained (here
+    # random), the class changes G^H's output for the same A, and the training slab, the chunked render and the
+    # whole render still agree
+    z, c = torch.randn(2, 16), torch.tensor([0, 2])
+    plain = tiny(64, num_classes=3, slab_context=True, g_noise=True).train()
+    m = tiny(64, num_classes=3, slab_context=True, g_noise=True, g_class=True).train()
+    assert m.G.G_H.class_affine.weight.shape == (3, 2 * m.G.G_H.conv1.out_channels)
+    assert "G.G_H.class_affine.weight" not in plain.state_dict() and plain.G.G_H.class_affine is None
+    m.load_state_dict(plain.state_dict(), strict=False)
+    with torch.no_grad():
+        assert torch.equal(m.G.generate(z, c), plain.G.generate(z, c))
+        torch.nn.init.normal_(m.G.G_H.class_affine.weight)
+        whole = m.G.generate(z, c)
+        for k in (1, 3):
+            assert torch.allclose(m.G.generate(z, c, chunk=k), whole, atol=1e-5)
+        for r in (0, 5, m.cfg.r_max):
+            assert torch.allclose(m.G(z, r, c)[0].clamp(-1, 1), S_H(whole, r, 8), atol=1e-5)
+        A = m.G.G_A(z, c)
+        a, b = m.G.G_H(A, c=c), m.G.G_H(A, c=torch.tensor([1, 1]))
+        assert (a - b).abs().amax((1, 2, 3, 4)).min() > 1e-3 and torch.equal(m.G.G_H(A), plain.G.G_H(A))
+    with pytest.raises(ValueError, match="g_class is for class-conditional models"):
+        HAGANConfig(img_size=64, g_class=True)
+
+
 def test_out_scale_reaches_air_unsaturated_and_samples_keep_the_range():
     z = torch.randn(2, 16)
     m, plain = tiny(64, slab_context=True, out_scale=1.1).train(), tiny(64, slab_context=True).train()
@@ -865,7 +890,7 @@ def test_every_config_file_loads():
         if name in ("train_lung_ct.py", "train_brain_mri.py", "train_conditional.py"):  # the paper, as published
             off = dict(augment="", ada_target=0.0, r1_gamma=0.0, mbstd_group=0, slab_context=False, d_width=0.0,
                        out_scale=1.0, out_leak=0.0, out_clip=False, g_noise=False, gh_width=0.0, g_pad="zeros",
-                       lambda_div=0.0, lr_decay_iters=0,
+                       g_class=False, lambda_div=0.0, lr_decay_iters=0,
                        lambda_lecam=0.0, d_stretch=0.0, class_window="", enc_interval=1, lr_G=1e-4, lr_D=4e-4, lr_E=1e-4, beta1=0.0, beta2=0.999)
             assert {k: cfg[k] for k in off} == off, name
 

@@ -80,6 +80,7 @@ config = dict(
     g_noise=False,  # G^H adds learned-strength per-voxel noise (a function of z): scanner noise that G can't draw
     gh_width=0.0,  # >0: channel multiplier of G^H's hidden layer instead of width (a wider renderer, G^A unchanged)
     g_pad="zeros",  # G^H's conv padding: 'replicate' keeps the volume's first and last slices from turning bright
+    g_class=False,  # conditional: a per-class gain and bias in G^H's norm (the class reaches the renderer directly)
     d_stretch=0.0,  # >0: D^H sees intensities stretched near air (slope 1 + d_stretch at -1): the lungs' level counts
     class_window="",  # conditional: "lo,hi[,top]" in HU for CT (in the store's [-1, 1] for MRI): the class term from
     # a classifier of real slabs seen through that window (model.SlabClassifier), over the enclosed voxels below top
@@ -215,8 +216,9 @@ try:
 except (FileNotFoundError, ValueError) as e:
     fail(str(e))
 # the architecture keys (HAGANConfig's fields that config has): img_size, latent_dim, num_classes, width,
-# num_slabs, slab_context, mbstd_group, d_width, out_scale, out_leak, out_clip, g_noise, gh_width, g_pad, d_stretch,
-# class_window (given in the data's units, kept by the model in [-1, 1]: the store's window maps one to the other)
+# num_slabs, slab_context, mbstd_group, d_width, out_scale, out_leak, out_clip, g_noise, gh_width, g_pad, g_class,
+# d_stretch, class_window (given in the data's units, kept by the model in [-1, 1]: the store's window maps one to
+# the other)
 arch = [f.name for f in fields(HAGANConfig) if f.name in config]
 try:
     lo_hi = [float(v) for v in config["class_window"].split(",")] if config["class_window"] else []
@@ -576,7 +578,7 @@ while iter_num < config["max_iters"]:
     stats |= step("G", micro, lambda b: model.loss_G(r, b.z_G, b.c, config["lambda_class"], b.aug_G,
                                                      config["lambda_div"], div_real))
     if (iter_num + 1) % config["enc_interval"] == 0:
-        stats |= step("E_H", micro, lambda b: model.loss_E_H(b.x_slab, config["lambda1"]))
+        stats |= step("E_H", micro, lambda b: model.loss_E_H(b.x_slab, config["lambda1"], b.c))
         stats |= step("E_G", micro, lambda b: model.loss_E_G(model.encode_A(b.x), b.x_slab, b.x_low, r, b.c,
                                                              config["lambda2"]))
     if ema is not None:  # G changes only in its own update
