@@ -262,7 +262,7 @@ class G_H(nn.Module):
         # g_class (BigGAN's class-conditional norm, Brock et al. 2019): the class reaches the renderer directly. G^A
         # gets it only as K of its fc's inputs, beside z's latent_dim, and the demo's class is a texture that G^H
         # draws (the lungs' share below -950 HU). Learned from 0, so that G starts as the model without it
-        self.class_affine = nn.Embedding(cfg.num_classes, 2 * c) if cfg.g_class and cfg.num_classes else None
+        self.class_affine = nn.Embedding(cfg.num_classes, 2 * c) if cfg.g_class else None  # g_class implies classes
         if self.class_affine is not None:
             nn.init.zeros_(self.class_affine.weight)
 
