@@ -560,7 +560,7 @@ class SlabClassifier(nn.Module):
     constant of the input (no gradient); G's gradient flows through the intensities it covers. With a
     top above the window (lo, hi, top), the mask takes the enclosed voxels below top and reads those
     above hi as hi: C's push to brighten a low class's lungs ends at hi, and lungs pushed past it are
-    still lungs to C rather than leaving its mask (README: the conditional demo's thirteenth pass)."""
+    still lungs to C rather than leaving its mask (README: the thirteenth pass)."""
 
     def __init__(self, cfg, width=16):
         super().__init__()
