@@ -71,6 +71,8 @@ class HAGANConfig:
     class_window: tuple = ()  # (lo, hi[, top]) in [-1, 1]: the class term from a slab classifier C on that window over
     # the enclosed voxels below top (default hi), not the AC-GAN heads (conditional only; train.py sets it from the
     # data's units)
+    class_twin: bool = False  # with class_window: G also maximises the cross-entropy of a twin of C trained on G's
+    # slabs (TAC-GAN): C's term alone pushes G past the real classes towards what C is surest of
 
     def __post_init__(self):
         s = self.img_size
@@ -91,6 +93,8 @@ class HAGANConfig:
             raise ValueError(f"class_window={w}: use () or (lo, hi[, top]) with -1 <= lo < hi < top <= 1")
         if self.class_window and not self.num_classes:
             raise ValueError("class_window is for class-conditional models: set num_classes too")
+        if self.class_twin and not self.class_window:
+            raise ValueError("class_twin is the twin of class_window's classifier C: set class_window too")
         if self.g_class and not self.num_classes:
             raise ValueError("g_class is for class-conditional models: set num_classes too")
         if self.g_pad not in ("zeros", "replicate"):
@@ -595,6 +599,7 @@ class Discriminator(nn.Module):
         super().__init__()
         self.D_H, self.D_L = D_H(cfg), D_L(cfg)
         self.C = SlabClassifier(cfg) if cfg.class_window else None  # class_window implies num_classes
+        self.C_twin = SlabClassifier(cfg) if cfg.class_twin else None  # C's twin: G's slabs, not real ones
         self.num_slabs, self.slab_a = cfg.num_slabs, cfg.slab_a
 
     def forward(self, slab, r, low):
@@ -710,7 +715,7 @@ class HAGAN(nn.Module):
         r1 > 0 adds r1 times the R1 penalty at the real inputs (Mescheder et al. 2018); lecam = (weight,
         anchor_real, anchor_fake) adds weight times lecam_penalty (Tseng et al. 2021); with
         class_window, eq. 9 is C's cross-entropy on real slabs only: every slab of the whole real
-        volumes x (B,1,D,H,W) when given, else x_slab."""
+        volumes x (B,1,D,H,W) when given, else x_slab; with class_twin, plus C_twin's on the fake slab."""
         with torch.no_grad():
             fake_slab, fake_low = self.G(z, r, c)
         if r1:
@@ -721,6 +726,10 @@ class HAGAN(nn.Module):
         stats = dict(D_real=real.detach().float().mean(), D_fake=fake.detach().float().mean(),
                      D_real_sign=real.detach().float().sign().mean())  # ADA's overfitting signal
         if c is not None and self.D.C is not None:
+            if self.D.C_twin is not None:
+                twin_cls = self.D.C_twin(fake_slab)
+                loss = loss + F.cross_entropy(twin_cls.float(), c)
+                stats["cls_twin"] = (twin_cls.detach().argmax(1) == c).float().mean()  # chance: G's classes alike
             if x is None:
                 real_cls = self.D.C(x_slab.detach())
             else:  # all num_slabs slabs of each volume: (num_slabs*B,1,D/num_slabs,H,W), classes repeated
@@ -747,7 +756,9 @@ class HAGAN(nn.Module):
         return loss, stats
 
     def loss_G(self, r, z, c=None, lambda_class=0.1, aug=None, lambda_div=0.0, div_real=0.0):
-        """Eqs. 4-5 for G^A, G^H, G^L [+ lambda_class times eq. 9's fake term, as officially; C's with class_window]
+        """Eqs. 4-5 for G^A, G^H, G^L [+ lambda_class times eq. 9's fake term, as officially; C's with class_window,
+        minus C_twin's with class_twin (TAC-GAN, Gong et al. 2019: together they pull G's class-conditional
+        distributions towards the real ones, where C's term alone favours the slabs C is surest of)]
         [+ lambda_div times the diversity hinge, beyond the paper: while the batch's low-res volumes are
         less spread (mean pairwise L1) than real ones (div_real), G is pushed to spread them]."""
         fake_slab, fake_low = self.G(z, r, c)
@@ -757,6 +768,8 @@ class HAGAN(nn.Module):
             cls = self.D.C(fake_slab)
         if c is not None and cls is not None:
             loss = loss + lambda_class * F.cross_entropy(cls.float(), c)
+        if c is not None and self.D.C_twin is not None:
+            loss = loss - lambda_class * F.cross_entropy(self.D.C_twin(fake_slab).float(), c)
         if lambda_div > 0 and len(z) > 1:
             spread = pairwise_l1(fake_low.float()) / div_real  # 1 = as spread as the real volumes
             loss = loss + lambda_div * F.relu(1 - spread)

@@ -456,6 +456,43 @@ def test_class_window_classifier_learns_from_real_slabs_only():
             HAGANConfig(img_size=32, num_classes=2, class_window=bad)
 
 
+
+def test_class_twin_learns_g_s_classes_and_its_term_is_taken_from_g_s_class_term():
+    # TAC-GAN: C_twin learns the class of G's slabs in D's update, and G's class term is C's minus C_twin's
+    with pytest.raises(ValueError, match="class_twin is the twin of class_window's classifier C"):
+        HAGANConfig(img_size=64, num_classes=3, class_twin=True)
+    assert tiny(64, num_classes=3, class_window=(-0.97, -0.72)).D.C_twin is None
+    m = tiny(64, num_classes=3, class_window=(-0.97, -0.72), class_twin=True)
+    m.eval()  # D's spectral norms take no power step between the calls
+    x = torch.rand(2, 1, 64, 64, 64) * 2 - 1
+    c, z = torch.tensor([0, 2]), torch.randn(2, 16)
+    x_slab, x_low = S_H(x, 3, 8), F.avg_pool3d(x, 4)
+    m.zero_grad(set_to_none=True)
+    m.train_only("D")
+    torch.manual_seed(5)
+    loss, stats = m.loss_D(x_slab, x_low, 3, z, c, x=x)
+    loss.backward()
+    g_twin = [p.grad.clone() for p in m.D.C_twin.parameters()]
+    torch.manual_seed(5)
+    with torch.no_grad():
+        fake_slab, fake_low = m.G(z, 3, c)
+    m.zero_grad(set_to_none=True)
+    F.cross_entropy(m.D.C_twin(fake_slab), c).backward()  # C_twin's gradient is exactly its term on G's slab
+    assert all(torch.allclose(a, p.grad, atol=1e-6) for a, p in zip(g_twin, m.D.C_twin.parameters()))
+    assert any(a.abs().sum() > 0 for a in g_twin) and 0 <= stats["cls_twin"] <= 1
+    with torch.no_grad():
+        logit = m.D(fake_slab, 3, fake_low)[0]
+        adversarial = F.binary_cross_entropy_with_logits(logit, torch.ones_like(logit))
+        ce = lambda C: F.cross_entropy(C(fake_slab), c)
+        torch.manual_seed(5)
+        lg, _ = m.loss_G(3, z, c, lambda_class=2.0)
+        assert torch.allclose(lg, adversarial + 2.0 * (ce(m.D.C) - ce(m.D.C_twin)), atol=1e-6)
+        # a twin that reads G's slabs as C reads them cancels C's term: G is then pulled by D alone
+        m.D.C_twin.load_state_dict(m.D.C.state_dict())
+        torch.manual_seed(5)
+        lg, _ = m.loss_G(3, z, c, lambda_class=2.0)
+        assert torch.allclose(lg, adversarial, atol=1e-6) and not torch.allclose(ce(m.D.C), torch.zeros(()))
+
 def test_g_noise_is_a_function_of_z_alone():
     z = torch.randn(3, 16)
     m = tiny(64, slab_context=True, g_noise=True).train()
@@ -891,7 +928,7 @@ def test_every_config_file_loads():
             off = dict(augment="", ada_target=0.0, r1_gamma=0.0, mbstd_group=0, slab_context=False, d_width=0.0,
                        out_scale=1.0, out_leak=0.0, out_clip=False, g_noise=False, gh_width=0.0, g_pad="zeros",
                        g_class=False, lambda_div=0.0, lr_decay_iters=0,
-                       lambda_lecam=0.0, d_stretch=0.0, class_window="", enc_interval=1, lr_G=1e-4, lr_D=4e-4, lr_E=1e-4, beta1=0.0, beta2=0.999)
+                       lambda_lecam=0.0, d_stretch=0.0, class_window="", class_twin=False, enc_interval=1, lr_G=1e-4, lr_D=4e-4, lr_E=1e-4, beta1=0.0, beta2=0.999)
             assert {k: cfg[k] for k in off} == off, name
 
 

@@ -85,6 +85,8 @@ config = dict(
     class_window="",  # conditional: "lo,hi[,top]" in HU for CT (in the store's [-1, 1] for MRI): the class term from
     # a classifier of real slabs seen through that window (model.SlabClassifier), over the enclosed voxels below top
     # (default hi), not D's AC-GAN heads; "" = the heads
+    class_twin=False,  # with class_window: G's class term is C's minus that of a twin classifier trained on G's slabs
+    # (TAC-GAN), so that G matches the real classes instead of overshooting them towards what C is surest of
     lambda_div=0.0,  # >0: weight of a hinge that spreads G's low-res batch at least as much as real volumes
     enc_interval=1,  # >1: E^H and E^G train at every enc_interval-th iteration only: G and D never use them, so
     # G's training is unchanged and each skipped pair of updates saves about a third of an iteration
@@ -217,8 +219,8 @@ except (FileNotFoundError, ValueError) as e:
     fail(str(e))
 # the architecture keys (HAGANConfig's fields that config has): img_size, latent_dim, num_classes, width,
 # num_slabs, slab_context, mbstd_group, d_width, out_scale, out_leak, out_clip, g_noise, gh_width, g_pad, g_class,
-# d_stretch, class_window (given in the data's units, kept by the model in [-1, 1]: the store's window maps one to
-# the other)
+# d_stretch, class_window, class_twin (class_window is given in the data's units and kept by the model in [-1, 1]:
+# the store's window maps one to the other)
 arch = [f.name for f in fields(HAGANConfig) if f.name in config]
 try:
     lo_hi = [float(v) for v in config["class_window"].split(",")] if config["class_window"] else []
