@@ -1458,6 +1458,8 @@ def test_conditional_training_uses_the_class_labels(demo, tmp_path):
     assert 0 < cfg["lr_decay_start"] < cfg["lr_decay_iters"] == cfg["max_iters"]
     assert cfg["max_iters"] == 2 * _train_config("train_demo.py")["max_iters"] and cfg["lambda_class"] == 0.5
     assert ck["model_args"]["g_class"] and ck["model"]["G.G_H.class_affine.weight"].shape == (5, 16)
+    assert ck["model_args"]["class_twin"] and ck["model"]["D.C_twin.out.weight"].shape[0] == 5
+    assert all(0 <= r["cls_twin"] <= 1 for r in _log(out))  # the twin's accuracy on G's slabs, logged
     p = run("train.py", "config/train_demo_conditional.py", *TINY, f"--data_dir={demo}", f"--out={out}x",
             "--max_iters=1", "--class_window=-800")
     assert p.returncode != 0 and "--class_window='-800': give 'lo,hi'" in p.stderr.strip().splitlines()[-1]
