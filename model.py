@@ -572,12 +572,18 @@ class SlabClassifier(nn.Module):
         self.f = nn.Sequential(nn.Linear(1, width), nn.LeakyReLU(0.2), nn.Linear(width, width), nn.LeakyReLU(0.2))
         self.out = nn.Linear(width, cfg.num_classes)
 
-    def forward(self, x):
-        (lo, hi), top = self.window[:2], self.window[-1]  # top: hi unless given
+    def region(self, x):
+        """The voxels C reads in slabs x (B,1,d,H,W): a mask (B,d*H*W), the enclosed voxels below the window's top
+        (top: hi unless given; the lungs, for a lung window), and each of them's slab. A twin of C (class_twin)
+        reads the same voxels, so one region serves both."""
         B = x.shape[0]
         with torch.no_grad():
-            m = enclosed(x.detach().flatten(0, 2) < top).view(B, -1)  # (B,d*H*W): the lungs, for a lung window
-            which = torch.arange(B, device=x.device).repeat_interleave(m.sum(1))  # each enclosed voxel's slab
+            m = enclosed(x.detach().flatten(0, 2) < self.window[-1]).view(B, -1)
+            return m, torch.arange(B, device=x.device).repeat_interleave(m.sum(1))
+
+    def forward(self, x, region=None):
+        (lo, hi), B = self.window[:2], x.shape[0]
+        m, which = self.region(x) if region is None else region
         v = ((x.reshape(B, -1)[m] - lo) / (hi - lo)).clamp(0, 1)  # (n,): the window -> [0, 1]
         h = self.f(v[:, None].float())  # (n,width): only the enclosed voxels, a few % of the slab
         mean = h.new_zeros(B, h.shape[1]).index_add(0, which, h) / m.sum(1, keepdim=True).clamp_min(1)
@@ -726,8 +732,9 @@ class HAGAN(nn.Module):
         stats = dict(D_real=real.detach().float().mean(), D_fake=fake.detach().float().mean(),
                      D_real_sign=real.detach().float().sign().mean())  # ADA's overfitting signal
         if c is not None and self.D.C is not None:
+            fake_region = self.D.C.region(fake_slab)
             if self.D.C_twin is not None:
-                twin_cls = self.D.C_twin(fake_slab)
+                twin_cls = self.D.C_twin(fake_slab, fake_region)
                 loss = loss + F.cross_entropy(twin_cls.float(), c)
                 stats["cls_twin"] = (twin_cls.detach().argmax(1) == c).float().mean()  # chance: G's classes alike
             if x is None:
@@ -736,7 +743,7 @@ class HAGAN(nn.Module):
                 real_cls = self.D.C(torch.cat(x.detach().chunk(self.cfg.num_slabs, dim=2)))
                 c = c.repeat(self.cfg.num_slabs)
             with torch.no_grad():
-                fake_cls = self.D.C(fake_slab)
+                fake_cls = self.D.C(fake_slab, fake_region)
             loss = loss + F.cross_entropy(real_cls.float(), c)
         elif c is not None and real_cls is not None:
             loss = loss + F.cross_entropy(real_cls.float(), c) + F.cross_entropy(fake_cls.float(), c)
@@ -765,11 +772,12 @@ class HAGAN(nn.Module):
         logit, cls = self.D(*_swap(augment(fake_slab, fake_low, r, aug), r))
         loss, stats = _bce(logit, 1.0), {}
         if c is not None and self.D.C is not None:
-            cls = self.D.C(fake_slab)
+            fake_region = self.D.C.region(fake_slab)
+            cls = self.D.C(fake_slab, fake_region)
         if c is not None and cls is not None:
             loss = loss + lambda_class * F.cross_entropy(cls.float(), c)
         if c is not None and self.D.C_twin is not None:
-            loss = loss - lambda_class * F.cross_entropy(self.D.C_twin(fake_slab).float(), c)
+            loss = loss - lambda_class * F.cross_entropy(self.D.C_twin(fake_slab, fake_region).float(), c)
         if lambda_div > 0 and len(z) > 1:
             spread = pairwise_l1(fake_low.float()) / div_real  # 1 = as spread as the real volumes
             loss = loss + lambda_div * F.relu(1 - spread)
