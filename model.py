@@ -762,12 +762,17 @@ class HAGAN(nn.Module):
             stats["R1"] = penalty.detach()
         return loss, stats
 
-    def loss_G(self, r, z, c=None, lambda_class=0.1, aug=None, lambda_div=0.0, div_real=0.0):
+    def loss_G(self, r, z, c=None, lambda_class=0.1, aug=None, lambda_div=0.0, div_real=0.0, lambda_rec=0.0,
+               real=None):
         """Eqs. 4-5 for G^A, G^H, G^L [+ lambda_class times eq. 9's fake term, as officially; C's with class_window,
         minus C_twin's with class_twin (TAC-GAN, Gong et al. 2019: together they pull G's class-conditional
         distributions towards the real ones, where C's term alone favours the slabs C is surest of)]
         [+ lambda_div times the diversity hinge, beyond the paper: while the batch's low-res volumes are
-        less spread (mean pairwise L1) than real ones (div_real), G is pushed to spread them]."""
+        less spread (mean pairwise L1) than real ones (div_real), G is pushed to spread them]
+        [+ lambda_rec times G's reconstruction term, beyond the paper: real = (x, x_slab, x_low), a batch of whole
+        real volumes, their slabs at r and low-res versions; G redraws each from its code Z-hat = E(x), scaled to
+        the prior's radius, L1 on the slab and the low-res volume as in eq. 7. E is frozen here and gets no
+        gradient; c, when given, is the real volumes' class as well as z's]."""
         fake_slab, fake_low = self.G(z, r, c)
         logit, cls = self.D(*_swap(augment(fake_slab, fake_low, r, aug), r))
         loss, stats = _bce(logit, 1.0), {}
@@ -782,6 +787,16 @@ class HAGAN(nn.Module):
             spread = pairwise_l1(fake_low.float()) / div_real  # 1 = as spread as the real volumes
             loss = loss + lambda_div * F.relu(1 - spread)
             stats["div"] = spread.detach()
+        if lambda_rec > 0:
+            x, x_slab, x_low = real
+            z_hat = self.encode(x)  # (B,latent_dim), without gradients
+            # on the shell where N(0, I)'s draws lie (radius ~sqrt(latent_dim)): the codes G learns to redraw real
+            # volumes from are codes the prior gives, so every real volume gets a region of z that renders it
+            z_hat = z_hat * (self.cfg.latent_dim ** 0.5 / z_hat.norm(dim=1, keepdim=True).clamp_min(1e-6))
+            rec_slab, rec_low = self.G(z_hat, r, c)
+            l1 = _rec_l1(rec_slab, rec_low, x_slab, x_low)
+            loss = loss + lambda_rec * l1
+            stats["rec_G"] = l1.detach()
         return loss, stats
 
     def loss_E_H(self, x_slab, lambda1=5.0, c=None):
@@ -792,9 +807,9 @@ class HAGAN(nn.Module):
 
     def loss_E_G(self, A_hat, x_slab, x_low, r, c=None, lambda2=5.0):
         """Eq. 7: Z-hat = E^G(A-hat) through G, L1 on the slab at r and on the low-res volume
-        (averaged, as the official code does). A-hat comes from encode_A, without gradients."""
+        (averaged: _rec_l1). A-hat comes from encode_A, without gradients."""
         rec_slab, rec_low = self.G(self.E_G(A_hat), r, c)
-        l1 = (F.l1_loss(rec_slab.float(), x_slab.float()) + F.l1_loss(rec_low.float(), x_low.float())) / 2
+        l1 = _rec_l1(rec_slab, rec_low, x_slab, x_low)
         return lambda2 * l1, dict(rec_E_G=l1.detach())
 
     # -------------------------------------------------------------------------
@@ -944,6 +959,11 @@ def pairwise_l1(v):
     v = v.flatten(1)
     b = len(v)
     return sum((v[i + 1:] - v[i]).abs().mean(1).sum() for i in range(b - 1)) / (b * (b - 1) / 2)
+
+
+def _rec_l1(rec_slab, rec_low, x_slab, x_low):
+    # eq. 7's reconstruction error: the slab's L1 and the low-res volume's, averaged as the official code does
+    return (F.l1_loss(rec_slab.float(), x_slab.float()) + F.l1_loss(rec_low.float(), x_low.float())) / 2
 
 
 def _bce(logit, target):

@@ -640,6 +640,31 @@ def test_diversity_hinge_spreads_the_low_res_batch_until_it_is_as_spread_as_real
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in m.G.G_H.parameters())
 
 
+def test_g_reconstruction_term_redraws_real_volumes_from_their_codes_on_the_prior_shell():
+    from model import S_H
+    m = tiny().eval()
+    torch.manual_seed(1)
+    x = torch.rand(2, 1, 32, 32, 32) * 2 - 1
+    z, r = torch.randn(2, 16), 3
+    real = (x, S_H(x, r, 8), F.avg_pool3d(x, 4))
+    plain, st0 = m.loss_G(r, z)
+    both, st1 = m.loss_G(r, z, lambda_rec=2.0, real=real)
+    with torch.no_grad():  # the closed form: E's code scaled to norm sqrt(16) = 4, then eq. 7's L1 through G
+        z_hat = m.E_G(m.encode_A(x))
+        z_hat = 4 * z_hat / z_hat.norm(dim=1, keepdim=True)
+        rec_slab, rec_low = m.G(z_hat, r)
+        l1 = ((rec_slab - real[1]).abs().mean() + (rec_low - real[2]).abs().mean()) / 2
+    assert "rec_G" not in st0 and torch.allclose(st1["rec_G"], l1, atol=1e-6)
+    assert torch.allclose(both - plain, 2 * l1, atol=1e-5)
+    assert torch.equal(m.loss_G(r, z, lambda_rec=0.0, real=real)[0], plain)  # off: the paper's loss
+    m.zero_grad()
+    m.train_only("G")
+    (both - plain).backward()  # G's whole path learns from it (trunk, renderer, low-res head); E gets nothing
+    assert m.G.G_A.fc.weight.grad.abs().sum() > 0 and m.G.G_L.conv1.weight.grad.abs().sum() > 0
+    assert sum(p.grad.abs().sum() for p in m.G.G_H.parameters() if p.grad is not None) > 0
+    assert all(p.grad is None for p in list(m.E_H.parameters()) + list(m.E_G.parameters()))
+
+
 def test_minibatch_std_sees_identical_samples():
     from model import mbstd
     same = torch.randn(1, 3, 2, 4, 4).repeat(4, 1, 1, 1, 1)
@@ -927,7 +952,7 @@ def test_every_config_file_loads():
         if name in ("train_lung_ct.py", "train_brain_mri.py", "train_conditional.py"):  # the paper, as published
             off = dict(augment="", ada_target=0.0, r1_gamma=0.0, mbstd_group=0, slab_context=False, d_width=0.0,
                        out_scale=1.0, out_leak=0.0, out_clip=False, g_noise=False, gh_width=0.0, g_pad="zeros",
-                       g_class=False, lambda_div=0.0, lr_decay_iters=0,
+                       g_class=False, lambda_div=0.0, lambda_rec_G=0.0, lr_decay_iters=0,
                        lambda_lecam=0.0, d_stretch=0.0, class_window="", class_twin=False, enc_interval=1, lr_G=1e-4, lr_D=4e-4, lr_E=1e-4, beta1=0.0, beta2=0.999)
             assert {k: cfg[k] for k in off} == off, name
 

@@ -88,8 +88,10 @@ config = dict(
     class_twin=False,  # with class_window: G's class term is C's minus that of a twin classifier trained on G's slabs
     # (TAC-GAN), so that G matches the real classes instead of overshooting them towards what C is surest of
     lambda_div=0.0,  # >0: weight of a hinge that spreads G's low-res batch at least as much as real volumes
+    lambda_rec_G=0.0,  # >0: G also redraws each real volume of its batch from E's code of it (L1, as eq. 7)
     enc_interval=1,  # >1: E^H and E^G train at every enc_interval-th iteration only: G and D never use them, so
-    # G's training is unchanged and each skipped pair of updates saves about a third of an iteration
+    # G's training is unchanged and each skipped pair of updates saves about a third of an iteration (with
+    # lambda_rec_G, G's term uses E's codes: then the interval changes G's training too)
     channels_last=False,  # channels-last 3D weights: oneDNN's preferred layout, faster on CPU
     init_from="scratch",  # 'scratch', 'resume' (out/ckpt.pt), or the path of an official G_iterN.pth
     dtype="auto",  # 'float32', 'bfloat16', 'float16' (autocast); 'auto' = bf16 on GPUs that have it, else float32
@@ -578,7 +580,8 @@ while iter_num < config["max_iters"]:
     lecam = (config["lambda_lecam"], *lecam_anchor) if config["lambda_lecam"] and lecam_anchor else None
     stats = step("D", micro, lambda b: model.loss_D(b.x_slab, b.x_low, r, b.z_D, b.c, b.aug_D, r1, b.x, lecam))
     stats |= step("G", micro, lambda b: model.loss_G(r, b.z_G, b.c, config["lambda_class"], b.aug_G,
-                                                     config["lambda_div"], div_real))
+                                                     config["lambda_div"], div_real, config["lambda_rec_G"],
+                                                     (b.x, b.x_slab, b.x_low)))
     if (iter_num + 1) % config["enc_interval"] == 0:
         stats |= step("E_H", micro, lambda b: model.loss_E_H(b.x_slab, config["lambda1"], b.c))
         stats |= step("E_G", micro, lambda b: model.loss_E_G(model.encode_A(b.x), b.x_slab, b.x_low, r, b.c,
