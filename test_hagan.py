@@ -456,7 +456,6 @@ def test_class_window_classifier_learns_from_real_slabs_only():
             HAGANConfig(img_size=32, num_classes=2, class_window=bad)
 
 
-
 def test_class_twin_learns_g_s_classes_and_its_term_is_taken_from_g_s_class_term():
     # TAC-GAN: C_twin learns the class of G's slabs in D's update, and G's class term is C's minus C_twin's
     with pytest.raises(ValueError, match="class_twin is the twin of class_window's classifier C"):
@@ -492,6 +491,7 @@ def test_class_twin_learns_g_s_classes_and_its_term_is_taken_from_g_s_class_term
         torch.manual_seed(5)
         lg, _ = m.loss_G(3, z, c, lambda_class=2.0)
         assert torch.allclose(lg, adversarial, atol=1e-6) and not torch.allclose(ce(m.D.C), torch.zeros(()))
+
 
 def test_g_noise_is_a_function_of_z_alone():
     z = torch.randn(3, 16)
@@ -641,7 +641,6 @@ def test_diversity_hinge_spreads_the_low_res_batch_until_it_is_as_spread_as_real
 
 
 def test_g_reconstruction_term_redraws_real_volumes_from_their_codes_on_the_prior_shell():
-    from model import S_H
     m = tiny().eval()
     torch.manual_seed(1)
     x = torch.rand(2, 1, 32, 32, 32) * 2 - 1
