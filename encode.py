@@ -24,9 +24,10 @@ import time
 import numpy as np
 import torch
 
-from model import autocast_ctx, fail, load_checkpoint, override, pick_device
-from prepare import VolumeDataset, find_inputs, prepare_file, read_meta, volume_id, writable_dir
-from sample import safe_name, write_atomic, write_volume
+from configurator import autocast, fail, override, pick_device
+from model import load_checkpoint
+from prepare import (VolumeDataset, find_inputs, prepare_file, read_meta, safe_name, volume_id, writable_dir,
+                     write_atomic, write_volume)
 
 # -----------------------------------------------------------------------------
 config = dict(
@@ -210,7 +211,7 @@ def main(argv=None):
         except OSError as e:  # the store (or a scan) went away while we were reading it
             fail(f"{e.filename or source}: cannot read it any more ({e.strerror or e}); nothing written")
         x = torch.from_numpy(np.stack(xs))[:, None].to(c["device"])  # (B,1,D,H,W) in [-1, 1]
-        with torch.no_grad(), autocast_ctx(c["device"], c["dtype"]):
+        with torch.no_grad(), autocast(c["device"], c["dtype"]):
             z = model.encode(x).float()  # (B, latent_dim)
             Z[i:i + len(js)] = z.cpu().numpy()
             k = [j for j in js if j < c["recon"]]

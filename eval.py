@@ -38,10 +38,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import HAGAN, HAGANConfig, S_H, autocast_ctx, fail, load_checkpoint, override, pick_device, slab_range
 import prepare
-from prepare import NUM_FOLDS, VolumeDataset, from_unit, store_fingerprint, writable_dir
-from sample import write_atomic
+from configurator import autocast, fail, override, pick_device
+from model import HAGAN, HAGANConfig, load_checkpoint, slab_range
+from prepare import NUM_FOLDS, VolumeDataset, from_unit, store_fingerprint, writable_dir, write_atomic
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -559,7 +559,7 @@ def extract(net, vols, input_norm, device, dtype="float32"):
     if input_norm == "zscore":
         m = x.mean((1, 2, 3, 4), keepdim=True)
         x = (x - m) / x.std((1, 2, 3, 4), keepdim=True).clamp_min(1e-6)
-    with autocast_ctx(device, dtype):
+    with autocast(device, dtype):
         return net(x).double().cpu()
 
 
@@ -688,7 +688,7 @@ def evaluate_fold(model, ds_all, ds_val, feats_all, real_stats, net, c, fold, de
         if cfg.num_classes:  # the held-out fold's class mix, cycled; uniform if the data has no labels
             lab = (torch.as_tensor(cls[np.arange(a, b) % len(cls)]) if cls is not None
                    else torch.randint(cfg.num_classes, (b - a,), generator=g)).to(device)
-        with autocast_ctx(device, c["dtype"]):
+        with autocast(device, c["dtype"]):
             x = model.generate(z, lab, chunk=c["chunk"]).float()  # (b,1,D,H,W) in [-1,1]
         assert tuple(x.shape[2:]) == size  # quality() refused a store of another size
         feats.append(extract(net, x, c["input_norm"], device, c["feat_dtype"]))
@@ -929,14 +929,13 @@ def iteration(model, opts, x_full, dtype, g, mode):
     judges every slab of the whole volume, E^H reconstructs all of it): what the hierarchy avoids."""
     cfg, B, dev = model.cfg, x_full.shape[0], x_full.device
     r = int(torch.randint(cfg.r_max + 1, (1,), generator=g)) if mode == "hagan" else None
-    x = x_full if r is None else S_H(x_full, r, cfg.num_slabs)  # (B,1,S,S,S) or (B,1,S/num_slabs,S,S)
     x_low = F.avg_pool3d(x_full, 4)  # (B,1,S/4,S/4,S/4)
 
     def z():
         return torch.randn(B, cfg.latent_dim, generator=g).to(dev)
-    losses = dict(D=lambda: model.loss_D(x, x_low, r, z()), G=lambda: model.loss_G(r, z()),
-                  E_H=lambda: model.loss_E_H(x), E_G=lambda: model.loss_E_G(model.encode_A(x_full), x, x_low, r))
-    with autocast_ctx(dev, dtype):
+    losses = dict(D=lambda: model.loss_D(x_full, x_low, r, z()), G=lambda: model.loss_G(r, z()),
+                  E_H=lambda: model.loss_E_H(x_full, r), E_G=lambda: model.loss_E_G(x_full, x_low, r))
+    with autocast(dev, dtype):
         for name, loss_fn in losses.items():
             model.train_only(name)
             opts[name].zero_grad(set_to_none=True)
@@ -988,7 +987,7 @@ def bench_one(S, mode, c):
         if mode == "hagan":
             model.eval()
             z = torch.randn(1, model.cfg.latent_dim, generator=g).to(dev)
-            with autocast_ctx(dev, c["dtype"]):
+            with autocast(dev, c["dtype"]):
                 model.generate(z)  # warm-up
                 sync()
                 t0 = time.perf_counter()

@@ -36,15 +36,18 @@ import json
 import math
 import multiprocessing as mp
 import os
+import re
+import struct
 import sys
 import time
+import zlib
 
 import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model import fail, override
+from configurator import fail, override
 
 
 # -----------------------------------------------------------------------------
@@ -766,6 +769,113 @@ def prepare_dataset(inputs, out, img_size=256, modality="ct", window="", labels=
 
 def _sha1(obj):
     return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+# -----------------------------------------------------------------------------
+# writing volumes and images: sample.py, encode.py, train.py and eval.py write through these
+
+
+def output_affine(meta, shape):
+    """4x4 voxel -> RAS mm of a generated (D,H,W) volume: the dataset's affine (stored grid -> world)
+    when the shapes agree, else its axes rescaled to the new grid about the same centre."""
+    if meta.get("affine") is not None:
+        A = np.array(meta["affine"], dtype=np.float64)
+        src = tuple(meta.get("img_size") or shape)
+    else:  # no affine recorded: axes from the orientation codes and the spacing, centred on 0
+        codes = meta.get("orientation") or "SPL"
+        sp = meta.get("spacing") or [1.0, 1.0, 1.0]
+        A = np.eye(4)
+        A[:3, :3] = 0
+        for i, code in enumerate(codes):  # stored axis i runs towards `code` in RAS+ world space
+            row, sign = {"R": (0, 1), "L": (0, -1), "A": (1, 1), "P": (1, -1), "S": (2, 1), "I": (2, -1)}[code]
+            A[row, i] = sign * float(sp[i])
+        A[:3, 3] = -A[:3, :3] @ ((np.array(shape) - 1) / 2)
+        src = shape
+    scale = np.array(src, dtype=np.float64) / np.array(shape)
+    centre = A @ np.append((np.array(src) - 1) / 2, 1)  # world position of the grid centre
+    A[:3, :3] = A[:3, :3] * scale
+    A[:3, 3] = centre[:3] - A[:3, :3] @ ((np.array(shape) - 1) / 2)
+    return A
+
+
+def to_output(x, meta):
+    """[-1, 1] float volume -> the modality's units: CT int16 HU through the inverse of the prepare
+    window; MRI float32 in window units, or in [-1, 1] when the window was per volume (meta null)."""
+    win = meta.get("window")
+    if win is None:
+        return np.asarray(x, dtype=np.float32)
+    v = from_unit(np.asarray(x, dtype=np.float64), win)
+    if meta.get("modality", "ct") == "ct":
+        return np.clip(np.rint(v), -32768, 32767).astype(np.int16)
+    return v.astype(np.float32)
+
+
+def safe_name(s):
+    """A file name from an id or a column name, whatever it holds: no folders, no leading dot, printable."""
+    s = re.sub(r"[^A-Za-z0-9._+=-]", "_", str(s)).lstrip(".")
+    return s or "_"
+
+
+def write_atomic(path, write):
+    """write(tmp) then rename, so an interrupted run never leaves a half-written file under `path`."""
+    base = os.path.basename(path)
+    ext = next((e for e in (".nii.gz", ".nii", ".npy", ".json", ".png", ".csv") if base.endswith(e)), "")
+    tmp = os.path.join(os.path.dirname(path), f".{base[:len(base) - len(ext)]}.tmp{os.getpid()}{ext}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_volume(path, x, meta, descrip=""):
+    """One volume x (D,H,W) in [-1, 1] -> path (.nii.gz, .nii or .npy) in the modality's units."""
+    data = to_output(x, meta)
+    if path.endswith(".npy"):
+        write_atomic(path, lambda p: np.save(p, data))
+        return
+    A = output_affine(meta, data.shape)
+    img = nib.Nifti1Image(data, A)
+    img.set_qform(A, code=1)  # 1 = scanner anatomical: both transforms say the same, for every viewer
+    img.set_sform(A, code=1)
+    img.header.set_xyzt_units("mm", "sec")
+    if meta.get("window") is not None:  # the display window viewers open with
+        img.header["cal_min"], img.header["cal_max"] = meta["window"]
+    else:
+        img.header["cal_min"], img.header["cal_max"] = -1.0, 1.0
+        descrip = (descrip + " units [-1,1]").strip()
+    img.header["descrip"] = descrip[:79].encode()
+    write_atomic(path, lambda p: nib.save(img, p))
+
+
+def save_montage(path, vols):
+    """
+    PNG of three mid-planes per volume, one row each: axial (anterior up, patient's left on the right,
+    as radiologists view it), coronal and sagittal (superior up). vols: [D,H,W] arrays in [-1,1] in
+    prepare.py's stored orientation. A tiny PNG writer, so we need no imaging package.
+    """
+    rows = []
+    for v in vols:
+        v = np.asarray(v, dtype=np.float32)
+        D, H, W = v.shape
+        panels = [v[D // 2], v[::-1, H // 2, :], v[::-1, :, W // 2]]  # (H,W), (D,W), (D,H)
+        h = max(p.shape[0] for p in panels)
+        panels = [np.pad(p, ((0, h - p.shape[0]), (0, 2)), constant_values=-1) for p in panels]
+        rows.append(np.concatenate(panels, 1))
+    w = max(r.shape[1] for r in rows)
+    img = np.concatenate([np.pad(r, ((0, 2), (0, w - r.shape[1])), constant_values=-1) for r in rows], 0)
+    k = max(1, 128 // rows[0].shape[0])  # small volumes (S=32) enlarged to ~128 px per row
+    img = np.repeat(np.repeat(img, k, 0), k, 1)
+    img = np.clip((np.nan_to_num(img, nan=-1.0) + 1) * 127.5, 0, 255).astype(np.uint8)
+
+    def png_chunk(tag, data):
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xffffffff)
+    raw = b"".join(b"\x00" + line.tobytes() for line in img)  # filter type 0 per scanline
+    png = (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", img.shape[1], img.shape[0], 8, 0, 0, 0, 0))
+           + png_chunk(b"IDAT", zlib.compress(raw, 6)) + png_chunk(b"IEND", b""))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_atomic(path, lambda p: open(p, "wb").write(png))
 
 
 # -----------------------------------------------------------------------------

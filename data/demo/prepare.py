@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-from model import fail, override  # noqa: E402 (the repository root is on the path from here on)
+from configurator import fail, override  # noqa: E402 (the repository root is on the path from here on)
 from prepare import parse_size, prepare_dataset  # noqa: E402
 
 

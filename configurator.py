@@ -1,0 +1,130 @@
+"""
+Settings for every script, nanoGPT-style: each script starts with a `config` dict of commented defaults, and
+override() changes it from config files and --key=value arguments:
+
+    python train.py config/train_demo.py --batch_size=8 --device cpu
+
+Also the few helpers every script needs: fail() (one error line, then exit), pick_device() and autocast().
+"""
+
+import ast
+import json
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+
+
+def fail(msg):
+    """Exit with the one line 'error: msg' on stderr. Under torchrun only rank 0 says it (and also writes it to
+    torchrun's error file, so that torchrun's own failure report names the cause); other ranks exit silently."""
+    if int(os.environ.get("RANK", 0)) != 0:
+        raise SystemExit(1)
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):  # set by torchrun for each of its processes
+        try:
+            with open(os.environ["TORCHELASTIC_ERROR_FILE"], "w") as f:
+                json.dump(dict(message=dict(message=f"error: {msg}", extraInfo=dict(
+                    py_callstack=f"error: {msg}", timestamp=str(int(time.time()))))), f)
+        except OSError:
+            pass  # the line on stderr is what matters
+    raise SystemExit(f"error: {msg}")
+
+
+def pick_device(name):
+    """'auto' -> 'cuda' if available else 'cpu'; a one-line ValueError for a device this torch cannot use."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device={name}: not a torch device (use cpu, cuda, cuda:1, ... or auto)") from None
+    if dev.type == "cuda":
+        if not torch.backends.cuda.is_built():
+            raise ValueError(f"--device={name}: this torch ({torch.__version__}) is a CPU-only build; "
+                             f"use --device=cpu, or install a CUDA build of torch")
+        if not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"--device={name}: no such CUDA device here ({torch.cuda.device_count()} visible); "
+                             f"use --device=cpu or another index")
+    elif dev.type != "cpu" and not getattr(torch, dev.type, None):
+        raise ValueError(f"--device={name}: not available in this torch; use cpu or cuda")
+    return name
+
+
+def autocast(device, dtype):
+    """torch.autocast for 'bfloat16'/'float16'; nothing for 'float32' (on CPU too, so tests exercise bf16)."""
+    if dtype == "float32":
+        return nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=getattr(torch, dtype))
+
+
+def _set(config, k, v, where):
+    """config[k] = v, checked: a known key, and the default's type (an int may become a float)."""
+    if k not in config:
+        close = [c for c in config if c.startswith(k[:3])][:3]
+        fail(f"unknown config key '{k}' in {where}" + (f" (did you mean {', '.join(close)}?)" if close else "")
+             + f"; known keys: {', '.join(config)}")
+    d = config[k]
+    if isinstance(d, bool) and not isinstance(v, bool):
+        fail(f"{where}: {k} must be True or False, got {v!r}")
+    if isinstance(d, float) and isinstance(v, int) and not isinstance(v, bool):
+        v = float(v)
+    if isinstance(d, (list, tuple)) and isinstance(v, (list, tuple)):
+        v = type(d)(v)
+    if not (k == "img_size" and isinstance(v, (list, tuple))) and type(v) is not type(d):  # img_size: S or (D, H, W)
+        fail(f"{where}: {k} must be {type(d).__name__} like its default {d!r}, got {v!r}")
+    config[k] = v
+
+
+def _run_file(path):
+    """A config file's top-level names, executed as Python in an empty namespace (trust it as you trust code)."""
+    if not os.path.isfile(path):
+        fail(f"{path}: no such config file")
+    ns = {}
+    try:
+        with open(path) as f:
+            exec(compile(f.read(), path, "exec"), ns)
+    except Exception as e:  # report where it broke, in one line
+        tb, line = e.__traceback__, getattr(e, "lineno", None)
+        while tb is not None and line is None:
+            line = tb.tb_lineno if tb.tb_frame.f_code.co_filename == path else None
+            tb = tb.tb_next
+        fail(f"{path}, line {line or '?'}: {type(e).__name__}: {getattr(e, 'msg', None) or e}")
+    return {k: v for k, v in ns.items() if not k.startswith("_") and not callable(v) and not isinstance(v, type(os))}
+
+
+def override(config, argv=None, given=None):
+    """Apply config files and --key=value / --key value arguments to the dict `config`, in order. The default's
+    type is the schema; '' and -1 defaults mean 'not given'. A list-valued key repeats (--input=a --input=b); a
+    bare boolean flag means True (--overwrite). `given` (a set) collects the keys that were set."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    given = set() if given is None else given
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            for k, v in _run_file(arg).items():
+                _set(config, k, v, arg)
+                given.add(k)
+            i += 1
+            continue
+        key, eq, val = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if eq:
+            i += 1
+        elif i + 1 >= len(argv) or (argv[i + 1].startswith("--") and isinstance(config.get(key), bool)):
+            val, i = "True", i + 1
+        else:
+            val, i = argv[i + 1], i + 2
+        try:
+            v = ast.literal_eval(val)
+        except (ValueError, SyntaxError):
+            v = val  # a plain string such as a path
+        if isinstance(config.get(key), str) and not isinstance(v, str):
+            v = val  # '--out=123' is still a path
+        if isinstance(config.get(key), list) and not isinstance(v, list):
+            v = config[key] + [val]  # one more value of a repeatable option
+        _set(config, key, v, f"--{key}")
+        given.add(key)
+    return config
