@@ -1,11 +1,14 @@
 """
 The test suite, CPU only; tests that need CUDA are skipped:
 $ python3 -m pytest -q test_hagan.py
-Sections follow the files, in this order: model.py, prepare.py (and data/demo/prepare.py), train.py,
-sample.py, encode.py, eval.py. A script is tested as the user runs it, in a fresh process: run().
+Sections follow the files: model.py, prepare.py (and data/demo/prepare.py), train.py, sample.py, encode.py,
+eval.py, then the fault table. A script runs as the user runs it: inproc() runs its file in this process (no
+interpreter start, no torch import), run() in a fresh process where that matters (torchrun, signals, limits).
 """
 
+import contextlib
 import csv
+import io
 import glob
 import gzip
 import hashlib
@@ -15,6 +18,7 @@ import math
 import os
 import re
 import resource
+import runpy
 import shlex
 import shutil
 import signal
@@ -22,7 +26,6 @@ import struct
 import subprocess
 import sys
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 
 import nibabel as nib
@@ -40,9 +43,10 @@ from model import HAGAN, NETS, Extras, HAGANConfig, S_H, S_L, enclosed, load_che
 from prepare import VolumeDataset, to_unit
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+torch.set_num_threads(1)  # tiny models: one thread is as fast, and much faster when other jobs share the cores
 NIB_DATA = os.path.join(os.path.dirname(nib.__file__), "tests", "data")  # nibabel's own scans, every format
 TINY = ["--img_size=-1", "--width=0.125", "--latent_dim=16", "--batch_size=2", "--log_interval=1",
-        "--sample_interval=0", "--dtype=float32", "--threads=1"]  # train.py at test size; img_size: the store's
+        "--sample_interval=0", "--dtype=float32", "--threads=1", "--device=cpu"]  # train.py at test size
 
 # data/demo/prepare.py under its own name (the name 'prepare' is the root's prepare.py)
 _spec = importlib.util.spec_from_file_location("demo_prepare", os.path.join(ROOT, "data", "demo", "prepare.py"))
@@ -61,6 +65,25 @@ def run(*args, timeout=600, cwd=ROOT, fsize=0):
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=env, preexec_fn=limit)
+
+
+def inproc(script, *args):
+    """`python script args` in this process -> CompletedProcess with what it printed. SystemExit('error: ...') is
+    returncode 1 and that line on stderr, as from the shell; any other exception propagates (a test failure)."""
+    out, err = io.StringIO(), io.StringIO()
+    saved = sys.argv, torch.get_num_threads(), signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    sys.argv, code = [script, *map(str, args)], 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        err.write(f"{e.code}\n" if isinstance(e.code, str) else "")
+    finally:
+        sys.argv = saved[0]
+        torch.set_num_threads(saved[1])
+        signal.signal(signal.SIGINT, saved[2]), signal.signal(signal.SIGTERM, saved[3])
+    return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
 
 
 def _readme_commands():
@@ -124,7 +147,7 @@ def demo(tmp_path_factory):
 def trained(demo, tmp_path_factory):
     """A tiny training run on the demo store: ckpt.pt at iteration 2, ckpt.prev.pt at 1 (copy it to change it)."""
     out = tmp_path_factory.mktemp("trained") / "run"
-    p = run("train.py", *TINY, f"--data_dir={demo}", f"--out={out}", "--max_iters=2", "--ckpt_interval=1")
+    p = inproc("train.py", *TINY, f"--data_dir={demo}", f"--out={out}", "--max_iters=2", "--ckpt_interval=1")
     assert p.returncode == 0, p.stderr
     return str(out)
 
@@ -1225,7 +1248,7 @@ def test_prep_get_batch_cuda_matches_cpu(demo):
 
 
 # -----------------------------------------------------------------------------
-# train.py
+# train.py: most runs in this process (inproc), the command-line ones (torchrun, a signal) in a fresh one
 
 
 def _log(out, key="D"):
@@ -1234,15 +1257,20 @@ def _log(out, key="D"):
         return [r for r in map(json.loads, f) if key in r]
 
 
+def train(*args, config=()):
+    """train.py [config files] TINY args, in this process; asserts that it succeeded."""
+    p = inproc("train.py", *config, *TINY, *args)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
 def test_train_runs_logs_and_checkpoints(demo, tmp_path):
     out = str(tmp_path / "out")
-    p = run(*readme("python train.py config/train_demo.py"), *TINY, f"--data_dir={demo}", f"--out={out}",
-            "--max_iters=3", "--ema_decay=0.9", "--sample_interval=3", "--fold=-1", "--lambda_div=1")
-    assert p.returncode == 0, p.stderr
+    p = train(f"--data_dir={demo}", f"--out={out}", "--max_iters=3", "--ema_decay=0.9", "--sample_interval=3",
+              "--fold=-1", "--lambda_div=1", config=readme("python train.py config/train_demo.py")[1:])
     assert "training on 12 volumes (every volume, fold=-1)" in p.stdout  # fold=-1: no held-out fold
     log = _log(out)
-    assert [r["iter"] for r in log] == [1, 2, 3]
-    assert all(math.isfinite(r[k]) for r in log for k in ("D", "G"))
+    assert [r["iter"] for r in log] == [1, 2, 3] and all(math.isfinite(r[k]) for r in log for k in ("D", "G"))
     assert [r["iter"] for r in log if "E_H" in r and "E_G" in r] == [2]  # the config's enc_interval=2
     assert all(r["div"] > 0 for r in log)  # the diversity hinge's spread, generated over real
     assert "ms/iter" in p.stdout and "vol/s" in p.stdout and "peak" in p.stdout and "ETA" in p.stdout
@@ -1250,14 +1278,11 @@ def test_train_runs_logs_and_checkpoints(demo, tmp_path):
     assert ck["iter_num"] == 3 and ck["meta"]["img_size"] == [32, 32, 32] and ck["config"]["max_iters"] == 3
     assert ck["config"]["img_size"] == 32 and ck["config"]["fold"] == -1  # the size used, not the -1 asked for
     assert set(ck["optimizers"]) == set(NETS) and ck["ema_G"] and ck["fingerprint"]
-    with open(os.path.join(out, "config.json")) as f:
-        used = json.load(f)
-    assert used["img_size"] == 32 and used["resolved"]["model_args"]["width"] == 0.125  # the store's size
-    png = open(os.path.join(out, "samples_000003.png"), "rb").read()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    used = json.load(open(os.path.join(out, "config.json")))
+    assert used["img_size"] == 32 and used["resolved"]["model_args"]["width"] == 0.125
+    assert open(os.path.join(out, "samples_000003.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     [q] = _log(out, "w1")  # with each montage, the quality signal: samples against real volumes
     assert q["iter"] == 3 and 0 < q["ms_ssim_real"] < 1 and q["w1"] > 0 and q["band_err"] >= 0
-    assert "MS-SSIM of sample pairs" in p.stdout and "intensity W1" in p.stdout
     model, _ = load_checkpoint(os.path.join(out, "ckpt.pt"))  # EMA weights for sampling
     assert all(torch.equal(model.G.state_dict()[k], v) for k, v in ck["ema_G"].items())
 
@@ -1266,102 +1291,69 @@ def test_encoder_interval_leaves_g_and_d_as_they_are(demo, tmp_path):
     # G and D never use E^H or E^G, so training the encoders every 3rd iteration only changes the encoders
     runs = {}
     for k in (1, 3):
-        out = tmp_path / f"e{k}"
-        p = run("train.py", *TINY, f"--data_dir={demo}", f"--out={out}", "--max_iters=4", f"--enc_interval={k}",
-                "--ema_decay=0.9", "--g_noise=True")
-        assert p.returncode == 0, p.stderr
-        runs[k] = torch.load(out / "ckpt.pt", weights_only=True), _log(out)
+        train(f"--data_dir={demo}", f"--out={tmp_path / str(k)}", "--max_iters=4", f"--enc_interval={k}",
+              "--ema_decay=0.9", "--g_noise=True")
+        runs[k] = torch.load(tmp_path / str(k) / "ckpt.pt", weights_only=True), _log(tmp_path / str(k))
     (every, log1), (third, log3) = runs[1], runs[3]
     for k, v in every["model"].items():  # the encoders trained 4 times against once
         assert torch.equal(v, third["model"][k]) != k.startswith(("E_H.", "E_G.")), k
     assert all(torch.equal(v, third["ema_G"][k]) for k, v in every["ema_G"].items())
     assert [r["iter"] for r in log3 if "E_G" in r] == [3] and all("E_G" in r for r in log1)
-    assert [r["D"] for r in log3] == [r["D"] for r in log1] and [r["G"] for r in log3] == [r["G"] for r in log1]
+    assert [(r["D"], r["G"]) for r in log3] == [(r["D"], r["G"]) for r in log1]
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_mixed_precision_training_on_cpu(demo, tmp_path, dtype):
-    # CPU autocast exercises the GPU code path: finite losses; float16 saves one scaler per optimiser,
-    # and a resumed run continues from the saved scales
-    out = tmp_path / dtype
-    args = TINY + [f"--data_dir={demo}", f"--out={out}", f"--dtype={dtype}"]
-    p = run("train.py", *args, "--max_iters=2")
-    assert p.returncode == 0, p.stderr
-    assert all(math.isfinite(r[k]) for r in _log(out) for k in NETS)
-    ck = torch.load(out / "ckpt.pt", weights_only=True)
-    assert set(ck["scalers"]) == set(NETS)
-    assert all(bool(s) == (dtype == "float16") for s in ck["scalers"].values())  # a disabled scaler saves {}
-    if dtype == "float16":
-        mine = {k: 2.0 ** (3 + i) for i, k in enumerate(NETS)}  # a scale of our own for each optimiser
-        for k, s in ck["scalers"].items():
-            s["scale"] = mine[k]
-        torch.save(ck, out / "ckpt.pt")
-        assert run("train.py", *args, "--max_iters=3", "--init_from=resume").returncode == 0
-        scalers = torch.load(out / "ckpt.pt", weights_only=True)["scalers"]
-        assert {k: s["scale"] for k, s in scalers.items()} == mine
+def test_mixed_precision_training_on_cpu(demo, tmp_path):
+    # CPU autocast runs the GPU code path: finite losses; float16 keeps one scaler per optimiser, and a resumed
+    # run continues from the saved scales
+    for dtype in ("bfloat16", "float16"):
+        out = tmp_path / dtype
+        args = [f"--data_dir={demo}", f"--out={out}", f"--dtype={dtype}"]
+        train(*args, "--max_iters=2")
+        assert all(math.isfinite(r[k]) for r in _log(out) for k in NETS)
+        ck = torch.load(out / "ckpt.pt", weights_only=True)
+        assert all(bool(s) == (dtype == "float16") for s in ck["scalers"].values())  # a disabled scaler saves {}
+    mine = {k: 2.0 ** (3 + i) for i, k in enumerate(NETS)}  # a scale of our own for each optimiser
+    for k, s in ck["scalers"].items():
+        s["scale"] = mine[k]
+    torch.save(ck, out / "ckpt.pt")
+    train(*args, "--max_iters=3", "--init_from=resume")
+    assert {k: s["scale"] for k, s in torch.load(out / "ckpt.pt", weights_only=True)["scalers"].items()} == mine
 
 
 def test_compiled_training_with_r1_matches_eager(demo, tmp_path):
-    # R1 differentiates D's input gradient, which torch.compile's graphs cannot (no double backward): with
-    # r1_gamma on, train.py leaves D^L eager and compiles the rest, and the losses are the eager run's
-    args = TINY + [f"--data_dir={demo}", "--max_iters=2", "--r1_gamma=1", "--r1_interval=1"]
+    # R1 differentiates D's input gradient, which compiled graphs cannot (no double backward): with r1_gamma on,
+    # train.py leaves D^L eager and compiles the rest, and the losses are the eager run's
     logs = []
     for compiled in (False, True):
-        out = tmp_path / f"compile{int(compiled)}"
-        p = run("train.py", *args, f"--out={out}", f"--compile={compiled}", timeout=900)
-        assert p.returncode == 0, p.stderr[-2000:]
-        logs.append(_log(out))
+        train(f"--data_dir={demo}", "--max_iters=2", "--r1_gamma=1", "--r1_interval=1", f"--out={tmp_path / str(compiled)}",
+              f"--compile={compiled}")
+        logs.append(_log(tmp_path / str(compiled)))
     assert len(logs[0]) == len(logs[1]) == 2 and all("R1" in r for r in logs[0] + logs[1])
     for a, b in zip(*logs):
-        losses = [k for k in a if k not in ("ms_per_iter", "peak_gib")]
-        assert all(math.isclose(a[k], b[k], rel_tol=1e-3, abs_tol=1e-4) for k in losses), (a, b)
+        assert all(math.isclose(a[k], b[k], rel_tol=1e-3, abs_tol=1e-4) for k in a if k not in ("ms_per_iter", "peak_gib"))
 
 
-def test_conditional_training_uses_the_class_labels(demo, tmp_path):
-    out = str(tmp_path / "cond")
-    # the README's conditional demo: its class count and small-data options, at the test's size
-    p = run(*readme("python train.py config/train_demo_conditional.py"), *TINY, f"--data_dir={demo}", f"--out={out}",
-            "--max_iters=2", "--sample_interval=2")
-    assert p.returncode == 0, p.stderr
-    ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
-    assert ck["model"]["D.C.out.weight"].shape[0] == 5 and ck["model_args"]["num_classes"] == 5
-    assert "D.D_H.fc_class.weight" not in ck["model"]  # the class term is C's, not the AC-GAN heads'
-    lo, hi, top = ck["model_args"]["class_window"]  # -1000..-800 HU, -500 HU, in the store's window, -1024..600 HU
-    assert abs(lo - (-1 + 2 * 24 / 1624)) < 1e-6 and abs(hi - (-1 + 2 * 224 / 1624)) < 1e-6
-    assert abs(top - (-1 + 2 * 524 / 1624)) < 1e-6
-    assert ck["model_args"]["slab_context"] and ck["model_args"]["mbstd_group"] == 4
+def test_demo_configs_run_as_configured(demo, tmp_path):
+    # the README's conditional demo and GPU demo, at the test's size: each trains with what its file sets
+    cond = _train_config("train_demo_conditional.py")
+    assert 0 < cond["lr_decay_start"] < cond["lr_decay_iters"] == cond["max_iters"]  # its rates reach 0 at its end
+    train(f"--data_dir={demo}", f"--out={tmp_path / 'cond'}", "--max_iters=2", "--sample_interval=2",
+          config=readme("python train.py config/train_demo_conditional.py")[1:])
+    ck = torch.load(tmp_path / "cond" / "ckpt.pt", weights_only=True)
+    assert ck["model"]["D.C.out.weight"].shape[0] == 5 and "D.D_H.fc_class.weight" not in ck["model"]  # C, no heads
+    lo, hi, top = ck["model_args"]["class_window"]  # -1000, -800, -500 HU in the store's window, -1024..600 HU
+    assert max(abs(lo + 1 - 2 * 24 / 1624), abs(hi + 1 - 2 * 224 / 1624), abs(top + 1 - 2 * 524 / 1624)) < 1e-6
     assert ck["model"]["G.G_A.fc.weight"].shape[1] == 16 + 5  # z and the one-hot class
-    assert all(0 <= r["cls_real"] <= 1 and 0 <= r["cls_fake"] <= 1 for r in _log(out))  # C's accuracy, logged
-    cfg = _train_config("train_demo_conditional.py")  # its rates reach 0 at its last iteration, as the demo's do
-    assert 0 < cfg["lr_decay_start"] < cfg["lr_decay_iters"] == cfg["max_iters"]
-    assert cfg["max_iters"] == 2 * _train_config("train_demo.py")["max_iters"] and cfg["lambda_class"] == 0.5
-    assert ck["model_args"]["g_class"] and ck["model"]["G.G_H.class_affine.weight"].shape == (5, 16)
-    assert ck["model_args"]["class_twin"] and ck["model"]["D.C_twin.out.weight"].shape[0] == 5
-    assert all(0 <= r["cls_twin"] <= 1 for r in _log(out))  # the twin's accuracy on G's slabs, logged
-    p = run("train.py", "config/train_demo_conditional.py", *TINY, f"--data_dir={demo}", f"--out={out}x",
-            "--max_iters=1", "--class_window=-800")
-    assert p.returncode != 0 and "--class_window='-800': give 'lo,hi'" in p.stderr.strip().splitlines()[-1]
-
-
-def test_gpu_demo_config_is_the_wide_demo_and_runs(demo, tmp_path):
-    # the README's GPU demo: the CPU demo's settings with G at width 1/2, D at 1, out_clip, 3,000 iterations,
-    # encoders every 4th iteration, and constant rates (it was measured before lr_decay); run here at the test's size
-    # (TINY's width, a narrower D)
+    assert ck["model"]["G.G_H.class_affine.weight"].shape == (5, 16) and ck["model"]["D.C_twin.out.weight"].shape[0] == 5
+    assert all(0 <= r[k] <= 1 for r in _log(tmp_path / "cond") for k in ("cls_real", "cls_fake", "cls_twin"))
     gpu, cpu = _train_config("train_demo_gpu.py"), _train_config("train_demo.py")
-    assert (gpu["width"], gpu["d_width"], gpu["g_out"], gpu["max_iters"], gpu["enc_interval"]) == (0.5, 1.0, "clipped",
-                                                                                                  3000, 4)
-    differ = {"width", "d_width", "g_out", "max_iters", "enc_interval", "out", "log_interval", "ckpt_interval",
-              "sample_interval", "lr_decay_start", "lr_decay_iters"}
-    assert gpu["lr_decay_iters"] == 0 and cpu["lr_decay_iters"] == cpu["max_iters"]
-    assert {k for k in gpu if gpu[k] != cpu[k]} == differ
-    out = str(tmp_path / "gpu")
-    p = run(*readme("python train.py config/train_demo_gpu.py"), *TINY, f"--data_dir={demo}", f"--out={out}",
-            "--max_iters=4", "--d_width=0.25")
-    assert p.returncode == 0, p.stderr
-    assert [r["iter"] for r in _log(out) if "E_H" in r] == [4]  # the encoders' update at every 4th iteration
-    ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
-    assert ck["iter_num"] == 4 and ck["config"]["lambda_div"] == 1.0 and ck["model_args"]["g_noise"]
-    assert ck["model_args"]["g_out"] == "clipped"
+    assert {k for k in gpu if gpu[k] != cpu[k]} == {"width", "d_width", "g_out", "max_iters", "enc_interval", "out",
+                                                   "log_interval", "ckpt_interval", "sample_interval",
+                                                   "lr_decay_start", "lr_decay_iters"}
+    train(f"--data_dir={demo}", f"--out={tmp_path / 'gpu'}", "--max_iters=4", "--d_width=0.25",
+          config=readme("python train.py config/train_demo_gpu.py")[1:])
+    assert [r["iter"] for r in _log(tmp_path / "gpu") if "E_H" in r] == [4]  # its encoders at every 4th iteration
+    assert torch.load(tmp_path / "gpu" / "ckpt.pt", weights_only=True)["model_args"]["g_out"] == "clipped"
 
 
 @pytest.mark.parametrize("num_slabs", [4, 16])
@@ -1375,9 +1367,7 @@ def test_train_and_generate_with_other_slab_counts(demo, tmp_path, num_slabs):
         data, size = str(tmp_path / "deep"), "[64,32,32]"
         assert prepare.prepare_dataset([str(src)], data, (64, 32, 32), log=lambda *a: None) == 0
     out = tmp_path / "out"
-    p = run("train.py", *TINY, f"--img_size={size}", f"--num_slabs={num_slabs}", f"--data_dir={data}", f"--out={out}",
-            "--max_iters=2", "--sample_interval=2")
-    assert p.returncode == 0, p.stderr
+    train(f"--img_size={size}", f"--num_slabs={num_slabs}", f"--data_dir={data}", f"--out={out}", "--max_iters=2")
     assert len(_log(out)) == 2 and all(math.isfinite(r[k]) for r in _log(out) for k in NETS)
     model, ck = load_checkpoint(out / "ckpt.pt")
     assert ck["model_args"]["num_slabs"] == num_slabs and model.cfg.slab_a == model.cfg.a_shape[0] // num_slabs
@@ -1396,72 +1386,58 @@ SMALL_DATA = ["--r1_gamma=1", "--r1_interval=2", "--mbstd_group=2", "--slab_cont
               "--lr_decay_start=1", "--lr_decay_iters=4"]
 
 
-@pytest.mark.parametrize("options", ["paper", "small_data"])
-def test_resume_is_exact(demo, tmp_path, options):
-    a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    args = TINY + [f"--data_dir={demo}", "--ema_decay=0.9", "--ckpt_interval=100"]
-    args += SMALL_DATA if options != "paper" else []
-    assert run(*readme("python train.py config/train_demo.py"), *args, f"--out={a}", "--max_iters=4").returncode == 0
-    assert run(*readme("python train.py config/train_demo.py"), *args, f"--out={b}", "--max_iters=2").returncode == 0
-    p = run(*readme("python train.py config/train_demo.py --init_from=resume"), *args, f"--out={b}", "--max_iters=4")
-    assert p.returncode == 0 and "resumed" in p.stdout and "not the dataset" not in p.stdout, p.stderr
+def test_resume_is_exact_with_every_option(demo, tmp_path):
+    # 4 iterations straight = 2, then a resume for 2 more: the same log, weights, EMA and optimiser states
+    a, b = tmp_path / "a", tmp_path / "b"
+    args = [f"--data_dir={demo}", "--ema_decay=0.9", "--ckpt_interval=100", *SMALL_DATA]
+    demo_config = readme("python train.py config/train_demo.py")[1:]
+    train(*args, f"--out={a}", "--max_iters=4", config=demo_config)
+    train(*args, f"--out={b}", "--max_iters=2", config=demo_config)
+    p = train(*args, f"--out={b}", "--max_iters=4", config=readme(
+        "python train.py config/train_demo.py --init_from=resume")[1:])
+    assert "resumed" in p.stdout and "not the dataset" not in p.stdout
     assert _log(a) == [dict(r, ms_per_iter=x["ms_per_iter"], peak_gib=x["peak_gib"]) for r, x in zip(_log(b), _log(a))]
-    ca = torch.load(os.path.join(a, "ckpt.pt"), weights_only=True)
-    cb = torch.load(os.path.join(b, "ckpt.pt"), weights_only=True)
+    ca, cb = (torch.load(d / "ckpt.pt", weights_only=True) for d in (a, b))
     for key in ("model", "ema_G"):
         assert all(torch.equal(ca[key][k], cb[key][k]) for k in ca[key])
     assert ca["optimizers"]["G"]["state"][0]["exp_avg_sq"].equal(cb["optimizers"]["G"]["state"][0]["exp_avg_sq"])
-    if options != "paper":  # R1 ran twice
-        assert sum("R1" in r for r in _log(a)) == 2
-        assert all(r["div"] > 0 for r in _log(a))  # the diversity hinge's spread, logged at every iteration
-        # the rates fall from iteration 1 to 0 at 4: the last update (iteration 3) ran at a third of them
-        assert all(ca["optimizers"][k]["param_groups"][0]["lr"] == cb["optimizers"][k]["param_groups"][0]["lr"]
-                   for k in NETS)
-        assert ca["optimizers"]["G"]["param_groups"][0]["lr"] == ca["config"]["lr_G"] * (1 - 2 / 3)
-        assert ca["optimizers"]["D"]["param_groups"][0]["lr"] == ca["config"]["lr_D"] * (1 - 2 / 3)
-        return
+    assert sum("R1" in r for r in _log(a)) == 2 and all(r["div"] > 0 for r in _log(a))
+    # the rates fall from iteration 1 to 0 at 4: the last update (iteration 3) ran at a third of them
+    for k, lr in (("G", "lr_G"), ("D", "lr_D")):
+        assert ca["optimizers"][k]["param_groups"][0]["lr"] == cb["optimizers"][k]["param_groups"][0]["lr"] \
+            == ca["config"][lr] * (1 - 2 / 3)
     # resuming on other data works, but says so (the checkpoint keeps the dataset's fingerprint)
     other = tmp_path / "other"
     shutil.copytree(demo, other)
     with open(other / "volumes.csv", "a") as f:
         f.write("\n")
-    p = run(*readme("python train.py config/train_demo.py --init_from=resume"), *args, f"--data_dir={other}",
-            f"--out={b}", "--max_iters=5")
-    assert p.returncode == 0 and "is not the dataset this checkpoint was trained on" in p.stdout, p.stderr
+    p = train(*args, f"--data_dir={other}", f"--out={b}", "--max_iters=5", "--init_from=resume", config=demo_config)
+    assert "is not the dataset this checkpoint was trained on" in p.stdout
 
 
 def test_lr_decay_reaches_zero_and_warns_past_its_end(demo, tmp_path):
-    # the rates fall from 1 at lr_decay_start to 0 at lr_decay_iters: from there on no network moves, which a
-    # run longer than the decay is told in one warning line
-    plain = TINY + [f"--data_dir={demo}"]
-    decay = plain + ["--lr_decay_start=0", "--lr_decay_iters=1"]
-    one = run("train.py", *decay, f"--out={tmp_path / 'one'}", "--max_iters=1")
-    two = run("train.py", *decay, f"--out={tmp_path / 'two'}", "--max_iters=2")
-    assert one.returncode == 0 and two.returncode == 0, two.stderr
-    assert "learn nothing" not in one.stdout
-    warn = [ln for ln in two.stdout.splitlines() if "learn nothing" in ln]
-    assert len(warn) == 1 and warn[0].startswith("warning:") and "iterations 1..2 learn nothing" in warn[0]
-    weights = lambda d: dict(load_checkpoint(tmp_path / d / "ckpt.pt", ema=False)[0].named_parameters())
-    a, b = weights("one"), weights("two")  # parameters only: spectral norm's power iteration moves on regardless
-    assert all(torch.equal(a[k], b[k]) for k in a)  # iteration 1 ran at rate 0
-    assert run("train.py", *plain, f"--out={tmp_path / 'plain'}", "--max_iters=2").returncode == 0
-    c = weights("plain")
-    assert not any(torch.equal(a[k], c[k]) for k in ("G.G_A.fc.weight", "D.D_L.convs.0.weight"))  # it learns
+    # the rates fall from 1 at lr_decay_start to 0 at lr_decay_iters: from there on no network moves, which a run
+    # longer than the decay is told in one warning line
+    p = train(f"--data_dir={demo}", f"--out={tmp_path}", "--lr_decay_start=0", "--lr_decay_iters=1", "--max_iters=2",
+              "--ckpt_interval=1")
+    warn = [ln for ln in p.stdout.splitlines() if ln.startswith("warning:") and "lr_decay_iters" in ln]
+    assert len(warn) == 1 and "1..2" in warn[0]
+    a, b = (dict(load_checkpoint(tmp_path / f, ema=False)[0].named_parameters()) for f in ("ckpt.prev.pt", "ckpt.pt"))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # iteration 2 ran at rate 0 (the power iteration moves regardless)
+    assert torch.load(tmp_path / "ckpt.prev.pt", weights_only=True)["optimizers"]["G"]["param_groups"][0]["lr"] == 1e-4
 
 
 def test_threads_setting_and_oversubscribed_warning(demo, tmp_path):
-    # --threads sets torch's CPU threads; more threads than cores is said in one warning line (issue 12)
     cores = len(os.sched_getaffinity(0))
-    p = run("train.py", *TINY, f"--data_dir={demo}", f"--out={tmp_path}", "--max_iters=0", f"--threads={cores + 1}")
-    assert p.returncode == 0, p.stderr
+    p = train(f"--data_dir={demo}", f"--out={tmp_path}", "--max_iters=0", f"--threads={cores + 1}")
     warn = [ln for ln in p.stdout.splitlines() if ln.startswith("warning: oversubscribed")]
     assert len(warn) == 1 and f"{cores} cores" in warn[0] and f"{cores + 1} threads" in warn[0], p.stdout
     assert json.load(open(tmp_path / "config.json"))["resolved"]["threads"] == cores + 1
 
 
 def test_bare_torchrun_two_ranks_hold_identical_weights(demo, tmp_path):
-    # the bare command of the README, `torchrun --nproc_per_node=2 train.py`, in a folder whose data/demo is
-    # the demo store: size from the store, gloo on CPU. Only the model's size and length are the test's own.
+    # the README's bare `torchrun --nproc_per_node=2 train.py`, in a folder whose data/demo is the demo store: the
+    # size from the store, gloo on CPU. Only the model's size and length are the test's own.
     os.makedirs(tmp_path / "data")
     os.symlink(demo, tmp_path / "data" / "demo")
     p = run(*readme("torchrun --nproc_per_node=2 train.py", {"train.py": os.path.join(ROOT, "train.py")}),
@@ -1471,58 +1447,44 @@ def test_bare_torchrun_two_ranks_hold_identical_weights(demo, tmp_path):
     sums = ck["rank_checksums"]
     own = sum(v.double().sum().item() for k, v in ck["model"].items() if not k.endswith((".u", ".sigma")))
     assert len(sums) == 2 and sums[0] == sums[1] and math.isclose(sums[0], own, rel_tol=1e-12)
-    assert ck["model_args"]["img_size"] == 32 and ck["config"]["img_size"] == 32
-    assert p.stdout.count("iter 3:") == 1  # rank 0 alone logs
+    assert ck["model_args"]["img_size"] == 32 and p.stdout.count("iter 3:") == 1  # rank 0 alone logs
     assert json.load(open(tmp_path / "out" / "config.json"))["resolved"]["world"] == 2
 
 
-def test_interrupted_and_damaged_checkpoints(trained, demo, tmp_path):
+def test_interrupted_damaged_and_nan(trained, demo, tmp_path):
     out = tmp_path / "o"
     shutil.copytree(trained, out)  # ckpt.pt at iteration 2, ckpt.prev.pt at 1
-    args = [f"--data_dir={demo}", f"--out={out}", "--ckpt_interval=1"] + TINY
+    args = [f"--data_dir={demo}", f"--out={out}", "--ckpt_interval=1", "--init_from=resume"]
     # a save killed mid-write leaves only a partial temp file: resume ignores it
     (out / "ckpt.pt.tmp").write_bytes((out / "ckpt.pt").read_bytes()[:1000])
-    assert run("train.py", *args + ["--max_iters=3", "--init_from=resume"]).returncode == 0
-    assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 3
-    assert torch.load(out / "ckpt.prev.pt", weights_only=True)["iter_num"] == 2
-    # a damaged ckpt.pt (cut short): one line, and training goes on from ckpt.prev.pt, which the next save
-    # keeps (it overwrites the damaged file instead of renaming it to ckpt.prev.pt)
+    train(*args, "--max_iters=3")
+    iters = lambda: [torch.load(out / f, weights_only=True)["iter_num"] for f in ("ckpt.pt", "ckpt.prev.pt")]
+    assert iters() == [3, 2]
+    # a damaged ckpt.pt: one warning line, and training goes on from ckpt.prev.pt, which the next save keeps
     (out / "ckpt.pt").write_bytes((out / "ckpt.pt").read_bytes()[:5000])
-    p = run("train.py", *args + ["--max_iters=3", "--init_from=resume"])
-    assert p.returncode == 0, p.stderr
+    p = train(*args, "--max_iters=3")
     warn = [ln for ln in p.stdout.splitlines() if ln.startswith("warning: ") and "ckpt" in ln]
-    assert len(warn) == 1 and f"{out / 'ckpt.pt'}: unreadable checkpoint: truncated" in warn[0]
-    assert f"resuming from {out / 'ckpt.prev.pt'} (iteration 2)" in warn[0]
-    assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 3
-    assert torch.load(out / "ckpt.prev.pt", weights_only=True)["iter_num"] == 2
+    assert len(warn) == 1 and str(out / "ckpt.pt") in warn[0] and f"resuming from {out / 'ckpt.prev.pt'}" in warn[0]
+    assert iters() == [3, 2]
     # SIGTERM (a pre-emption) finishes the iteration, saves and exits cleanly
-    proc = subprocess.Popen([sys.executable, "train.py", *args, "--max_iters=100000", "--init_from=resume"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
-    while True:
-        line = proc.stdout.readline()
-        if line.startswith("iter 5:") or not line:
-            break
+    proc = subprocess.Popen([sys.executable, "train.py", *TINY, *args, "--max_iters=100000"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    while (line := proc.stdout.readline()) and not line.startswith("iter 5:"):
+        pass
     proc.send_signal(signal.SIGTERM)
     stdout, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0 and "stopped by SIGTERM" in stdout
     it = torch.load(out / "ckpt.pt", weights_only=True)["iter_num"]
-    assert it >= 5 and f"saved {out / 'ckpt.pt'} at iteration {it}" in stdout
-
-
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(demo, tmp_path):
+    assert proc.returncode == 0 and "stopped by SIGTERM" in stdout and it >= 5 and f"at iteration {it}" in stdout
+    # a store gone bad (every loss that reads real data turns NaN): stop at once, keep the last good checkpoint
     data = tmp_path / "nan"
-    shutil.copytree(demo, data)
-    out = tmp_path / "o"
-    args = [f"--data_dir={data}", f"--out={out}"] + TINY
-    assert run("train.py", *args + ["--max_iters=2"]).returncode == 0
+    shutil.copytree(demo, data, ignore=shutil.ignore_patterns("raw"))
     hires = np.load(data / "hires.npy", mmap_mode="r+")
-    hires[:] = np.nan  # a corrupted store: every loss that reads real data turns NaN
+    hires[:] = np.nan
     hires.flush()
     del hires
-    p = run("train.py", *args + ["--max_iters=4", "--init_from=resume"])
-    assert p.returncode == 1 and "non-finite loss at iteration 3" in p.stdout
-    assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 2
+    p = inproc("train.py", *TINY, *args[1:], f"--data_dir={data}", f"--max_iters={it + 2}")
+    assert p.returncode == 1 and f"non-finite loss at iteration {it + 1}" in p.stdout
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == it
 
 
 # -----------------------------------------------------------------------------
@@ -2330,44 +2292,33 @@ def _vanished_store(d, fx):
     os.remove(d / "store" / "hires.npy")  # as if deleted after the folder was opened
 
 
-FAULTS = [  # (case, command, what its one line must say, setup(d, fx) or None)
-    # train.py: defaults, data, devices
-    ("train-unknown-key", "train.py --max_iter=5", ["unknown config key 'max_iter'"], None),
-    ("train-no-store", TRAIN + " --data_dir={d}/nothing --out={d}/o", ["{d}/nothing: no prepared dataset",
-                                                                       "prepare.py"], None),
-    ("train-img-size-disagrees", TRAIN + " --out={d}/o --img_size=64",
-     ["{demo} holds 32x32x32 volumes but the model is 64x64x64", "--img_size=32"], None),
-    ("train-torchrun-says-it-once", "-m torch.distributed.run --nproc_per_node=2 "
-     + TRAIN + " --out={d}/o --img_size=64",
-     ["{demo} holds 32x32x32 volumes but the model is 64x64x64"], None),
-    ("train-classes", TRAIN + " --out={d}/o --num_classes=3", ["{demo} has 5 classes but num_classes=3"], None),
-    ("train-num-slabs", TRAIN + " --out={d}/o --num_slabs=3", ["num_slabs=3 must divide"], None),
-    ("train-div-one-volume", TRAIN + " --out={d}/o --lambda_div=1 --batch_size=2 --grad_accum=2",
-     ["lambda_div needs 2 or more volumes per micro-batch, not 1"], None),
-    ("train-enc-interval-zero", TRAIN + " --out={d}/o --enc_interval=0", ["enc_interval=0: use 1"], None),
+FAULTS = [  # (case, command, the names its one line must hold (the key or file at fault), setup(d, fx) or None)
+    # train.py: settings, data, devices
+    ("train-unknown-key", "train.py --max_iter=5", ["'max_iter'"], None),
+    ("train-no-store", TRAIN + " --data_dir={d}/nothing --out={d}/o", ["{d}/nothing", "prepare.py"], None),
+    ("train-img-size-disagrees", TRAIN + " --out={d}/o --img_size=64", ["{demo}", "32x32x32", "--img_size=32"], None),
+    ("train-torchrun-says-it-once", "-m torch.distributed.run --nproc_per_node=2 " + TRAIN + " --out={d}/o --img_size=64",
+     ["{demo}", "32x32x32"], None),
+    ("train-classes", TRAIN + " --out={d}/o --num_classes=3", ["{demo}", "num_classes=3"], None),
+    ("train-num-slabs", TRAIN + " --out={d}/o --num_slabs=3", ["num_slabs=3"], None),
+    ("train-div-one-volume", TRAIN + " --out={d}/o --lambda_div=1 --batch_size=2 --grad_accum=2", ["lambda_div"], None),
+    ("train-enc-interval-zero", TRAIN + " --out={d}/o --enc_interval=0", ["enc_interval=0"], None),
     ("train-lr-decay-backwards", TRAIN + " --out={d}/o --lr_decay_start=8 --lr_decay_iters=4",
-     ["lr_decay_start=8, lr_decay_iters=4: the decay must start"], None),
-    ("train-log-interval-zero", TRAIN + " --out={d}/o --log_interval=0", ["log_interval=0 must be >= 1"], None),
-    ("train-out-unwritable", TRAIN + " --out={d}/file/out", ["{d}/file/out: cannot write there"],
-     lambda d, fx: (d / "file").write_text("")),
-    ("train-cuda-on-cpu-torch", TRAIN + " --out={d}/o --device=cuda:99", ["--device=cuda:99", "--device=cpu"], None),
+     ["lr_decay_start=8", "lr_decay_iters=4"], None),
+    ("train-log-interval-zero", TRAIN + " --out={d}/o --log_interval=0", ["log_interval=0"], None),
+    ("train-grad-accum-zero", TRAIN + " --out={d}/o --grad_accum=0", ["grad_accum"], None),
+    ("train-threads-negative", TRAIN + " --out={d}/o --threads=-1", ["threads=-1"], None),
+    ("train-class-window", "train.py config/train_demo_conditional.py {tiny} --data_dir={demo} --out={d}/o "
+     "--class_window=-800", ["--class_window="], None),
+    ("train-out-unwritable", TRAIN + " --out={d}/file/out", ["{d}/file/out"], lambda d, fx: (d / "file").write_text("")),
+    ("train-cuda-on-cpu-torch", TRAIN + " --out={d}/o --device=cuda:99", ["--device=cuda:99"], None),
     # train.py: resume, and a full disk
-    ("train-resume-ckpt-truncated", RESUME + " --max_iters=4", ["{run}/ckpt.pt: unreadable checkpoint: truncated",
-                                                                "no intact checkpoint", "--init_from=scratch"],
-     _damage("cut")),
-    ("train-resume-both-damaged", RESUME + " --max_iters=4",
-     ["{run}/ckpt.pt: unreadable checkpoint: an empty file", "{run}/ckpt.prev.pt: unreadable checkpoint: truncated",
-      "no intact checkpoint"], _damage(b"", b"PK\x03\x04junk")),
-    ("train-resume-other-architecture", RESUME + " --max_iters=4 --width=0.25 --latent_dim=8",
-     ["{run}/ckpt.pt was trained with other architecture settings", "width=0.25 (checkpoint: 0.125)",
-      "latent_dim=8 (checkpoint: 16)"], None),
-    ("train-resume-other-small-data-architecture", RESUME + " --max_iters=4 --slab_context=True --mbstd_group=2",
-     ["{run}/ckpt.pt was trained with other architecture settings", "slab_context=True (checkpoint: False)",
-      "mbstd_group=2 (checkpoint: 0)"], None),
-    ("train-threads-negative", TRAIN + " --out={d}/o --threads=-1", ["threads=-1: use 0"], None),
-    ("train-disk-full-checkpoint", RESUME + " --max_iters=3",
-     ["{run}/ckpt.pt: cannot write the checkpoint of iteration 3 (No space left on device)",
-      "{run}/ckpt.pt (iteration 2) is intact"],
+    ("train-resume-ckpt-truncated", RESUME + " --max_iters=4", ["{run}/ckpt.pt", "--init_from=scratch"], _damage("cut")),
+    ("train-resume-both-damaged", RESUME + " --max_iters=4", ["{run}/ckpt.pt", "{run}/ckpt.prev.pt"],
+     _damage(b"", b"PK\x03\x04junk")),
+    ("train-resume-other-architecture", RESUME + " --max_iters=4 --width=0.25 --latent_dim=8 --slab_context=True",
+     ["{run}/ckpt.pt", "width=0.25", "latent_dim=8", "slab_context=True"], None),
+    ("train-disk-full-checkpoint", RESUME + " --max_iters=3", ["{run}/ckpt.pt", "iteration 2"],
      lambda d, fx: os.symlink("/dev/full", fx["run"] / "ckpt.pt.tmp")),  # a write there fails with ENOSPC
     # prepare.py: arguments, labels.csv, inputs, the output folder
     ("prepare-unknown-key", "prepare.py --bogus=1", ["unknown config key 'bogus'"], None),
@@ -2436,10 +2387,10 @@ def _files(d):
 
 @pytest.fixture(scope="module")
 def faults(request, demo, ckpts, trained, tmp_path_factory):
-    """Every selected case's (CompletedProcess, files before, case folder): set up in turn, then run two at a
-    time (each process uses one thread), so that the table costs half its sum on two cores."""
+    """Every selected case's (CompletedProcess, files before, case folder), each set up and run in turn: in this
+    process, or in a fresh one for torchrun and for a file-size limit (RLIMIT_FSIZE)."""
     wanted = {it.callspec.params["case"] for it in request.session.items if it.originalname == "test_fault"}
-    jobs = {}
+    res = {}
     for case, cmd, _, setup in FAULTS:
         if case not in wanted:
             continue
@@ -2451,13 +2402,10 @@ def faults(request, demo, ckpts, trained, tmp_path_factory):
             setup(d, fx)
         args = cmd.format(d=d, demo=demo, run=d / "run", ckpt=ckpts["ckpt"], raw=os.path.join(demo, "raw"),
                           tiny=" ".join(TINY)).split()
-        jobs[case] = (args, _files(d), d)
-    # RLIMIT_FSIZE is set between fork and exec: only while no other thread runs
-    res = {c: run(*jobs[c][0], fsize=FSIZE[c]) for c in jobs if c in FSIZE}
-    with ThreadPoolExecutor(2) as pool:
-        res |= dict(zip([c for c in jobs if c not in FSIZE],
-                        pool.map(lambda c: run(*jobs[c][0]), [c for c in jobs if c not in FSIZE])))
-    return {c: (res[c], *jobs[c][1:]) for c in jobs}
+        before = _files(d)
+        fresh = args[0] == "-m" or case in FSIZE
+        res[case] = (run(*args, fsize=FSIZE.get(case, 0)) if fresh else inproc(*args), before, d)
+    return res
 
 
 @pytest.mark.parametrize("case", [f[0] for f in FAULTS])
