@@ -1,19 +1,15 @@
 """
-HA-GAN's networks and losses, one file. Hierarchical Amortized GAN (Sun et al., IEEE JBHI 2022,
+HA-GAN's networks and losses. Hierarchical Amortized GAN (Sun et al., IEEE JBHI 2022,
 https://ieeexplore.ieee.org/document/9770375); names follow the paper (Table I):
 
-    G^A  G.G_A   z[, c] -> A, 64 channels on the (S/4)^3 grid
-    G^L  G.G_L   A -> low-res volume X^L on the same grid
-    G^H  G.G_H   a slab of A -> high-res slab; all of A -> the whole S^3 volume (inference)
-    D^H  D.D_H   (high-res slab, its start r) -> logit
-    D^L  D.D_L   low-res volume -> logit
-    E^H  E_H     high-res slab -> its slice of A-hat
-    E^G  E_G     A-hat (every slab's, concatenated) -> Z-hat
+    G^A  G.G_A   z[, c] -> A, 64 channels on the (S/4)^3 grid      D^H  D.D_H   (high-res slab, its start r) -> logit
+    G^L  G.G_L   A -> low-res volume X^L on the same grid         D^L  D.D_L   low-res volume -> logit
+    G^H  G.G_H   a slab of A -> high-res slab; all of A -> S^3    E^H  E_H     high-res slab -> its slice of A-hat
+                                                                  E^G  E_G     A-hat (every slab's) -> Z-hat
 
 The official code (github.com/batmanlab/HA-GAN) calls these Generator (G^A + G^H, sub_G = G^L), Discriminator
 (D^H, sub_D = D^L), Encoder (E^H) and Sub_Encoder (E^G). At width 1 our modules have its layers, so its
-checkpoints load (HAGAN.from_official) and generate the same volumes. The same rule builds S = 32..512 and
-non-cubic (D, H, W) volumes; `num_slabs` (the paper's 8) cuts the depth axis into the training slabs.
+checkpoints load (HAGAN.from_official). The same rule builds S = 32..512 and non-cubic (D, H, W) volumes.
 """
 
 import hashlib
@@ -158,11 +154,15 @@ def _sn_weight(m):
     return m.weight / sigma.to(m.weight.dtype)
 
 
+def _sn_buffers(m, n_out):  # the power iteration's vector, and sigma for logging (the official u0, sv0)
+    m.register_buffer("u", F.normalize(torch.randn(1, n_out), dim=1))
+    m.register_buffer("sigma", torch.ones(1))
+
+
 class SNConv3d(nn.Conv3d):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.register_buffer("u", F.normalize(torch.randn(1, self.out_channels), dim=1))
-        self.register_buffer("sigma", torch.ones(1))  # for logging, like the official sv0
+        _sn_buffers(self, self.out_channels)
 
     def forward(self, x):
         return self._conv_forward(x, _sn_weight(self), self.bias)
@@ -171,8 +171,7 @@ class SNConv3d(nn.Conv3d):
 class SNLinear(nn.Linear):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.register_buffer("u", F.normalize(torch.randn(1, self.out_features), dim=1))
-        self.register_buffer("sigma", torch.ones(1))
+        _sn_buffers(self, self.out_features)
 
     def forward(self, x):
         return F.linear(x, _sn_weight(self), self.bias)
