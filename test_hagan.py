@@ -2076,9 +2076,10 @@ def test_ev_merlin_input_maps_hu_and_orientation():
     # resampling: shrinking averages (area), growing interpolates; a constant volume stays constant
     c = ev.to_merlin_input(torch.zeros(2, 1, 8, 8, 8), win, (4, 4, 16))
     assert c.shape == (2, 1, 4, 4, 16) and torch.allclose(c, torch.full_like(c, (-212.0 + 1000) / 1200))
-    assert ev.parse_merlin_size("96,96,64") == (96, 96, 64) and ev.parse_merlin_size("64") == (64, 64, 64)
-    with pytest.raises(SystemExit, match="merlin_size"):
-        ev.parse_merlin_size("96,96")
+    size = lambda s: ev._check_settings(dict(ev.config, merlin_size=s, device="cpu"))[1]
+    assert size("96,96,64") == (96, 96, 64) and size("64") == (64, 64, 64)
+    with pytest.raises(SystemExit, match="^error: --merlin_size"):
+        size("96,96")
 
 
 def test_ev_domain_metrics_known_answers():
@@ -2144,7 +2145,7 @@ def test_ev_real_features_cache_reused_only_for_the_same_store_weights_and_input
     def real(c=c):
         ds = VolumeDataset(str(data), split="all")
         trunk, info = ev.feature_net(str(wfile))
-        net = ev.MerlinFeatures(trunk, ds.meta["window"], ev.parse_merlin_size(c["merlin_size"]))
+        net = ev.MerlinFeatures(trunk, ds.meta["window"], tuple(map(int, c["merlin_size"].split(","))))
         return ev.real_features_cached(ds, net, info, c, "cpu")
 
     f0, s0, hit = real()
@@ -2256,8 +2257,8 @@ def test_ev_bench_losses_are_model_pys():
 
 def test_ev_bench_oom_is_a_cell_not_a_crash():
     # a 1 GiB address-space cap cannot hold torch plus a full-size model: the cell must say so
-    r = ev._run_cell(32, "hagan", dict(ev.config, bench_seconds=0.0, warmup=1, mem_limit_gb=1.0, device="cpu"))
-    assert r.get("oom") and ev._mem(r) == "out of memory"
+    r = ev._run_cell(32, "hagan", dict(ev.bench_config, bench_seconds=0.0, warmup=1, mem_limit_gb=1.0, device="cpu"))
+    assert r.get("oom") and ev._cell(r, "peak_mem_mib") == "out of memory"
 
 
 # -----------------------------------------------------------------------------
