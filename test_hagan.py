@@ -1757,16 +1757,6 @@ def test_encode_bad_input_writes_nothing(ckpts, tmp_path):
 # eval.py
 
 
-@pytest.fixture
-def one_thread():
-    """One torch thread in this process for the test, as run() gives each script: on a 2-core machine shared
-    with other jobs, two threads run several times slower than one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _ev_feats(n=300, d=12, seed=0):
     g = np.random.default_rng(seed)
     A = g.standard_normal((d, d)) / np.sqrt(d)
@@ -1809,7 +1799,7 @@ def test_ev_sqrtm_and_fid_agree_with_scipy():
     assert np.isfinite(ev.frechet_distance(a, b)) and ev.frechet_distance(a, b) > 0
 
 
-def test_ev_precision_recall_and_ms_ssim(one_thread):
+def test_ev_precision_recall_and_ms_ssim():
     x = _ev_feats(100, 8)
     assert ev.precision_recall(x, x, k=3) == (1.0, 1.0)
     assert ev.precision_recall(x, x + 100.0, k=3) == (0.0, 0.0)
@@ -1865,7 +1855,7 @@ def _ev_med3d_state_dict(depth):
 
 
 @pytest.mark.parametrize("depth", [10, 50])
-def test_ev_med3d_weights_load(tmp_path, depth, one_thread):
+def test_ev_med3d_weights_load(tmp_path, depth):
     sd = _ev_med3d_state_dict(depth)
     path = tmp_path / f"resnet_{depth}.pth"
     torch.save({"state_dict": sd, "epoch": 20}, path)
@@ -1886,7 +1876,7 @@ def test_ev_med3d_weights_load(tmp_path, depth, one_thread):
     assert "\n" not in str(e.value)
 
 
-def test_ev_random_features_fixed_seed_and_labelled(one_thread):
+def test_ev_random_features_fixed_seed_and_labelled():
     a, ia = ev.feature_net("", depth=10, seed=0)
     b, _ = ev.feature_net("", depth=10, seed=0)
     x = torch.rand(1, 1, 32, 32, 32) * 2 - 1
@@ -1966,7 +1956,7 @@ def _i3_files(tmp_path, sd):
     return ext, merlin, bare
 
 
-def test_ev_merlin_trunk_files_load_strictly_and_match_the_reference_forward(tmp_path, one_thread):
+def test_ev_merlin_trunk_files_load_strictly_and_match_the_reference_forward(tmp_path):
     sd = _i3_state_dict()
     ext, merlin, bare = _i3_files(tmp_path, sd)
     x = torch.rand(2, 1, 32, 32, 16)  # (B,1,X,Y,Z), Merlin's input
@@ -1993,7 +1983,7 @@ def test_ev_merlin_trunk_files_load_strictly_and_match_the_reference_forward(tmp
             assert F.cosine_similarity(f, ref).min() > 0.99
 
 
-def test_ev_feature_files_of_the_wrong_kind_fail_in_one_line(ckpts, tmp_path, capsys, one_thread):
+def test_ev_feature_files_of_the_wrong_kind_fail_in_one_line(ckpts, tmp_path, capsys):
     sd = _i3_state_dict()
 
     def err(obj, name="f.pt"):  # refused in one line that starts with the file's path
@@ -2074,7 +2064,7 @@ def test_ev_domain_metrics_known_answers():
     assert vml == pytest.approx(4 * 10 * 5 * 2 / 1000) and pct == pytest.approx(100 * 40 / 200)
 
 
-def test_ev_quality_end_to_end(demo, tmp_path, one_thread):
+def test_ev_quality_end_to_end(demo, tmp_path):
     data = demo
     ckpt = tiny_ckpt(tmp_path / "ckpt.pt", {})  # trained on every fold but 1, says its config
     cache = f"--feature_cache={tmp_path / 'cache'}"  # not the repository's out/; the second run reads the real set
@@ -2107,7 +2097,7 @@ def test_ev_quality_end_to_end(demo, tmp_path, one_thread):
     assert r["ms_ssim"] > 0 and 0 <= r["precision_floor"] <= 1
 
 
-def test_ev_real_features_cache_reused_only_for_the_same_store_weights_and_input(demo, tmp_path, one_thread):
+def test_ev_real_features_cache_reused_only_for_the_same_store_weights_and_input(demo, tmp_path):
     data = tmp_path / "demo"
     shutil.copytree(demo, data, ignore=shutil.ignore_patterns("raw"))  # a copy (the store alone): this test changes it
     wfile, _, _ = _i3_files(tmp_path, _i3_state_dict())
@@ -2145,7 +2135,7 @@ def test_ev_real_features_cache_reused_only_for_the_same_store_weights_and_input
     assert not hit and torch.equal(f0, f3) and real()[2]
 
 
-def test_ev_quality_end_to_end_in_merlin_space(demo, tmp_path, monkeypatch, one_thread):
+def test_ev_quality_end_to_end_in_merlin_space(demo, tmp_path, monkeypatch):
     # FID of 2048-d features costs two 2048^2 eigendecompositions (seconds to a minute on 2 busy cores); its
     # values are tested above, so this test of the labels, the input mapping and the cache uses a stand-in
     monkeypatch.setattr(ev, "frechet_distance", lambda a, b: float(((a.mean(0) - b.mean(0)) ** 2).sum()))
@@ -2212,7 +2202,7 @@ def test_ev_bench_s32_complete_table(tmp_path):
     assert "| 32^3 |" in p.stdout
 
 
-def test_ev_bench_losses_are_model_pys(one_thread):
+def test_ev_bench_losses_are_model_pys():
     # the cost table's iterations call model.py's losses, so a changed loss changes what is benchmarked
     m = tiny(32)
     opts = m.configure_optimizers()
