@@ -1,12 +1,10 @@
 """
-Scans -> the memory-mapped training store, and the store's reader (VolumeDataset). One file.
+Scans -> the memory-mapped training store, and the store's reader VolumeDataset; also the output writers.
 
-HA-GAN (Sun et al., IEEE JBHI 2022, https://arxiv.org/abs/2008.01910) trains on B random scans per
-iteration: their whole low-res (D/4 x H/4 x W/4) volumes, one high-res slab of each, and for E^G's
-update (eq. 7) their whole high-res volumes. We turn every scan into that form once, here: reoriented,
-windowed to [-1, 1], trimmed, resampled with anti-aliasing, and stored with its 4x4x4 block means in
-two float16 .npy memory maps. Reading a batch is then a memcpy (the official code loads a 128 MiB
-float64 file per scan per iteration and downsamples it on the GPU).
+HA-GAN (Sun et al., IEEE JBHI 2022, https://arxiv.org/abs/2008.01910) trains on whole low-res volumes, one
+high-res slab of each, and (for E^G, eq. 7) whole high-res volumes. Every scan is turned into that form once,
+here: reoriented, windowed to [-1, 1], trimmed, resampled with anti-aliasing, and stored with its 4x4x4 block
+means in two float16 .npy memory maps, so that reading a batch is a memcpy.
 
 Prepare scans (NIfTI, MGH/MGZ, MINC1, Analyze, AFNI, PAR/REC, or .npy; folders, globs or a .txt list):
     python prepare.py --input=scans/ --out=data/copd --img_size=256 --modality=ct --labels=labels.csv --workers=2
@@ -20,10 +18,8 @@ The store (N = number of inputs; rows of skipped inputs are holes in sparse file
     lowres.npy   [N, D/4, H/4, W/4]    float16, 4x4x4 block means of hires (anti-aliased, not nearest)
     volumes.csv  one row per input: index, id, source, status, reason, geometry, window, labels, fold
     meta.json    img_size, modality, window, spacing, affine, orientation, labels, complete
-Sizes: 256^3 -> 32 MiB + 0.5 MiB per volume (the official float64 .npy: 128 MiB); 64^3 -> 520 KiB.
 
 Reading it (train.py, encode.py, eval.py):
-    from prepare import VolumeDataset
     ds = VolumeDataset("data/demo", split="train", fold=0)
     x, x_low, labels = ds.get_batch(4, device=device, generator=g)  # (B,1,D,H,W), (B,1,D/4,H/4,W/4), (B,)
     x, x_low, labels = ds.get_batch(4, slab_range(r, D, num_slabs), device, g)  # one slab: (B,1,D/num_slabs,H,W)
@@ -48,7 +44,6 @@ import torch
 import torch.nn.functional as F
 
 from configurator import fail, override
-
 
 # -----------------------------------------------------------------------------
 config = dict(
@@ -76,10 +71,15 @@ STORE_FILES = ("hires.npy", "lowres.npy")  # a store's own arrays: never read ba
 MIN_SLICES = 8  # fewer voxels than this along an axis (after trimming blank slices) is not a scan
 MAX_SATURATED = 0.5  # more than this share of voxels above the window's high end: not in the window's units
 DICOM_HINT = "convert each DICOM series to NIfTI first, e.g. dcm2niix -z y -o nifti/ {src}, then --input=nifti/"
+MISSING = ("", "na", "n/a", "nan", "none", "null", "-")  # empty labels.csv cells, as spreadsheets write them
+# volumes.csv. orig_*: the source grid after reorientation to our axis order (same world coordinates as the
+# file); out_affine: stored voxel -> RAS+ mm of this volume (first 3 rows, row-major)
+CSV_FIELDS = ["index", "id", "source", "status", "reason", "orig_shape", "orig_spacing", "orig_axcodes", "orig_affine",
+              "window_lo", "window_hi", "trimmed", "nonfinite", "out_spacing", "out_affine"]
 
 
 # -----------------------------------------------------------------------------
-# intensities
+# intensities and sizes
 
 
 def to_unit(x, window):
@@ -91,7 +91,7 @@ def to_unit(x, window):
 
 
 def from_unit(x, window):
-    """[-1, 1] -> source units; the inverse of to_unit inside the window (sample.py writes HU with it)."""
+    """[-1, 1] -> source units: the inverse of to_unit inside the window."""
     lo, hi = float(window[0]), float(window[1])
     return (x + 1.0) * ((hi - lo) / 2.0) + lo
 
@@ -110,8 +110,8 @@ def parse_window(s):
 
 
 def parse_size(s):
-    """256 / '256' / '160,256,256' / (D,H,W) -> (D, H, W), each a multiple of 32 from 32 to 512 (the sizes
-    model.py builds). A one-line ValueError otherwise."""
+    """256 / '256' / '160,256,256' / (D,H,W) -> (D, H, W), each a multiple of 32 from 32 to 512 (what model.py
+    builds). A one-line ValueError otherwise."""
     try:
         size = tuple(int(v) for v in (s if isinstance(s, (tuple, list)) else str(s).split(",")))
     except ValueError:
@@ -148,12 +148,9 @@ def canonical_affine(spacing, shape):
 
 
 def load_volume(path, first_volume=False):
-    """
-    Read one scan -> (float32 array [D,H,W] in our stored orientation, 4x4 affine of that array, spacing (3,) mm).
-    Stored orientation: axis 0 inferior->superior, axis 1 anterior->posterior, axis 2 right->left (axcodes S,P,L).
-    .npy arrays have no geometry: we take them as already in that orientation with 1 mm voxels.
-    Bad input raises ValueError('<path>: <reason>').
-    """
+    """One scan -> (float32 [D,H,W] in the stored orientation, its 4x4 affine, spacing (3,) mm). Stored: axis 0
+    inferior->superior, 1 anterior->posterior, 2 right->left (S,P,L); .npy arrays have no geometry, so they are
+    taken as already in it with 1 mm voxels. Bad input raises ValueError('<path>: <reason>')."""
     path = str(path)
     if path.lower().endswith(".npy"):
         try:
@@ -161,11 +158,7 @@ def load_volume(path, first_volume=False):
         except Exception as e:
             raise ValueError(f"{path}: unreadable .npy ({type(e).__name__}: {e})") from None
         affine = canonical_affine((1, 1, 1), data.shape[:3]) if data.ndim >= 3 else np.eye(4)
-        data = _squeeze_to_3d(path, data, first_volume)
-        try:
-            vol = np.array(data, dtype=np.float32)  # a copy: reads the file, detaches from the map
-        except Exception as e:
-            raise ValueError(f"{path}: unreadable or truncated ({type(e).__name__}: {e})") from None
+        vol = _read_3d(path, data, first_volume, copy=True)  # a copy: reads the file, detaches from the map
         return np.ascontiguousarray(vol), affine, np.ones(3)
     try:
         img = nib.load(path, mmap=False)  # we copy to float32 anyway; a memmap would only pin the file
@@ -177,13 +170,7 @@ def load_volume(path, first_volume=False):
         raise ValueError(f"{path}: not an image nibabel can read ({type(e).__name__}: {e})") from None
     if not hasattr(img, "dataobj") or getattr(img, "affine", None) is None:
         raise ValueError(f"{path}: {type(img).__name__} has no voxel array with an affine")
-    try:
-        data = _squeeze_to_3d(path, img.dataobj, first_volume)  # 4D: reads only the first volume
-        vol = np.asarray(data, dtype=np.float32)
-    except ValueError:
-        raise
-    except Exception as e:  # truncated gzip, short file, corrupt header...
-        raise ValueError(f"{path}: unreadable or truncated ({type(e).__name__}: {e})") from None
+    vol = _read_3d(path, img.dataobj, first_volume)  # 4D: reads only the first volume
     affine = np.asarray(img.affine, dtype=np.float64)
     sp = np.sqrt((affine[:3, :3] ** 2).sum(0)) if np.all(np.isfinite(affine)) else np.zeros(3)
     # relative to the voxel size, so that a fine grid (microscopy, 1e-3 mm) is not taken for a flat one
@@ -194,69 +181,73 @@ def load_volume(path, first_volume=False):
     ornt = nib.orientations.io_orientation(affine)
     xform = nib.orientations.ornt_transform(ornt, nib.orientations.axcodes2ornt(ORIENTATION))
     vol = nib.orientations.apply_orientation(vol, xform)
-    affine = affine @ nib.orientations.inv_ornt_aff(xform, data.shape[:3])
+    affine = affine @ nib.orientations.inv_ornt_aff(xform, img.dataobj.shape[:3])
     spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
     vol = np.ascontiguousarray(vol)
     return (vol if vol.flags.writeable else vol.copy()), affine, spacing
 
 
-def _squeeze_to_3d(path, data, first_volume):
+def _read_3d(path, data, first_volume, copy=False):
+    """An array or nibabel proxy -> float32 3D array; a 4D series only with first_volume (its first volume)."""
     shape = tuple(int(v) for v in data.shape)
     if len(shape) < 3 or min(shape[:3]) < 2:
         raise ValueError(f"{path}: 2D image (shape {'x'.join(map(str, shape))}), need a 3D volume")
     extra = shape[3:]
-    if any(v > 1 for v in extra):
-        if not first_volume or len([v for v in extra if v > 1]) > 1:
-            raise ValueError(f"{path}: {len(shape)}D series of shape {'x'.join(map(str, shape))} "
-                             f"(use --first_volume to take its first volume)")
-    return data[(slice(None),) * 3 + (0,) * len(extra)] if extra else data
+    if any(v > 1 for v in extra) and (not first_volume or len([v for v in extra if v > 1]) > 1):
+        raise ValueError(f"{path}: {len(shape)}D series of shape {'x'.join(map(str, shape))} "
+                         f"(use --first_volume to take its first volume)")
+    try:
+        data = data[(slice(None),) * 3 + (0,) * len(extra)] if extra else data
+        return np.array(data, dtype=np.float32) if copy else np.asarray(data, dtype=np.float32)
+    except Exception as e:  # truncated gzip, short file, corrupt header...
+        raise ValueError(f"{path}: unreadable or truncated ({type(e).__name__}: {e})") from None
 
 
 # -----------------------------------------------------------------------------
 # mapping one volume to the stored grid
 
 
-def _resample_axis0(x, T, step, bg):
-    """
-    Resample x (torch float32, contiguous) along axis 0 to T samples; output o sits at input coordinate
-    (o - (T-1)/2) * step + (n-1)/2 (centres aligned). Triangle filter widened by step when shrinking,
-    so downsampling is anti-aliased (like PIL's / torch's antialias=True); linear when enlarging.
-    Outputs whose centre falls outside the input get the background value bg.
-    """
-    n = x.shape[0]
-    if T == n and abs(step - 1.0) < 1e-9:
-        return x
-    support = max(step, 1.0)
-    c = (torch.arange(T, dtype=torch.float64) - (T - 1) / 2) * step + (n - 1) / 2  # (T,)
-    K = int(math.ceil(2 * support)) + 1
-    idx = torch.floor(c - support).long()[:, None] + 1 + torch.arange(K)  # (T,K) taps
-    w = (1 - (idx - c[:, None]).abs() / support).clamp_(min=0)
-    w = w / w.sum(1, keepdim=True)
-    idx = idx.clamp_(0, n - 1)  # edge replicate
-    out = torch.empty((T,) + tuple(x.shape[1:]), dtype=x.dtype)
-    # one whole (H,W) plane per multiply-add: contiguous, in cache, no temporaries. That is why the
-    # caller rotates the axes to bring each one first, rather than indexing along the other two.
-    for o in range(T):
-        if c[o] < -0.5 or c[o] > n - 0.5:
-            out[o] = bg
-            continue
-        taps = [(int(i), float(wk)) for i, wk in zip(idx[o], w[o]) if wk > 0]
-        torch.mul(x[taps[0][0]], taps[0][1], out=out[o])
-        for i, wk in taps[1:]:
-            out[o].add_(x[i], alpha=wk)
-    return out
-
-
 def prepare_array(vol, spacing, img_size, modality="ct", window=None, out_spacing=-1.0, stretch=False,
                   affine=None):
-    """
-    One raw volume (float32 [D0,H0,W0], stored orientation, source units) -> (hires float32 [D,H,W] in [-1,1], info).
-    Steps (paper Sec. IV-A, plus what real data needs): NaN/inf -> background, intensity window -> [-1,1],
-    trim blank axial slices at both ends, resample to img_size keeping the physical aspect ratio
-    (background padding; or out_spacing mm isotropic then centre crop/pad; or stretch to the box).
-    info: window used, slices trimmed, output spacing and affine, non-finite count. Raises ValueError(reason).
-    """
-    D, H, W = parse_size(img_size)
+    """One raw volume (float32 [D0,H0,W0], stored orientation, source units) -> (hires float32 [D,H,W] in [-1,1],
+    info: window used, slices trimmed, output spacing and affine, non-finite count). Raises ValueError(reason).
+    Paper Sec. IV-A, plus what real data needs: window, trim blank axial slices, resample to img_size keeping
+    the physical aspect ratio (background padding; or out_spacing mm isotropic, centre crop/pad; or stretch)."""
+    T = parse_size(img_size)
+    u, window, (t0, t1), n_bad = _window_and_trim(vol, modality, window)
+    n = u.shape
+    sp = np.asarray(spacing, dtype=np.float64)
+    if sp.shape != (3,) or not np.all(sp > 0):
+        raise ValueError(f"bad voxel spacing {spacing}")
+    if stretch:
+        step = [n[a] / T[a] for a in range(3)]
+    else:
+        s = out_spacing if out_spacing > 0 else max(n[a] * sp[a] / T[a] for a in range(3))
+        step = [s / sp[a] for a in range(3)]
+        fill = [n[a] / step[a] for a in range(3)]  # stored voxels the scan spans along each axis
+        a = int(np.argmin([fill[k] / T[k] for k in range(3)]))
+        if fill[a] < T[a] / 8:
+            fov = " x ".join(f"{n[k] * sp[k]:.0f}" for k in range(3))
+            raise ValueError(f"extreme shape: a field of view of {fov} mm fills only {fill[a]:.1f} of the {T[a]} "
+                             f"stored voxels along axis {a} (under 1/8); not a volume to learn from "
+                             f"(--stretch resizes it anyway)")
+    u = u.contiguous()
+    for a in range(3):  # resample axis 0, then rotate (D,H,W) -> (H,W,D): each axis comes first once
+        u = _resample_axis0(u, T[a], step[a], -1.0)
+        u = u.permute(1, 2, 0).contiguous()
+    u = u.clamp_(-1.0, 1.0)  # the filter weights sum to 1 only up to float rounding
+    # voxel o of the stored grid sits at raw (trimmed) voxel (o - (T-1)/2)*step + (n-1)/2
+    M = np.eye(4)
+    M[:3, :3] = np.diag(step)
+    M[:3, 3] = [(n[a] - 1) / 2 - (T[a] - 1) / 2 * step[a] + (t0 if a == 0 else 0) for a in range(3)]
+    info = dict(window=window, trim=(t0, int(vol.shape[0]) - t1), out_spacing=[step[a] * sp[a] for a in range(3)],
+                out_affine=(affine if affine is not None else np.eye(4)) @ M, nonfinite=n_bad)
+    return u.contiguous().numpy(), info
+
+
+def _window_and_trim(vol, modality, window):
+    """Source units -> [-1, 1] (NaN/inf -> background), blank axial slices trimmed at both ends ->
+    (torch [d,H0,W0], window, (t0, t1) the slices kept, non-finite count). ValueError for what is not a scan."""
     x = torch.from_numpy(np.ascontiguousarray(vol, dtype=np.float32))  # (D0,H0,W0), not modified
     # one sum tells us whether anything is NaN/inf; only then do we pay for a mask
     finite = None if math.isfinite(float(x.sum(dtype=torch.float64))) else torch.isfinite(x)
@@ -303,46 +294,45 @@ def prepare_array(vol, spacing, img_size, modality="ct", window=None, out_spacin
     if high > MAX_SATURATED:
         raise ValueError(f"{100 * high:.0f}% of the voxels are at or above the window's high end {window[1]:g} "
                          f"(not in its units? CT must be in Hounsfield units); set --window=LO,HI or --modality=mri")
-    sp = np.asarray(spacing, dtype=np.float64)
-    if sp.shape != (3,) or not np.all(sp > 0):
-        raise ValueError(f"bad voxel spacing {spacing}")
-    T = (D, H, W)
-    if stretch:
-        step = [n[a] / T[a] for a in range(3)]
-    else:
-        s = out_spacing if out_spacing > 0 else max(n[a] * sp[a] / T[a] for a in range(3))
-        step = [s / sp[a] for a in range(3)]
-        fill = [n[a] / step[a] for a in range(3)]  # stored voxels the scan spans along each axis
-        a = int(np.argmin([fill[k] / T[k] for k in range(3)]))
-        if fill[a] < T[a] / 8:
-            fov = " x ".join(f"{n[k] * sp[k]:.0f}" for k in range(3))
-            raise ValueError(f"extreme shape: a field of view of {fov} mm fills only {fill[a]:.1f} of the {T[a]} "
-                             f"stored voxels along axis {a} (under 1/8); not a volume to learn from "
-                             f"(--stretch resizes it anyway)")
-    u = u.contiguous()
-    for a in range(3):  # resample axis 0, then rotate (D,H,W) -> (H,W,D): each axis comes first once
-        u = _resample_axis0(u, T[a], step[a], -1.0)
-        u = u.permute(1, 2, 0).contiguous()
-    u = u.clamp_(-1.0, 1.0)  # the filter weights sum to 1 only up to float rounding
-    out_sp = [step[a] * sp[a] for a in range(3)]
-    # voxel o of the stored grid sits at raw (trimmed) voxel (o - (T-1)/2)*step + (n-1)/2
-    M = np.eye(4)
-    M[:3, :3] = np.diag(step)
-    M[:3, 3] = [(n[a] - 1) / 2 - (T[a] - 1) / 2 * step[a] + (t0 if a == 0 else 0) for a in range(3)]
-    out_affine = (affine if affine is not None else np.eye(4)) @ M
-    info = dict(window=window, trim=(t0, int(vol.shape[0]) - t1), out_spacing=out_sp,
-                out_affine=out_affine, nonfinite=n_bad)
-    return u.contiguous().numpy(), info
+    return u, window, (t0, t1), n_bad
+
+
+def _resample_axis0(x, T, step, bg):
+    """x (torch float32, contiguous) resampled along axis 0 to T samples, centres aligned: output o sits at input
+    (o - (T-1)/2) * step + (n-1)/2. A triangle filter, widened by step when shrinking (anti-aliased, as torch's
+    antialias=True), linear when enlarging; outputs whose centre falls outside the input get bg."""
+    n = x.shape[0]
+    if T == n and abs(step - 1.0) < 1e-9:
+        return x
+    support = max(step, 1.0)
+    c = (torch.arange(T, dtype=torch.float64) - (T - 1) / 2) * step + (n - 1) / 2  # (T,)
+    K = int(math.ceil(2 * support)) + 1
+    idx = torch.floor(c - support).long()[:, None] + 1 + torch.arange(K)  # (T,K) taps
+    w = (1 - (idx - c[:, None]).abs() / support).clamp_(min=0)
+    w = w / w.sum(1, keepdim=True)
+    idx = idx.clamp_(0, n - 1)  # edge replicate
+    out = torch.empty((T,) + tuple(x.shape[1:]), dtype=x.dtype)
+    # one whole (H,W) plane per multiply-add: contiguous, in cache, no temporaries. That is why the
+    # caller rotates the axes to bring each one first, rather than indexing along the other two.
+    for o in range(T):
+        if c[o] < -0.5 or c[o] > n - 0.5:
+            out[o] = bg
+            continue
+        taps = [(int(i), float(wk)) for i, wk in zip(idx[o], w[o]) if wk > 0]
+        torch.mul(x[taps[0][0]], taps[0][1], out=out[o])
+        for i, wk in taps[1:]:
+            out[o].add_(x[i], alpha=wk)
+    return out
 
 
 def downsample(hires):
-    """hires [D,H,W] -> lowres [D/4,H/4,W/4]: means of 4x4x4 blocks (anti-aliased; official code: nearest)."""
+    """hires [D,H,W] -> lowres [D/4,H/4,W/4]: means of 4x4x4 blocks (anti-aliased; the official code: nearest)."""
     x = torch.as_tensor(np.asarray(hires, dtype=np.float32))
     return F.avg_pool3d(x[None, None], 4)[0, 0].numpy()
 
 
 def prepare_file(path, meta):
-    """Prepare one scan with a dataset's meta.json settings -> (hires float32 [D,H,W], lowres float32 [D/4,H/4,W/4])."""
+    """One scan prepared with a dataset's meta.json settings -> (hires float32 [D,H,W], lowres [D/4,H/4,W/4])."""
     st = meta.get("settings", {})
     vol, affine, spacing = load_volume(path, first_volume=st.get("first_volume", False))
     try:
@@ -354,7 +344,7 @@ def prepare_file(path, meta):
 
 
 # -----------------------------------------------------------------------------
-# preparing a folder of scans: planning, workers, resume
+# inputs and labels
 
 
 def writable_dir(path):
@@ -388,8 +378,8 @@ def is_store_file(path):
 
 def find_inputs(specs, exclude=""):
     """--input values -> (paths, missing): paths in order, duplicates removed; folders searched recursively.
-    A store's own arrays are never inputs (an --out inside an input folder), and `exclude`'s are not
-    either; DICOM files are listed in `missing` with how to convert them (reason starting 'DICOM')."""
+    A store's own arrays are never inputs (an --out inside an input folder), nor are `exclude`'s; DICOM
+    files are listed in `missing` with how to convert them (reason starting 'DICOM')."""
     out, missing = [], []
     own = {os.path.realpath(os.path.join(exclude, f)) for f in STORE_FILES} if exclude else set()
 
@@ -417,9 +407,8 @@ def find_inputs(specs, exclude=""):
         elif os.path.isfile(spec) and spec.lower().endswith((".txt", ".lst", ".list")):
             with open(spec) as f:
                 lines = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
-            base = os.path.dirname(spec)
             for ln in lines:
-                p = ln if os.path.isabs(ln) else os.path.join(base, ln)
+                p = ln if os.path.isabs(ln) else os.path.join(os.path.dirname(spec), ln)
                 (out.append(p) if os.path.exists(p) else missing.append((p, "no such file (listed in " + spec + ")")))
         elif os.path.exists(spec):
             out.append(spec)
@@ -434,16 +423,13 @@ def find_inputs(specs, exclude=""):
     return uniq, missing
 
 
-MISSING = ("", "na", "n/a", "nan", "none", "null", "-")  # empty cells, as spreadsheets write them
-
-
 def read_labels(path):
-    """labels.csv -> (columns, {id: {column: value}}), read as spreadsheets export it: UTF-8 with or without
-    a byte-order mark (UTF-16 and Latin-1 too), separated by commas, semicolons (then 1,5 is a decimal comma)
-    or tabs, CRLF line ends, quoted fields, empty trailing columns. 'id' names the scan (its file name, with
-    or without the ending); 'class', if there, is an integer >= 0 in every row; the other columns hold
-    numbers, or an empty/NA cell for a missing value. Anything else is a one-line ValueError that names the
-    file, the row (as a spreadsheet numbers it: the header is row 1) and the column."""
+    """labels.csv -> (columns, {id: {column: value}}), read as spreadsheets export it: UTF-8 with or without a
+    byte-order mark (UTF-16 and Latin-1 too), separated by commas, semicolons (then 1,5 is a decimal comma) or
+    tabs, quoted fields, empty trailing columns. 'id' names the scan (its file name, with or without the
+    ending); 'class', if there, is an integer >= 0 in every row; the other columns hold numbers, or an empty/NA
+    cell for a missing value. Anything else is a one-line ValueError naming the file, the row (as a
+    spreadsheet numbers it: the header is row 1) and the column."""
     try:
         raw = open(path, "rb").read()
     except OSError as e:
@@ -474,7 +460,6 @@ def read_labels(path):
             raise ValueError(f"{where}: column '{h}' appears twice")
         if h in CSV_FIELDS + ["fold"] and h != "id":
             raise ValueError(f"{where}: column '{h}' is a name volumes.csv uses itself; rename it")
-    cols = [h for h in names if h != "id"]
     table, first_row = {}, {}
     for n, row in enumerate(records[h0 + 1:], start=h0 + 2):  # n: the row number a spreadsheet shows
         if not any(c.strip() for c in row):
@@ -482,51 +467,190 @@ def read_labels(path):
         if any(c.strip() for c in row[len(names):]):
             raise ValueError(f"{path}: row {n}: {len(row)} cells but the header names {len(names)} columns")
         cells = {h: (row[j].strip() if j < len(row) else "") for j, h in enumerate(names)}
-        vid = cells["id"]
+        vid = cells.pop("id")
         if vid.lower().endswith(IMAGE_ENDINGS + (".img",)):
             vid = volume_id(vid)  # a file name: its id
         if not vid:
             raise ValueError(f"{path}: row {n}, column 'id': empty")
         if vid in table:
             raise ValueError(f"{path}: row {n}, column 'id': {vid!r} repeats row {first_row[vid]}; one row per scan")
-        vals = {}
-        for c in cols:
-            v = cells[c]
-            num = v.replace(",", ".") if delim == ";" and v.count(",") == 1 and "." not in v else v
-            if c == "class":
+        table[vid] = {c: _label_value(f"{path}: row {n}, column '{c}'", c, v, delim) for c, v in cells.items()}
+        first_row[vid] = n
+    return [h for h in names if h != "id"], table
+
+
+def _label_value(where, column, v, delim):
+    """One labels.csv cell -> the text volumes.csv keeps: a class as an integer, a number, or '' when missing."""
+    num = v.replace(",", ".") if delim == ";" and v.count(",") == 1 and "." not in v else v  # a decimal comma
+    try:
+        x = float(num)
+    except ValueError:
+        x = float("nan")
+    if column == "class":
+        if v.lower() in MISSING or not (math.isfinite(x) and x == int(x) and x >= 0):
+            raise ValueError(f"{where}: {v!r} is not a class; classes are integers 0, 1, 2, ... in every row "
+                             f"(delete a row to leave its scan out)")
+        return str(int(x))
+    if v.lower() in MISSING:
+        return ""
+    if not math.isfinite(x):
+        raise ValueError(f"{where}: {v!r} is not a number (leave the cell empty for a missing value)")
+    return v if num == v else repr(x)
+
+
+# -----------------------------------------------------------------------------
+# preparing a folder of scans: plan, store, workers, resume
+
+
+def prepare_dataset(inputs, out, img_size=256, modality="ct", window="", labels="", workers=1,
+                    first_volume=False, spacing=-1.0, stretch=False, on_done=None, log=print):
+    """Prepare every input into the folder out; 0 once at least one volume is ok. Bad arguments, an out that
+    holds another store, or nothing prepared: a one-line ValueError, before any existing file is changed.
+    on_done(n_done) is called after each finished volume (tests use it to simulate a killed run)."""
+    size = parse_size(img_size)
+    if modality not in ("ct", "mri"):
+        raise ValueError(f"--modality={modality}: unknown modality; use ct or mri")
+    win = parse_window(window)
+    if int(workers) < 1:
+        raise ValueError(f"--workers={workers}: use 1 or more")
+    settings = dict(img_size=list(size), modality=modality, window=list(win) if win else None,
+                    spacing=float(spacing), stretch=bool(stretch), first_volume=bool(first_volume),
+                    labels=os.path.abspath(labels) if labels else "")
+    label_cols, table = read_labels(labels) if labels else ([], {})
+    writable_dir(out)
+    jobs = _plan_jobs(inputs, out, labels, table, log)
+    plan = dict(format_version=FORMAT_VERSION, settings=settings, jobs=[(j["id"], j["source"]) for j in jobs])
+    done = _open_store(out, plan, log)
+    if done is None:
+        return 0
+    t0 = time.time()
+    _run(out, jobs, done, dict(settings, out=out), workers, on_done, log)
+    rows = _volume_rows(out, jobs, done, label_cols, table, log)
+    ok = [r for r in rows if r["status"] == "ok"]
+    log(f"{out}: {len(ok)} ok, {len(rows) - len(ok)} skipped, {time.time() - t0:.1f}s")
+    if not ok:
+        raise ValueError(f"{out}: nothing was prepared, every input was skipped (all reasons in "
+                         f"{os.path.join(out, 'volumes.csv')}), the first: {rows[0]['reason']}")
+    _write_meta(out, plan, ok, label_cols, len(rows))
+    return 0
+
+
+def _plan_jobs(inputs, out, labels, table, log):
+    """One job per input, in order: dict(index, id, source), plus status and reason for inputs skipped up front
+    (missing files, duplicate ids, ids without a labels row). Nothing to read at all: a ValueError."""
+    paths, missing = find_inputs(inputs, exclude=out)
+    dicom = [(p, why) for p, why in missing if why.startswith("DICOM")]
+    missing = [m for m in missing if m not in dicom]
+    if not paths and (dicom or missing):  # nothing to read at all: say why before writing anything
+        raise ValueError("{}: {}".format(*(dicom or missing)[0]))
+    for p, why in dicom:
+        log(f"warning: {p}: {why}")
+    jobs, seen = [], {}
+    for p in paths:
+        vid = volume_id(p)
+        job = dict(index=len(jobs), id=vid, source=os.path.abspath(p))
+        if vid in seen:
+            job.update(status="skipped", reason=f"{p}: duplicate id {vid} (also {seen[vid]})")
+        elif labels and vid not in table:
+            job.update(status="skipped", reason=f"{p}: id {vid} has no row in {labels}")
+        else:
+            seen[vid] = p
+        jobs.append(job)
+    for p, why in missing:
+        jobs.append(dict(index=len(jobs), id=volume_id(p), source=p, status="skipped", reason=f"{p}: {why}"))
+    for vid in sorted(set(table) - set(seen)):
+        log(f"warning: {labels}: id {vid} has no input volume; label ignored")
+    if not jobs:
+        raise ValueError(f"{', '.join(inputs) or '--input'}: no input scans found there "
+                         f"({', '.join(IMAGE_ENDINGS)}); nothing prepared")
+    return jobs
+
+
+def _open_store(out, plan, log):
+    """Resume or start the store in out -> {index: result} of the volumes already done, or None when out is
+    complete with this plan. Another store there, complete or partial, is refused, never overwritten (the
+    plan is written before the arrays, so a partial store has one)."""
+    mpath, ppath, gpath = (os.path.join(out, n) for n in ("meta.json", "_plan.json", "_progress.jsonl"))
+    hpath, lpath = os.path.join(out, "hires.npy"), os.path.join(out, "lowres.npy")
+    if os.path.exists(mpath):
+        meta = read_meta(mpath)
+        if meta.get("plan_sha1") == _sha1(plan):
+            log(f"{out}: already complete ({meta['num_volumes']} volumes); nothing to do")
+            return None
+        raise ValueError(f"{out} holds a different prepared dataset (other inputs or settings); delete it or "
+                         f"choose another --out")
+    old = None
+    if os.path.exists(ppath):
+        try:
+            with open(ppath) as f:
+                old = json.load(f)
+        except ValueError:
+            old = "unreadable"
+    elif os.path.exists(hpath) or os.path.exists(lpath):
+        old = "unknown"  # arrays without a plan: not written by this code
+    if old is not None and old != json.loads(json.dumps(plan)):
+        raise ValueError(f"{out} holds a partial store prepared from other inputs or settings; delete it, "
+                         f"re-run the command that started it, or choose another --out")
+    done, N = {}, len(plan["jobs"])
+    if old is not None and os.path.exists(hpath) and os.path.exists(lpath) and os.path.exists(gpath):
+        with open(gpath) as f:
+            for ln in f:
                 try:
-                    k = float(num)
-                except ValueError:
-                    k = float("nan")
-                if v.lower() in MISSING or not (math.isfinite(k) and k == int(k) and k >= 0):
-                    raise ValueError(f"{path}: row {n}, column 'class': {v!r} is not a class; classes are integers "
-                                     f"0, 1, 2, ... in every row (delete a row to leave its scan out)")
-                vals[c] = str(int(k))
-            elif v.lower() in MISSING:
-                vals[c] = ""
-            else:
-                try:
-                    x = float(num)
-                except ValueError:
-                    x = float("nan")
-                if not math.isfinite(x):
-                    raise ValueError(f"{path}: row {n}, column '{c}': {v!r} is not a number (leave the cell "
-                                     f"empty for a missing value)")
-                vals[c] = v if num == v else repr(x)
-        table[vid], first_row[vid] = vals, n
-    return cols, table
+                    res = json.loads(ln)
+                    done[res["index"]] = res
+                except (ValueError, KeyError):
+                    pass  # a line cut short by a kill: that volume is redone
+        log(f"{out}: resuming, {len(done)}/{N} inputs already done")
+        return done
+    with open(ppath + ".tmp", "w") as f:  # first: from now on this folder says what it is becoming
+        json.dump(plan, f)
+    os.replace(ppath + ".tmp", ppath)
+    # preallocated, sparse until written: 10,000 scans at 256^3 is a 335 GB file but no RAM
+    D, H, W = plan["settings"]["img_size"]
+    np.lib.format.open_memmap(hpath, mode="w+", dtype=np.float16, shape=(N, D, H, W))
+    np.lib.format.open_memmap(lpath, mode="w+", dtype=np.float16, shape=(N, D // 4, H // 4, W // 4))
+    open(gpath, "w").close()
+    return done
 
 
-def _fold_of(ids, classes):
-    """Deterministic, class-stratified 5-fold split: sort by (class, sha1(id)), deal folds round-robin."""
-    key = lambda j: (classes[j], hashlib.sha1(ids[j].encode()).hexdigest())
-    folds = [0] * len(ids)
-    for rank, j in enumerate(sorted(range(len(ids)), key=key)):
-        folds[j] = rank % NUM_FOLDS
-    return folds
+def _run(out, jobs, done, settings, workers, on_done, log):
+    """Prepare every job not done yet, in `workers` processes, into done; each result is also appended to
+    _progress.jsonl as it comes, so that a killed run resumes where it stopped."""
+    todo = [j for j in jobs if j["index"] not in done and "status" not in j]
+    for j in jobs:  # skipped while planning: no progress line needed
+        if "status" in j and j["index"] not in done:
+            done[j["index"]] = dict(index=j["index"], status=j["status"], reason=j["reason"])
+    progress = open(os.path.join(out, "_progress.jsonl"), "a")
+
+    def record(res):
+        done[res["index"]] = res
+        progress.write(json.dumps(res) + "\n")
+        progress.flush()
+        tag = "ok" if res["status"] == "ok" else "skipped"
+        log(f"[{len(done)}/{len(jobs)}] {tag} {jobs[res['index']]['id']} ({res['seconds']:.2f}s)"
+            + ("" if tag == "ok" else f": {res['reason']}"))
+        if on_done is not None:
+            on_done(len(done))
+    try:
+        if max(1, min(workers, len(todo))) == 1:
+            nthreads = torch.get_num_threads()
+            _worker_init(settings, 1)
+            try:
+                for j in todo:
+                    record(_prepare_one(j))
+            finally:
+                torch.set_num_threads(nthreads)
+        else:
+            # spawn, not fork: a forked child of a process that already ran torch ops can hang in OpenMP
+            with mp.get_context("spawn").Pool(min(workers, len(todo)), initializer=_worker_init,
+                                              initargs=(settings, 1)) as pool:
+                for res in pool.imap_unordered(_prepare_one, todo):
+                    record(res)
+    finally:
+        progress.close()
 
 
-_W = {}  # per-worker settings, set once per process
+_W = {}  # a worker's settings, set once per process
 
 
 def _worker_init(settings, threads):
@@ -539,8 +663,7 @@ def _worker_init(settings, threads):
 
 def _prepare_one(job):
     """Worker: read, prepare and write volume job['index'] into the memory maps; return its csv fields."""
-    i, src = job["index"], job["source"]
-    st = _W
+    i, src, st = job["index"], job["source"], _W
     t = time.time()
     res = dict(index=i)
     try:
@@ -574,144 +697,12 @@ def _prepare_one(job):
     return res
 
 
-# orig_*: the source grid after reorientation to our axis order (same world coordinates as the file);
-# out_affine: stored voxel -> RAS+ mm of this volume (first 3 rows, row-major)
-CSV_FIELDS = ["index", "id", "source", "status", "reason", "orig_shape", "orig_spacing", "orig_axcodes", "orig_affine",
-              "window_lo", "window_hi", "trimmed", "nonfinite", "out_spacing", "out_affine"]
-
-
-def prepare_dataset(inputs, out, img_size=256, modality="ct", window="", labels="", workers=1,
-                    first_volume=False, spacing=-1.0, stretch=False, on_done=None, log=print):
-    """
-    Prepare every input into the folder out. Returns 0 once at least one volume is ok; raises a one-line
-    ValueError for bad arguments, an --out that holds another store, or nothing prepared, before any
-    existing file is changed. on_done(n_done) is called after each finished volume (tests use it to
-    simulate a killed run).
-    """
-    # --- arguments, labels and the output folder, before anything is read or written
-    size = parse_size(img_size)
-    if modality not in ("ct", "mri"):
-        raise ValueError(f"--modality={modality}: unknown modality; use ct or mri")
-    win = parse_window(window)
-    if int(workers) < 1:
-        raise ValueError(f"--workers={workers}: use 1 or more")
-    D, H, W = size
-    settings = dict(img_size=list(size), modality=modality, window=list(win) if win else None,
-                    spacing=float(spacing), stretch=bool(stretch), first_volume=bool(first_volume),
-                    labels=os.path.abspath(labels) if labels else "")
-    label_cols, table = read_labels(labels) if labels else ([], {})
-    writable_dir(out)
-    # --- plan: one row per input, in order; duplicates and unlabeled ids are skipped up front
-    paths, missing = find_inputs(inputs, exclude=out)
-    dicom = [(p, why) for p, why in missing if why.startswith("DICOM")]
-    missing = [m for m in missing if m not in dicom]
-    if not paths and (dicom or missing):  # nothing to read at all: say why before writing anything
-        raise ValueError("{}: {}".format(*(dicom or missing)[0]))
-    for p, why in dicom:
-        log(f"warning: {p}: {why}")
-    jobs, seen = [], {}
-    for p in paths:
-        vid = volume_id(p)
-        job = dict(index=len(jobs), id=vid, source=os.path.abspath(p))
-        if vid in seen:
-            job.update(status="skipped", reason=f"{p}: duplicate id {vid} (also {seen[vid]})")
-        elif labels and vid not in table:
-            job.update(status="skipped", reason=f"{p}: id {vid} has no row in {labels}")
-        else:
-            seen[vid] = p
-        jobs.append(job)
-    for p, why in missing:
-        jobs.append(dict(index=len(jobs), id=volume_id(p), source=p, status="skipped", reason=f"{p}: {why}"))
-    for vid in sorted(set(table) - set(seen)):
-        log(f"warning: {labels}: id {vid} has no input volume; label ignored")
-    if not jobs:
-        raise ValueError(f"{', '.join(inputs) or '--input'}: no input scans found there "
-                         f"({', '.join(IMAGE_ENDINGS)}); nothing prepared")
-    plan = dict(format_version=FORMAT_VERSION, settings=settings,
-                jobs=[(j["id"], j["source"]) for j in jobs])
-    # --- resume or start: a complete folder with the same plan is done; another store, complete or
-    # partial, we never overwrite (the plan is written before the arrays, so a partial store has one)
-    mpath, ppath, gpath = (os.path.join(out, n) for n in ("meta.json", "_plan.json", "_progress.jsonl"))
-    hpath, lpath = os.path.join(out, "hires.npy"), os.path.join(out, "lowres.npy")
-    if os.path.exists(mpath):
-        meta = read_meta(mpath)
-        if meta.get("plan_sha1") == _sha1(plan):
-            log(f"{out}: already complete ({meta['num_volumes']} volumes); nothing to do")
-            return 0
-        raise ValueError(f"{out} holds a different prepared dataset (other inputs or settings); delete it or "
-                         f"choose another --out")
-    old = None
-    if os.path.exists(ppath):
-        try:
-            with open(ppath) as f:
-                old = json.load(f)
-        except ValueError:
-            old = "unreadable"
-    elif os.path.exists(hpath) or os.path.exists(lpath):
-        old = "unknown"  # arrays without a plan: not written by this code
-    if old is not None and old != json.loads(json.dumps(plan)):
-        raise ValueError(f"{out} holds a partial store prepared from other inputs or settings; delete it, "
-                         f"re-run the command that started it, or choose another --out")
-    done = {}
-    N = len(jobs)
-    if old is not None and os.path.exists(hpath) and os.path.exists(lpath) and os.path.exists(gpath):
-        with open(gpath) as f:
-            for ln in f:
-                try:
-                    res = json.loads(ln)
-                    done[res["index"]] = res
-                except (ValueError, KeyError):
-                    pass  # a line cut short by a kill: that volume is redone
-        log(f"{out}: resuming, {len(done)}/{N} inputs already done")
-    else:
-        with open(ppath + ".tmp", "w") as f:  # first: from now on this folder says what it is becoming
-            json.dump(plan, f)
-        os.replace(ppath + ".tmp", ppath)
-        # preallocated, sparse until written: 10,000 scans at 256^3 is a 335 GB file but no RAM
-        np.lib.format.open_memmap(hpath, mode="w+", dtype=np.float16, shape=(N, D, H, W))
-        np.lib.format.open_memmap(lpath, mode="w+", dtype=np.float16, shape=(N, D // 4, H // 4, W // 4))
-        open(gpath, "w").close()
-    # --- run
-    todo = [j for j in jobs if j["index"] not in done and "status" not in j]
-    for j in jobs:
-        if "status" in j and j["index"] not in done:
-            done[j["index"]] = dict(index=j["index"], status=j["status"], reason=j["reason"])
-    wsettings = dict(settings, out=out)
-    workers = max(1, min(workers, len(todo)))
-    t0 = time.time()
-    progress = open(gpath, "a")
-    def record(res):
-        done[res["index"]] = res
-        progress.write(json.dumps(res) + "\n")
-        progress.flush()
-        tag = "ok" if res["status"] == "ok" else "skipped"
-        log(f"[{len(done)}/{N}] {tag} {jobs[res['index']]['id']} ({res['seconds']:.2f}s)"
-            + ("" if tag == "ok" else f": {res['reason']}"))
-        if on_done is not None:
-            on_done(len(done))
-    try:
-        if workers == 1:
-            nthreads = torch.get_num_threads()
-            _worker_init(wsettings, 1)
-            try:
-                for j in todo:
-                    record(_prepare_one(j))
-            finally:
-                torch.set_num_threads(nthreads)
-        else:
-            # spawn, not fork: a forked child of a process that already ran torch ops can hang in OpenMP
-            ctx = mp.get_context("spawn")
-            with ctx.Pool(workers, initializer=_worker_init, initargs=(wsettings, 1)) as pool:
-                for res in pool.imap_unordered(_prepare_one, todo):
-                    record(res)
-    finally:
-        progress.close()
-    # --- finalize: folds, labels, volumes.csv, then meta.json last (its presence = complete)
+def _volume_rows(out, jobs, done, label_cols, table, log):
+    """volumes.csv, written by a rename: one row per input with its result, labels and fold -> the rows."""
     rows = []
     for j in jobs:
-        res = done[j["index"]]
         row = {k: "" for k in CSV_FIELDS}
-        row.update({k: v for k, v in res.items() if k in CSV_FIELDS})
+        row.update({k: v for k, v in done[j["index"]].items() if k in CSV_FIELDS})
         row.update(index=j["index"], id=j["id"], source=j["source"])
         lab = table.get(j["id"], {})
         for c in label_cols:
@@ -736,35 +727,47 @@ def prepare_dataset(inputs, out, img_size=256, modality="ct", window="", labels=
         w.writeheader()
         w.writerows(rows)
     os.replace(os.path.join(out, "volumes.csv.tmp"), os.path.join(out, "volumes.csv"))
-    log(f"{out}: {len(ok)} ok, {len(rows) - len(ok)} skipped, {time.time() - t0:.1f}s")
-    if not ok:
-        raise ValueError(f"{out}: nothing was prepared, every input was skipped (all reasons in "
-                         f"{os.path.join(out, 'volumes.csv')}), the first: {rows[0]['reason']}")
+    return rows
+
+
+def _fold_of(ids, classes):
+    """Deterministic, class-stratified 5-fold split: sort by (class, sha1(id)), deal folds round-robin."""
+    key = lambda j: (classes[j], hashlib.sha1(ids[j].encode()).hexdigest())
+    folds = [0] * len(ids)
+    for rank, j in enumerate(sorted(range(len(ids)), key=key)):
+        folds[j] = rank % NUM_FOLDS
+    return folds
+
+
+def _write_meta(out, plan, ok, label_cols, num_inputs):
+    """meta.json, written last (its presence = complete); then the plan and progress files go."""
+    st = plan["settings"]
     # one spacing/affine for the whole store (sample.py writes generated volumes with it): exact with
     # --spacing, else the median of the per-volume spacings (fit mode: every volume keeps its own in volumes.csv)
     sp = np.median(np.array([[float(v) for v in r["out_spacing"].split("x")] for r in ok]), axis=0)
-    if spacing > 0:
-        sp = np.full(3, float(spacing))
+    if st["spacing"] > 0:
+        sp = np.full(3, float(st["spacing"]))
     classes = [r["class"] for r in ok] if "class" in label_cols else []
+    mri_per_volume = st["modality"] == "mri" and not st["window"]
     meta = dict(
-        format_version=FORMAT_VERSION, img_size=list(size), modality=modality,
-        window=list(win) if win else (list(CT_WINDOW) if modality == "ct" else None),
+        format_version=FORMAT_VERSION, img_size=st["img_size"], modality=st["modality"],
+        window=st["window"] or (list(CT_WINDOW) if st["modality"] == "ct" else None),
         window_note=("mri: each volume maps [window_lo, window_hi] of volumes.csv to [-1, 1] "
-                     "(min and 99.9th percentile of its foreground)") if (modality == "mri" and not win) else "",
-        spacing=[float(v) for v in sp], affine=canonical_affine(sp, size).tolist(),
+                     "(min and 99.9th percentile of its foreground)") if mri_per_volume else "",
+        spacing=[float(v) for v in sp], affine=canonical_affine(sp, st["img_size"]).tolist(),
         orientation="".join(ORIENTATION),
-        resample="stretch" if stretch else ("spacing" if spacing > 0 else "fit"),
-        num_volumes=len(ok), num_inputs=N, label_columns=label_cols,
+        resample="stretch" if st["stretch"] else ("spacing" if st["spacing"] > 0 else "fit"),
+        num_volumes=len(ok), num_inputs=num_inputs, label_columns=label_cols,
         class_column="class" if "class" in label_cols else "",
         num_classes=(max(classes) + 1) if classes else 0, num_folds=NUM_FOLDS,
-        lowres="avg_pool3d 4x4x4 of hires", dtype="float16", settings=settings,
+        lowres="avg_pool3d 4x4x4 of hires", dtype="float16", settings=st,
         plan_sha1=_sha1(plan), complete=True)
+    mpath = os.path.join(out, "meta.json")
     with open(mpath + ".tmp", "w") as f:
         json.dump(meta, f, indent=1)
     os.replace(mpath + ".tmp", mpath)
-    for p in (ppath, gpath):
-        os.remove(p)
-    return 0
+    for name in ("_plan.json", "_progress.jsonl"):
+        os.remove(os.path.join(out, name))
 
 
 def _sha1(obj):
