@@ -1,24 +1,22 @@
 """
-Scans -> the memory-mapped training store, and the store's reader VolumeDataset; also the output writers.
+Scans -> the memory-mapped training store, and its reader VolumeDataset; also the writers of output files.
 
 HA-GAN (Sun et al., IEEE JBHI 2022, https://arxiv.org/abs/2008.01910) trains on whole low-res volumes, one
-high-res slab of each, and (for E^G, eq. 7) whole high-res volumes. Every scan is turned into that form once,
-here: reoriented, windowed to [-1, 1], trimmed, resampled with anti-aliasing, and stored with its 4x4x4 block
-means in two float16 .npy memory maps, so that reading a batch is a memcpy.
+high-res slab of each, and (for E^G, eq. 7) whole high-res volumes. Every scan is put into that form once,
+here: reoriented, windowed to [-1, 1], trimmed, resampled with anti-aliasing, and stored with its 4x4x4
+block means in two float16 .npy memory maps, so that reading a batch is a memcpy.
 
-Prepare scans (NIfTI, MGH/MGZ, MINC1, Analyze, AFNI, PAR/REC, or .npy; folders, globs or a .txt list):
     python prepare.py --input=scans/ --out=data/copd --img_size=256 --modality=ct --labels=labels.csv --workers=2
     python prepare.py --input="brains/**/*.mgz" --out=data/gsp --modality=mri
     python prepare.py --input=list.txt --input=more/ --out=data/ct160 --img_size=160,256,256 --spacing=1.5
-The demo data set has its own script, which calls prepare_dataset: python data/demo/prepare.py
-Re-running the same command resumes; the folder is valid once meta.json appears.
-
-The store (N = number of inputs; rows of skipped inputs are holes in sparse files, costing no disk):
+    python data/demo/prepare.py    # the demo data set: phantoms, then prepare_dataset
+Inputs: NIfTI, MGH/MGZ, MINC1, Analyze, AFNI, PAR/REC or .npy; files, folders, globs or .txt lists.
+Re-running the same command resumes; the folder is valid once meta.json appears. The store (N inputs;
+rows of skipped inputs are holes in sparse files, costing no disk):
     hires.npy    [N, D, H, W]          float16 in [-1, 1], axis 0 = axial, inferior -> superior
-    lowres.npy   [N, D/4, H/4, W/4]    float16, 4x4x4 block means of hires (anti-aliased, not nearest)
+    lowres.npy   [N, D/4, H/4, W/4]    float16, 4x4x4 block means of hires
     volumes.csv  one row per input: index, id, source, status, reason, geometry, window, labels, fold
     meta.json    img_size, modality, window, spacing, affine, orientation, labels, complete
-
 Reading it (train.py, encode.py, eval.py):
     ds = VolumeDataset("data/demo", split="train", fold=0)
     x, x_low, labels = ds.get_batch(4, device=device, generator=g)  # (B,1,D,H,W), (B,1,D/4,H/4,W/4), (B,)
@@ -79,7 +77,7 @@ CSV_FIELDS = ["index", "id", "source", "status", "reason", "orig_shape", "orig_s
 
 
 # -----------------------------------------------------------------------------
-# intensities and sizes
+# one scan: read, window, trim, resample
 
 
 def to_unit(x, window):
@@ -97,7 +95,7 @@ def from_unit(x, window):
 
 
 def parse_window(s):
-    """'LO,HI' -> (lo, hi) floats, or None for ''. A one-line ValueError otherwise."""
+    """'LO,HI' -> (lo, hi), or None for ''; a one-line ValueError otherwise."""
     if s in ("", None):
         return None
     try:
@@ -111,7 +109,7 @@ def parse_window(s):
 
 def parse_size(s):
     """256 / '256' / '160,256,256' / (D,H,W) -> (D, H, W), each a multiple of 32 from 32 to 512 (what model.py
-    builds). A one-line ValueError otherwise."""
+    builds); a one-line ValueError otherwise."""
     try:
         size = tuple(int(v) for v in (s if isinstance(s, (tuple, list)) else str(s).split(",")))
     except ValueError:
@@ -121,10 +119,6 @@ def parse_size(s):
         raise ValueError(f"img_size={s}: cannot be built; use S in 32, 64, 128, 256, 512, or D,H,W with every dim "
                          f"a multiple of 32 between 32 and 512 (e.g. 160,192,224)")
     return size
-
-
-# -----------------------------------------------------------------------------
-# reading one volume
 
 
 def volume_id(path):
@@ -140,30 +134,26 @@ def volume_id(path):
 def canonical_affine(spacing, shape):
     """Affine of a grid in our stored orientation (S,P,L) with this spacing, centred on the world origin."""
     sd, sh, sw = (float(v) for v in spacing)
-    D, H, W = shape
     # columns = stored axes; rows = RAS+ world. axis0 -> +S, axis1 -> -A (posterior), axis2 -> -R (left)
     A = np.array([[0, 0, -sw, 0], [0, -sh, 0, 0], [sd, 0, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
-    A[:3, 3] = -A[:3, :3] @ (np.array([D, H, W], dtype=np.float64) - 1) / 2
+    A[:3, 3] = -A[:3, :3] @ (np.array(shape, dtype=np.float64) - 1) / 2
     return A
 
 
 def load_volume(path, first_volume=False):
-    """One scan -> (float32 [D,H,W] in the stored orientation, its 4x4 affine, spacing (3,) mm). Stored: axis 0
-    inferior->superior, 1 anterior->posterior, 2 right->left (S,P,L); .npy arrays have no geometry, so they are
-    taken as already in it with 1 mm voxels. Bad input raises ValueError('<path>: <reason>')."""
+    """One scan -> (float32 [D,H,W] in the stored orientation S,P,L, its 4x4 affine, spacing (3,) mm); .npy arrays
+    have no geometry: taken as already in that orientation, 1 mm voxels. Bad input: ValueError('<path>: why')."""
     path = str(path)
     if path.lower().endswith(".npy"):
         try:
             data = np.load(path, mmap_mode="r", allow_pickle=False)
         except Exception as e:
             raise ValueError(f"{path}: unreadable .npy ({type(e).__name__}: {e})") from None
-        affine = canonical_affine((1, 1, 1), data.shape[:3]) if data.ndim >= 3 else np.eye(4)
-        vol = _read_3d(path, data, first_volume, copy=True)  # a copy: reads the file, detaches from the map
-        return np.ascontiguousarray(vol), affine, np.ones(3)
+        vol = np.ascontiguousarray(_read_3d(path, data, first_volume, copy=True))  # a copy: detached from the map
+        return vol, canonical_affine((1, 1, 1), vol.shape), np.ones(3)
     try:
         img = nib.load(path, mmap=False)  # we copy to float32 anyway; a memmap would only pin the file
-    except ModuleNotFoundError as e:
-        # nibabel reads MINC2 (HDF5) only through h5py, which is not one of our dependencies
+    except ModuleNotFoundError as e:  # MINC2 (HDF5) needs h5py, which is not one of our dependencies
         raise ValueError(f"{path}: needs the optional package {e.name} (pip install {e.name}); "
                          f"or convert it to NIfTI") from None
     except Exception as e:
@@ -178,13 +168,11 @@ def load_volume(path, first_volume=False):
         raise ValueError(f"{path}: degenerate affine (voxel axes {' x '.join(f'{v:.3g}' for v in sp)} mm, "
                          f"not three independent directions)")
     # reorient by axis permutations/flips only (no resampling): the closest axes to (S,P,L)
-    ornt = nib.orientations.io_orientation(affine)
-    xform = nib.orientations.ornt_transform(ornt, nib.orientations.axcodes2ornt(ORIENTATION))
-    vol = nib.orientations.apply_orientation(vol, xform)
+    xform = nib.orientations.ornt_transform(nib.orientations.io_orientation(affine),
+                                            nib.orientations.axcodes2ornt(ORIENTATION))
+    vol = np.ascontiguousarray(nib.orientations.apply_orientation(vol, xform))
     affine = affine @ nib.orientations.inv_ornt_aff(xform, img.dataobj.shape[:3])
-    spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
-    vol = np.ascontiguousarray(vol)
-    return (vol if vol.flags.writeable else vol.copy()), affine, spacing
+    return (vol if vol.flags.writeable else vol.copy()), affine, np.sqrt((affine[:3, :3] ** 2).sum(0))
 
 
 def _read_3d(path, data, first_volume, copy=False):
@@ -203,16 +191,11 @@ def _read_3d(path, data, first_volume, copy=False):
         raise ValueError(f"{path}: unreadable or truncated ({type(e).__name__}: {e})") from None
 
 
-# -----------------------------------------------------------------------------
-# mapping one volume to the stored grid
-
-
 def prepare_array(vol, spacing, img_size, modality="ct", window=None, out_spacing=-1.0, stretch=False,
                   affine=None):
     """One raw volume (float32 [D0,H0,W0], stored orientation, source units) -> (hires float32 [D,H,W] in [-1,1],
-    info: window used, slices trimmed, output spacing and affine, non-finite count). Raises ValueError(reason).
-    Paper Sec. IV-A, plus what real data needs: window, trim blank axial slices, resample to img_size keeping
-    the physical aspect ratio (background padding; or out_spacing mm isotropic, centre crop/pad; or stretch)."""
+    info), or ValueError(reason). Windowed and trimmed, then resampled to img_size keeping the physical aspect
+    ratio (background padding), or at out_spacing mm then centre crop/pad, or stretched to the box."""
     T = parse_size(img_size)
     u, window, (t0, t1), n_bad = _window_and_trim(vol, modality, window)
     n = u.shape
@@ -344,7 +327,7 @@ def prepare_file(path, meta):
 
 
 # -----------------------------------------------------------------------------
-# inputs and labels
+# a folder of scans: inputs, labels, the store, workers, resume
 
 
 def writable_dir(path):
@@ -370,21 +353,12 @@ def is_dicom(path):
         return False
 
 
-def is_store_file(path):
-    """hires.npy / lowres.npy of a prepared store (a folder with meta.json or _plan.json beside them)."""
-    d, name = os.path.split(path)
-    return name in STORE_FILES and any(os.path.exists(os.path.join(d, m)) for m in ("meta.json", "_plan.json"))
-
-
 def find_inputs(specs, exclude=""):
     """--input values -> (paths, missing): paths in order, duplicates removed; folders searched recursively.
-    A store's own arrays are never inputs (an --out inside an input folder), nor are `exclude`'s; DICOM
-    files are listed in `missing` with how to convert them (reason starting 'DICOM')."""
+    A store's own arrays (an --out inside an input folder, `exclude`'s) are never inputs. DICOM files are
+    listed in `missing` with how to convert them (a reason starting 'DICOM')."""
     out, missing = [], []
-    own = {os.path.realpath(os.path.join(exclude, f)) for f in STORE_FILES} if exclude else set()
-
-    def is_image(p):
-        return p.lower().endswith(IMAGE_ENDINGS)
+    is_image = lambda p: p.lower().endswith(IMAGE_ENDINGS)
     for spec in specs:
         if any(ch in spec for ch in "*?["):
             found = sorted(glob.glob(spec, recursive=True))
@@ -414,6 +388,7 @@ def find_inputs(specs, exclude=""):
             out.append(spec)
         else:
             missing.append((spec, "no such file or folder"))
+    own = {os.path.realpath(os.path.join(exclude, f)) for f in STORE_FILES} if exclude else set()
     seen, uniq = set(), []
     for p in out:
         rp = os.path.realpath(p)
@@ -423,13 +398,17 @@ def find_inputs(specs, exclude=""):
     return uniq, missing
 
 
+def is_store_file(path):
+    """hires.npy / lowres.npy of a prepared store (a folder with meta.json or _plan.json beside them)."""
+    d, name = os.path.split(path)
+    return name in STORE_FILES and any(os.path.exists(os.path.join(d, m)) for m in ("meta.json", "_plan.json"))
+
+
 def read_labels(path):
-    """labels.csv -> (columns, {id: {column: value}}), read as spreadsheets export it: UTF-8 with or without a
-    byte-order mark (UTF-16 and Latin-1 too), separated by commas, semicolons (then 1,5 is a decimal comma) or
-    tabs, quoted fields, empty trailing columns. 'id' names the scan (its file name, with or without the
-    ending); 'class', if there, is an integer >= 0 in every row; the other columns hold numbers, or an empty/NA
-    cell for a missing value. Anything else is a one-line ValueError naming the file, the row (as a
-    spreadsheet numbers it: the header is row 1) and the column."""
+    """labels.csv -> (columns, {id: {column: value}}), as spreadsheets export it: UTF-8 (with or without a BOM),
+    UTF-16 or Latin-1; commas, tabs, or semicolons with decimal commas; quotes; empty trailing columns. 'id' names
+    the scan (with or without its file ending); 'class' is an integer >= 0 in every row; other columns are numbers
+    or empty/NA. Else a one-line ValueError naming the file, the row (the header is row 1) and the column."""
     try:
         raw = open(path, "rb").read()
     except OSError as e:
@@ -498,10 +477,6 @@ def _label_value(where, column, v, delim):
     return v if num == v else repr(x)
 
 
-# -----------------------------------------------------------------------------
-# preparing a folder of scans: plan, store, workers, resume
-
-
 def prepare_dataset(inputs, out, img_size=256, modality="ct", window="", labels="", workers=1,
                     first_volume=False, spacing=-1.0, stretch=False, on_done=None, log=print):
     """Prepare every input into the folder out; 0 once at least one volume is ok. Bad arguments, an out that
@@ -518,26 +493,7 @@ def prepare_dataset(inputs, out, img_size=256, modality="ct", window="", labels=
                     labels=os.path.abspath(labels) if labels else "")
     label_cols, table = read_labels(labels) if labels else ([], {})
     writable_dir(out)
-    jobs = _plan_jobs(inputs, out, labels, table, log)
-    plan = dict(format_version=FORMAT_VERSION, settings=settings, jobs=[(j["id"], j["source"]) for j in jobs])
-    done = _open_store(out, plan, log)
-    if done is None:
-        return 0
-    t0 = time.time()
-    _run(out, jobs, done, dict(settings, out=out), workers, on_done, log)
-    rows = _volume_rows(out, jobs, done, label_cols, table, log)
-    ok = [r for r in rows if r["status"] == "ok"]
-    log(f"{out}: {len(ok)} ok, {len(rows) - len(ok)} skipped, {time.time() - t0:.1f}s")
-    if not ok:
-        raise ValueError(f"{out}: nothing was prepared, every input was skipped (all reasons in "
-                         f"{os.path.join(out, 'volumes.csv')}), the first: {rows[0]['reason']}")
-    _write_meta(out, plan, ok, label_cols, len(rows))
-    return 0
-
-
-def _plan_jobs(inputs, out, labels, table, log):
-    """One job per input, in order: dict(index, id, source), plus status and reason for inputs skipped up front
-    (missing files, duplicate ids, ids without a labels row). Nothing to read at all: a ValueError."""
+    # the plan: one job per input, in order; missing files, duplicate ids and unlabeled ids are skipped up front
     paths, missing = find_inputs(inputs, exclude=out)
     dicom = [(p, why) for p, why in missing if why.startswith("DICOM")]
     missing = [m for m in missing if m not in dicom]
@@ -563,7 +519,13 @@ def _plan_jobs(inputs, out, labels, table, log):
     if not jobs:
         raise ValueError(f"{', '.join(inputs) or '--input'}: no input scans found there "
                          f"({', '.join(IMAGE_ENDINGS)}); nothing prepared")
-    return jobs
+    plan = dict(format_version=FORMAT_VERSION, settings=settings, jobs=[(j["id"], j["source"]) for j in jobs])
+    done = _open_store(out, plan, log)
+    if done is None:
+        return 0
+    t0 = time.time()
+    _run(out, jobs, done, dict(settings, out=out), workers, on_done, log)
+    return _finalise(out, plan, jobs, done, label_cols, table, t0, log)
 
 
 def _open_store(out, plan, log):
@@ -579,20 +541,12 @@ def _open_store(out, plan, log):
             return None
         raise ValueError(f"{out} holds a different prepared dataset (other inputs or settings); delete it or "
                          f"choose another --out")
-    old = None
-    if os.path.exists(ppath):
-        try:
-            with open(ppath) as f:
-                old = json.load(f)
-        except ValueError:
-            old = "unreadable"
-    elif os.path.exists(hpath) or os.path.exists(lpath):
-        old = "unknown"  # arrays without a plan: not written by this code
-    if old is not None and old != json.loads(json.dumps(plan)):
+    started = os.path.exists(ppath) or os.path.exists(hpath) or os.path.exists(lpath)  # arrays without a plan: not ours
+    if started and (not os.path.exists(ppath) or open(ppath, "rb").read() != json.dumps(plan).encode()):
         raise ValueError(f"{out} holds a partial store prepared from other inputs or settings; delete it, "
                          f"re-run the command that started it, or choose another --out")
     done, N = {}, len(plan["jobs"])
-    if old is not None and os.path.exists(hpath) and os.path.exists(lpath) and os.path.exists(gpath):
+    if started and os.path.exists(hpath) and os.path.exists(lpath) and os.path.exists(gpath):
         with open(gpath) as f:
             for ln in f:
                 try:
@@ -614,12 +568,13 @@ def _open_store(out, plan, log):
 
 
 def _run(out, jobs, done, settings, workers, on_done, log):
-    """Prepare every job not done yet, in `workers` processes, into done; each result is also appended to
+    """Prepare the jobs not done yet in `workers` processes, into done; each result is also appended to
     _progress.jsonl as it comes, so that a killed run resumes where it stopped."""
     todo = [j for j in jobs if j["index"] not in done and "status" not in j]
     for j in jobs:  # skipped while planning: no progress line needed
         if "status" in j and j["index"] not in done:
             done[j["index"]] = dict(index=j["index"], status=j["status"], reason=j["reason"])
+    workers = max(1, min(workers, len(todo)))
     progress = open(os.path.join(out, "_progress.jsonl"), "a")
 
     def record(res):
@@ -632,7 +587,7 @@ def _run(out, jobs, done, settings, workers, on_done, log):
         if on_done is not None:
             on_done(len(done))
     try:
-        if max(1, min(workers, len(todo))) == 1:
+        if workers == 1:
             nthreads = torch.get_num_threads()
             _worker_init(settings, 1)
             try:
@@ -642,8 +597,7 @@ def _run(out, jobs, done, settings, workers, on_done, log):
                 torch.set_num_threads(nthreads)
         else:
             # spawn, not fork: a forked child of a process that already ran torch ops can hang in OpenMP
-            with mp.get_context("spawn").Pool(min(workers, len(todo)), initializer=_worker_init,
-                                              initargs=(settings, 1)) as pool:
+            with mp.get_context("spawn").Pool(workers, initializer=_worker_init, initargs=(settings, 1)) as pool:
                 for res in pool.imap_unordered(_prepare_one, todo):
                     record(res)
     finally:
@@ -680,8 +634,7 @@ def _prepare_one(job):
         lowres = downsample(hires)
         hi = np.load(os.path.join(st["out"], "hires.npy"), mmap_mode="r+")
         lo = np.load(os.path.join(st["out"], "lowres.npy"), mmap_mode="r+")
-        hi[i] = hires
-        lo[i] = lowres
+        hi[i], lo[i] = hires, lowres
         hi.flush()
         lo.flush()
         del hi, lo
@@ -697,29 +650,22 @@ def _prepare_one(job):
     return res
 
 
-def _volume_rows(out, jobs, done, label_cols, table, log):
-    """volumes.csv, written by a rename: one row per input with its result, labels and fold -> the rows."""
+def _finalise(out, plan, jobs, done, label_cols, table, t0, log):
+    """volumes.csv (one row per input: its result, labels and fold), then meta.json last: its presence says
+    the store is complete. Returns 0, or a ValueError when every input was skipped."""
     rows = []
     for j in jobs:
-        row = {k: "" for k in CSV_FIELDS}
+        row = {k: "" for k in CSV_FIELDS + ["fold"]}
         row.update({k: v for k, v in done[j["index"]].items() if k in CSV_FIELDS})
         row.update(index=j["index"], id=j["id"], source=j["source"])
-        lab = table.get(j["id"], {})
-        for c in label_cols:
-            row[c] = lab.get(c, "")
+        row.update(table.get(j["id"], {c: "" for c in label_cols}))  # every labelled id has every column
         if row["status"] == "ok" and "class" in label_cols:
-            try:
-                row["class"] = int(float(row["class"]))
-            except ValueError:
-                row.update(status="skipped", reason=f"{j['source']}: class {row['class']!r} is not an integer")
+            row["class"] = int(row["class"])  # an ok input has a labels row, whose class read_labels checked
+        elif row["status"] == "skipped":
+            log(f"skipped {row['reason']}")
         rows.append(row)
-    for r in rows:
-        if r["status"] == "skipped":
-            log(f"skipped {r['reason']}")
     ok = [r for r in rows if r["status"] == "ok"]
     folds = _fold_of([r["id"] for r in ok], [r["class"] if "class" in label_cols else 0 for r in ok])
-    for r in rows:
-        r["fold"] = ""
     for r, fo in zip(ok, folds):
         r["fold"] = fo
     with open(os.path.join(out, "volumes.csv.tmp"), "w", newline="") as f:
@@ -727,7 +673,35 @@ def _volume_rows(out, jobs, done, label_cols, table, log):
         w.writeheader()
         w.writerows(rows)
     os.replace(os.path.join(out, "volumes.csv.tmp"), os.path.join(out, "volumes.csv"))
-    return rows
+    log(f"{out}: {len(ok)} ok, {len(rows) - len(ok)} skipped, {time.time() - t0:.1f}s")
+    if not ok:
+        raise ValueError(f"{out}: nothing was prepared, every input was skipped (all reasons in "
+                         f"{os.path.join(out, 'volumes.csv')}), the first: {rows[0]['reason']}")
+    st = plan["settings"]
+    # one spacing/affine for the whole store (sample.py writes generated volumes with it): exact with
+    # --spacing, else the median of the per-volume spacings (fit mode: every volume keeps its own in volumes.csv)
+    sp = np.median(np.array([[float(v) for v in r["out_spacing"].split("x")] for r in ok]), axis=0)
+    if st["spacing"] > 0:
+        sp = np.full(3, float(st["spacing"]))
+    classes = [r["class"] for r in ok] if "class" in label_cols else []
+    meta = dict(
+        format_version=FORMAT_VERSION, img_size=st["img_size"], modality=st["modality"],
+        window=st["window"] or (list(CT_WINDOW) if st["modality"] == "ct" else None),
+        window_note=("mri: each volume maps [window_lo, window_hi] of volumes.csv to [-1, 1] (min and 99.9th "
+                     "percentile of its foreground)") if (st["modality"] == "mri" and not st["window"]) else "",
+        spacing=[float(v) for v in sp], affine=canonical_affine(sp, st["img_size"]).tolist(),
+        orientation="".join(ORIENTATION),
+        resample="stretch" if st["stretch"] else ("spacing" if st["spacing"] > 0 else "fit"),
+        num_volumes=len(ok), num_inputs=len(rows), label_columns=label_cols,
+        class_column="class" if "class" in label_cols else "",
+        num_classes=(max(classes) + 1) if classes else 0, num_folds=NUM_FOLDS,
+        lowres="avg_pool3d 4x4x4 of hires", dtype="float16", settings=st, plan_sha1=_sha1(plan), complete=True)
+    with open(os.path.join(out, "meta.json.tmp"), "w") as f:
+        json.dump(meta, f, indent=1)
+    os.replace(os.path.join(out, "meta.json.tmp"), os.path.join(out, "meta.json"))
+    for name in ("_plan.json", "_progress.jsonl"):
+        os.remove(os.path.join(out, name))
+    return 0
 
 
 def _fold_of(ids, classes):
@@ -737,37 +711,6 @@ def _fold_of(ids, classes):
     for rank, j in enumerate(sorted(range(len(ids)), key=key)):
         folds[j] = rank % NUM_FOLDS
     return folds
-
-
-def _write_meta(out, plan, ok, label_cols, num_inputs):
-    """meta.json, written last (its presence = complete); then the plan and progress files go."""
-    st = plan["settings"]
-    # one spacing/affine for the whole store (sample.py writes generated volumes with it): exact with
-    # --spacing, else the median of the per-volume spacings (fit mode: every volume keeps its own in volumes.csv)
-    sp = np.median(np.array([[float(v) for v in r["out_spacing"].split("x")] for r in ok]), axis=0)
-    if st["spacing"] > 0:
-        sp = np.full(3, float(st["spacing"]))
-    classes = [r["class"] for r in ok] if "class" in label_cols else []
-    mri_per_volume = st["modality"] == "mri" and not st["window"]
-    meta = dict(
-        format_version=FORMAT_VERSION, img_size=st["img_size"], modality=st["modality"],
-        window=st["window"] or (list(CT_WINDOW) if st["modality"] == "ct" else None),
-        window_note=("mri: each volume maps [window_lo, window_hi] of volumes.csv to [-1, 1] "
-                     "(min and 99.9th percentile of its foreground)") if mri_per_volume else "",
-        spacing=[float(v) for v in sp], affine=canonical_affine(sp, st["img_size"]).tolist(),
-        orientation="".join(ORIENTATION),
-        resample="stretch" if st["stretch"] else ("spacing" if st["spacing"] > 0 else "fit"),
-        num_volumes=len(ok), num_inputs=num_inputs, label_columns=label_cols,
-        class_column="class" if "class" in label_cols else "",
-        num_classes=(max(classes) + 1) if classes else 0, num_folds=NUM_FOLDS,
-        lowres="avg_pool3d 4x4x4 of hires", dtype="float16", settings=st,
-        plan_sha1=_sha1(plan), complete=True)
-    mpath = os.path.join(out, "meta.json")
-    with open(mpath + ".tmp", "w") as f:
-        json.dump(meta, f, indent=1)
-    os.replace(mpath + ".tmp", mpath)
-    for name in ("_plan.json", "_progress.jsonl"):
-        os.remove(os.path.join(out, name))
 
 
 def _sha1(obj):
@@ -853,11 +796,8 @@ def write_volume(path, x, meta, descrip=""):
 
 
 def save_montage(path, vols):
-    """
-    PNG of three mid-planes per volume, one row each: axial (anterior up, patient's left on the right,
-    as radiologists view it), coronal and sagittal (superior up). vols: [D,H,W] arrays in [-1,1] in
-    prepare.py's stored orientation. A tiny PNG writer, so we need no imaging package.
-    """
+    """PNG of three mid-planes per volume ([D,H,W] in [-1,1], stored orientation), one row each: axial as
+    radiologists view it (anterior up, patient's left on the right), coronal and sagittal (superior up)."""
     rows = []
     for v in vols:
         v = np.asarray(v, dtype=np.float32)
@@ -874,7 +814,8 @@ def save_montage(path, vols):
 
     def png_chunk(tag, data):
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xffffffff)
-    raw = b"".join(b"\x00" + line.tobytes() for line in img)  # filter type 0 per scanline
+    # a tiny PNG writer, so that we need no imaging package: filter type 0 per scanline, one IDAT chunk
+    raw = b"".join(b"\x00" + line.tobytes() for line in img)
     png = (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", img.shape[1], img.shape[0], 8, 0, 0, 0, 0))
            + png_chunk(b"IDAT", zlib.compress(raw, 6)) + png_chunk(b"IEND", b""))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -959,12 +900,9 @@ class VolumeDataset:
         return np.array(self._maps()[0][self.index[j]], dtype=np.float32)
 
     def get_batch(self, batch_size, span=None, device="cpu", generator=None):
-        """
-        B random volumes of this split -> (x float32 [B,1,stop-start,H,W], x_low float32 [B,1,D/4,H/4,W/4],
-        labels int64 [B]). span = (start, stop) is the voxel range to read along axis 0, e.g. a slab's
-        model.slab_range(r, D, num_slabs); None reads whole volumes. Each volume's span is one contiguous
-        read. Volumes are drawn with torch.randint from the caller's (CPU) generator.
-        """
+        """B random volumes (torch.randint from the caller's CPU generator) -> (x float32 [B,1,stop-start,H,W],
+        x_low float32 [B,1,D/4,H/4,W/4], labels int64 [B]). span = (start, stop) along axis 0, e.g. a slab's
+        model.slab_range(r, D, num_slabs); None reads whole volumes."""
         D, H, W = self.img_size
         start, stop = span or (0, D)
         if not 0 <= start < stop <= D:
