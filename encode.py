@@ -124,15 +124,9 @@ def open_data(c, ckpt_meta):
     if not c["input"]:
         try:
             ds = VolumeDataset(data, c["split"], c["fold"])
-            fold_of = {}  # each volume is in exactly one 'val' split (the paper's 5-fold CV)
-            for f in range(ds.meta.get("num_folds", 5)):
-                try:
-                    fold_of.update({i: f for i in VolumeDataset(data, "val", f).ids})
-                except ValueError:
-                    pass  # an empty fold of a tiny dataset
         except (FileNotFoundError, ValueError, AssertionError, KeyError) as e:
             fail(str(e) if str(e).startswith(data) else f"{data}: {e}")
-        return ds, ds.meta, np.array([fold_of.get(i, -1) for i in ds.ids])
+        return ds, ds.meta, ds.folds
     paths, missing = find_inputs(c["input"])
     if missing:
         fail(f"{missing[0][0]}: {missing[0][1]}")

@@ -70,8 +70,7 @@ MIN_SLICES = 8  # fewer voxels than this along an axis (after trimming blank sli
 MAX_SATURATED = 0.5  # more than this share of voxels above the window's high end: not in the window's units
 DICOM_HINT = "convert each DICOM series to NIfTI first, e.g. dcm2niix -z y -o nifti/ {src}, then --input=nifti/"
 MISSING = ("", "na", "n/a", "nan", "none", "null", "-")  # empty labels.csv cells, as spreadsheets write them
-# volumes.csv. orig_*: the source grid after reorientation to our axis order (same world coordinates as the
-# file); out_affine: stored voxel -> RAS+ mm of this volume (first 3 rows, row-major)
+# volumes.csv; orig_*: the source grid reoriented to our axes; out_affine: stored voxel -> RAS+ mm (3 rows)
 CSV_FIELDS = ["index", "id", "source", "status", "reason", "orig_shape", "orig_spacing", "orig_axcodes", "orig_affine",
               "window_lo", "window_hi", "trimmed", "nonfinite", "out_spacing", "out_affine"]
 
@@ -108,16 +107,14 @@ def parse_window(s):
 
 
 def parse_size(s):
-    """256 / '256' / '160,256,256' / (D,H,W) -> (D, H, W), each a multiple of 32 from 32 to 512 (what model.py
-    builds); a one-line ValueError otherwise."""
+    """256 / '256' / '160,256,256' / (D,H,W) -> (D, H, W), each a multiple of 32 from 32 to 512 (model.py's)."""
     try:
         size = tuple(int(v) for v in (s if isinstance(s, (tuple, list)) else str(s).split(",")))
     except ValueError:
         size = ()
     size = size * 3 if len(size) == 1 else size
     if len(size) != 3 or not all(32 <= v <= 512 and v % 32 == 0 for v in size):
-        raise ValueError(f"img_size={s}: cannot be built; use S in 32, 64, 128, 256, 512, or D,H,W with every dim "
-                         f"a multiple of 32 between 32 and 512 (e.g. 160,192,224)")
+        raise ValueError(f"img_size={s}: cannot be built; use S or D,H,W, each a multiple of 32 from 32 to 512")
     return size
 
 
@@ -154,8 +151,7 @@ def load_volume(path, first_volume=False):
     try:
         img = nib.load(path, mmap=False)  # we copy to float32 anyway; a memmap would only pin the file
     except ModuleNotFoundError as e:  # MINC2 (HDF5) needs h5py, which is not one of our dependencies
-        raise ValueError(f"{path}: needs the optional package {e.name} (pip install {e.name}); "
-                         f"or convert it to NIfTI") from None
+        raise ValueError(f"{path}: needs the package {e.name} (pip install {e.name}), or convert it to NIfTI") from None
     except Exception as e:
         raise ValueError(f"{path}: not an image nibabel can read ({type(e).__name__}: {e})") from None
     if not hasattr(img, "dataobj") or getattr(img, "affine", None) is None:
@@ -182,8 +178,7 @@ def _read_3d(path, data, first_volume, copy=False):
         raise ValueError(f"{path}: 2D image (shape {'x'.join(map(str, shape))}), need a 3D volume")
     extra = shape[3:]
     if any(v > 1 for v in extra) and (not first_volume or len([v for v in extra if v > 1]) > 1):
-        raise ValueError(f"{path}: {len(shape)}D series of shape {'x'.join(map(str, shape))} "
-                         f"(use --first_volume to take its first volume)")
+        raise ValueError(f"{path}: {len(shape)}D series of shape {'x'.join(map(str, shape))} (use --first_volume)")
     try:
         data = data[(slice(None),) * 3 + (0,) * len(extra)] if extra else data
         return np.array(data, dtype=np.float32) if copy else np.asarray(data, dtype=np.float32)
@@ -212,8 +207,7 @@ def prepare_array(vol, spacing, img_size, modality="ct", window=None, out_spacin
         if fill[a] < T[a] / 8:
             fov = " x ".join(f"{n[k] * sp[k]:.0f}" for k in range(3))
             raise ValueError(f"extreme shape: a field of view of {fov} mm fills only {fill[a]:.1f} of the {T[a]} "
-                             f"stored voxels along axis {a} (under 1/8); not a volume to learn from "
-                             f"(--stretch resizes it anyway)")
+                             f"stored voxels along axis {a}, under 1/8 (--stretch resizes it anyway)")
     u = u.contiguous()
     for a in range(3):  # resample axis 0, then rotate (D,H,W) -> (H,W,D): each axis comes first once
         u = _resample_axis0(u, T[a], step[a], -1.0)
@@ -232,7 +226,7 @@ def _window_and_trim(vol, modality, window):
     """Source units -> [-1, 1] (NaN/inf -> background), blank axial slices trimmed at both ends ->
     (torch [d,H0,W0], window, (t0, t1) the slices kept, non-finite count). ValueError for what is not a scan."""
     x = torch.from_numpy(np.ascontiguousarray(vol, dtype=np.float32))  # (D0,H0,W0), not modified
-    # one sum tells us whether anything is NaN/inf; only then do we pay for a mask
+    # one sum says whether anything is NaN/inf; only then do we pay for a mask
     finite = None if math.isfinite(float(x.sum(dtype=torch.float64))) else torch.isfinite(x)
     n_bad = 0 if finite is None else int(x.numel() - finite.sum())
     if n_bad == x.numel():
@@ -244,8 +238,7 @@ def _window_and_trim(vol, modality, window):
     if window is None and modality == "ct":
         window = CT_WINDOW
     elif window is None and modality == "mri":
-        # foreground = above the minimum (skull-stripped MRI has a 0 background); subsample big volumes,
-        # a percentile of 4M voxels is plenty and keeps this under a second
+        # foreground = above the minimum (skull-stripped MRI has a 0 background); 4M voxels are plenty
         fg = vals[vals > vmin]
         fg = fg[::max(1, fg.numel() // 4_000_000)]
         hi = float(np.percentile(fg.numpy(), MRI_PERCENTILE))
@@ -267,12 +260,11 @@ def _window_and_trim(vol, modality, window):
     t0, t1 = int(keep[0]), int(keep[-1]) + 1
     u = u[t0:t1]
     n = u.shape
-    # what no scan looks like: a few slices (a localiser, a 2D series), or values beyond the window
-    # (CT not in Hounsfield units: a raw scanner range without its rescale slope and intercept)
+    # what no scan looks like: a few slices (a localiser), or values beyond the window (CT not in HU: no rescale)
     if min(n) < MIN_SLICES:
         a = int(np.argmin(n))
         raise ValueError(f"too thin to be a scan: {n[a]} voxel(s) along axis {a} ({'x'.join(map(str, n))} after "
-                         f"trimming blank axial slices); at least {MIN_SLICES} are needed")
+                         f"trimming blank slices); at least {MIN_SLICES} needed")
     high = float((u >= 1.0).float().mean())
     if high > MAX_SATURATED:
         raise ValueError(f"{100 * high:.0f}% of the voxels are at or above the window's high end {window[1]:g} "
@@ -281,9 +273,8 @@ def _window_and_trim(vol, modality, window):
 
 
 def _resample_axis0(x, T, step, bg):
-    """x (torch float32, contiguous) resampled along axis 0 to T samples, centres aligned: output o sits at input
-    (o - (T-1)/2) * step + (n-1)/2. A triangle filter, widened by step when shrinking (anti-aliased, as torch's
-    antialias=True), linear when enlarging; outputs whose centre falls outside the input get bg."""
+    """x (torch float32, contiguous) resampled along axis 0 to T samples, output o at input (o - (T-1)/2)*step
+    + (n-1)/2: a triangle filter, widened by step when shrinking (anti-aliased), linear when enlarging; bg outside."""
     n = x.shape[0]
     if T == n and abs(step - 1.0) < 1e-9:
         return x
@@ -295,8 +286,7 @@ def _resample_axis0(x, T, step, bg):
     w = w / w.sum(1, keepdim=True)
     idx = idx.clamp_(0, n - 1)  # edge replicate
     out = torch.empty((T,) + tuple(x.shape[1:]), dtype=x.dtype)
-    # one whole (H,W) plane per multiply-add: contiguous, in cache, no temporaries. That is why the
-    # caller rotates the axes to bring each one first, rather than indexing along the other two.
+    # one whole (H,W) plane per multiply-add: contiguous, no temporaries (why the caller rotates the axes)
     for o in range(T):
         if c[o] < -0.5 or c[o] > n - 0.5:
             out[o] = bg
@@ -331,8 +321,7 @@ def prepare_file(path, meta):
 
 
 def writable_dir(path):
-    """Create folder `path` if needed and check that we can write there, before any long work starts;
-    a one-line ValueError naming the folder otherwise."""
+    """Create folder `path` if needed and check that we can write there, before any long work starts."""
     try:
         os.makedirs(path, exist_ok=True)
         probe = os.path.join(path, f".write_test{os.getpid()}")
@@ -430,8 +419,7 @@ def read_labels(path):
     names = [{"id": "id", "class": "class"}.get(h.lower(), h) for h in header]
     where = f"{path}: row {h0 + 1} (the header)"
     if "id" not in names:
-        raise ValueError(f"{where}: no 'id' column (found: {', '.join(header) or 'nothing'}); "
-                         f"a labels file needs an id column naming each scan")
+        raise ValueError(f"{where}: no 'id' column naming each scan (found: {', '.join(header) or 'nothing'})")
     for j, h in enumerate(names):
         if not h:
             raise ValueError(f"{where}: column {j + 1} has no name")
@@ -467,8 +455,7 @@ def _label_value(where, column, v, delim):
         x = float("nan")
     if column == "class":
         if v.lower() in MISSING or not (math.isfinite(x) and x == int(x) and x >= 0):
-            raise ValueError(f"{where}: {v!r} is not a class; classes are integers 0, 1, 2, ... in every row "
-                             f"(delete a row to leave its scan out)")
+            raise ValueError(f"{where}: {v!r} is not a class, an integer 0, 1, 2, ... (or delete the row)")
         return str(int(x))
     if v.lower() in MISSING:
         return ""
@@ -479,9 +466,8 @@ def _label_value(where, column, v, delim):
 
 def prepare_dataset(inputs, out, img_size=256, modality="ct", window="", labels="", workers=1,
                     first_volume=False, spacing=-1.0, stretch=False, on_done=None, log=print):
-    """Prepare every input into the folder out; 0 once at least one volume is ok. Bad arguments, an out that
-    holds another store, or nothing prepared: a one-line ValueError, before any existing file is changed.
-    on_done(n_done) is called after each finished volume (tests use it to simulate a killed run)."""
+    """Prepare every input into the folder out; 0 once at least one volume is ok, else a one-line ValueError (before
+    any existing file changes). on_done(n_done) is called after each volume (tests simulate a kill with it)."""
     size = parse_size(img_size)
     if modality not in ("ct", "mri"):
         raise ValueError(f"--modality={modality}: unknown modality; use ct or mri")
@@ -529,9 +515,8 @@ def prepare_dataset(inputs, out, img_size=256, modality="ct", window="", labels=
 
 
 def _open_store(out, plan, log):
-    """Resume or start the store in out -> {index: result} of the volumes already done, or None when out is
-    complete with this plan. Another store there, complete or partial, is refused, never overwritten (the
-    plan is written before the arrays, so a partial store has one)."""
+    """Resume or start the store in out -> {index: result} of the volumes done, or None when out is complete with this
+    plan. Another store there, complete or partial (it has a plan), is refused, never overwritten."""
     mpath, ppath, gpath = (os.path.join(out, n) for n in ("meta.json", "_plan.json", "_progress.jsonl"))
     hpath, lpath = os.path.join(out, "hires.npy"), os.path.join(out, "lowres.npy")
     if os.path.exists(mpath):
@@ -541,7 +526,8 @@ def _open_store(out, plan, log):
             return None
         raise ValueError(f"{out} holds a different prepared dataset (other inputs or settings); delete it or "
                          f"choose another --out")
-    started = os.path.exists(ppath) or os.path.exists(hpath) or os.path.exists(lpath)  # arrays without a plan: not ours
+    # a store begun here must have this plan (arrays without a plan were not written by this code)
+    started = os.path.exists(ppath) or os.path.exists(hpath) or os.path.exists(lpath)
     if started and (not os.path.exists(ppath) or open(ppath, "rb").read() != json.dumps(plan).encode()):
         raise ValueError(f"{out} holds a partial store prepared from other inputs or settings; delete it, "
                          f"re-run the command that started it, or choose another --out")
@@ -568,8 +554,7 @@ def _open_store(out, plan, log):
 
 
 def _run(out, jobs, done, settings, workers, on_done, log):
-    """Prepare the jobs not done yet in `workers` processes, into done; each result is also appended to
-    _progress.jsonl as it comes, so that a killed run resumes where it stopped."""
+    """Prepare the jobs not done yet in `workers` processes into done, and into _progress.jsonl as they come."""
     todo = [j for j in jobs if j["index"] not in done and "status" not in j]
     for j in jobs:  # skipped while planning: no progress line needed
         if "status" in j and j["index"] not in done:
@@ -608,8 +593,7 @@ _W = {}  # a worker's settings, set once per process
 
 
 def _worker_init(settings, threads):
-    # one torch thread per worker: we scale with processes, and torch's thread pools competing for the
-    # same cores (with each other, or with a training run) cost far more than they gain
+    # one torch thread per worker: we scale with processes; thread pools competing for cores cost far more
     torch.set_num_threads(threads)
     _W.clear()
     _W.update(settings)
@@ -651,8 +635,7 @@ def _prepare_one(job):
 
 
 def _finalise(out, plan, jobs, done, label_cols, table, t0, log):
-    """volumes.csv (one row per input: its result, labels and fold), then meta.json last: its presence says
-    the store is complete. Returns 0, or a ValueError when every input was skipped."""
+    """volumes.csv (per input: its result, labels and fold), then meta.json last: its presence says 'complete'."""
     rows = []
     for j in jobs:
         row = {k: "" for k in CSV_FIELDS + ["fold"]}
@@ -678,8 +661,7 @@ def _finalise(out, plan, jobs, done, label_cols, table, t0, log):
         raise ValueError(f"{out}: nothing was prepared, every input was skipped (all reasons in "
                          f"{os.path.join(out, 'volumes.csv')}), the first: {rows[0]['reason']}")
     st = plan["settings"]
-    # one spacing/affine for the whole store (sample.py writes generated volumes with it): exact with
-    # --spacing, else the median of the per-volume spacings (fit mode: every volume keeps its own in volumes.csv)
+    # one spacing/affine for the store (sample.py writes with it): --spacing, or the median of the volumes' own
     sp = np.median(np.array([[float(v) for v in r["out_spacing"].split("x")] for r in ok]), axis=0)
     if st["spacing"] > 0:
         sp = np.full(3, float(st["spacing"]))
@@ -722,8 +704,7 @@ def _sha1(obj):
 
 
 def output_affine(meta, shape):
-    """4x4 voxel -> RAS mm of a generated (D,H,W) volume: the dataset's affine (stored grid -> world)
-    when the shapes agree, else its axes rescaled to the new grid about the same centre."""
+    """4x4 voxel -> RAS mm of a generated (D,H,W) volume: the dataset's, rescaled about its centre to this grid."""
     if meta.get("affine") is not None:
         A = np.array(meta["affine"], dtype=np.float64)
         src = tuple(meta.get("img_size") or shape)
@@ -745,8 +726,7 @@ def output_affine(meta, shape):
 
 
 def to_output(x, meta):
-    """[-1, 1] float volume -> the modality's units: CT int16 HU through the inverse of the prepare
-    window; MRI float32 in window units, or in [-1, 1] when the window was per volume (meta null)."""
+    """[-1, 1] -> the modality's units: CT int16 HU, MRI float32 (in [-1, 1] when its window was per volume)."""
     win = meta.get("window")
     if win is None:
         return np.asarray(x, dtype=np.float32)
@@ -836,8 +816,7 @@ def read_meta(path):
 
 
 def store_fingerprint(path):
-    """A prepared store's identity: sha1 of its meta.json + volumes.csv (which hold the plan's hash and every
-    volume's row), 16 hex digits. train.py keeps it in checkpoints; eval.py keys its feature cache by it."""
+    """A store's identity: 16 hex digits of sha1(meta.json + volumes.csv), kept in checkpoints and feature caches."""
     with open(os.path.join(path, "meta.json"), "rb") as f, open(os.path.join(path, "volumes.csv"), "rb") as g:
         return hashlib.sha1(f.read() + g.read()).hexdigest()[:16]
 
@@ -849,8 +828,8 @@ class VolumeDataset:
         path = str(path)
         mpath = os.path.join(path, "meta.json")
         if not os.path.exists(mpath):
-            raise FileNotFoundError(f"{path}: no prepared dataset (meta.json missing); run prepare.py on your "
-                                    f"scans, or python data/demo/prepare.py for the demo")
+            raise FileNotFoundError(f"{path}: no prepared dataset (meta.json missing); run prepare.py, or "
+                                    f"data/demo/prepare.py")
         with open(mpath) as f:
             self.meta = json.load(f)
         if not self.meta.get("complete") or self.meta.get("format_version") != FORMAT_VERSION:
@@ -872,6 +851,7 @@ class VolumeDataset:
             raise ValueError(f"{path}: no volumes in split={split} fold={fold}")
         self.index = np.array([int(r["index"]) for r in rows], dtype=np.int64)  # rows of hires.npy
         self.ids = [r["id"] for r in rows]
+        self.folds = np.array([int(r["fold"]) for r in rows], dtype=np.int64)
         self.labels = {}
         for col in self.meta["label_columns"]:
             if col == self.meta["class_column"]:
@@ -915,10 +895,8 @@ class VolumeDataset:
             x = torch.from_numpy(np.array([hi[i, start:stop] for i in rows], dtype=np.float32))[:, None]
             x_low = torch.from_numpy(np.array([lo[i] for i in rows], dtype=np.float32))[:, None]
             return x.to(device), x_low.to(device), self._class[ix].to(device)
-        # CUDA: float16 into pinned memory, an asynchronous copy, the cast on the GPU: half the PCIe bytes,
-        # and the CPU is free once the copy is queued. Two staging buffers take turns, so filling one never
-        # touches the one whose copy may still be running; before refilling a buffer we wait for its own
-        # previous copy (long done by then), not for the whole stream.
+        # CUDA: float16 into pinned memory, an asynchronous copy, the cast on the GPU (half the PCIe bytes). Two
+        # staging buffers take turns; before refilling one we wait for its own previous copy, not the stream.
         bufs = self._pinned.setdefault((batch_size, stop - start), [])
         if len(bufs) < 2:
             bufs.insert(0, [torch.empty((batch_size, 1, stop - start, H, W), dtype=torch.float16).pin_memory(),
