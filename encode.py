@@ -106,10 +106,8 @@ class _Files:
     """NIfTI (or any prepare.py input) files seen like a VolumeDataset: prepared on the fly with a meta."""
 
     def __init__(self, paths, meta):
-        self.paths, self.meta = paths, meta
-        self.ids = [volume_id(p) for p in paths]
-        self.labels = {}
-        self.img_size = tuple(meta["img_size"])
+        self.paths, self.meta, self.img_size = paths, meta, tuple(meta["img_size"])
+        self.ids, self.labels = [volume_id(p) for p in paths], {}
 
     def __len__(self):
         return len(self.paths)
@@ -178,10 +176,9 @@ def encode_all(c, model, ds, source):
 
 def write_all(c, ds, meta, folds, Z, recons, results, dirs, t0):
     """Every output file, each by a rename; a full disk is one line, and nothing is left half-written."""
-    out = path = c["out"]
+    out = c["out"]
     try:
-        path = os.path.join(out, "features.npy")
-        write_atomic(path, lambda p: np.save(p, Z))
+        write_atomic(os.path.join(out, "features.npy"), lambda p: np.save(p, Z))
         cols = list(ds.labels)
 
         def write_ids(p):
@@ -190,13 +187,11 @@ def write_all(c, ds, meta, folds, Z, recons, results, dirs, t0):
                 wr.writerow(["row", "id"] + cols + (["fold"] if folds is not None else []))
                 for j, i in enumerate(ds.ids):
                     wr.writerow([j, i] + [ds.labels[k][j] for k in cols] + ([folds[j]] if folds is not None else []))
-        path = os.path.join(out, "ids.csv")
-        write_atomic(path, write_ids)
+        write_atomic(os.path.join(out, "ids.csv"), write_ids)
         print(f"{out}/features.npy {tuple(Z.shape)} and ids.csv ({time.time() - t0:.1f}s)")
         for vid, a, b, l1, psnr in recons:
             for kind, v, what in (("orig", a, "prepared"), ("recon", b, "G(E(x))")):
-                path = os.path.join(out, f"{safe_name(vid)}_{kind}.nii.gz")
-                write_volume(path, v, meta, f"{what} {vid}")
+                write_volume(os.path.join(out, f"{safe_name(vid)}_{kind}.nii.gz"), v, meta, f"{what} {vid}")
             hu = f" ({l1 * (meta['window'][1] - meta['window'][0]) / 2:.1f} HU)" if meta.get("window") else ""
             print(f"recon {vid}: L1 {l1:.4f}{hu}, PSNR {psnr:.2f} dB")
         if recons:
@@ -207,18 +202,15 @@ def write_all(c, ds, meta, folds, Z, recons, results, dirs, t0):
             print(f"Ridge {r['target']}: held-out R^2 {r['r2_mean']:.3f} +- {r['r2_std']:.3f} "
                   f"(folds: {folds_s}; n={r['n']})")
         if results:
-            path = os.path.join(out, "regress.json")
-            write_atomic(path, lambda p: open(p, "w").write(json.dumps(results, indent=1)))
+            write_atomic(os.path.join(out, "regress.json"), lambda p: open(p, "w").write(json.dumps(results, indent=1)))
         for col, (w, info) in dirs.items():
             base = os.path.join(out, f"direction_{safe_name(col)}")
-            path = base + ".npy"
-            write_atomic(path, lambda p: np.save(p, w.astype(np.float32)))
-            path = base + ".json"
-            write_atomic(path, lambda p: open(p, "w").write(json.dumps(info, indent=1)))
+            write_atomic(base + ".npy", lambda p: np.save(p, w.astype(np.float32)))
+            write_atomic(base + ".json", lambda p: open(p, "w").write(json.dumps(info, indent=1)))
             print(f"{base}.npy: |w| = {info['norm']:.4g} {col} per unit of z (in-sample R^2 {info['r2_fit']:.3f})")
-    except OSError as e:
-        fail(f"{path}: cannot write it ({e.strerror or e}); the files written before it are complete, and nothing "
-             f"half-written is left")
+    except OSError as e:  # write_atomic's: e.filename is the file being written
+        fail(f"{e.filename}: cannot write it ({e.strerror or e}); the files written before it are complete, "
+             f"and nothing half-written is left")
 
 
 def main(argv=None):
@@ -241,11 +233,10 @@ def main(argv=None):
     # every requested column must exist, and no file be in the way, before we spend time encoding
     reg = [s for s in c["regress"].split(",") if s]
     dirs = [s for s in c["direction"].split(",") if s]
+    have = [k for k in ds.labels if k != meta.get("class_column")]
     for col in reg + dirs:
         if col not in ds.labels:
-            have = [k for k in ds.labels if k != meta.get("class_column")]
-            fail(f"unknown label column '{col}'" + (f"; {source} has: {', '.join(have)}" if have
-                                                     else f"; {source} has no labels"))
+            fail(f"unknown label column '{col}'; {source} has {', '.join(have) or 'no labels'}")
     if reg and folds is None:
         fail("--regress needs a prepared folder (its labels and folds)")
     # file names from ids and label columns: whatever they hold, the files stay inside OUT (safe_name)

@@ -743,13 +743,17 @@ def safe_name(s):
 
 
 def write_atomic(path, write):
-    """write(tmp) then rename, so an interrupted run never leaves a half-written file under `path`."""
+    """write(tmp) then rename, so an interrupted run never leaves a half-written file under `path`. An OSError
+    (a full disk) names `path` as its filename."""
     base = os.path.basename(path)
     ext = next((e for e in (".nii.gz", ".nii", ".npy", ".json", ".png", ".csv") if base.endswith(e)), "")
     tmp = os.path.join(os.path.dirname(path), f".{base[:len(base) - len(ext)]}.tmp{os.getpid()}{ext}")
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        e.filename, e.filename2 = path, None
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

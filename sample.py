@@ -153,7 +153,7 @@ def write_all(c, model, meta, src, n, item, series):
     out, ext = c["out"], "." + c["format"]
     # a series' montage: at most MONTAGE_ROWS of its volumes, at half resolution
     shown = {round(j * (n - 1) / (MONTAGE_ROWS - 1)) for j in range(MONTAGE_ROWS)} if n > MONTAGE_ROWS else range(n)
-    previews, path, written = [], out, 0
+    previews, written = [], 0
     try:  # a full disk: one line; write_atomic leaves no temp file, and the volumes written so far are whole
         for i in range(0, n, c["batch_size"]):
             batch = [item(j) for j in range(i, min(i + c["batch_size"], n))]
@@ -167,13 +167,11 @@ def write_all(c, model, meta, src, n, item, series):
             for j, (name, _, k, extra), v in zip(range(i, n), batch, x):
                 side = dict(src, seed=extra.pop("seed"), **({} if k is None else {"class": k}), **extra,
                             chunk=c["chunk"], dtype=c["dtype"], shape=list(v.shape))
-                path = os.path.join(out, name + ext)
-                write_volume(path, v, meta, f"HA-GAN {name}")
-                path = os.path.join(out, name + ".json")
-                write_atomic(path, lambda p: open(p, "w").write(json.dumps(side, indent=1)))
+                write_volume(os.path.join(out, name + ext), v, meta, f"HA-GAN {name}")
+                write_atomic(os.path.join(out, name + ".json"),
+                             lambda p: open(p, "w").write(json.dumps(side, indent=1)))
                 if c["png"] and not series:  # mid-planes as prepare.py's stored orientation (S,P,L) shows them
-                    path = os.path.join(out, name + ".png")
-                    save_montage(path, [v])
+                    save_montage(os.path.join(out, name + ".png"), [v])
                 if c["png"] and series and j in shown:
                     previews.append(v[::2, ::2, ::2].copy())  # half resolution keeps a long series' montage small
                 written += 1
@@ -182,10 +180,9 @@ def write_all(c, model, meta, src, n, item, series):
                       + (f" t={extra['t']:.3g}" if "t" in extra else "") + (f" predicted {pred}" if pred else ""))
             print(f"  {dt / len(batch):.2f} s/volume")
         if previews:
-            path = os.path.join(out, series + ".png")
-            save_montage(path, previews)
-    except OSError as e:
-        fail(f"{path}: cannot write it ({e.strerror or e}); the {written} volume(s) before it are complete, "
+            save_montage(os.path.join(out, series + ".png"), previews)
+    except OSError as e:  # write_atomic's: e.filename is the file being written
+        fail(f"{e.filename}: cannot write it ({e.strerror or e}); the {written} volume(s) before it are complete, "
              f"and nothing half-written is left")
 
 
