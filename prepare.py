@@ -796,9 +796,9 @@ def save_montage(path, vols):
     img = np.repeat(np.repeat(img, k, 0), k, 1)
     img = np.clip((np.nan_to_num(img, nan=-1.0) + 1) * 127.5, 0, 255).astype(np.uint8)
 
+    # a tiny PNG writer, so that we need no imaging package: filter type 0 per scanline, one IDAT chunk
     def png_chunk(tag, data):
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xffffffff)
-    # a tiny PNG writer, so that we need no imaging package: filter type 0 per scanline, one IDAT chunk
     raw = b"".join(b"\x00" + line.tobytes() for line in img)
     png = (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", img.shape[1], img.shape[0], 8, 0, 0, 0, 0))
            + png_chunk(b"IDAT", zlib.compress(raw, 6)) + png_chunk(b"IEND", b""))
