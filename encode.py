@@ -107,7 +107,7 @@ class _Files:
 
     def __init__(self, paths, meta):
         self.paths, self.meta, self.img_size = paths, meta, tuple(meta["img_size"])
-        self.ids, self.labels = [volume_id(p) for p in paths], {}
+        self.ids, self.labels, self.folds = [volume_id(p) for p in paths], {}, None
 
     def __len__(self):
         return len(self.paths)
@@ -117,14 +117,14 @@ class _Files:
 
 
 def open_data(c, ckpt_meta):
-    """The input as (dataset, meta, fold of every volume or None)."""
+    """The prepared folder (VolumeDataset), or --input's files prepared on the fly (_Files, without folds)."""
     data = c["data_dir"]
     if not c["input"]:
         try:
             ds = VolumeDataset(data, c["split"], c["fold"])
         except (FileNotFoundError, ValueError, AssertionError, KeyError) as e:
             fail(str(e) if str(e).startswith(data) else f"{data}: {e}")
-        return ds, ds.meta, ds.folds
+        return ds
     paths, missing = find_inputs(c["input"])
     if missing:
         fail(f"{missing[0][0]}: {missing[0][1]}")
@@ -136,7 +136,7 @@ def open_data(c, ckpt_meta):
         fail(str(e))
     if not meta or "img_size" not in meta:
         fail("to prepare NIfTI files we need the dataset's meta.json: the checkpoint has none, pass --meta")
-    return _Files(paths, meta), meta, None
+    return _Files(paths, meta)
 
 
 def encode_all(c, model, ds, source):
@@ -174,9 +174,9 @@ def encode_all(c, model, ds, source):
     return Z, recons
 
 
-def write_all(c, ds, meta, folds, Z, recons, results, dirs, t0):
+def write_all(c, ds, Z, recons, results, dirs, t0):
     """Every output file, each by a rename; a full disk is one line, and nothing is left half-written."""
-    out = c["out"]
+    out, meta, folds = c["out"], ds.meta, ds.folds
     try:
         write_atomic(os.path.join(out, "features.npy"), lambda p: np.save(p, Z))
         cols = list(ds.labels)
@@ -225,7 +225,7 @@ def main(argv=None):
         model, ckpt = load_checkpoint(c["ckpt"], c["device"], ema=c["ema"])
     except ValueError as e:
         fail(str(e).strip().splitlines()[0])
-    ds, meta, folds = open_data(c, ckpt.get("meta") or {})
+    ds = open_data(c, ckpt.get("meta") or {})
     source = ", ".join(c["input"]) or c["data_dir"]
     if tuple(ds.img_size) != tuple(model.cfg.shape):
         fail(f"{source}: volumes are {'x'.join(map(str, ds.img_size))} but the model takes "
@@ -233,11 +233,11 @@ def main(argv=None):
     # every requested column must exist, and no file be in the way, before we spend time encoding
     reg = [s for s in c["regress"].split(",") if s]
     dirs = [s for s in c["direction"].split(",") if s]
-    have = [k for k in ds.labels if k != meta.get("class_column")]
+    have = [k for k in ds.labels if k != ds.meta.get("class_column")]
     for col in reg + dirs:
         if col not in ds.labels:
             fail(f"unknown label column '{col}'; {source} has {', '.join(have) or 'no labels'}")
-    if reg and folds is None:
+    if reg and ds.folds is None:
         fail("--regress needs a prepared folder (its labels and folds)")
     # file names from ids and label columns: whatever they hold, the files stay inside OUT (safe_name)
     files = ["features.npy", "ids.csv"] + (["regress.json"] if reg else [])
@@ -252,7 +252,7 @@ def main(argv=None):
     results = {}
     for col in reg:
         try:
-            res = cross_validate(Z, ds.labels[col], folds, c["lam"], c["log"])
+            res = cross_validate(Z, ds.labels[col], ds.folds, c["lam"], c["log"])
         except ValueError as e:
             fail(f"--regress={col}: {e}")
         if not res:
@@ -266,7 +266,7 @@ def main(argv=None):
         dir_out[col] = (w, dict(column=col, intercept=float(b), norm=float(np.linalg.norm(w)), r2_fit=float(fit),
                                 latent_dim=int(w.size), ckpt=os.path.abspath(c["ckpt"]),
                                 note=f"{col} ~ w.z + b; one unit of z along w/|w| changes it by |w|"))
-    write_all(c, ds, meta, folds, Z, recons, results, dir_out, t0)
+    write_all(c, ds, Z, recons, results, dir_out, t0)
 
 
 if __name__ == "__main__":
