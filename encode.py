@@ -9,10 +9,9 @@ and use it: predict clinical measurements (Sec. IV-D, Table VI) and find latent 
     python sample.py --direction=features/direction_lung_volume_ml.npy --steps=7 --scale=3 --png
     python encode.py --input="scans/*.nii.gz" --out=features_new/           # NIfTI files, prepared on the fly
 
---regress: Ridge regression (lambda = 1e-4, intercept unpenalised) of log(column) on Z, trained on four
-folds of the dataset's 5-fold split and scored by R^2 on the fifth, for every fold; numpy only.
---direction: least-squares linear model column = w.Z + b on all encoded volumes; w is the direction.
-Files are written only once everything has been computed, each by a rename: nothing half-written.
+--regress: Ridge (lambda 1e-4, intercept unpenalised) of log(column) on Z, trained on four folds of the 5-fold
+split and scored by R^2 on the fifth, for every fold. --direction: least squares column = w.Z + b on all volumes;
+w is the direction. Files are written once everything is computed, each by a rename.
 """
 
 import csv
@@ -103,17 +102,12 @@ def direction(Z, y):
     return w, b, r2(y[ok], X @ w + b)
 
 
-# -----------------------------------------------------------------------------
-
-
 class _Files:
     """NIfTI (or any prepare.py input) files seen like a VolumeDataset: prepared on the fly with a meta."""
 
     def __init__(self, paths, meta):
-        self.paths, self.meta = paths, meta
-        self.ids = [volume_id(p) for p in paths]
-        self.labels = {}
-        self.img_size = tuple(meta["img_size"])
+        self.paths, self.meta, self.img_size = paths, meta, tuple(meta["img_size"])
+        self.ids, self.labels, self.folds = [volume_id(p) for p in paths], {}, None
 
     def __len__(self):
         return len(self.paths)
@@ -123,83 +117,32 @@ class _Files:
 
 
 def open_data(c, ckpt_meta):
-    """The input as (dataset, meta, fold of every volume or None)."""
+    """The prepared folder (VolumeDataset), or --input's files prepared on the fly (_Files, without folds)."""
     data = c["data_dir"]
     if not c["input"]:
         try:
             ds = VolumeDataset(data, c["split"], c["fold"])
-            # fold of every volume: each is in exactly one 'val' split (the paper's 5-fold CV)
-            fold_of = {}
-            for f in range(ds.meta.get("num_folds", 5)):
-                try:
-                    fold_of.update({i: f for i in VolumeDataset(data, "val", f).ids})
-                except ValueError:
-                    pass  # an empty fold of a tiny dataset
         except (FileNotFoundError, ValueError, AssertionError, KeyError) as e:
             fail(str(e) if str(e).startswith(data) else f"{data}: {e}")
-        return ds, ds.meta, np.array([fold_of.get(i, -1) for i in ds.ids])
+        return ds
     paths, missing = find_inputs(c["input"])
     if missing:
         fail(f"{missing[0][0]}: {missing[0][1]}")
     if not paths:
         fail(f"{', '.join(c['input'])}: no image files there")
-    meta = ckpt_meta
-    if c["meta"]:
-        try:
-            meta = read_meta(c["meta"])
-        except ValueError as e:
-            fail(str(e))
+    try:
+        meta = read_meta(c["meta"]) if c["meta"] else ckpt_meta
+    except ValueError as e:
+        fail(str(e))
     if not meta or "img_size" not in meta:
         fail("to prepare NIfTI files we need the dataset's meta.json: the checkpoint has none, pass --meta")
-    return _Files(paths, meta), meta, None
+    return _Files(paths, meta)
 
 
-def main(argv=None):
-    c = override(dict(config), argv)
-    if c["dtype"] not in ("float32", "bfloat16", "float16"):
-        fail(f"--dtype={c['dtype']}: use float32, bfloat16 or float16")
-    if c["batch_size"] < 1 or c["recon"] < 0 or c["chunk"] < 0:
-        fail("--batch_size must be >= 1, --recon and --chunk >= 0")
-    try:
-        c["device"] = pick_device(c["device"])
-    except ValueError as e:
-        fail(str(e))
-    out = c["out"]
-    try:  # an unwritable folder fails here, before the model is loaded or anything computed
-        writable_dir(out)
-    except ValueError as e:
-        fail(str(e))
-    try:
-        model, ckpt = load_checkpoint(c["ckpt"], c["device"], ema=c["ema"])
-    except ValueError as e:
-        fail(str(e).strip().splitlines()[0])
-    ds, meta, folds = open_data(c, ckpt.get("meta") or {})
-    source = ", ".join(c["input"]) or c["data_dir"]
-    if tuple(ds.img_size) != tuple(model.cfg.shape):
-        fail(f"{source}: volumes are {'x'.join(map(str, ds.img_size))} but the model takes "
-             f"{'x'.join(map(str, model.cfg.shape))}")
-    # every requested column must exist before we spend time encoding
-    reg = [s for s in c["regress"].split(",") if s]
-    dirs = [s for s in c["direction"].split(",") if s]
-    for col in reg + dirs:
-        if col not in ds.labels:
-            have = [k for k in ds.labels if k != meta.get("class_column")]
-            fail(f"unknown label column '{col}'" + (f"; {source} has: {', '.join(have)}" if have
-                                                     else f"; {source} has no labels"))
-    if reg and folds is None:
-        fail("--regress needs a prepared folder (its labels and folds)")
-    # file names from ids and label columns: whatever they hold, the files stay inside OUT (safe_name)
-    files = ["features.npy", "ids.csv"] + (["regress.json"] if reg else [])
-    files += [f"direction_{safe_name(col)}{e}" for col in dirs for e in (".npy", ".json")]
-    files += [f"{safe_name(i)}_{kind}.nii.gz" for i in ds.ids[:c["recon"]] for kind in ("orig", "recon")]
-    taken = [f for f in files if os.path.exists(os.path.join(out, f))]
-    if taken and not c["overwrite"]:
-        fail(f"{os.path.join(out, taken[0])} exists; pass --overwrite or another --out")
-
-    # ---- encode (and reconstruct the first --recon volumes)
+def encode_all(c, model, ds, source):
+    """Z [N, latent_dim] of every volume, and (id, original, G(E(x)), L1, PSNR) of the first --recon."""
     N = len(ds)
-    cls_col = meta.get("class_column") or ""
-    classes = ds.labels.get(cls_col) if cls_col else None
+    classes = ds.labels.get(ds.meta.get("class_column") or "")
     Z = np.zeros((N, model.cfg.latent_dim), dtype=np.float32)
     recons, t0 = [], time.time()
     for i in range(0, N, c["batch_size"]):
@@ -222,19 +165,94 @@ def main(argv=None):
                 xr = model.generate(z[:len(k)], cl, chunk=c["chunk"]).float()  # (b,1,D,H,W)
                 for j, a, b in zip(k, x[:len(k)].float().cpu().numpy(), xr.cpu().numpy()):
                     a, b = a[0], b[0]
-                    l1 = float(np.abs(a - b).mean())
                     psnr = 10 * math.log10(4.0 / max(float(((a - b) ** 2).mean()), 1e-12))  # peak-to-peak 2
-                    recons.append((ds.ids[j], a, b, l1, psnr))
+                    recons.append((ds.ids[j], a, b, float(np.abs(a - b).mean()), psnr))
         if (i // c["batch_size"]) % 20 == 0 or i + len(js) == N:
             print(f"encoded {i + len(js)}/{N} ({(time.time() - t0) / (i + len(js)):.2f} s/volume)")
     if not np.all(np.isfinite(Z)):
         fail("the encoder produced non-finite features (a broken checkpoint?); nothing written")
+    return Z, recons
 
-    # ---- analyses, all before anything is written
+
+def write_all(c, ds, Z, recons, results, dirs, t0):
+    """Every output file, each by a rename; a full disk is one line, and nothing is left half-written."""
+    out, meta, folds = c["out"], ds.meta, ds.folds
+    try:
+        write_atomic(os.path.join(out, "features.npy"), lambda p: np.save(p, Z))
+        cols = list(ds.labels)
+
+        def write_ids(p):
+            with open(p, "w", newline="") as f:
+                wr = csv.writer(f)
+                wr.writerow(["row", "id"] + cols + (["fold"] if folds is not None else []))
+                for j, i in enumerate(ds.ids):
+                    wr.writerow([j, i] + [ds.labels[k][j] for k in cols] + ([folds[j]] if folds is not None else []))
+        write_atomic(os.path.join(out, "ids.csv"), write_ids)
+        print(f"{out}/features.npy {tuple(Z.shape)} and ids.csv ({time.time() - t0:.1f}s)")
+        for vid, a, b, l1, psnr in recons:
+            for kind, v, what in (("orig", a, "prepared"), ("recon", b, "G(E(x))")):
+                write_volume(os.path.join(out, f"{safe_name(vid)}_{kind}.nii.gz"), v, meta, f"{what} {vid}")
+            hu = f" ({l1 * (meta['window'][1] - meta['window'][0]) / 2:.1f} HU)" if meta.get("window") else ""
+            print(f"recon {vid}: L1 {l1:.4f}{hu}, PSNR {psnr:.2f} dB")
+        if recons:
+            print(f"recon mean over {len(recons)}: L1 {np.mean([r[3] for r in recons]):.4f}, "
+                  f"PSNR {np.mean([r[4] for r in recons]):.2f} dB")
+        for col, r in results.items():
+            folds_s = " ".join(f"{v:.3f}" for v in r["r2_per_fold"].values())
+            print(f"Ridge {r['target']}: held-out R^2 {r['r2_mean']:.3f} +- {r['r2_std']:.3f} "
+                  f"(folds: {folds_s}; n={r['n']})")
+        if results:
+            write_atomic(os.path.join(out, "regress.json"), lambda p: open(p, "w").write(json.dumps(results, indent=1)))
+        for col, (w, info) in dirs.items():
+            base = os.path.join(out, f"direction_{safe_name(col)}")
+            write_atomic(base + ".npy", lambda p: np.save(p, w.astype(np.float32)))
+            write_atomic(base + ".json", lambda p: open(p, "w").write(json.dumps(info, indent=1)))
+            print(f"{base}.npy: |w| = {info['norm']:.4g} {col} per unit of z (in-sample R^2 {info['r2_fit']:.3f})")
+    except OSError as e:  # write_atomic's: e.filename is the file being written
+        fail(f"{e.filename}: cannot write it ({e.strerror or e}); the files written before it are complete, "
+             f"and nothing half-written is left")
+
+
+def main(argv=None):
+    c = override(dict(config), argv)
+    if c["dtype"] not in ("float32", "bfloat16", "float16"):
+        fail(f"--dtype={c['dtype']}: use float32, bfloat16 or float16")
+    if c["batch_size"] < 1 or c["recon"] < 0 or c["chunk"] < 0:
+        fail("--batch_size must be >= 1, --recon and --chunk >= 0")
+    try:
+        c["device"] = pick_device(c["device"])
+        writable_dir(c["out"])  # an unwritable folder fails here, before the model is loaded
+        model, ckpt = load_checkpoint(c["ckpt"], c["device"], ema=c["ema"])
+    except ValueError as e:
+        fail(str(e).strip().splitlines()[0])
+    ds = open_data(c, ckpt.get("meta") or {})
+    source = ", ".join(c["input"]) or c["data_dir"]
+    if tuple(ds.img_size) != tuple(model.cfg.shape):
+        fail(f"{source}: volumes are {'x'.join(map(str, ds.img_size))} but the model takes "
+             f"{'x'.join(map(str, model.cfg.shape))}")
+    # every requested column must exist, and no file be in the way, before we spend time encoding
+    reg = [s for s in c["regress"].split(",") if s]
+    dirs = [s for s in c["direction"].split(",") if s]
+    have = [k for k in ds.labels if k != ds.meta.get("class_column")]
+    for col in reg + dirs:
+        if col not in ds.labels:
+            fail(f"unknown label column '{col}'; {source} has {', '.join(have) or 'no labels'}")
+    if reg and ds.folds is None:
+        fail("--regress needs a prepared folder (its labels and folds)")
+    # file names from ids and label columns: whatever they hold, the files stay inside OUT (safe_name)
+    files = ["features.npy", "ids.csv"] + (["regress.json"] if reg else [])
+    files += [f"direction_{safe_name(col)}{e}" for col in dirs for e in (".npy", ".json")]
+    files += [f"{safe_name(i)}_{kind}.nii.gz" for i in ds.ids[:c["recon"]] for kind in ("orig", "recon")]
+    taken = [f for f in files if os.path.exists(os.path.join(c["out"], f))]
+    if taken and not c["overwrite"]:
+        fail(f"{os.path.join(c['out'], taken[0])} exists; pass --overwrite or another --out")
+    t0 = time.time()
+    Z, recons = encode_all(c, model, ds, source)
+    # the analyses, all before anything is written
     results = {}
     for col in reg:
         try:
-            res = cross_validate(Z, ds.labels[col], folds, c["lam"], c["log"])
+            res = cross_validate(Z, ds.labels[col], ds.folds, c["lam"], c["log"])
         except ValueError as e:
             fail(f"--regress={col}: {e}")
         if not res:
@@ -248,50 +266,7 @@ def main(argv=None):
         dir_out[col] = (w, dict(column=col, intercept=float(b), norm=float(np.linalg.norm(w)), r2_fit=float(fit),
                                 latent_dim=int(w.size), ckpt=os.path.abspath(c["ckpt"]),
                                 note=f"{col} ~ w.z + b; one unit of z along w/|w| changes it by |w|"))
-
-    # ---- write; a full disk is one line, and write_atomic leaves no half-written file
-    path = out
-    try:
-        ids = list(ds.ids)
-        path = os.path.join(out, "features.npy")
-        write_atomic(path, lambda p: np.save(p, Z))
-        cols = [k for k in ds.labels]
-
-        def write_ids(p):
-            with open(p, "w", newline="") as f:
-                wr = csv.writer(f)
-                wr.writerow(["row", "id"] + cols + (["fold"] if folds is not None else []))
-                for j, i in enumerate(ids):
-                    wr.writerow([j, i] + [ds.labels[k][j] for k in cols] + ([folds[j]] if folds is not None else []))
-        path = os.path.join(out, "ids.csv")
-        write_atomic(path, write_ids)
-        print(f"{out}/features.npy {tuple(Z.shape)} and ids.csv ({time.time() - t0:.1f}s)")
-        for vid, a, b, l1, psnr in recons:
-            for kind, v, what in (("orig", a, "prepared"), ("recon", b, "G(E(x))")):
-                path = os.path.join(out, f"{safe_name(vid)}_{kind}.nii.gz")
-                write_volume(path, v, meta, f"{what} {vid}")
-            hu = f" ({l1 * (meta['window'][1] - meta['window'][0]) / 2:.1f} HU)" if meta.get("window") else ""
-            print(f"recon {vid}: L1 {l1:.4f}{hu}, PSNR {psnr:.2f} dB")
-        if recons:
-            print(f"recon mean over {len(recons)}: L1 {np.mean([r[3] for r in recons]):.4f}, "
-                  f"PSNR {np.mean([r[4] for r in recons]):.2f} dB")
-        for col, r in results.items():
-            folds_s = " ".join(f"{v:.3f}" for v in r["r2_per_fold"].values())
-            print(f"Ridge {r['target']}: held-out R^2 {r['r2_mean']:.3f} +- {r['r2_std']:.3f} "
-                  f"(folds: {folds_s}; n={r['n']})")
-        if results:
-            path = os.path.join(out, "regress.json")
-            write_atomic(path, lambda p: open(p, "w").write(json.dumps(results, indent=1)))
-        for col, (w, info) in dir_out.items():
-            base = os.path.join(out, f"direction_{safe_name(col)}")
-            path = base + ".npy"
-            write_atomic(path, lambda p: np.save(p, w.astype(np.float32)))
-            path = base + ".json"
-            write_atomic(path, lambda p: open(p, "w").write(json.dumps(info, indent=1)))
-            print(f"{base}.npy: |w| = {info['norm']:.4g} {col} per unit of z (in-sample R^2 {info['r2_fit']:.3f})")
-    except OSError as e:
-        fail(f"{path}: cannot write it ({e.strerror or e}); the files written before it are complete, and nothing "
-             f"half-written is left")
+    write_all(c, ds, Z, recons, results, dir_out, t0)
 
 
 if __name__ == "__main__":

@@ -1,29 +1,23 @@
 """
-Scans -> the memory-mapped training store, and the store's reader (VolumeDataset). One file.
+Scans -> the memory-mapped training store, and its reader VolumeDataset; also the writers of output files.
 
-HA-GAN (Sun et al., IEEE JBHI 2022, https://arxiv.org/abs/2008.01910) trains on B random scans per
-iteration: their whole low-res (D/4 x H/4 x W/4) volumes, one high-res slab of each, and for E^G's
-update (eq. 7) their whole high-res volumes. We turn every scan into that form once, here: reoriented,
-windowed to [-1, 1], trimmed, resampled with anti-aliasing, and stored with its 4x4x4 block means in
-two float16 .npy memory maps. Reading a batch is then a memcpy (the official code loads a 128 MiB
-float64 file per scan per iteration and downsamples it on the GPU).
+HA-GAN (Sun et al., IEEE JBHI 2022, https://arxiv.org/abs/2008.01910) trains on whole low-res volumes, one
+high-res slab of each, and (for E^G, eq. 7) whole high-res volumes. Every scan is put into that form once,
+here: reoriented, windowed to [-1, 1], trimmed, resampled with anti-aliasing, and stored with its 4x4x4
+block means in two float16 .npy memory maps, so that reading a batch is a memcpy.
 
-Prepare scans (NIfTI, MGH/MGZ, MINC1, Analyze, AFNI, PAR/REC, or .npy; folders, globs or a .txt list):
     python prepare.py --input=scans/ --out=data/copd --img_size=256 --modality=ct --labels=labels.csv --workers=2
     python prepare.py --input="brains/**/*.mgz" --out=data/gsp --modality=mri
     python prepare.py --input=list.txt --input=more/ --out=data/ct160 --img_size=160,256,256 --spacing=1.5
-The demo data set has its own script, which calls prepare_dataset: python data/demo/prepare.py
-Re-running the same command resumes; the folder is valid once meta.json appears.
-
-The store (N = number of inputs; rows of skipped inputs are holes in sparse files, costing no disk):
+    python data/demo/prepare.py    # the demo data set: phantoms, then prepare_dataset
+Inputs: NIfTI, MGH/MGZ, MINC1, Analyze, AFNI, PAR/REC or .npy; files, folders, globs or .txt lists.
+Re-running the same command resumes; the folder is valid once meta.json appears. The store (N inputs;
+rows of skipped inputs are holes in sparse files, costing no disk):
     hires.npy    [N, D, H, W]          float16 in [-1, 1], axis 0 = axial, inferior -> superior
-    lowres.npy   [N, D/4, H/4, W/4]    float16, 4x4x4 block means of hires (anti-aliased, not nearest)
+    lowres.npy   [N, D/4, H/4, W/4]    float16, 4x4x4 block means of hires
     volumes.csv  one row per input: index, id, source, status, reason, geometry, window, labels, fold
     meta.json    img_size, modality, window, spacing, affine, orientation, labels, complete
-Sizes: 256^3 -> 32 MiB + 0.5 MiB per volume (the official float64 .npy: 128 MiB); 64^3 -> 520 KiB.
-
 Reading it (train.py, encode.py, eval.py):
-    from prepare import VolumeDataset
     ds = VolumeDataset("data/demo", split="train", fold=0)
     x, x_low, labels = ds.get_batch(4, device=device, generator=g)  # (B,1,D,H,W), (B,1,D/4,H/4,W/4), (B,)
     x, x_low, labels = ds.get_batch(4, slab_range(r, D, num_slabs), device, g)  # one slab: (B,1,D/num_slabs,H,W)
@@ -48,7 +42,6 @@ import torch
 import torch.nn.functional as F
 
 from configurator import fail, override
-
 
 # -----------------------------------------------------------------------------
 config = dict(
@@ -76,10 +69,14 @@ STORE_FILES = ("hires.npy", "lowres.npy")  # a store's own arrays: never read ba
 MIN_SLICES = 8  # fewer voxels than this along an axis (after trimming blank slices) is not a scan
 MAX_SATURATED = 0.5  # more than this share of voxels above the window's high end: not in the window's units
 DICOM_HINT = "convert each DICOM series to NIfTI first, e.g. dcm2niix -z y -o nifti/ {src}, then --input=nifti/"
+MISSING = ("", "na", "n/a", "nan", "none", "null", "-")  # empty labels.csv cells, as spreadsheets write them
+# volumes.csv; orig_*: the source grid reoriented to our axes; out_affine: stored voxel -> RAS+ mm (3 rows)
+CSV_FIELDS = ["index", "id", "source", "status", "reason", "orig_shape", "orig_spacing", "orig_axcodes", "orig_affine",
+              "window_lo", "window_hi", "trimmed", "nonfinite", "out_spacing", "out_affine"]
 
 
 # -----------------------------------------------------------------------------
-# intensities
+# one scan: read, window, trim, resample
 
 
 def to_unit(x, window):
@@ -91,13 +88,13 @@ def to_unit(x, window):
 
 
 def from_unit(x, window):
-    """[-1, 1] -> source units; the inverse of to_unit inside the window (sample.py writes HU with it)."""
+    """[-1, 1] -> source units: the inverse of to_unit inside the window."""
     lo, hi = float(window[0]), float(window[1])
     return (x + 1.0) * ((hi - lo) / 2.0) + lo
 
 
 def parse_window(s):
-    """'LO,HI' -> (lo, hi) floats, or None for ''. A one-line ValueError otherwise."""
+    """'LO,HI' -> (lo, hi), or None for ''; a one-line ValueError otherwise."""
     if s in ("", None):
         return None
     try:
@@ -110,21 +107,15 @@ def parse_window(s):
 
 
 def parse_size(s):
-    """256 / '256' / '160,256,256' / (D,H,W) -> (D, H, W), each a multiple of 32 from 32 to 512 (the sizes
-    model.py builds). A one-line ValueError otherwise."""
+    """256 / '256' / '160,256,256' / (D,H,W) -> (D, H, W), each a multiple of 32 from 32 to 512 (model.py's)."""
     try:
         size = tuple(int(v) for v in (s if isinstance(s, (tuple, list)) else str(s).split(",")))
     except ValueError:
         size = ()
     size = size * 3 if len(size) == 1 else size
     if len(size) != 3 or not all(32 <= v <= 512 and v % 32 == 0 for v in size):
-        raise ValueError(f"img_size={s}: cannot be built; use S in 32, 64, 128, 256, 512, or D,H,W with every dim "
-                         f"a multiple of 32 between 32 and 512 (e.g. 160,192,224)")
+        raise ValueError(f"img_size={s}: cannot be built; use S or D,H,W, each a multiple of 32 from 32 to 512")
     return size
-
-
-# -----------------------------------------------------------------------------
-# reading one volume
 
 
 def volume_id(path):
@@ -140,50 +131,32 @@ def volume_id(path):
 def canonical_affine(spacing, shape):
     """Affine of a grid in our stored orientation (S,P,L) with this spacing, centred on the world origin."""
     sd, sh, sw = (float(v) for v in spacing)
-    D, H, W = shape
     # columns = stored axes; rows = RAS+ world. axis0 -> +S, axis1 -> -A (posterior), axis2 -> -R (left)
     A = np.array([[0, 0, -sw, 0], [0, -sh, 0, 0], [sd, 0, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
-    A[:3, 3] = -A[:3, :3] @ (np.array([D, H, W], dtype=np.float64) - 1) / 2
+    A[:3, 3] = -A[:3, :3] @ (np.array(shape, dtype=np.float64) - 1) / 2
     return A
 
 
 def load_volume(path, first_volume=False):
-    """
-    Read one scan -> (float32 array [D,H,W] in our stored orientation, 4x4 affine of that array, spacing (3,) mm).
-    Stored orientation: axis 0 inferior->superior, axis 1 anterior->posterior, axis 2 right->left (axcodes S,P,L).
-    .npy arrays have no geometry: we take them as already in that orientation with 1 mm voxels.
-    Bad input raises ValueError('<path>: <reason>').
-    """
+    """One scan -> (float32 [D,H,W] in the stored orientation S,P,L, its 4x4 affine, spacing (3,) mm); .npy arrays
+    have no geometry: taken as already in that orientation, 1 mm voxels. Bad input: ValueError('<path>: why')."""
     path = str(path)
     if path.lower().endswith(".npy"):
         try:
             data = np.load(path, mmap_mode="r", allow_pickle=False)
         except Exception as e:
             raise ValueError(f"{path}: unreadable .npy ({type(e).__name__}: {e})") from None
-        affine = canonical_affine((1, 1, 1), data.shape[:3]) if data.ndim >= 3 else np.eye(4)
-        data = _squeeze_to_3d(path, data, first_volume)
-        try:
-            vol = np.array(data, dtype=np.float32)  # a copy: reads the file, detaches from the map
-        except Exception as e:
-            raise ValueError(f"{path}: unreadable or truncated ({type(e).__name__}: {e})") from None
-        return np.ascontiguousarray(vol), affine, np.ones(3)
+        vol = np.ascontiguousarray(_read_3d(path, data, first_volume, copy=True))  # a copy: detached from the map
+        return vol, canonical_affine((1, 1, 1), vol.shape), np.ones(3)
     try:
         img = nib.load(path, mmap=False)  # we copy to float32 anyway; a memmap would only pin the file
-    except ModuleNotFoundError as e:
-        # nibabel reads MINC2 (HDF5) only through h5py, which is not one of our dependencies
-        raise ValueError(f"{path}: needs the optional package {e.name} (pip install {e.name}); "
-                         f"or convert it to NIfTI") from None
+    except ModuleNotFoundError as e:  # MINC2 (HDF5) needs h5py, which is not one of our dependencies
+        raise ValueError(f"{path}: needs the package {e.name} (pip install {e.name}), or convert it to NIfTI") from None
     except Exception as e:
         raise ValueError(f"{path}: not an image nibabel can read ({type(e).__name__}: {e})") from None
     if not hasattr(img, "dataobj") or getattr(img, "affine", None) is None:
         raise ValueError(f"{path}: {type(img).__name__} has no voxel array with an affine")
-    try:
-        data = _squeeze_to_3d(path, img.dataobj, first_volume)  # 4D: reads only the first volume
-        vol = np.asarray(data, dtype=np.float32)
-    except ValueError:
-        raise
-    except Exception as e:  # truncated gzip, short file, corrupt header...
-        raise ValueError(f"{path}: unreadable or truncated ({type(e).__name__}: {e})") from None
+    vol = _read_3d(path, img.dataobj, first_volume)  # 4D: reads only the first volume
     affine = np.asarray(img.affine, dtype=np.float64)
     sp = np.sqrt((affine[:3, :3] ** 2).sum(0)) if np.all(np.isfinite(affine)) else np.zeros(3)
     # relative to the voxel size, so that a fine grid (microscopy, 1e-3 mm) is not taken for a flat one
@@ -191,74 +164,69 @@ def load_volume(path, first_volume=False):
         raise ValueError(f"{path}: degenerate affine (voxel axes {' x '.join(f'{v:.3g}' for v in sp)} mm, "
                          f"not three independent directions)")
     # reorient by axis permutations/flips only (no resampling): the closest axes to (S,P,L)
-    ornt = nib.orientations.io_orientation(affine)
-    xform = nib.orientations.ornt_transform(ornt, nib.orientations.axcodes2ornt(ORIENTATION))
-    vol = nib.orientations.apply_orientation(vol, xform)
-    affine = affine @ nib.orientations.inv_ornt_aff(xform, data.shape[:3])
-    spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
-    vol = np.ascontiguousarray(vol)
-    return (vol if vol.flags.writeable else vol.copy()), affine, spacing
+    xform = nib.orientations.ornt_transform(nib.orientations.io_orientation(affine),
+                                            nib.orientations.axcodes2ornt(ORIENTATION))
+    vol = np.ascontiguousarray(nib.orientations.apply_orientation(vol, xform))
+    affine = affine @ nib.orientations.inv_ornt_aff(xform, img.dataobj.shape[:3])
+    return (vol if vol.flags.writeable else vol.copy()), affine, np.sqrt((affine[:3, :3] ** 2).sum(0))
 
 
-def _squeeze_to_3d(path, data, first_volume):
+def _read_3d(path, data, first_volume, copy=False):
+    """An array or nibabel proxy -> float32 3D array; a 4D series only with first_volume (its first volume)."""
     shape = tuple(int(v) for v in data.shape)
     if len(shape) < 3 or min(shape[:3]) < 2:
         raise ValueError(f"{path}: 2D image (shape {'x'.join(map(str, shape))}), need a 3D volume")
     extra = shape[3:]
-    if any(v > 1 for v in extra):
-        if not first_volume or len([v for v in extra if v > 1]) > 1:
-            raise ValueError(f"{path}: {len(shape)}D series of shape {'x'.join(map(str, shape))} "
-                             f"(use --first_volume to take its first volume)")
-    return data[(slice(None),) * 3 + (0,) * len(extra)] if extra else data
-
-
-# -----------------------------------------------------------------------------
-# mapping one volume to the stored grid
-
-
-def _resample_axis0(x, T, step, bg):
-    """
-    Resample x (torch float32, contiguous) along axis 0 to T samples; output o sits at input coordinate
-    (o - (T-1)/2) * step + (n-1)/2 (centres aligned). Triangle filter widened by step when shrinking,
-    so downsampling is anti-aliased (like PIL's / torch's antialias=True); linear when enlarging.
-    Outputs whose centre falls outside the input get the background value bg.
-    """
-    n = x.shape[0]
-    if T == n and abs(step - 1.0) < 1e-9:
-        return x
-    support = max(step, 1.0)
-    c = (torch.arange(T, dtype=torch.float64) - (T - 1) / 2) * step + (n - 1) / 2  # (T,)
-    K = int(math.ceil(2 * support)) + 1
-    idx = torch.floor(c - support).long()[:, None] + 1 + torch.arange(K)  # (T,K) taps
-    w = (1 - (idx - c[:, None]).abs() / support).clamp_(min=0)
-    w = w / w.sum(1, keepdim=True)
-    idx = idx.clamp_(0, n - 1)  # edge replicate
-    out = torch.empty((T,) + tuple(x.shape[1:]), dtype=x.dtype)
-    # one whole (H,W) plane per multiply-add: contiguous, in cache, no temporaries. That is why the
-    # caller rotates the axes to bring each one first, rather than indexing along the other two.
-    for o in range(T):
-        if c[o] < -0.5 or c[o] > n - 0.5:
-            out[o] = bg
-            continue
-        taps = [(int(i), float(wk)) for i, wk in zip(idx[o], w[o]) if wk > 0]
-        torch.mul(x[taps[0][0]], taps[0][1], out=out[o])
-        for i, wk in taps[1:]:
-            out[o].add_(x[i], alpha=wk)
-    return out
+    if any(v > 1 for v in extra) and (not first_volume or len([v for v in extra if v > 1]) > 1):
+        raise ValueError(f"{path}: {len(shape)}D series of shape {'x'.join(map(str, shape))} (use --first_volume)")
+    try:
+        data = data[(slice(None),) * 3 + (0,) * len(extra)] if extra else data
+        return np.array(data, dtype=np.float32) if copy else np.asarray(data, dtype=np.float32)
+    except Exception as e:  # truncated gzip, short file, corrupt header...
+        raise ValueError(f"{path}: unreadable or truncated ({type(e).__name__}: {e})") from None
 
 
 def prepare_array(vol, spacing, img_size, modality="ct", window=None, out_spacing=-1.0, stretch=False,
                   affine=None):
-    """
-    One raw volume (float32 [D0,H0,W0], stored orientation, source units) -> (hires float32 [D,H,W] in [-1,1], info).
-    Steps (paper Sec. IV-A, plus what real data needs): NaN/inf -> background, intensity window -> [-1,1],
-    trim blank axial slices at both ends, resample to img_size keeping the physical aspect ratio
-    (background padding; or out_spacing mm isotropic then centre crop/pad; or stretch to the box).
-    info: window used, slices trimmed, output spacing and affine, non-finite count. Raises ValueError(reason).
-    """
-    D, H, W = parse_size(img_size)
+    """One raw volume (float32 [D0,H0,W0], stored orientation, source units) -> (hires float32 [D,H,W] in [-1,1],
+    info), or ValueError(reason). Windowed and trimmed, then resampled to img_size keeping the physical aspect
+    ratio (background padding), or at out_spacing mm then centre crop/pad, or stretched to the box."""
+    T = parse_size(img_size)
+    u, window, (t0, t1), n_bad = _window_and_trim(vol, modality, window)
+    n = u.shape
+    sp = np.asarray(spacing, dtype=np.float64)
+    if sp.shape != (3,) or not np.all(sp > 0):
+        raise ValueError(f"bad voxel spacing {spacing}")
+    if stretch:
+        step = [n[a] / T[a] for a in range(3)]
+    else:
+        s = out_spacing if out_spacing > 0 else max(n[a] * sp[a] / T[a] for a in range(3))
+        step = [s / sp[a] for a in range(3)]
+        fill = [n[a] / step[a] for a in range(3)]  # stored voxels the scan spans along each axis
+        a = int(np.argmin([fill[k] / T[k] for k in range(3)]))
+        if fill[a] < T[a] / 8:
+            fov = " x ".join(f"{n[k] * sp[k]:.0f}" for k in range(3))
+            raise ValueError(f"extreme shape: a field of view of {fov} mm fills only {fill[a]:.1f} of the {T[a]} "
+                             f"stored voxels along axis {a}, under 1/8 (--stretch resizes it anyway)")
+    u = u.contiguous()
+    for a in range(3):  # resample axis 0, then rotate (D,H,W) -> (H,W,D): each axis comes first once
+        u = _resample_axis0(u, T[a], step[a], -1.0)
+        u = u.permute(1, 2, 0).contiguous()
+    u = u.clamp_(-1.0, 1.0)  # the filter weights sum to 1 only up to float rounding
+    # voxel o of the stored grid sits at raw (trimmed) voxel (o - (T-1)/2)*step + (n-1)/2
+    M = np.eye(4)
+    M[:3, :3] = np.diag(step)
+    M[:3, 3] = [(n[a] - 1) / 2 - (T[a] - 1) / 2 * step[a] + (t0 if a == 0 else 0) for a in range(3)]
+    info = dict(window=window, trim=(t0, int(vol.shape[0]) - t1), out_spacing=[step[a] * sp[a] for a in range(3)],
+                out_affine=(affine if affine is not None else np.eye(4)) @ M, nonfinite=n_bad)
+    return u.contiguous().numpy(), info
+
+
+def _window_and_trim(vol, modality, window):
+    """Source units -> [-1, 1] (NaN/inf -> background), blank axial slices trimmed at both ends ->
+    (torch [d,H0,W0], window, (t0, t1) the slices kept, non-finite count). ValueError for what is not a scan."""
     x = torch.from_numpy(np.ascontiguousarray(vol, dtype=np.float32))  # (D0,H0,W0), not modified
-    # one sum tells us whether anything is NaN/inf; only then do we pay for a mask
+    # one sum says whether anything is NaN/inf; only then do we pay for a mask
     finite = None if math.isfinite(float(x.sum(dtype=torch.float64))) else torch.isfinite(x)
     n_bad = 0 if finite is None else int(x.numel() - finite.sum())
     if n_bad == x.numel():
@@ -270,8 +238,7 @@ def prepare_array(vol, spacing, img_size, modality="ct", window=None, out_spacin
     if window is None and modality == "ct":
         window = CT_WINDOW
     elif window is None and modality == "mri":
-        # foreground = above the minimum (skull-stripped MRI has a 0 background); subsample big volumes,
-        # a percentile of 4M voxels is plenty and keeps this under a second
+        # foreground = above the minimum (skull-stripped MRI has a 0 background); 4M voxels are plenty
         fg = vals[vals > vmin]
         fg = fg[::max(1, fg.numel() // 4_000_000)]
         hi = float(np.percentile(fg.numpy(), MRI_PERCENTILE))
@@ -293,56 +260,52 @@ def prepare_array(vol, spacing, img_size, modality="ct", window=None, out_spacin
     t0, t1 = int(keep[0]), int(keep[-1]) + 1
     u = u[t0:t1]
     n = u.shape
-    # what no scan looks like: a few slices (a localiser, a 2D series), or values beyond the window
-    # (CT not in Hounsfield units: a raw scanner range without its rescale slope and intercept)
+    # what no scan looks like: a few slices (a localiser), or values beyond the window (CT not in HU: no rescale)
     if min(n) < MIN_SLICES:
         a = int(np.argmin(n))
         raise ValueError(f"too thin to be a scan: {n[a]} voxel(s) along axis {a} ({'x'.join(map(str, n))} after "
-                         f"trimming blank axial slices); at least {MIN_SLICES} are needed")
+                         f"trimming blank slices); at least {MIN_SLICES} needed")
     high = float((u >= 1.0).float().mean())
     if high > MAX_SATURATED:
         raise ValueError(f"{100 * high:.0f}% of the voxels are at or above the window's high end {window[1]:g} "
                          f"(not in its units? CT must be in Hounsfield units); set --window=LO,HI or --modality=mri")
-    sp = np.asarray(spacing, dtype=np.float64)
-    if sp.shape != (3,) or not np.all(sp > 0):
-        raise ValueError(f"bad voxel spacing {spacing}")
-    T = (D, H, W)
-    if stretch:
-        step = [n[a] / T[a] for a in range(3)]
-    else:
-        s = out_spacing if out_spacing > 0 else max(n[a] * sp[a] / T[a] for a in range(3))
-        step = [s / sp[a] for a in range(3)]
-        fill = [n[a] / step[a] for a in range(3)]  # stored voxels the scan spans along each axis
-        a = int(np.argmin([fill[k] / T[k] for k in range(3)]))
-        if fill[a] < T[a] / 8:
-            fov = " x ".join(f"{n[k] * sp[k]:.0f}" for k in range(3))
-            raise ValueError(f"extreme shape: a field of view of {fov} mm fills only {fill[a]:.1f} of the {T[a]} "
-                             f"stored voxels along axis {a} (under 1/8); not a volume to learn from "
-                             f"(--stretch resizes it anyway)")
-    u = u.contiguous()
-    for a in range(3):  # resample axis 0, then rotate (D,H,W) -> (H,W,D): each axis comes first once
-        u = _resample_axis0(u, T[a], step[a], -1.0)
-        u = u.permute(1, 2, 0).contiguous()
-    u = u.clamp_(-1.0, 1.0)  # the filter weights sum to 1 only up to float rounding
-    out_sp = [step[a] * sp[a] for a in range(3)]
-    # voxel o of the stored grid sits at raw (trimmed) voxel (o - (T-1)/2)*step + (n-1)/2
-    M = np.eye(4)
-    M[:3, :3] = np.diag(step)
-    M[:3, 3] = [(n[a] - 1) / 2 - (T[a] - 1) / 2 * step[a] + (t0 if a == 0 else 0) for a in range(3)]
-    out_affine = (affine if affine is not None else np.eye(4)) @ M
-    info = dict(window=window, trim=(t0, int(vol.shape[0]) - t1), out_spacing=out_sp,
-                out_affine=out_affine, nonfinite=n_bad)
-    return u.contiguous().numpy(), info
+    return u, window, (t0, t1), n_bad
+
+
+def _resample_axis0(x, T, step, bg):
+    """x (torch float32, contiguous) resampled along axis 0 to T samples, output o at input (o - (T-1)/2)*step
+    + (n-1)/2: a triangle filter, widened by step when shrinking (anti-aliased), linear when enlarging; bg outside."""
+    n = x.shape[0]
+    if T == n and abs(step - 1.0) < 1e-9:
+        return x
+    support = max(step, 1.0)
+    c = (torch.arange(T, dtype=torch.float64) - (T - 1) / 2) * step + (n - 1) / 2  # (T,)
+    K = int(math.ceil(2 * support)) + 1
+    idx = torch.floor(c - support).long()[:, None] + 1 + torch.arange(K)  # (T,K) taps
+    w = (1 - (idx - c[:, None]).abs() / support).clamp_(min=0)
+    w = w / w.sum(1, keepdim=True)
+    idx = idx.clamp_(0, n - 1)  # edge replicate
+    out = torch.empty((T,) + tuple(x.shape[1:]), dtype=x.dtype)
+    # one whole (H,W) plane per multiply-add: contiguous, no temporaries (why the caller rotates the axes)
+    for o in range(T):
+        if c[o] < -0.5 or c[o] > n - 0.5:
+            out[o] = bg
+            continue
+        taps = [(int(i), float(wk)) for i, wk in zip(idx[o], w[o]) if wk > 0]
+        torch.mul(x[taps[0][0]], taps[0][1], out=out[o])
+        for i, wk in taps[1:]:
+            out[o].add_(x[i], alpha=wk)
+    return out
 
 
 def downsample(hires):
-    """hires [D,H,W] -> lowres [D/4,H/4,W/4]: means of 4x4x4 blocks (anti-aliased; official code: nearest)."""
+    """hires [D,H,W] -> lowres [D/4,H/4,W/4]: means of 4x4x4 blocks (anti-aliased; the official code: nearest)."""
     x = torch.as_tensor(np.asarray(hires, dtype=np.float32))
     return F.avg_pool3d(x[None, None], 4)[0, 0].numpy()
 
 
 def prepare_file(path, meta):
-    """Prepare one scan with a dataset's meta.json settings -> (hires float32 [D,H,W], lowres float32 [D/4,H/4,W/4])."""
+    """One scan prepared with a dataset's meta.json settings -> (hires float32 [D,H,W], lowres [D/4,H/4,W/4])."""
     st = meta.get("settings", {})
     vol, affine, spacing = load_volume(path, first_volume=st.get("first_volume", False))
     try:
@@ -354,12 +317,11 @@ def prepare_file(path, meta):
 
 
 # -----------------------------------------------------------------------------
-# preparing a folder of scans: planning, workers, resume
+# a folder of scans: inputs, labels, the store, workers, resume
 
 
 def writable_dir(path):
-    """Create folder `path` if needed and check that we can write there, before any long work starts;
-    a one-line ValueError naming the folder otherwise."""
+    """Create folder `path` if needed and check that we can write there, before any long work starts."""
     try:
         os.makedirs(path, exist_ok=True)
         probe = os.path.join(path, f".write_test{os.getpid()}")
@@ -380,21 +342,12 @@ def is_dicom(path):
         return False
 
 
-def is_store_file(path):
-    """hires.npy / lowres.npy of a prepared store (a folder with meta.json or _plan.json beside them)."""
-    d, name = os.path.split(path)
-    return name in STORE_FILES and any(os.path.exists(os.path.join(d, m)) for m in ("meta.json", "_plan.json"))
-
-
 def find_inputs(specs, exclude=""):
     """--input values -> (paths, missing): paths in order, duplicates removed; folders searched recursively.
-    A store's own arrays are never inputs (an --out inside an input folder), and `exclude`'s are not
-    either; DICOM files are listed in `missing` with how to convert them (reason starting 'DICOM')."""
+    A store's own arrays (an --out inside an input folder, `exclude`'s) are never inputs. DICOM files are
+    listed in `missing` with how to convert them (a reason starting 'DICOM')."""
     out, missing = [], []
-    own = {os.path.realpath(os.path.join(exclude, f)) for f in STORE_FILES} if exclude else set()
-
-    def is_image(p):
-        return p.lower().endswith(IMAGE_ENDINGS)
+    is_image = lambda p: p.lower().endswith(IMAGE_ENDINGS)
     for spec in specs:
         if any(ch in spec for ch in "*?["):
             found = sorted(glob.glob(spec, recursive=True))
@@ -417,14 +370,14 @@ def find_inputs(specs, exclude=""):
         elif os.path.isfile(spec) and spec.lower().endswith((".txt", ".lst", ".list")):
             with open(spec) as f:
                 lines = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
-            base = os.path.dirname(spec)
             for ln in lines:
-                p = ln if os.path.isabs(ln) else os.path.join(base, ln)
+                p = ln if os.path.isabs(ln) else os.path.join(os.path.dirname(spec), ln)
                 (out.append(p) if os.path.exists(p) else missing.append((p, "no such file (listed in " + spec + ")")))
         elif os.path.exists(spec):
             out.append(spec)
         else:
             missing.append((spec, "no such file or folder"))
+    own = {os.path.realpath(os.path.join(exclude, f)) for f in STORE_FILES} if exclude else set()
     seen, uniq = set(), []
     for p in out:
         rp = os.path.realpath(p)
@@ -434,16 +387,17 @@ def find_inputs(specs, exclude=""):
     return uniq, missing
 
 
-MISSING = ("", "na", "n/a", "nan", "none", "null", "-")  # empty cells, as spreadsheets write them
+def is_store_file(path):
+    """hires.npy / lowres.npy of a prepared store (a folder with meta.json or _plan.json beside them)."""
+    d, name = os.path.split(path)
+    return name in STORE_FILES and any(os.path.exists(os.path.join(d, m)) for m in ("meta.json", "_plan.json"))
 
 
 def read_labels(path):
-    """labels.csv -> (columns, {id: {column: value}}), read as spreadsheets export it: UTF-8 with or without
-    a byte-order mark (UTF-16 and Latin-1 too), separated by commas, semicolons (then 1,5 is a decimal comma)
-    or tabs, CRLF line ends, quoted fields, empty trailing columns. 'id' names the scan (its file name, with
-    or without the ending); 'class', if there, is an integer >= 0 in every row; the other columns hold
-    numbers, or an empty/NA cell for a missing value. Anything else is a one-line ValueError that names the
-    file, the row (as a spreadsheet numbers it: the header is row 1) and the column."""
+    """labels.csv -> (columns, {id: {column: value}}), as spreadsheets export it: UTF-8 (with or without a BOM),
+    UTF-16 or Latin-1; commas, tabs, or semicolons with decimal commas; quotes; empty trailing columns. 'id' names
+    the scan (with or without its file ending); 'class' is an integer >= 0 in every row; other columns are numbers
+    or empty/NA. Else a one-line ValueError naming the file, the row (the header is row 1) and the column."""
     try:
         raw = open(path, "rb").read()
     except OSError as e:
@@ -465,8 +419,7 @@ def read_labels(path):
     names = [{"id": "id", "class": "class"}.get(h.lower(), h) for h in header]
     where = f"{path}: row {h0 + 1} (the header)"
     if "id" not in names:
-        raise ValueError(f"{where}: no 'id' column (found: {', '.join(header) or 'nothing'}); "
-                         f"a labels file needs an id column naming each scan")
+        raise ValueError(f"{where}: no 'id' column naming each scan (found: {', '.join(header) or 'nothing'})")
     for j, h in enumerate(names):
         if not h:
             raise ValueError(f"{where}: column {j + 1} has no name")
@@ -474,7 +427,6 @@ def read_labels(path):
             raise ValueError(f"{where}: column '{h}' appears twice")
         if h in CSV_FIELDS + ["fold"] and h != "id":
             raise ValueError(f"{where}: column '{h}' is a name volumes.csv uses itself; rename it")
-    cols = [h for h in names if h != "id"]
     table, first_row = {}, {}
     for n, row in enumerate(records[h0 + 1:], start=h0 + 2):  # n: the row number a spreadsheet shows
         if not any(c.strip() for c in row):
@@ -482,126 +434,52 @@ def read_labels(path):
         if any(c.strip() for c in row[len(names):]):
             raise ValueError(f"{path}: row {n}: {len(row)} cells but the header names {len(names)} columns")
         cells = {h: (row[j].strip() if j < len(row) else "") for j, h in enumerate(names)}
-        vid = cells["id"]
+        vid = cells.pop("id")
         if vid.lower().endswith(IMAGE_ENDINGS + (".img",)):
             vid = volume_id(vid)  # a file name: its id
         if not vid:
             raise ValueError(f"{path}: row {n}, column 'id': empty")
         if vid in table:
             raise ValueError(f"{path}: row {n}, column 'id': {vid!r} repeats row {first_row[vid]}; one row per scan")
-        vals = {}
-        for c in cols:
-            v = cells[c]
-            num = v.replace(",", ".") if delim == ";" and v.count(",") == 1 and "." not in v else v
-            if c == "class":
-                try:
-                    k = float(num)
-                except ValueError:
-                    k = float("nan")
-                if v.lower() in MISSING or not (math.isfinite(k) and k == int(k) and k >= 0):
-                    raise ValueError(f"{path}: row {n}, column 'class': {v!r} is not a class; classes are integers "
-                                     f"0, 1, 2, ... in every row (delete a row to leave its scan out)")
-                vals[c] = str(int(k))
-            elif v.lower() in MISSING:
-                vals[c] = ""
-            else:
-                try:
-                    x = float(num)
-                except ValueError:
-                    x = float("nan")
-                if not math.isfinite(x):
-                    raise ValueError(f"{path}: row {n}, column '{c}': {v!r} is not a number (leave the cell "
-                                     f"empty for a missing value)")
-                vals[c] = v if num == v else repr(x)
-        table[vid], first_row[vid] = vals, n
-    return cols, table
+        table[vid] = {c: _label_value(f"{path}: row {n}, column '{c}'", c, v, delim) for c, v in cells.items()}
+        first_row[vid] = n
+    return [h for h in names if h != "id"], table
 
 
-def _fold_of(ids, classes):
-    """Deterministic, class-stratified 5-fold split: sort by (class, sha1(id)), deal folds round-robin."""
-    key = lambda j: (classes[j], hashlib.sha1(ids[j].encode()).hexdigest())
-    folds = [0] * len(ids)
-    for rank, j in enumerate(sorted(range(len(ids)), key=key)):
-        folds[j] = rank % NUM_FOLDS
-    return folds
-
-
-_W = {}  # per-worker settings, set once per process
-
-
-def _worker_init(settings, threads):
-    # one torch thread per worker: we scale with processes, and torch's thread pools competing for the
-    # same cores (with each other, or with a training run) cost far more than they gain
-    torch.set_num_threads(threads)
-    _W.clear()
-    _W.update(settings)
-
-
-def _prepare_one(job):
-    """Worker: read, prepare and write volume job['index'] into the memory maps; return its csv fields."""
-    i, src = job["index"], job["source"]
-    st = _W
-    t = time.time()
-    res = dict(index=i)
+def _label_value(where, column, v, delim):
+    """One labels.csv cell -> the text volumes.csv keeps: a class as an integer, a number, or '' when missing."""
+    num = v.replace(",", ".") if delim == ";" and v.count(",") == 1 and "." not in v else v  # a decimal comma
     try:
-        vol, affine, spacing = load_volume(src, st["first_volume"])
-        res.update(orig_shape="x".join(map(str, vol.shape)), orig_spacing="x".join(f"{v:.4g}" for v in spacing),
-                   orig_axcodes="".join(nib.aff2axcodes(affine)),
-                   orig_affine=" ".join(f"{v:.6g}" for v in affine[:3].ravel()))
-        try:
-            hires, info = prepare_array(vol, spacing, st["img_size"], st["modality"], st["window"],
-                                        st["spacing"], st["stretch"], affine)
-        except ValueError as e:
-            raise ValueError(f"{src}: {e}") from None
-        del vol
-        lowres = downsample(hires)
-        hi = np.load(os.path.join(st["out"], "hires.npy"), mmap_mode="r+")
-        lo = np.load(os.path.join(st["out"], "lowres.npy"), mmap_mode="r+")
-        hi[i] = hires
-        lo[i] = lowres
-        hi.flush()
-        lo.flush()
-        del hi, lo
-        res.update(status="ok", reason="", window_lo=f"{info['window'][0]:.6g}", window_hi=f"{info['window'][1]:.6g}",
-                   trimmed="%d,%d" % info["trim"], out_spacing="x".join(f"{v:.5g}" for v in info["out_spacing"]),
-                   out_affine=" ".join(f"{v:.6g}" for v in info["out_affine"][:3].ravel()),
-                   nonfinite=info["nonfinite"])
-    except ValueError as e:
-        res.update(status="skipped", reason=str(e).replace("\n", " "))
-    except MemoryError:
-        res.update(status="skipped", reason=f"{src}: out of memory")
-    res["seconds"] = round(time.time() - t, 3)
-    return res
-
-
-# orig_*: the source grid after reorientation to our axis order (same world coordinates as the file);
-# out_affine: stored voxel -> RAS+ mm of this volume (first 3 rows, row-major)
-CSV_FIELDS = ["index", "id", "source", "status", "reason", "orig_shape", "orig_spacing", "orig_axcodes", "orig_affine",
-              "window_lo", "window_hi", "trimmed", "nonfinite", "out_spacing", "out_affine"]
+        x = float(num)
+    except ValueError:
+        x = float("nan")
+    if column == "class":
+        if v.lower() in MISSING or not (math.isfinite(x) and x == int(x) and x >= 0):
+            raise ValueError(f"{where}: {v!r} is not a class, an integer 0, 1, 2, ... (or delete the row)")
+        return str(int(x))
+    if v.lower() in MISSING:
+        return ""
+    if not math.isfinite(x):
+        raise ValueError(f"{where}: {v!r} is not a number (leave the cell empty for a missing value)")
+    return v if num == v else repr(x)
 
 
 def prepare_dataset(inputs, out, img_size=256, modality="ct", window="", labels="", workers=1,
                     first_volume=False, spacing=-1.0, stretch=False, on_done=None, log=print):
-    """
-    Prepare every input into the folder out. Returns 0 once at least one volume is ok; raises a one-line
-    ValueError for bad arguments, an --out that holds another store, or nothing prepared, before any
-    existing file is changed. on_done(n_done) is called after each finished volume (tests use it to
-    simulate a killed run).
-    """
-    # --- arguments, labels and the output folder, before anything is read or written
+    """Prepare every input into the folder out; 0 once at least one volume is ok, else a one-line ValueError (before
+    any existing file changes). on_done(n_done) is called after each volume (tests simulate a kill with it)."""
     size = parse_size(img_size)
     if modality not in ("ct", "mri"):
         raise ValueError(f"--modality={modality}: unknown modality; use ct or mri")
     win = parse_window(window)
     if int(workers) < 1:
         raise ValueError(f"--workers={workers}: use 1 or more")
-    D, H, W = size
     settings = dict(img_size=list(size), modality=modality, window=list(win) if win else None,
                     spacing=float(spacing), stretch=bool(stretch), first_volume=bool(first_volume),
                     labels=os.path.abspath(labels) if labels else "")
     label_cols, table = read_labels(labels) if labels else ([], {})
     writable_dir(out)
-    # --- plan: one row per input, in order; duplicates and unlabeled ids are skipped up front
+    # the plan: one job per input, in order; missing files, duplicate ids and unlabeled ids are skipped up front
     paths, missing = find_inputs(inputs, exclude=out)
     dicom = [(p, why) for p, why in missing if why.startswith("DICOM")]
     missing = [m for m in missing if m not in dicom]
@@ -627,34 +505,34 @@ def prepare_dataset(inputs, out, img_size=256, modality="ct", window="", labels=
     if not jobs:
         raise ValueError(f"{', '.join(inputs) or '--input'}: no input scans found there "
                          f"({', '.join(IMAGE_ENDINGS)}); nothing prepared")
-    plan = dict(format_version=FORMAT_VERSION, settings=settings,
-                jobs=[(j["id"], j["source"]) for j in jobs])
-    # --- resume or start: a complete folder with the same plan is done; another store, complete or
-    # partial, we never overwrite (the plan is written before the arrays, so a partial store has one)
+    plan = dict(format_version=FORMAT_VERSION, settings=settings, jobs=[(j["id"], j["source"]) for j in jobs])
+    done = _open_store(out, plan, log)
+    if done is None:
+        return 0
+    t0 = time.time()
+    _run(out, jobs, done, dict(settings, out=out), workers, on_done, log)
+    return _finalise(out, plan, jobs, done, label_cols, table, t0, log)
+
+
+def _open_store(out, plan, log):
+    """Resume or start the store in out -> {index: result} of the volumes done, or None when out is complete with this
+    plan. Another store there, complete or partial (it has a plan), is refused, never overwritten."""
     mpath, ppath, gpath = (os.path.join(out, n) for n in ("meta.json", "_plan.json", "_progress.jsonl"))
     hpath, lpath = os.path.join(out, "hires.npy"), os.path.join(out, "lowres.npy")
     if os.path.exists(mpath):
         meta = read_meta(mpath)
         if meta.get("plan_sha1") == _sha1(plan):
             log(f"{out}: already complete ({meta['num_volumes']} volumes); nothing to do")
-            return 0
+            return None
         raise ValueError(f"{out} holds a different prepared dataset (other inputs or settings); delete it or "
                          f"choose another --out")
-    old = None
-    if os.path.exists(ppath):
-        try:
-            with open(ppath) as f:
-                old = json.load(f)
-        except ValueError:
-            old = "unreadable"
-    elif os.path.exists(hpath) or os.path.exists(lpath):
-        old = "unknown"  # arrays without a plan: not written by this code
-    if old is not None and old != json.loads(json.dumps(plan)):
+    # a store begun here must have this plan (arrays without a plan were not written by this code)
+    started = os.path.exists(ppath) or os.path.exists(hpath) or os.path.exists(lpath)
+    if started and (not os.path.exists(ppath) or open(ppath, "rb").read() != json.dumps(plan).encode()):
         raise ValueError(f"{out} holds a partial store prepared from other inputs or settings; delete it, "
                          f"re-run the command that started it, or choose another --out")
-    done = {}
-    N = len(jobs)
-    if old is not None and os.path.exists(hpath) and os.path.exists(lpath) and os.path.exists(gpath):
+    done, N = {}, len(plan["jobs"])
+    if started and os.path.exists(hpath) and os.path.exists(lpath) and os.path.exists(gpath):
         with open(gpath) as f:
             for ln in f:
                 try:
@@ -663,36 +541,40 @@ def prepare_dataset(inputs, out, img_size=256, modality="ct", window="", labels=
                 except (ValueError, KeyError):
                     pass  # a line cut short by a kill: that volume is redone
         log(f"{out}: resuming, {len(done)}/{N} inputs already done")
-    else:
-        with open(ppath + ".tmp", "w") as f:  # first: from now on this folder says what it is becoming
-            json.dump(plan, f)
-        os.replace(ppath + ".tmp", ppath)
-        # preallocated, sparse until written: 10,000 scans at 256^3 is a 335 GB file but no RAM
-        np.lib.format.open_memmap(hpath, mode="w+", dtype=np.float16, shape=(N, D, H, W))
-        np.lib.format.open_memmap(lpath, mode="w+", dtype=np.float16, shape=(N, D // 4, H // 4, W // 4))
-        open(gpath, "w").close()
-    # --- run
+        return done
+    with open(ppath + ".tmp", "w") as f:  # first: from now on this folder says what it is becoming
+        json.dump(plan, f)
+    os.replace(ppath + ".tmp", ppath)
+    # preallocated, sparse until written: 10,000 scans at 256^3 is a 335 GB file but no RAM
+    D, H, W = plan["settings"]["img_size"]
+    np.lib.format.open_memmap(hpath, mode="w+", dtype=np.float16, shape=(N, D, H, W))
+    np.lib.format.open_memmap(lpath, mode="w+", dtype=np.float16, shape=(N, D // 4, H // 4, W // 4))
+    open(gpath, "w").close()
+    return done
+
+
+def _run(out, jobs, done, settings, workers, on_done, log):
+    """Prepare the jobs not done yet in `workers` processes into done, and into _progress.jsonl as they come."""
     todo = [j for j in jobs if j["index"] not in done and "status" not in j]
-    for j in jobs:
+    for j in jobs:  # skipped while planning: no progress line needed
         if "status" in j and j["index"] not in done:
             done[j["index"]] = dict(index=j["index"], status=j["status"], reason=j["reason"])
-    wsettings = dict(settings, out=out)
     workers = max(1, min(workers, len(todo)))
-    t0 = time.time()
-    progress = open(gpath, "a")
+    progress = open(os.path.join(out, "_progress.jsonl"), "a")
+
     def record(res):
         done[res["index"]] = res
         progress.write(json.dumps(res) + "\n")
         progress.flush()
         tag = "ok" if res["status"] == "ok" else "skipped"
-        log(f"[{len(done)}/{N}] {tag} {jobs[res['index']]['id']} ({res['seconds']:.2f}s)"
+        log(f"[{len(done)}/{len(jobs)}] {tag} {jobs[res['index']]['id']} ({res['seconds']:.2f}s)"
             + ("" if tag == "ok" else f": {res['reason']}"))
         if on_done is not None:
             on_done(len(done))
     try:
         if workers == 1:
             nthreads = torch.get_num_threads()
-            _worker_init(wsettings, 1)
+            _worker_init(settings, 1)
             try:
                 for j in todo:
                     record(_prepare_one(j))
@@ -700,35 +582,73 @@ def prepare_dataset(inputs, out, img_size=256, modality="ct", window="", labels=
                 torch.set_num_threads(nthreads)
         else:
             # spawn, not fork: a forked child of a process that already ran torch ops can hang in OpenMP
-            ctx = mp.get_context("spawn")
-            with ctx.Pool(workers, initializer=_worker_init, initargs=(wsettings, 1)) as pool:
+            with mp.get_context("spawn").Pool(workers, initializer=_worker_init, initargs=(settings, 1)) as pool:
                 for res in pool.imap_unordered(_prepare_one, todo):
                     record(res)
     finally:
         progress.close()
-    # --- finalize: folds, labels, volumes.csv, then meta.json last (its presence = complete)
+
+
+_W = {}  # a worker's settings, set once per process
+
+
+def _worker_init(settings, threads):
+    # one torch thread per worker: we scale with processes; thread pools competing for cores cost far more
+    torch.set_num_threads(threads)
+    _W.clear()
+    _W.update(settings)
+
+
+def _prepare_one(job):
+    """Worker: read, prepare and write volume job['index'] into the memory maps; return its csv fields."""
+    i, src, st = job["index"], job["source"], _W
+    t = time.time()
+    res = dict(index=i)
+    try:
+        vol, affine, spacing = load_volume(src, st["first_volume"])
+        res.update(orig_shape="x".join(map(str, vol.shape)), orig_spacing="x".join(f"{v:.4g}" for v in spacing),
+                   orig_axcodes="".join(nib.aff2axcodes(affine)),
+                   orig_affine=" ".join(f"{v:.6g}" for v in affine[:3].ravel()))
+        try:
+            hires, info = prepare_array(vol, spacing, st["img_size"], st["modality"], st["window"],
+                                        st["spacing"], st["stretch"], affine)
+        except ValueError as e:
+            raise ValueError(f"{src}: {e}") from None
+        del vol
+        lowres = downsample(hires)
+        hi = np.load(os.path.join(st["out"], "hires.npy"), mmap_mode="r+")
+        lo = np.load(os.path.join(st["out"], "lowres.npy"), mmap_mode="r+")
+        hi[i], lo[i] = hires, lowres
+        hi.flush()
+        lo.flush()
+        del hi, lo
+        res.update(status="ok", reason="", window_lo=f"{info['window'][0]:.6g}", window_hi=f"{info['window'][1]:.6g}",
+                   trimmed="%d,%d" % info["trim"], out_spacing="x".join(f"{v:.5g}" for v in info["out_spacing"]),
+                   out_affine=" ".join(f"{v:.6g}" for v in info["out_affine"][:3].ravel()),
+                   nonfinite=info["nonfinite"])
+    except ValueError as e:
+        res.update(status="skipped", reason=str(e).replace("\n", " "))
+    except MemoryError:
+        res.update(status="skipped", reason=f"{src}: out of memory")
+    res["seconds"] = round(time.time() - t, 3)
+    return res
+
+
+def _finalise(out, plan, jobs, done, label_cols, table, t0, log):
+    """volumes.csv (per input: its result, labels and fold), then meta.json last: its presence says 'complete'."""
     rows = []
     for j in jobs:
-        res = done[j["index"]]
-        row = {k: "" for k in CSV_FIELDS}
-        row.update({k: v for k, v in res.items() if k in CSV_FIELDS})
+        row = {k: "" for k in CSV_FIELDS + ["fold"]}
+        row.update({k: v for k, v in done[j["index"]].items() if k in CSV_FIELDS})
         row.update(index=j["index"], id=j["id"], source=j["source"])
-        lab = table.get(j["id"], {})
-        for c in label_cols:
-            row[c] = lab.get(c, "")
+        row.update(table.get(j["id"], {c: "" for c in label_cols}))  # every labelled id has every column
         if row["status"] == "ok" and "class" in label_cols:
-            try:
-                row["class"] = int(float(row["class"]))
-            except ValueError:
-                row.update(status="skipped", reason=f"{j['source']}: class {row['class']!r} is not an integer")
+            row["class"] = int(row["class"])  # an ok input has a labels row, whose class read_labels checked
+        elif row["status"] == "skipped":
+            log(f"skipped {row['reason']}")
         rows.append(row)
-    for r in rows:
-        if r["status"] == "skipped":
-            log(f"skipped {r['reason']}")
     ok = [r for r in rows if r["status"] == "ok"]
     folds = _fold_of([r["id"] for r in ok], [r["class"] if "class" in label_cols else 0 for r in ok])
-    for r in rows:
-        r["fold"] = ""
     for r, fo in zip(ok, folds):
         r["fold"] = fo
     with open(os.path.join(out, "volumes.csv.tmp"), "w", newline="") as f:
@@ -740,31 +660,39 @@ def prepare_dataset(inputs, out, img_size=256, modality="ct", window="", labels=
     if not ok:
         raise ValueError(f"{out}: nothing was prepared, every input was skipped (all reasons in "
                          f"{os.path.join(out, 'volumes.csv')}), the first: {rows[0]['reason']}")
-    # one spacing/affine for the whole store (sample.py writes generated volumes with it): exact with
-    # --spacing, else the median of the per-volume spacings (fit mode: every volume keeps its own in volumes.csv)
+    st = plan["settings"]
+    # one spacing/affine for the store (sample.py writes with it): --spacing, or the median of the volumes' own
     sp = np.median(np.array([[float(v) for v in r["out_spacing"].split("x")] for r in ok]), axis=0)
-    if spacing > 0:
-        sp = np.full(3, float(spacing))
+    if st["spacing"] > 0:
+        sp = np.full(3, float(st["spacing"]))
     classes = [r["class"] for r in ok] if "class" in label_cols else []
     meta = dict(
-        format_version=FORMAT_VERSION, img_size=list(size), modality=modality,
-        window=list(win) if win else (list(CT_WINDOW) if modality == "ct" else None),
-        window_note=("mri: each volume maps [window_lo, window_hi] of volumes.csv to [-1, 1] "
-                     "(min and 99.9th percentile of its foreground)") if (modality == "mri" and not win) else "",
-        spacing=[float(v) for v in sp], affine=canonical_affine(sp, size).tolist(),
+        format_version=FORMAT_VERSION, img_size=st["img_size"], modality=st["modality"],
+        window=st["window"] or (list(CT_WINDOW) if st["modality"] == "ct" else None),
+        window_note=("mri: each volume maps [window_lo, window_hi] of volumes.csv to [-1, 1] (min and 99.9th "
+                     "percentile of its foreground)") if (st["modality"] == "mri" and not st["window"]) else "",
+        spacing=[float(v) for v in sp], affine=canonical_affine(sp, st["img_size"]).tolist(),
         orientation="".join(ORIENTATION),
-        resample="stretch" if stretch else ("spacing" if spacing > 0 else "fit"),
-        num_volumes=len(ok), num_inputs=N, label_columns=label_cols,
+        resample="stretch" if st["stretch"] else ("spacing" if st["spacing"] > 0 else "fit"),
+        num_volumes=len(ok), num_inputs=len(rows), label_columns=label_cols,
         class_column="class" if "class" in label_cols else "",
         num_classes=(max(classes) + 1) if classes else 0, num_folds=NUM_FOLDS,
-        lowres="avg_pool3d 4x4x4 of hires", dtype="float16", settings=settings,
-        plan_sha1=_sha1(plan), complete=True)
-    with open(mpath + ".tmp", "w") as f:
+        lowres="avg_pool3d 4x4x4 of hires", dtype="float16", settings=st, plan_sha1=_sha1(plan), complete=True)
+    with open(os.path.join(out, "meta.json.tmp"), "w") as f:
         json.dump(meta, f, indent=1)
-    os.replace(mpath + ".tmp", mpath)
-    for p in (ppath, gpath):
-        os.remove(p)
+    os.replace(os.path.join(out, "meta.json.tmp"), os.path.join(out, "meta.json"))
+    for name in ("_plan.json", "_progress.jsonl"):
+        os.remove(os.path.join(out, name))
     return 0
+
+
+def _fold_of(ids, classes):
+    """Deterministic, class-stratified 5-fold split: sort by (class, sha1(id)), deal folds round-robin."""
+    key = lambda j: (classes[j], hashlib.sha1(ids[j].encode()).hexdigest())
+    folds = [0] * len(ids)
+    for rank, j in enumerate(sorted(range(len(ids)), key=key)):
+        folds[j] = rank % NUM_FOLDS
+    return folds
 
 
 def _sha1(obj):
@@ -776,8 +704,7 @@ def _sha1(obj):
 
 
 def output_affine(meta, shape):
-    """4x4 voxel -> RAS mm of a generated (D,H,W) volume: the dataset's affine (stored grid -> world)
-    when the shapes agree, else its axes rescaled to the new grid about the same centre."""
+    """4x4 voxel -> RAS mm of a generated (D,H,W) volume: the dataset's, rescaled about its centre to this grid."""
     if meta.get("affine") is not None:
         A = np.array(meta["affine"], dtype=np.float64)
         src = tuple(meta.get("img_size") or shape)
@@ -799,8 +726,7 @@ def output_affine(meta, shape):
 
 
 def to_output(x, meta):
-    """[-1, 1] float volume -> the modality's units: CT int16 HU through the inverse of the prepare
-    window; MRI float32 in window units, or in [-1, 1] when the window was per volume (meta null)."""
+    """[-1, 1] -> the modality's units: CT int16 HU, MRI float32 (in [-1, 1] when its window was per volume)."""
     win = meta.get("window")
     if win is None:
         return np.asarray(x, dtype=np.float32)
@@ -817,13 +743,17 @@ def safe_name(s):
 
 
 def write_atomic(path, write):
-    """write(tmp) then rename, so an interrupted run never leaves a half-written file under `path`."""
+    """write(tmp) then rename, so an interrupted run never leaves a half-written file under `path`. An OSError
+    (a full disk) names `path` as its filename."""
     base = os.path.basename(path)
     ext = next((e for e in (".nii.gz", ".nii", ".npy", ".json", ".png", ".csv") if base.endswith(e)), "")
     tmp = os.path.join(os.path.dirname(path), f".{base[:len(base) - len(ext)]}.tmp{os.getpid()}{ext}")
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        e.filename, e.filename2 = path, None
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -850,11 +780,8 @@ def write_volume(path, x, meta, descrip=""):
 
 
 def save_montage(path, vols):
-    """
-    PNG of three mid-planes per volume, one row each: axial (anterior up, patient's left on the right,
-    as radiologists view it), coronal and sagittal (superior up). vols: [D,H,W] arrays in [-1,1] in
-    prepare.py's stored orientation. A tiny PNG writer, so we need no imaging package.
-    """
+    """PNG of three mid-planes per volume ([D,H,W] in [-1,1], stored orientation), one row each: axial as
+    radiologists view it (anterior up, patient's left on the right), coronal and sagittal (superior up)."""
     rows = []
     for v in vols:
         v = np.asarray(v, dtype=np.float32)
@@ -869,9 +796,10 @@ def save_montage(path, vols):
     img = np.repeat(np.repeat(img, k, 0), k, 1)
     img = np.clip((np.nan_to_num(img, nan=-1.0) + 1) * 127.5, 0, 255).astype(np.uint8)
 
+    # a tiny PNG writer, so that we need no imaging package: filter type 0 per scanline, one IDAT chunk
     def png_chunk(tag, data):
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xffffffff)
-    raw = b"".join(b"\x00" + line.tobytes() for line in img)  # filter type 0 per scanline
+    raw = b"".join(b"\x00" + line.tobytes() for line in img)
     png = (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", img.shape[1], img.shape[0], 8, 0, 0, 0, 0))
            + png_chunk(b"IDAT", zlib.compress(raw, 6)) + png_chunk(b"IEND", b""))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -892,8 +820,7 @@ def read_meta(path):
 
 
 def store_fingerprint(path):
-    """A prepared store's identity: sha1 of its meta.json + volumes.csv (which hold the plan's hash and every
-    volume's row), 16 hex digits. train.py keeps it in checkpoints; eval.py keys its feature cache by it."""
+    """A store's identity: 16 hex digits of sha1(meta.json + volumes.csv), kept in checkpoints and feature caches."""
     with open(os.path.join(path, "meta.json"), "rb") as f, open(os.path.join(path, "volumes.csv"), "rb") as g:
         return hashlib.sha1(f.read() + g.read()).hexdigest()[:16]
 
@@ -905,8 +832,8 @@ class VolumeDataset:
         path = str(path)
         mpath = os.path.join(path, "meta.json")
         if not os.path.exists(mpath):
-            raise FileNotFoundError(f"{path}: no prepared dataset (meta.json missing); run prepare.py on your "
-                                    f"scans, or python data/demo/prepare.py for the demo")
+            raise FileNotFoundError(f"{path}: no prepared dataset (meta.json missing); run prepare.py, or "
+                                    f"data/demo/prepare.py")
         with open(mpath) as f:
             self.meta = json.load(f)
         if not self.meta.get("complete") or self.meta.get("format_version") != FORMAT_VERSION:
@@ -928,6 +855,7 @@ class VolumeDataset:
             raise ValueError(f"{path}: no volumes in split={split} fold={fold}")
         self.index = np.array([int(r["index"]) for r in rows], dtype=np.int64)  # rows of hires.npy
         self.ids = [r["id"] for r in rows]
+        self.folds = np.array([int(r["fold"]) for r in rows], dtype=np.int64)
         self.labels = {}
         for col in self.meta["label_columns"]:
             if col == self.meta["class_column"]:
@@ -956,12 +884,9 @@ class VolumeDataset:
         return np.array(self._maps()[0][self.index[j]], dtype=np.float32)
 
     def get_batch(self, batch_size, span=None, device="cpu", generator=None):
-        """
-        B random volumes of this split -> (x float32 [B,1,stop-start,H,W], x_low float32 [B,1,D/4,H/4,W/4],
-        labels int64 [B]). span = (start, stop) is the voxel range to read along axis 0, e.g. a slab's
-        model.slab_range(r, D, num_slabs); None reads whole volumes. Each volume's span is one contiguous
-        read. Volumes are drawn with torch.randint from the caller's (CPU) generator.
-        """
+        """B random volumes (torch.randint from the caller's CPU generator) -> (x float32 [B,1,stop-start,H,W],
+        x_low float32 [B,1,D/4,H/4,W/4], labels int64 [B]). span = (start, stop) along axis 0, e.g. a slab's
+        model.slab_range(r, D, num_slabs); None reads whole volumes."""
         D, H, W = self.img_size
         start, stop = span or (0, D)
         if not 0 <= start < stop <= D:
@@ -974,10 +899,8 @@ class VolumeDataset:
             x = torch.from_numpy(np.array([hi[i, start:stop] for i in rows], dtype=np.float32))[:, None]
             x_low = torch.from_numpy(np.array([lo[i] for i in rows], dtype=np.float32))[:, None]
             return x.to(device), x_low.to(device), self._class[ix].to(device)
-        # CUDA: float16 into pinned memory, an asynchronous copy, the cast on the GPU: half the PCIe bytes,
-        # and the CPU is free once the copy is queued. Two staging buffers take turns, so filling one never
-        # touches the one whose copy may still be running; before refilling a buffer we wait for its own
-        # previous copy (long done by then), not for the whole stream.
+        # CUDA: float16 into pinned memory, an asynchronous copy, the cast on the GPU (half the PCIe bytes). Two
+        # staging buffers take turns; before refilling one we wait for its own previous copy, not the stream.
         bufs = self._pinned.setdefault((batch_size, stop - start), [])
         if len(bufs) < 2:
             bufs.insert(0, [torch.empty((batch_size, 1, stop - start, H, W), dtype=torch.float16).pin_memory(),

@@ -1,7 +1,6 @@
 """
 Generate whole volumes with a trained HA-GAN (paper Fig. 2: G^A then G^H on all of A), as NIfTI files
 a viewer opens right side up: CT in int16 Hounsfield units, MRI in float32, with the dataset's affine.
-Also the writers of every output file (NIfTI, PNG montage, atomic rename) that train.py and encode.py use.
 
     python sample.py --out samples/                                    # 8 volumes, seeds 1337..1344, from out/ckpt.pt
     python sample.py --ckpt=out/ckpt.pt --num=100 --seed=0 --batch_size=4 --png
@@ -11,10 +10,9 @@ Also the writers of every output file (NIfTI, PNG montage, atomic rename) that t
     python sample.py --interp=8 --seed=1 --seed2=2 --png               # 8 steps on the great circle z(1) -> z(2)
     python sample.py --direction=features/direction_lung_volume_ml.npy --steps=7 --scale=3 --png
 
-Volume i gets its own z from seed+i, so the files do not depend on --batch_size. Files: OUT/seed001337.nii.gz
-(+ .json sidecar: checkpoint, iteration, seed, class; + .png with --png: axial, coronal and sagittal
-mid-planes). Series: OUT/interp_1_2_00.nii.gz ..., OUT/<direction>_s1337_00.nii.gz ..., and one .png montage.
-Existing files are never overwritten without --overwrite.
+Volume i's z comes from seed+i, whatever --batch_size: OUT/seed001337.nii.gz, a .json sidecar (checkpoint,
+iteration, seed, class), with --png its mid-planes. A series: OUT/interp_1_2_00.nii.gz ... or
+OUT/<direction>_s1337_00.nii.gz ..., and one .png. Nothing is overwritten without --overwrite.
 """
 
 import json
@@ -57,16 +55,9 @@ config = dict(
 )
 # -----------------------------------------------------------------------------
 
-# what the official code trained on (COPDGene thorax CT, paper Sec. IV-A); its preprocessing keeps no
-# geometry, so 1 mm voxels in our stored orientation is a guess: pass --meta to say otherwise
+# the official code's data (COPDGene CT, paper Sec. IV-A); it keeps no geometry, so 1 mm voxels are a guess (--meta)
 OFFICIAL_META = dict(modality="ct", window=[-1024.0, 600.0], spacing=[1.0, 1.0, 1.0], orientation="SPL")
-
-
 MONTAGE_ROWS = 16  # a series' PNG shows at most this many of its volumes, evenly spaced
-
-
-# -----------------------------------------------------------------------------
-# latents
 
 
 def seed_z(seed, latent_dim):
@@ -85,7 +76,7 @@ def slerp(z0, z1, t):
 
 
 def load_direction(path, latent_dim):
-    """A direction .npy ([latent_dim] coefficients w of a linear model value = w.z + b) -> (w, sidecar)."""
+    """A direction .npy ([latent_dim] coefficients w of a linear model value = w.z + b) -> (w, its sidecar)."""
     try:
         w = np.load(path, allow_pickle=False)
     except Exception as e:
@@ -93,39 +84,27 @@ def load_direction(path, latent_dim):
     w = np.asarray(w, dtype=np.float64).reshape(-1) if w.size == latent_dim else None
     if w is None or not np.all(np.isfinite(w)) or np.linalg.norm(w) == 0:
         fail(f"{path}: need a nonzero finite vector of {latent_dim} numbers (this model's latent_dim)")
-    side = os.path.splitext(path)[0] + ".json"
-    info = {}
-    if os.path.isfile(side):
-        try:
-            with open(side) as f:
-                info = json.load(f)
-        except (OSError, ValueError) as e:
-            fail(f"{side}: cannot read the direction's sidecar ({e})")
-    return w, info
-
-
-# -----------------------------------------------------------------------------
+    side = os.path.splitext(path)[0] + ".json"  # encode.py's: the column and the intercept
+    try:
+        return w, (json.load(open(side)) if os.path.isfile(side) else {})
+    except (OSError, ValueError) as e:
+        fail(f"{side}: cannot read the direction's sidecar ({e})")
 
 
 def load_model(c):
     """(model, meta, description of the weights) for the config c; one-line SystemExit on failure."""
-    device = c["device"]
     try:
         if c["official"]:
-            model = HAGAN.from_official(G=c["official"], img_size=c["official_size"]).to(device).eval()
+            model = HAGAN.from_official(G=c["official"], img_size=c["official_size"]).to(c["device"]).eval()
             meta, src = dict(OFFICIAL_META), dict(official=os.path.abspath(c["official"]))
         else:
-            model, ckpt = load_checkpoint(c["ckpt"], device, ema=c["ema"])
+            model, ckpt = load_checkpoint(c["ckpt"], c["device"], ema=c["ema"])
             meta = ckpt.get("meta") or {}
             src = dict(ckpt=os.path.abspath(c["ckpt"]), iter_num=ckpt.get("iter_num"),
                        ema=bool(c["ema"] and ckpt.get("ema_G")))
+        meta = read_meta(c["meta"]) if c["meta"] else meta
     except (ValueError, OSError) as e:
         fail(str(e).strip().splitlines()[0])
-    if c["meta"]:
-        try:
-            meta = read_meta(c["meta"])
-        except ValueError as e:
-            fail(str(e))
     if not meta:
         print("warning: the checkpoint has no dataset meta; writing [-1, 1] float32 with 1 mm voxels (pass --meta)")
         meta = dict(modality="mri", window=None)
@@ -135,20 +114,17 @@ def load_model(c):
 def plan(c, model):
     """(n, item, series name) of what this run writes: item(i) -> (file stem, z, class, extra sidecar fields),
     computed when volume i is generated, so that any --num streams in constant memory."""
-    cfg = model.cfg
-    K = cfg.num_classes
+    K, d = model.cfg.num_classes, model.cfg.latent_dim
     if c["label"] >= 0 and not K:
         fail(f"--label={c['label']}: this model is unconditional (trained without classes)")
     if c["label"] >= K > 0:
         fail(f"--label={c['label']}: unknown label, this model has classes 0..{K - 1}")
     cls = (lambda i: c["label"] if c["label"] >= 0 else i % K) if K else (lambda i: None)
-    d = cfg.latent_dim
     if c["interp"] and c["direction"]:
         fail("--interp and --direction each write a series; use one at a time")
     if c["interp"]:
-        s0, s1 = c["seed"], (c["seed2"] if c["seed2"] >= 0 else c["seed"] + 1)
+        s0, s1, n = c["seed"], (c["seed2"] if c["seed2"] >= 0 else c["seed"] + 1), c["interp"]
         z0, z1 = seed_z(s0, d), seed_z(s1, d)
-        n = c["interp"]
         name = f"interp_{s0}_{s1}"
 
         def item(k):
@@ -157,9 +133,7 @@ def plan(c, model):
         return n, item, name
     if c["direction"]:
         w, info = load_direction(c["direction"], d)
-        u = torch.from_numpy(w / np.linalg.norm(w)).float()
-        z0 = seed_z(c["seed"], d)
-        n = c["steps"]
+        u, z0, n = torch.from_numpy(w / np.linalg.norm(w)).float(), seed_z(c["seed"], d), c["steps"]
         name = f"{safe_name(os.path.splitext(os.path.basename(c['direction']))[0])}_s{c['seed']}"
 
         def item(k):
@@ -174,50 +148,12 @@ def plan(c, model):
                                 dict(seed=c["seed"] + i)), ""
 
 
-def main(argv=None):
-    c = override(dict(config), argv)
-    if c["format"] not in ("nii.gz", "nii", "npy"):
-        fail(f"--format={c['format']}: use nii.gz, nii or npy")
-    if c["dtype"] not in ("float32", "bfloat16", "float16"):
-        fail(f"--dtype={c['dtype']}: use float32, bfloat16 or float16")
-    if c["num"] < 1 or c["batch_size"] < 1 or c["chunk"] < 0 or c["interp"] < 0 or c["steps"] < 1:
-        fail("--num, --batch_size and --steps must be >= 1, --chunk and --interp >= 0")
-    try:
-        c["device"] = pick_device(c["device"])
-    except ValueError as e:
-        fail(str(e))
-    out = c["out"]
-    try:  # an unwritable folder fails here, before the model is loaded or anything computed
-        writable_dir(out)
-    except ValueError as e:
-        fail(str(e))
-    model, meta, src = load_model(c)
-    n, item, series = plan(c, model)
-    stem = (lambda i: f"{series}_{i:02d}") if series else (lambda i: f"seed{c['seed'] + i:06d}")
-    ext = "." + c["format"]
-    # what would be overwritten, from one listing of the folder: no check per volume, so any --num is fine
-    mine = [ext, ".json"] + ([".png"] if c["png"] and not series else [])
-    pattern = re.compile((re.escape(series) + "_" if series else "seed") + r"(\d+)("
-                         + "|".join(map(re.escape, mine)) + ")")
-    taken = []
-    for f in sorted(os.listdir(out)):
-        m = pattern.fullmatch(f)
-        i = int(m.group(1)) - (0 if series else c["seed"]) if m else -1
-        if (m and 0 <= i < n and stem(i) + m.group(2) == f) or (c["png"] and series and f == series + ".png"):
-            taken.append(f)
-    if taken and not c["overwrite"]:
-        fail(f"{os.path.join(out, taken[0])} exists ({len(taken)} of the output files do); pass --overwrite or "
-             f"another --out")
-    affine = output_affine(meta, model.cfg.shape)
-    print(f"{n} volume(s) {'x'.join(map(str, model.cfg.shape))} -> {out}/ "
-          f"({meta.get('modality', '?')}, {'int16 HU' if meta.get('modality') == 'ct' and meta.get('window') else 'float32'}"
-          f", orientation {''.join(nib.aff2axcodes(affine))}), device {c['device']}, {c['dtype']}"
-          + (f", chunk {c['chunk']}" if c["chunk"] else ""))
+def write_all(c, model, meta, src, n, item, series):
+    """Generate the n volumes, batch by batch, and write each with its sidecar (and PNGs) as it comes."""
+    out, ext = c["out"], "." + c["format"]
     # a series' montage: at most MONTAGE_ROWS of its volumes, at half resolution
     shown = {round(j * (n - 1) / (MONTAGE_ROWS - 1)) for j in range(MONTAGE_ROWS)} if n > MONTAGE_ROWS else range(n)
-    previews = []
-    t_all = time.time()
-    path, written = out, 0
+    previews, written = [], 0
     try:  # a full disk: one line; write_atomic leaves no temp file, and the volumes written so far are whole
         for i in range(0, n, c["batch_size"]):
             batch = [item(j) for j in range(i, min(i + c["batch_size"], n))]
@@ -231,13 +167,11 @@ def main(argv=None):
             for j, (name, _, k, extra), v in zip(range(i, n), batch, x):
                 side = dict(src, seed=extra.pop("seed"), **({} if k is None else {"class": k}), **extra,
                             chunk=c["chunk"], dtype=c["dtype"], shape=list(v.shape))
-                path = os.path.join(out, name + ext)
-                write_volume(path, v, meta, f"HA-GAN {name}")
-                path = os.path.join(out, name + ".json")
-                write_atomic(path, lambda p: open(p, "w").write(json.dumps(side, indent=1)))
+                write_volume(os.path.join(out, name + ext), v, meta, f"HA-GAN {name}")
+                write_atomic(os.path.join(out, name + ".json"),
+                             lambda p: open(p, "w").write(json.dumps(side, indent=1)))
                 if c["png"] and not series:  # mid-planes as prepare.py's stored orientation (S,P,L) shows them
-                    path = os.path.join(out, name + ".png")
-                    save_montage(path, [v])
+                    save_montage(os.path.join(out, name + ".png"), [v])
                 if c["png"] and series and j in shown:
                     previews.append(v[::2, ::2, ::2].copy())  # half resolution keeps a long series' montage small
                 written += 1
@@ -246,13 +180,49 @@ def main(argv=None):
                       + (f" t={extra['t']:.3g}" if "t" in extra else "") + (f" predicted {pred}" if pred else ""))
             print(f"  {dt / len(batch):.2f} s/volume")
         if previews:
-            path = os.path.join(out, series + ".png")
-            save_montage(path, previews)
-    except OSError as e:
-        fail(f"{path}: cannot write it ({e.strerror or e}); the {written} volume(s) before it are complete, "
+            save_montage(os.path.join(out, series + ".png"), previews)
+    except OSError as e:  # write_atomic's: e.filename is the file being written
+        fail(f"{e.filename}: cannot write it ({e.strerror or e}); the {written} volume(s) before it are complete, "
              f"and nothing half-written is left")
+
+
+def main(argv=None):
+    c = override(dict(config), argv)
+    if c["format"] not in ("nii.gz", "nii", "npy"):
+        fail(f"--format={c['format']}: use nii.gz, nii or npy")
+    if c["dtype"] not in ("float32", "bfloat16", "float16"):
+        fail(f"--dtype={c['dtype']}: use float32, bfloat16 or float16")
+    if c["num"] < 1 or c["batch_size"] < 1 or c["chunk"] < 0 or c["interp"] < 0 or c["steps"] < 1:
+        fail("--num, --batch_size and --steps must be >= 1, --chunk and --interp >= 0")
+    try:
+        c["device"] = pick_device(c["device"])
+        writable_dir(c["out"])  # an unwritable folder fails here, before the model is loaded
+    except ValueError as e:
+        fail(str(e))
+    model, meta, src = load_model(c)
+    n, item, series = plan(c, model)
+    # what would be overwritten, from one listing of the folder: no check per volume, so any --num is fine
+    mine = ["." + c["format"], ".json"] + ([".png"] if c["png"] and not series else [])
+    pattern = re.compile((re.escape(series) + "_" if series else "seed") + r"(\d+)("
+                         + "|".join(map(re.escape, mine)) + ")")
+    taken = []
+    for f in sorted(os.listdir(c["out"])):
+        m = pattern.fullmatch(f)
+        i = int(m.group(1)) - (0 if series else c["seed"]) if m else -1
+        if (m and 0 <= i < n and item(i)[0] + m.group(2) == f) or (c["png"] and series and f == series + ".png"):
+            taken.append(f)
+    if taken and not c["overwrite"]:
+        fail(f"{os.path.join(c['out'], taken[0])} exists ({len(taken)} of the output files do); pass --overwrite or "
+             f"another --out")
+    affine = output_affine(meta, model.cfg.shape)
+    units = "int16 HU" if meta.get("modality") == "ct" and meta.get("window") else "float32"
+    print(f"{n} volume(s) {'x'.join(map(str, model.cfg.shape))} -> {c['out']}/ ({meta.get('modality', '?')}, {units}"
+          f", orientation {''.join(nib.aff2axcodes(affine))}), device {c['device']}, {c['dtype']}"
+          + (f", chunk {c['chunk']}" if c["chunk"] else ""))
+    t0 = time.time()
+    write_all(c, model, meta, src, n, item, series)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux -> GiB
-    print(f"done: {n} volume(s) in {time.time() - t_all:.1f}s, peak RSS {rss:.2f} GiB")
+    print(f"done: {n} volume(s) in {time.time() - t0:.1f}s, peak RSS {rss:.2f} GiB")
 
 
 if __name__ == "__main__":

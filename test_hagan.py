@@ -848,18 +848,27 @@ def _prep_smooth(shape, seed=0):
     return (1000 * x).astype(np.float32)
 
 
-def test_prep_unit_mapping():
+def _one_line(main, argv):
+    """main(argv) refused: the SystemExit's one 'error: ' line (what the script prints on stderr)."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    line = str(e.value)
+    assert line.startswith("error: ") and "\n" not in line, line
+    return line
+
+
+def test_prep_unit_mapping_and_sizes():
     w = prepare.CT_WINDOW
     x = np.array([-2000, -1024, -212, 600, 3000], dtype=np.float32)
     u = prepare.to_unit(x, w)
     assert np.allclose(u, [-1, -1, 0, 1, 1], atol=1e-6)
     assert np.allclose(prepare.from_unit(u[1:4], w), x[1:4], atol=1e-3)
-    t = prepare.to_unit(torch.tensor([-212.0]), w)
-    assert abs(float(t) - 0.0) < 1e-6
+    assert abs(float(prepare.to_unit(torch.tensor([-212.0]), w)) - 0.0) < 1e-6
     assert prepare.parse_size(64) == (64, 64, 64) and prepare.parse_size("64,32,32") == (64, 32, 32)
     for bad in (48, 1024, "64,64", "x"):
-        with pytest.raises(ValueError, match="cannot be built"):
+        with pytest.raises(ValueError) as e:
             prepare.parse_size(bad)
+        assert str(e.value).startswith(f"img_size={bad}:")
 
 
 def test_prep_load_volume_orientations(tmp_path):
@@ -889,21 +898,16 @@ def test_prep_load_volume_orientations(tmp_path):
     ijk = np.array([3, 5, 7, 1.0])  # stored index -> source index, by the orientation transform above
     src = np.array([7, 24 - 1 - 3, 16 - 1 - 5, 1.0])
     assert np.allclose(aff @ ijk, lia @ src)
-
-
-def test_prep_flipped_permuted_affine_same_array(tmp_path):
+    # the same physical image, stored with axes permuted and two of them flipped, prepares to the same arrays
     img = nib.load(os.path.join(NIB_DATA, "anatomical.nii"))
     img = nib.Nifti1Image(np.asarray(img.dataobj, dtype=np.float32), img.affine)
-    # same physical image, stored with axes permuted and two of them flipped
-    ornt = np.array([[2, -1], [0, 1], [1, -1]])
-    moved = img.as_reoriented(ornt)
+    moved = img.as_reoriented(np.array([[2, -1], [0, 1], [1, -1]]))
     assert moved.shape != img.shape
     a, b = str(tmp_path / "a.nii"), str(tmp_path / "b.nii.gz")
     img.to_filename(a)
     moved.to_filename(b)
     meta = dict(img_size=[32, 32, 32], modality="mri", window=None)
-    ha, la = prepare.prepare_file(a, meta)
-    hb, lb = prepare.prepare_file(b, meta)
+    (ha, la), (hb, lb) = prepare.prepare_file(a, meta), prepare.prepare_file(b, meta)
     assert ha.shape == (32, 32, 32) and la.shape == (8, 8, 8)
     assert np.array_equal(ha, hb) and np.array_equal(la, lb)
     assert ha.min() >= -1 and ha.max() <= 1 and ha.max() > 0.5
@@ -928,8 +932,7 @@ def test_prep_real_files_and_bad_inputs(tmp_path, capsys):
     np.save(src / "allnan.npy", np.full((8, 8, 8), np.nan, np.float32))
     nib.save(nib.Nifti1Image(_prep_smooth((16, 16, 16)), np.eye(4)), str(src / "sub" / "tiny.nii"))  # id clash
     out = str(tmp_path / "out")
-    rc = prepare.prepare_dataset([str(src)], out, img_size=32, modality="mri", workers=1)
-    assert rc == 0
+    assert prepare.prepare_dataset([str(src)], out, img_size=32, modality="mri", workers=1) == 0
     rows = _prep_rows(out)
     st = {k: (r["status"], r["reason"]) for k, r in rows.items()}
     for vid in ["anatomical", "tiny", "scaled+tlrc", "brain", "nans"]:
@@ -938,7 +941,7 @@ def test_prep_real_files_and_bad_inputs(tmp_path, capsys):
               "flat": "2D image", "const": "constant volume", "allnan": "no finite voxels"}
     for vid, why in expect.items():
         assert st[vid][0] == "skipped" and why in st[vid][1], (vid, st[vid])
-        assert vid in st[vid][1]  # the reason names the file
+        assert st[vid][1].startswith(str(src / vid))  # the reason names the file
     # the sub/tiny.nii clashes with tiny.mnc: one of them is skipped as a duplicate
     dup = [r for r in csv.DictReader(open(os.path.join(out, "volumes.csv"))) if "duplicate id tiny" in r["reason"]]
     assert len(dup) == 1
@@ -957,7 +960,6 @@ def test_prep_real_files_and_bad_inputs(tmp_path, capsys):
     assert np.isfinite(hi[ok]).all() and hi[ok].min() >= -1 and hi[ok].max() <= 1
     pooled = F.avg_pool3d(torch.from_numpy(hi[ok].astype(np.float32))[:, None], 4)[:, 0].numpy()
     assert np.abs(pooled - lo[ok]).max() < 2e-3  # low-res = block means (of the float32 hires)
-    # the NaN voxels became background in source space
     ds = prepare.VolumeDataset(out, split="all")
     assert set(ds.ids) == {"anatomical", "tiny", "scaled+tlrc", "brain", "nans"} and len(ds) == 5
     captured = capsys.readouterr().out
@@ -970,20 +972,21 @@ def test_prep_real_files_and_bad_inputs(tmp_path, capsys):
     nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[..., 0], img.affine), first)
     h, _ = prepare.prepare_file(first, meta)
     assert np.array_equal(np.load(os.path.join(out4, "hires.npy"))[0], h.astype(np.float16))
-
-
-def test_prep_nothing_prepared_and_unwritable(tmp_path, capsys):
+    # nothing prepared, or an unwritable --out: a ValueError naming the folder, and no meta.json
     (tmp_path / "afile").write_text("x")
-    with pytest.raises(ValueError, match="cannot write there"):
+    with pytest.raises(ValueError) as e:
         prepare.prepare_dataset([os.path.join(NIB_DATA, "anatomical.nii")], str(tmp_path / "afile" / "out"), 32)
-    with pytest.raises(ValueError, match="nothing was prepared.*small.mnc: needs the optional package h5py"):
-        prepare.prepare_dataset([os.path.join(NIB_DATA, "small.mnc")], str(tmp_path / "o2"), 32)
+    assert str(e.value).startswith(str(tmp_path / "afile" / "out"))
+    with pytest.raises(ValueError) as e:
+        prepare.prepare_dataset([str(src / "small.mnc")], str(tmp_path / "o2"), 32)
+    assert str(e.value).startswith(str(tmp_path / "o2")) and f"{src / 'small.mnc'}: " in str(e.value)
     assert not os.path.exists(tmp_path / "o2" / "meta.json")
-    with pytest.raises(FileNotFoundError, match="meta.json missing"):
+    with pytest.raises(FileNotFoundError) as e:
         prepare.VolumeDataset(str(tmp_path / "o2"))
+    assert str(e.value).startswith(str(tmp_path / "o2")) and "meta.json" in str(e.value)
 
 
-def test_prep_trim_nan_and_antialias():
+def test_prep_trim_nan_antialias_and_what_is_not_a_scan(tmp_path):
     body = _prep_smooth((20, 24, 24), 3) - 1024  # HU, nowhere blank
     padded = np.full((30, 24, 24), -1024.0, np.float32)
     padded[4:24] = body
@@ -1014,20 +1017,29 @@ def test_prep_trim_nan_and_antialias():
     g, _ = prepare.prepare_array(stripes, np.ones(3), 32, window=(-1024, 600))
     mid = prepare.to_unit(np.float32((600 - 824) / 2), (-1024, 600))
     assert np.abs(g[2:-2, 2:-2, 2:-2] - mid).max() < 0.02
-    with pytest.raises(ValueError, match="constant volume"):
-        prepare.prepare_array(np.zeros((8, 8, 8), np.float32), np.ones(3), 32)
-    with pytest.raises(ValueError, match="empty"):
-        prepare.prepare_array(np.full((8, 8, 8), -3000, np.float32) + np.arange(8.0), np.ones(3), 32)
+    # what is not a scan: constant, empty, a few slices, a sliver of a field of view, values beyond the window
+    big = _prep_smooth((40, 40, 40)) - 1024
+    for vol, spacing, why in [(np.zeros((8, 8, 8), np.float32), np.ones(3), "constant volume"),
+                              (np.full((8, 8, 8), -3000, np.float32) + np.arange(8.0), np.ones(3), "empty"),
+                              (big[:3], np.ones(3), "too thin"),
+                              (big, np.array([1.0, 1.0, 0.05]), "extreme shape"),
+                              (big + 3000, np.ones(3), "high end 600")]:  # a raw scanner range, no rescale
+        with pytest.raises(ValueError, match=why):
+            prepare.prepare_array(vol, spacing, 32)
+    assert prepare.prepare_array(big, np.array([1.0, 1.0, 0.05]), 32, stretch=True)[0].shape == (32, 32, 32)
+    assert prepare.prepare_array(big, np.full(3, 1e-3), 32)[0].shape == (32, 32, 32)  # fine voxels are fine
+    nib.save(nib.Nifti1Image(big, np.diag([1e-3, 1e-3, 1e-3, 1.0])), str(tmp_path / "fine.nii"))
+    assert prepare.load_volume(str(tmp_path / "fine.nii"))[0].shape == (40, 40, 40)  # not a 'degenerate affine'
 
 
-def test_prep_get_batch_slices_and_split(demo):
+def test_prep_get_batch_slices_split_and_demo_phantoms(demo):
     meta = json.load(open(os.path.join(demo, "meta.json")))
     assert meta["class_column"] == "class" and meta["num_classes"] == 5 and meta["num_volumes"] == 12
     tr = prepare.VolumeDataset(demo, "train", fold=1)
     va = prepare.VolumeDataset(demo, "val", fold=1)
     al = prepare.VolumeDataset(demo, "all")
     assert len(tr) + len(va) == len(al) == 12 and len(va) >= 2 and not set(tr.ids) & set(va.ids)
-    assert tr.img_size == (32, 32, 32)
+    assert tr.img_size == (32, 32, 32) and (va.folds == 1).all() and (tr.folds != 1).all()
     hi = np.load(os.path.join(demo, "hires.npy"))
     lo = np.load(os.path.join(demo, "lowres.npy"))
     for r, num_slabs in [(0, 8), (3, 8), (7, 8), (2, 4), (None, 8)]:  # r on the A grid; None: whole volumes
@@ -1055,11 +1067,8 @@ def test_prep_get_batch_slices_and_split(demo):
     folds = [int(r["fold"]) for r in rows.values()]
     assert sorted(folds) == sorted(k % 5 for k in range(12)) and len(va) == folds.count(1)
     assert prepare._fold_of(list(rows), [int(r["class"]) for r in rows.values()]) == folds
-
-
-def test_prep_demo_phantom_hu_and_labels(demo):
-    rng = np.random.default_rng(5)
-    hu, aff, lab = demo_prepare.make_phantom(rng, 3, 64)
+    # the phantoms: CT-like HU, and labels whose emphysema index grows with the class
+    hu, aff, lab = demo_prepare.make_phantom(np.random.default_rng(5), 3, 64)
     assert hu.dtype == np.int16 and hu.shape[:2] == (64, 64) and nib.aff2axcodes(aff) == ("L", "P", "S")
     assert hu.min() == -1024 and 500 < hu.max() < 3071
     assert abs(np.median(hu[hu < -990]) + 1000) < 25  # air
@@ -1067,37 +1076,34 @@ def test_prep_demo_phantom_hu_and_labels(demo):
     assert ((hu > 20) & (hu < 70)).mean() > 0.02  # muscle / heart
     assert (hu > 300).mean() > 0.0005  # bone
     assert 2000 < lab["lung_volume_ml"] < 8000 and 15 < lab["pct_below_950"] < 40
-    # the labels.csv that went through preparation: emphysema index grows with class
-    ds = prepare.VolumeDataset(demo, "all")
-    c, p = ds.labels["class"], ds.labels["pct_below_950"]
+    c, p = al.labels["class"], al.labels["pct_below_950"]
     assert sorted(set(c.tolist())) == [0, 1, 2, 3, 4] and c.dtype == np.int64
     means = [p[c == k].mean() for k in range(5)]
     assert all(a < b for a, b in zip(means, means[1:])), means
-    assert np.all(ds.labels["lung_volume_ml"] > 1000)
-    v = ds.volume(0)
+    assert np.all(al.labels["lung_volume_ml"] > 1000)
+    v = al.volume(0)
     assert v.shape == (32, 32, 32) and v.min() == -1 and v.max() > 0.2  # air is -1, bone bright
 
 
-def test_prep_resume_after_kill(tmp_path):
+def test_prep_resume_after_kill_with_out_inside_the_input_folder(tmp_path):
     src = tmp_path / "in"
     src.mkdir()
     for k in range(6):
         nib.save(nib.Nifti1Image(_prep_smooth((20 + k, 24, 24), k) - 1024, np.diag([1.2, 1, 1, 1])),
                  str(src / f"v{k}.nii.gz"))
+    labels = str(src / "labels.csv")
     (src / "labels.csv").write_text("id,class,fev1\n" + "".join(f"v{k},{k % 2},{k * 0.5}\n" for k in range(6))
                                     + "ghost,1,0\n")
     ref = str(tmp_path / "ref")
-    assert prepare.prepare_dataset([str(src)], ref, 32, labels=str(src / "labels.csv"), log=lambda *a: None) == 0
-    out = str(tmp_path / "out")
-
-    class Killed(Exception):
-        pass
+    assert prepare.prepare_dataset([str(src)], ref, 32, labels=labels, log=lambda *a: None) == 0
+    # --out=in/store: the store's own arrays are never read back as scans, so a re-run resumes
+    out = str(src / "store")
 
     def kill(n):
         if n == 3:
-            raise Killed()
-    with pytest.raises(Killed):
-        prepare.prepare_dataset([str(src)], out, 32, labels=str(src / "labels.csv"), on_done=kill, log=lambda *a: None)
+            raise KeyboardInterrupt  # Ctrl-C after the third volume
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare_dataset([str(src)], out, 32, labels=labels, on_done=kill, log=lambda *a: None)
     assert not os.path.exists(os.path.join(out, "meta.json"))  # incomplete = not a dataset
     with pytest.raises(FileNotFoundError):
         prepare.VolumeDataset(out)
@@ -1109,7 +1115,7 @@ def test_prep_resume_after_kill(tmp_path):
     with open(os.path.join(out, "_progress.jsonl"), "a") as f:
         f.write('{"index": 4, "sta')  # a line cut short
     log = []
-    assert prepare.prepare_dataset([str(src)], out, 32, labels=str(src / "labels.csv"), log=log.append) == 0
+    assert prepare.prepare_dataset([str(src)], out, 32, labels=labels, log=log.append) == 0
     assert any("resuming, 3/6" in ln for ln in log)
     assert sum(ln.startswith("[") for ln in log) == 3  # only the other 3 were prepared again
     assert any("ghost" in ln and "no input volume" in ln for ln in log)
@@ -1117,14 +1123,15 @@ def test_prep_resume_after_kill(tmp_path):
         assert np.array_equal(np.load(os.path.join(ref, name)), np.load(os.path.join(out, name)))
     a, b = _prep_rows(ref), _prep_rows(out)
     strip = lambda rows: {k: {c: v for c, v in r.items() if c not in ("source",)} for k, r in rows.items()}
-    assert strip(a) == strip(b)
+    assert strip(a) == strip(b) and list(b) == [f"v{k}" for k in range(6)]
     assert a["v3"]["fev1"] == "1.5" and a["v3"]["class"] == "1"
-    # re-running a complete folder does nothing; a different command is refused there
+    # re-running a complete folder does nothing; a different command is refused there, naming it
     log = []
-    assert prepare.prepare_dataset([str(src)], out, 32, labels=str(src / "labels.csv"), log=log.append) == 0
+    assert prepare.prepare_dataset([str(src)], out, 32, labels=labels, log=log.append) == 0
     assert "already complete" in log[-1]
-    with pytest.raises(ValueError, match="holds a different prepared dataset"):
+    with pytest.raises(ValueError) as e:
         prepare.prepare_dataset([str(src)], out, 64, log=log.append)
+    assert str(e.value).startswith(out)
 
 
 def test_prep_labels_as_spreadsheets_export_them(tmp_path):
@@ -1139,49 +1146,14 @@ def test_prep_labels_as_spreadsheets_export_them(tmp_path):
         (tmp_path / name).write_bytes(data)
         cols, table = prepare.read_labels(str(tmp_path / name))
         assert cols == ["class", "fev1", "age"] and table == want, (name, table)
-    for text, msg in [("id,fold\na,1\n", "column 'fold' is a name volumes.csv uses"),
-                      ("name,class\na,1\n", "no 'id' column"),
-                      ("id,class\na,1,7\n", "row 2: 3 cells but the header names 2 columns"),
-                      ("id,class\na,\n", "row 2, column 'class': '' is not a class"),
-                      ("id,x\na,inf\n", "row 2, column 'x': 'inf' is not a number")]:
+    # a bad file: the error names the file, the row as a spreadsheet numbers it, and the column
+    for text, where in [("id,fold\na,1\n", ["row 1", "'fold'"]), ("name,class\na,1\n", ["row 1", "'id'"]),
+                        ("id,class\na,1,7\n", ["row 2"]), ("id,class\na,\n", ["row 2", "'class'"]),
+                        ("id,x\na,inf\n", ["row 2", "'x'"])]:
         (tmp_path / "l.csv").write_text(text)
-        with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'l.csv'}: ") + ".*" + re.escape(msg)):
+        with pytest.raises(ValueError) as e:
             prepare.read_labels(str(tmp_path / "l.csv"))
-
-
-def test_prep_out_inside_the_input_folder_resumes(demo, tmp_path):
-    # --out=scans/store: the store's own arrays are never read back as scans, so a re-run resumes
-    scans = tmp_path / "scans"
-    scans.mkdir()
-    for k in range(3):
-        shutil.copy(os.path.join(demo, "raw", f"phantom_{k:04d}.nii.gz"), scans)
-    out = str(scans / "store")
-
-    def kill(n):
-        if n == 2:
-            raise KeyboardInterrupt
-    with pytest.raises(KeyboardInterrupt):
-        prepare.prepare_dataset([str(scans)], out, 32, on_done=kill, log=lambda *a: None)
-    log = []
-    assert prepare.prepare_dataset([str(scans)], out, 32, log=log.append) == 0
-    assert any("resuming, 2/3" in ln for ln in log)
-    assert prepare.VolumeDataset(out, "all").ids == [f"phantom_{k:04d}" for k in range(3)]
-    assert prepare.prepare_dataset([str(scans)], out, 32, log=log.append) == 0 and "already complete" in log[-1]
-
-
-def test_prep_refuses_what_is_not_a_scan(tmp_path):
-    # a few slices, a sliver of a field of view, or values that are not in the window's units
-    body = _prep_smooth((40, 40, 40)) - 1024
-    with pytest.raises(ValueError, match="too thin to be a scan: 3 voxel"):
-        prepare.prepare_array(body[:3], np.ones(3), 32)
-    with pytest.raises(ValueError, match="extreme shape: a field of view of 40 x 40 x 2 mm"):
-        prepare.prepare_array(body, np.array([1.0, 1.0, 0.05]), 32)
-    assert prepare.prepare_array(body, np.array([1.0, 1.0, 0.05]), 32, stretch=True)[0].shape == (32, 32, 32)
-    with pytest.raises(ValueError, match="at or above the window's high end 600.*Hounsfield"):
-        prepare.prepare_array(body + 3000, np.ones(3), 32)  # a raw scanner range, no rescale intercept
-    assert prepare.prepare_array(body, np.full(3, 1e-3), 32)[0].shape == (32, 32, 32)  # fine voxels are fine
-    nib.save(nib.Nifti1Image(body, np.diag([1e-3, 1e-3, 1e-3, 1.0])), str(tmp_path / "fine.nii"))
-    assert prepare.load_volume(str(tmp_path / "fine.nii"))[0].shape == (40, 40, 40)  # not a 'degenerate affine'
+        assert str(e.value).startswith(f"{tmp_path / 'l.csv'}: ") and all(w in str(e.value) for w in where), e.value
 
 
 def test_prep_noncubic_and_npy(tmp_path):
@@ -1229,6 +1201,62 @@ def test_prep_command_lines(demo, tmp_path):
     ref = str(tmp_path / "ref")
     assert demo_prepare.make_demo(ref, num=3, img_size=32, log=lambda *a: None) == 0
     assert np.array_equal(np.load(os.path.join(ref, "hires.npy")), np.load(os.path.join(demo, "hires.npy"))[:3])
+
+
+def _labels(text, encoding="utf-8"):
+    return lambda d, fx: (d / "labels.csv").write_bytes(text.encode(encoding))
+
+
+def _partial_store(d, fx):
+    # a store killed after its first volume, prepared from phantoms 0-1; the case's command asks for 2-3
+    raw = os.path.join(fx["demo"], "raw")
+    for k in range(4):
+        os.makedirs(d / ("a" if k < 2 else "b"), exist_ok=True)
+        shutil.copy(os.path.join(raw, f"phantom_{k:04d}.nii.gz"), d / ("a" if k < 2 else "b"))
+
+    def kill(n):
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare_dataset([str(d / "a")], str(d / "o"), 32, on_done=kill, log=lambda *a: None)
+
+
+def _dicom(d, fx):
+    os.makedirs(d / "dicom")
+    (d / "dicom" / "IM0001").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 64)  # the preamble, then the tag
+
+
+PREP = "--input={raw} --out={d}/o"
+LABELS = PREP + " --labels={d}/labels.csv"
+PREP_REFUSALS = [  # (prepare.py's arguments, what its one error line names, setup(d, fx) or None)
+    ("--bogus=1", ["bogus"], None),
+    ("--out={d}/o", ["--input"], None),
+    (PREP + " --img_size=48", ["img_size=48"], None),
+    (PREP + " --modality=pet", ["--modality=pet"], None),
+    (PREP + " --window=600,-1024", ["--window=600,-1024"], None),
+    (PREP + " --labels={d}/nope.csv", ["{d}/nope.csv"], None),
+    (LABELS, ["{d}/labels.csv", "row 3", "'class'", "'1.5'"], _labels("id,class\nphantom_0000,0\nphantom_0001,1.5\n")),
+    (LABELS, ["{d}/labels.csv", "row 3", "'class'", "'-1'"],
+     _labels('"id","class"\r\n"phantom_0000","0"\r\n"phantom_0001","-1"\r\n')),
+    (LABELS, ["{d}/labels.csv", "row 4", "'id'", "row 2"],
+     _labels("id,class,,\nphantom_0000,0,,\nphantom_0001,1,,\nphantom_0000.nii.gz,1,,\n")),
+    (LABELS, ["{d}/labels.csv", "row 3", "'fev1'", "'abc'"],
+     _labels("\ufeffid;class;fev1\r\nphantom_0000;0;1,5\r\nphantom_0001;1;abc\r\n")),
+    ("--input={d}/dicom --out={d}/o", ["{d}/dicom", "dcm2niix"], _dicom),
+    ("--input={d}/b --out={d}/o --img_size=32", ["{d}/o"], _partial_store),
+]
+
+
+def test_prep_refusals_change_nothing(demo, tmp_path, capsys):
+    # a bad argument, labels file, input or output folder: one error line naming it, and no file touched
+    for k, (args, names, setup) in enumerate(PREP_REFUSALS):
+        d = tmp_path / str(k)
+        d.mkdir()
+        if setup:
+            setup(d, dict(demo=demo))
+        before = _files(d)
+        line = _one_line(prepare.main, args.format(d=d, raw=os.path.join(demo, "raw")).split())
+        assert all(n.format(d=d) in line for n in names), (args, line)
+        assert _files(d) == before and capsys.readouterr().err == ""
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -1538,8 +1566,7 @@ def test_sample_never_overwrites_and_fails_in_one_line(ckpts, tmp_path):
     f = out / "seed001337.nii.gz"
     before = f.read_bytes()
     os.utime(f, (0, 0))
-    with pytest.raises(SystemExit, match="exists.*--overwrite"):
-        sample.main([f"--ckpt={ckpts['ckpt']}", f"--out={out}", "--num=1"])
+    assert str(out / "seed001337.json") in _one_line(sample.main, [f"--ckpt={ckpts['ckpt']}", f"--out={out}", "--num=1"])
     assert os.stat(f).st_mtime == 0 and f.read_bytes() == before
     sample.main([f"--ckpt={ckpts['ckpt']}", f"--out={out}", "--num=1", "--overwrite"])
     assert os.stat(f).st_mtime > 0 and f.read_bytes() == before  # rewritten, same seed, same bytes
@@ -1547,24 +1574,28 @@ def test_sample_never_overwrites_and_fails_in_one_line(ckpts, tmp_path):
     bad.write_bytes(b"not a checkpoint")
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    for args, msg in [([f"--ckpt={tmp_path / 'missing.pt'}"], "no checkpoint"),
-                      ([f"--ckpt={bad}"], "unreadable checkpoint"),
-                      ([f"--ckpt={ckpts['ckpt_c']}", "--label=5"], "unknown label"),
-                      ([f"--ckpt={ckpts['ckpt']}", "--label=1"], "unconditional"),
-                      ([f"--ckpt={ckpts['ckpt']}", f"--out={blocker / 'sub'}"], "cannot write"),
-                      (["--nmu=3"], "unknown config key")]:
-        with pytest.raises(SystemExit) as e:
-            sample.main([f"--out={tmp_path / 'e'}"] + args)
-        assert str(e.value).startswith("error: ") and msg in str(e.value) and "\n" not in str(e.value)
-    assert not (tmp_path / "e").exists() or os.listdir(tmp_path / "e") == []
+    newer = torch.load(ckpts["ckpt"], weights_only=True)
+    newer["model_args"]["attention"] = True  # a setting of a later version
+    torch.save(newer, tmp_path / "new.pt")
+    for args, names in [([f"--ckpt={tmp_path / 'missing.pt'}"], [str(tmp_path / "missing.pt")]),
+                        ([f"--ckpt={bad}"], [str(bad)]),
+                        ([f"--ckpt={tmp_path / 'new.pt'}"], [str(tmp_path / "new.pt"), "attention"]),
+                        ([f"--ckpt={ckpts['ckpt_c']}", "--label=5"], ["--label=5"]),
+                        ([f"--ckpt={ckpts['ckpt']}", "--label=1"], ["--label=1"]),
+                        ([f"--ckpt={ckpts['ckpt']}", f"--out={blocker / 'sub'}"], [str(blocker / "sub")]),
+                        ([f"--ckpt={ckpts['ckpt']}", "--device=cuda:99"], ["--device=cuda:99"]),
+                        (["--nmu=3"], ["nmu"])]:
+        line = _one_line(sample.main, [f"--out={tmp_path / 'e'}"] + args)
+        assert all(n in line for n in names), (names, line)
+    assert (not (tmp_path / "e").exists() or os.listdir(tmp_path / "e") == []) and bad.read_bytes() == b"not a checkpoint"
 
 
 def test_sample_streams_any_num(ckpts, tmp_path, monkeypatch):
     # --num=10^9: no list of a billion names or latents first; the volumes come one by one at once, and
     # an existing file far along the sequence is found from one listing of the folder
     (tmp_path / "seed501337.json").write_text("{}")  # volume 500,000
-    with pytest.raises(SystemExit, match="seed501337.json exists"):
-        sample.main([f"--ckpt={ckpts['ckpt']}", f"--out={tmp_path}", "--num=1000000000"])
+    line = _one_line(sample.main, [f"--ckpt={ckpts['ckpt']}", f"--out={tmp_path}", "--num=1000000000"])
+    assert str(tmp_path / "seed501337.json") in line
     written = []
 
     def write_volume(path, x, meta, descrip=""):
@@ -1577,14 +1608,12 @@ def test_sample_streams_any_num(ckpts, tmp_path, monkeypatch):
     assert written == ["seed001337.nii.gz", "seed001338.nii.gz", "seed001339.nii.gz"]
 
 
-def test_sample_conditional_labels_in_turn(ckpts, tmp_path):
+def test_sample_conditional_labels_and_interpolation(ckpts, tmp_path):
     sample.main([f"--ckpt={ckpts['ckpt_c']}", f"--out={tmp_path}", "--num=3", "--batch_size=2"])
     assert [json.load(open(tmp_path / f"seed{1337 + i:06d}.json"))["class"] for i in range(3)] == [0, 1, 2]
     sample.main([f"--ckpt={ckpts['ckpt_c']}", f"--out={tmp_path / 'l'}", "--num=2", "--label=4"])
     assert [json.load(open(tmp_path / "l" / f"seed{1337 + i:06d}.json"))["class"] for i in range(2)] == [4, 4]
-
-
-def test_sample_interpolation_ends_at_both_seeds(ckpts, tmp_path):
+    # an interpolation series ends at z(seed2): its last volume is seed 9's
     sample.main([f"--ckpt={ckpts['ckpt']}", f"--out={tmp_path / 'i'}", "--interp=3", "--seed=5", "--seed2=9"])
     sample.main([f"--ckpt={ckpts['ckpt']}", f"--out={tmp_path / 's'}", "--num=1", "--seed=9"])
     _, end = _read_nifti(tmp_path / "i" / "interp_5_9_02.nii.gz")
@@ -1602,7 +1631,7 @@ def test_ct_round_trip_prepared_phantom_back_to_hu(ckpts, tmp_path):
     hu = np.random.default_rng(0).uniform(lo, hi, size=(32, 32, 32)).astype(np.float32)
     hu[0, 0, :2] = [-3000, 3000]  # outside the window: clipped to its ends
     stored = to_unit(hu, (lo, hi)).astype(np.float16)
-    sample.write_volume(str(tmp_path / "rt.nii.gz"), stored.astype(np.float32), ckpts["meta"])
+    prepare.write_volume(str(tmp_path / "rt.nii.gz"), stored.astype(np.float32), ckpts["meta"])
     _, back = _read_nifti(tmp_path / "rt.nii.gz")
     tol = (hi - lo) / 2 * 2.0 ** -11 + 0.5 + 1e-3
     ref = np.clip(hu, lo, hi)
@@ -1610,19 +1639,19 @@ def test_ct_round_trip_prepared_phantom_back_to_hu(ckpts, tmp_path):
     assert back[0, 0, 0] == lo and back[0, 0, 1] == hi
     # a prepared demo phantom written as HU reads back as the same prepared volume
     x = VolumeDataset(ckpts["data"], "all").volume(0)
-    sample.write_volume(str(tmp_path / "ph.nii.gz"), x, ckpts["meta"])
+    prepare.write_volume(str(tmp_path / "ph.nii.gz"), x, ckpts["meta"])
     _, ph = _read_nifti(tmp_path / "ph.nii.gz")
     assert np.abs(to_unit(ph.astype(np.float32), (lo, hi)) - x).max() <= 1 / (hi - lo) + 1e-6  # half an HU
 
 
 def test_output_affine_from_orientation_codes_and_rescaled_grids(ckpts):
     for codes in ("SPL", "RAS", "LPI"):
-        A = sample.output_affine(dict(orientation=codes, spacing=[1.0, 2.0, 3.0]), (32, 64, 96))
+        A = prepare.output_affine(dict(orientation=codes, spacing=[1.0, 2.0, 3.0]), (32, 64, 96))
         assert "".join(nib.aff2axcodes(A)) == codes
         assert np.allclose(np.sqrt((A[:3, :3] ** 2).sum(0)), [1, 2, 3]) and np.allclose(A @ [15.5, 31.5, 47.5, 1], [0, 0, 0, 1])
     # a model of another size than the data (e.g. official weights with this meta): same field of view and centre
     meta = ckpts["meta"]
-    A32, A64 = np.array(meta["affine"]), sample.output_affine(meta, (64, 64, 64))
+    A32, A64 = np.array(meta["affine"]), prepare.output_affine(meta, (64, 64, 64))
     assert "".join(nib.aff2axcodes(A64)) == meta["orientation"]
     assert np.allclose(A64[:3, :3], A32[:3, :3] / 2)
     assert np.allclose(A64 @ [31.5, 31.5, 31.5, 1], A32 @ [15.5, 15.5, 15.5, 1])
@@ -1631,7 +1660,7 @@ def test_output_affine_from_orientation_codes_and_rescaled_grids(ckpts):
 def test_save_montage_png(tmp_path):
     v = np.linspace(-1, 1, 32 * 32 * 32, dtype=np.float32).reshape(32, 32, 32)
     p = str(tmp_path / "m" / "x.png")
-    sample.save_montage(p, [v, -v])
+    prepare.save_montage(p, [v, -v])
     data = open(p, "rb").read()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     w, h = struct.unpack(">II", data[16:24])
@@ -1656,7 +1685,7 @@ def test_encode_features_recon_regress_and_direction_for_sample(ckpts, tmp_path)
     Z = np.load(out / "features.npy")
     assert Z.shape == (12, 16) and Z.dtype == np.float32 and np.all(np.isfinite(Z))
     rows = list(csv.DictReader(open(out / "ids.csv")))
-    assert [r["id"] for r in rows] == ds.ids
+    assert [r["id"] for r in rows] == ds.ids and [int(r["fold"]) for r in rows] == ds.folds.tolist()
     assert np.allclose([float(r["lung_volume_ml"]) for r in rows], ds.labels["lung_volume_ml"])
     model, _ = load_checkpoint(ckpts["ckpt"])
     z3 = model.encode(torch.from_numpy(ds.volume(3))[None, None]).numpy()[0]
@@ -1687,22 +1716,36 @@ def test_encode_features_recon_regress_and_direction_for_sample(ckpts, tmp_path)
     assert nib.load(str(s / "direction_lung_volume_ml_s1337_02.nii.gz")).shape == (32, 32, 32)
 
 
-def test_encode_file_names_stay_inside_out(ckpts, tmp_path):
+def test_encode_refusals_file_names_and_scans_prepared_on_the_fly(ckpts, tmp_path):
+    out = tmp_path / "deep" / "f"
+    base = [f"--data_dir={ckpts['data']}", f"--ckpt={ckpts['ckpt']}", f"--out={out}"]
+    for args, names in [(["--regress=fev1"], ["'fev1'"]), (["--direction=nope"], ["'nope'"]),
+                        ([f"--data_dir={tmp_path / 'none'}"], [str(tmp_path / "none")]),
+                        ([f"--input={tmp_path / 'none.nii'}"], [str(tmp_path / "none.nii")]),
+                        ([f"--ckpt={tmp_path / 'missing.pt'}"], [str(tmp_path / "missing.pt")])]:
+        line = _one_line(encode.main, base + args)
+        assert all(n in line for n in names), (names, line)
+        assert not out.exists() or os.listdir(out) == []
     # ids come from volumes.csv: whatever one holds (a path, '..'), its files land inside --out
     store = tmp_path / "store"
     shutil.copytree(ckpts["data"], store, ignore=shutil.ignore_patterns("raw"))
     rows = list(csv.DictReader(open(store / "volumes.csv")))
-    ok = [r for r in rows if r["status"] == "ok"]
-    ok[0]["id"], ok[1]["id"] = "../../evil", "/tmp/abs"
+    val = [r for r in rows if r["status"] == "ok" and r["fold"] == "0"]  # fold 0 alone: a few volumes to encode
+    val[0]["id"], val[1]["id"] = "../../evil", "/tmp/abs"
     with open(store / "volumes.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    out = tmp_path / "deep" / "f"
-    encode.main([f"--data_dir={store}", f"--ckpt={ckpts['ckpt']}", f"--out={out}", "--recon=2"])
+    enc = [f"--data_dir={store}", f"--ckpt={ckpts['ckpt']}", f"--out={out}", "--split=val", "--fold=0"]
+    encode.main(enc + ["--recon=2"])
     assert sorted(os.listdir(tmp_path)) == ["deep", "store"] and os.listdir(tmp_path / "deep") == ["f"]
     assert {"_.._evil_orig.nii.gz", "_tmp_abs_recon.nii.gz"} <= set(os.listdir(out))
-    assert sample.safe_name("..") == "_" and sample.safe_name("a/b\\c d") == "a_b_c_d"
+    assert prepare.safe_name("..") == "_" and prepare.safe_name("a/b\\c d") == "a_b_c_d"
+    assert str(out / "features.npy") in _one_line(encode.main, enc)  # never overwritten
+    # the same scans as NIfTI files, prepared on the fly with the checkpoint's meta, give the same features
+    encode.main([f"--input={r['source']}" for r in val] + [f"--ckpt={ckpts['ckpt']}", f"--out={tmp_path / 'n'}"])
+    Zn, Zp = np.load(tmp_path / "n" / "features.npy"), np.load(out / "features.npy")
+    assert Zn.shape == Zp.shape == (len(val), 16) and np.allclose(Zn, Zp, atol=1e-2)  # float16 store vs float32
 
 
 def test_ridge_matches_direct_least_squares_and_r2():
@@ -1727,30 +1770,6 @@ def test_ridge_matches_direct_least_squares_and_r2():
     assert sorted(res) == [0, 1, 2, 3, 4] and min(res.values()) > 0.999
     with pytest.raises(ValueError, match="log"):
         encode.cross_validate(Z, t - 100, np.arange(50) % 5)
-
-
-def test_encode_bad_input_writes_nothing(ckpts, tmp_path):
-    out = tmp_path / "f"
-    base = [f"--data_dir={ckpts['data']}", f"--ckpt={ckpts['ckpt']}", f"--out={out}"]
-    for args, msg in [(["--regress=fev1"], "unknown label column 'fev1'"),
-                      (["--direction=nope"], "unknown label column"),
-                      ([f"--data_dir={tmp_path / 'none'}"], "no prepared dataset"),
-                      ([f"--input={tmp_path / 'none.nii'}"], "no such file"),
-                      ([f"--ckpt={tmp_path / 'missing.pt'}"], "no checkpoint")]:
-        with pytest.raises(SystemExit) as e:
-            encode.main(base + args)
-        assert str(e.value).startswith("error: ") and msg in str(e.value)
-        assert not out.exists() or os.listdir(out) == []
-    encode.main(base)
-    with pytest.raises(SystemExit, match="exists"):
-        encode.main(base)
-    # NIfTI files, prepared on the fly with the checkpoint's meta, give the prepared folder's features
-    raw = os.path.join(ckpts["data"], "raw")
-    encode.main([f"--input={raw}", f"--ckpt={ckpts['ckpt']}", f"--out={tmp_path / 'n'}"])
-    ids = [r["id"] for r in csv.DictReader(open(tmp_path / "n" / "ids.csv"))]
-    Zn, Zp = np.load(tmp_path / "n" / "features.npy"), np.load(out / "features.npy")
-    order = [ids.index(i) for i in VolumeDataset(ckpts["data"], "all").ids]
-    assert np.allclose(Zn[order], Zp, atol=1e-2)  # float16 store vs float32 on the fly
 
 
 # -----------------------------------------------------------------------------
@@ -2230,37 +2249,12 @@ def test_ev_bench_oom_is_a_cell_not_a_crash():
 # the demo's size. A case runs "python ARGS", or torchrun where it starts with "-m torch.distributed.run".
 
 
-def _labels(text, encoding="utf-8"):
-    return lambda d, fx: (d / "labels.csv").write_bytes(text.encode(encoding))
-
-
-def _partial_store(d, fx):
-    # a store killed after its first volume, prepared from phantoms 0-1; the case's command asks for 2-3
-    raw = os.path.join(fx["demo"], "raw")
-    for k in range(4):
-        os.makedirs(d / ("a" if k < 2 else "b"), exist_ok=True)
-        shutil.copy(os.path.join(raw, f"phantom_{k:04d}.nii.gz"), d / ("a" if k < 2 else "b"))
-
-    def kill(n):
-        raise KeyboardInterrupt
-    with pytest.raises(KeyboardInterrupt):
-        prepare.prepare_dataset([str(d / "a")], str(d / "o"), 32, on_done=kill, log=lambda *a: None)
-
-
-def _newer_ckpt(d, fx):
-    ck = torch.load(fx["ckpt"], weights_only=True)
-    ck["model_args"]["attention"] = True  # a setting of a later version
-    torch.save(ck, d / "new.pt")
-
-
 def _sampled(d, fx):
     sample.main([f"--ckpt={fx['ckpt']}", f"--out={d / 's'}", "--num=1"])  # seed001337, to be kept as it is
 
 
 TRAIN = "train.py {tiny} --data_dir={demo}"
 RESUME = TRAIN + " --out={run} --init_from=resume"
-PREP = "prepare.py --input={raw} --out={d}/o"
-LABELS = PREP + " --labels={d}/labels.csv"
 EVAL = "eval.py --ckpt={ckpt} --data_dir={demo} --out={d}/e --feature_cache={d}/cache"
 
 
@@ -2275,11 +2269,6 @@ def _damage(ckpt=b"", prev=None):
         else:
             (run_dir / "ckpt.prev.pt").write_bytes(prev)
     return setup
-
-
-def _dicom(d, fx):
-    os.makedirs(d / "dicom")
-    (d / "dicom" / "IM0001").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 64)  # the preamble, then the tag
 
 
 def _thin(d, fx):
@@ -2320,38 +2309,14 @@ FAULTS = [  # (case, command, the names its one line must hold (the key or file 
      ["{run}/ckpt.pt", "width=0.25", "latent_dim=8", "slab_context=True"], None),
     ("train-disk-full-checkpoint", RESUME + " --max_iters=3", ["{run}/ckpt.pt", "iteration 2"],
      lambda d, fx: os.symlink("/dev/full", fx["run"] / "ckpt.pt.tmp")),  # a write there fails with ENOSPC
-    # prepare.py: arguments, labels.csv, inputs, the output folder
-    ("prepare-unknown-key", "prepare.py --bogus=1", ["unknown config key 'bogus'"], None),
-    ("prepare-no-input", "prepare.py --out={d}/o", ["--input and --out are needed"], None),
-    ("prepare-size-cannot-be-built", PREP + " --img_size=48", ["img_size=48: cannot be built"], None),
-    ("prepare-unknown-modality", PREP + " --modality=pet", ["--modality=pet: unknown modality"], None),
-    ("prepare-reversed-window", PREP + " --window=600,-1024", ["--window=600,-1024: HI must be greater than LO"], None),
-    ("prepare-labels-missing", PREP + " --labels={d}/nope.csv", ["{d}/nope.csv: cannot read"], None),
-    ("prepare-labels-class-not-integer", LABELS, ["{d}/labels.csv: row 3, column 'class': '1.5' is not a class"],
-     _labels("id,class\nphantom_0000,0\nphantom_0001,1.5\n")),
-    ("prepare-labels-class-negative", LABELS, ["{d}/labels.csv: row 3, column 'class': '-1' is not a class"],
-     _labels('"id","class"\r\n"phantom_0000","0"\r\n"phantom_0001","-1"\r\n')),
-    ("prepare-labels-repeated-id", LABELS, ["{d}/labels.csv: row 4, column 'id': 'phantom_0000' repeats row 2"],
-     _labels("id,class,,\nphantom_0000,0,,\nphantom_0001,1,,\nphantom_0000.nii.gz,1,,\n")),
-    ("prepare-labels-text-in-number", LABELS, ["{d}/labels.csv: row 3, column 'fev1': 'abc' is not a number"],
-     _labels("\ufeffid;class;fev1\r\nphantom_0000;0;1,5\r\nphantom_0001;1;abc\r\n")),
-    ("prepare-dicom", "prepare.py --input={d}/dicom --out={d}/o", ["{d}/dicom: DICOM files", "dcm2niix"], _dicom),
-    ("prepare-partial-store-of-other-inputs", "prepare.py --input={d}/b --out={d}/o --img_size=32",
-     ["{d}/o holds a partial store prepared from other inputs"], _partial_store),
+    # prepare.py, sample.py, encode.py as the user runs them (their other refusals: test_prep_refusals_change_nothing,
+    # test_sample_never_overwrites_and_fails_in_one_line, test_encode_refusals_file_names_and_scans_prepared_on_the_fly)
     ("prepare-too-thin", "prepare.py --input={d}/thin --out={d}/o --img_size=32",
-     ["nothing was prepared", "{d}/thin/slab.nii.gz: too thin to be a scan: 3 voxel(s)"], _thin),
-    # sample.py
-    ("sample-unreadable-ckpt", "sample.py --ckpt={d}/bad.pt --out={d}/s",
-     ["{d}/bad.pt: unreadable checkpoint: not a file that torch.save wrote"],
-     lambda d, fx: (d / "bad.pt").write_bytes(b"not a checkpoint")),
-    ("sample-ckpt-from-newer-version", "sample.py --ckpt={d}/new.pt --out={d}/s",
-     ["{d}/new.pt: model_args attention are unknown to this code"], _newer_ckpt),
-    ("sample-cuda-on-cpu-torch", "sample.py --ckpt={ckpt} --out={d}/s --device=cuda:99", ["--device=cuda:99"], None),
+     ["{d}/o", "{d}/thin/slab.nii.gz"], _thin),
     ("sample-disk-full", "sample.py --ckpt={ckpt} --out={d}/s --seed=1338 --num=2",
-     ["{d}/s/seed001338.nii.gz: cannot write it (File too large)", "the 0 volume(s) before it are complete"], _sampled),
-    # encode.py
+     ["{d}/s/seed001338.nii.gz", "0 volume(s)"], _sampled),
     ("encode-store-vanished", "encode.py --data_dir={d}/store --ckpt={ckpt} --out={d}/f",
-     ["{d}/store/hires.npy: cannot read the store"], _vanished_store),
+     ["{d}/store/hires.npy"], _vanished_store),
     # eval.py: every check comes before the embedding
     ("eval-k-below-1", EVAL + " --k=0", ["--k=0"], None),
     ("eval-num-below-2", EVAL + " --num=1", ["--num=1"], None),

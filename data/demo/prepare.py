@@ -1,13 +1,11 @@
 """
-The demo data set: procedural CT thorax phantoms in Hounsfield units, with an emphysema class 0-4,
-written as NIfTI scans plus a labels.csv into data/demo/raw, then prepared by ../../prepare.py exactly
-like real scans (the store lands in data/demo: hires.npy, lowres.npy, volumes.csv, meta.json).
+The demo data set: procedural CT thorax phantoms in Hounsfield units with an emphysema class 0-4, written as
+NIfTI scans plus a labels.csv into data/demo/raw, then prepared by ../../prepare.py exactly like real scans
+into data/demo. Re-running the same command resumes, as prepare.py does.
 
     python data/demo/prepare.py                                   # 128 phantoms at 64^3 (the README's demo)
     python data/demo/prepare.py --out=data/tiny --num=10 --img_size=32
     python train.py config/train_demo.py                          # then train on them
-
-Re-running the same command resumes, as prepare.py does.
 """
 
 import csv
@@ -22,8 +20,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 from configurator import fail, override  # noqa: E402 (the repository root is on the path from here on)
-from prepare import parse_size, prepare_dataset  # noqa: E402
-
+from prepare import parse_size, prepare_dataset, write_atomic  # noqa: E402
 
 # -----------------------------------------------------------------------------
 config = dict(
@@ -36,10 +33,6 @@ config = dict(
 # -----------------------------------------------------------------------------
 
 
-# -----------------------------------------------------------------------------
-# the phantoms, and the store made of them
-
-
 def _smooth_noise(rng, shape, cells):
     """Gaussian noise on a coarse grid of `cells` per axis, trilinearly upsampled to shape: blobs ~shape/cells."""
     g = torch.from_numpy(rng.standard_normal([max(2, int(c)) for c in cells]).astype(np.float32))
@@ -47,12 +40,9 @@ def _smooth_noise(rng, shape, cells):
 
 
 def make_phantom(rng, cls, n_xy=128):
-    """
-    One CT-like thorax in HU -> (int16 array [X,Y,Z] in LPS voxel order, affine, labels dict).
-    Body outline with subcutaneous fat and a muscle wall, two lungs whose low-attenuation (emphysema-like)
-    fraction grows with cls 0..4, spine, ribs, heart and aorta; size, shape and position vary per case.
-    Labels: class, lung_volume_ml, pct_below_950 (% of lung voxels below -950 HU, the usual emphysema index).
-    """
+    """One CT-like thorax in HU -> (int16 [X,Y,Z] in LPS voxel order, affine, labels: class, lung_volume_ml,
+    pct_below_950, the usual emphysema index). Body with fat and muscle, two lungs whose low-attenuation fraction
+    grows with cls 0..4, heart, aorta, spine and ribs; size, shape and position vary per case."""
     fov = rng.uniform(340, 420)                          # mm, reconstruction field of view
     sxy = fov / n_xy
     sz = rng.choice([2.0, 2.5, 3.0]) * 128 / n_xy       # thinner slices at higher in-plane resolution
@@ -65,10 +55,9 @@ def make_phantom(rng, cls, n_xy=128):
     Z = ((np.arange(nz) - (nz - 1) / 2) * sz).astype(np.float32)[None, None, :]
     shape = (n_xy, n_xy, nz)
     zt = Z / (zext / 2)                                   # -1 (inferior) .. +1 (superior)
-    # body: elliptic cylinder, narrowing towards the shoulders/neck
     ax, ay = rng.uniform(140, 175), rng.uniform(95, 125)
     cx, cy = rng.uniform(-12, 12), rng.uniform(-15, 5)
-    taper = 1 - 0.12 * np.clip(zt, 0, 1) ** 2
+    taper = 1 - 0.12 * np.clip(zt, 0, 1) ** 2  # the body: an elliptic cylinder, narrowing towards the neck
     rb = np.sqrt(((X - cx) / (ax * taper)) ** 2 + ((Y - cy) / (ay * taper)) ** 2)  # 1 at the skin
     fat_t, mus_t = rng.uniform(8, 25), rng.uniform(8, 14)  # mm
     hu = np.full(shape, -1000.0, dtype=np.float32)
@@ -76,19 +65,17 @@ def make_phantom(rng, cls, n_xy=128):
     hu[rb < 1 - fat_t / ay] = 45                                         # muscle wall
     inner = rb < 1 - (fat_t + mus_t) / ay
     hu[inner] = 30                                                       # mediastinal soft tissue
-    # lungs: ellipsoids either side of the mediastinum, with a flattened medial edge
     lax, lay, laz = ax * rng.uniform(0.36, 0.42), ay * rng.uniform(0.72, 0.82), zext * rng.uniform(0.36, 0.44)
     lcz = rng.uniform(-0.05, 0.12) * zext
-    lung = np.zeros(shape, dtype=bool)
+    lung = np.zeros(shape, dtype=bool)  # lungs: ellipsoids either side of the mediastinum
     for side in (-1, 1):
         lcx = cx + side * ax * rng.uniform(0.40, 0.48)
         lung |= (((X - lcx) / lax) ** 2 + ((Y - cy + 0.05 * ay) / lay) ** 2 + ((Z - lcz) / laz) ** 2) < 1
     lung &= inner
-    # heart (patient's left = -x in RAS) and the descending aorta beside the spine
-    hcx, hcy, hcz = cx - 0.15 * ax, cy + 0.25 * ay, lcz - 0.25 * laz
+    hcx, hcy, hcz = cx - 0.15 * ax, cy + 0.25 * ay, lcz - 0.25 * laz  # heart (patient's left = -x in RAS)
     heart = (((X - hcx) / rng.uniform(50, 62)) ** 2 + ((Y - hcy) / rng.uniform(40, 50)) ** 2
              + ((Z - hcz) / rng.uniform(45, 60)) ** 2) < 1
-    aorta = (((X - cx + 22) ** 2 + (Y - cy + 0.45 * ay) ** 2) < 13 ** 2) & (Z > hcz)
+    aorta = (((X - cx + 22) ** 2 + (Y - cy + 0.45 * ay) ** 2) < 13 ** 2) & (Z > hcz)  # descending, by the spine
     lung &= ~heart & ~aorta
     # lung parenchyma: -860 HU with soft texture; emphysema = low-attenuation blobs covering a class-dependent fraction
     frac = [0.01, 0.06, 0.14, 0.25, 0.38][cls] * rng.uniform(0.8, 1.2)
@@ -114,18 +101,15 @@ def make_phantom(rng, cls, n_xy=128):
     hu = np.where(ribs, 650.0, hu)
     # scanner noise, and -1024 outside the reconstruction circle
     hu += rng.uniform(8, 16) * rng.standard_normal(size=shape, dtype=np.float32)
-    hu[(np.sqrt((X - x0) ** 2 + (Y - y0) ** 2) > fov / 2) & np.ones(shape, dtype=bool)] = -1024
+    hu[np.broadcast_to(np.sqrt((X - x0) ** 2 + (Y - y0) ** 2) > fov / 2, shape)] = -1024
     hu = np.clip(np.round(hu), -1024, 3071).astype(np.int16)
-    affine = np.array([[-sxy, 0, 0, X[0, 0, 0]], [0, -sxy, 0, Y[0, 0, 0]], [0, 0, sz, Z[0, 0, 0]], [0, 0, 0, 1]],
-                      dtype=np.float64)
-    labels = dict(cls=int(cls), lung_volume_ml=float(lung.sum() * sxy * sxy * sz / 1000),
-                  pct_below_950=float(100 * (hu[lung] < -950).mean()))
-    return hu, affine, labels
+    affine = np.array([[-sxy, 0, 0, X[0, 0, 0]], [0, -sxy, 0, Y[0, 0, 0]], [0, 0, sz, Z[0, 0, 0]], [0, 0, 0, 1]])
+    return hu, affine, dict(cls=int(cls), lung_volume_ml=float(lung.sum() * sxy * sxy * sz / 1000),
+                            pct_below_950=float(100 * (hu[lung] < -950).mean()))
 
 
 def make_demo(out, num=128, img_size=64, seed=1337, workers=1, log=print):
-    """Write num phantoms as NIfTI plus labels.csv into out/raw, then prepare them into out like real scans.
-    Returns 0, or raises prepare_dataset's one-line ValueError."""
+    """num phantoms (NIfTI + labels.csv) into out/raw, then prepared into out like real scans (prepare_dataset)."""
     size = parse_size(img_size)
     raw = os.path.join(out, "raw")
     os.makedirs(raw, exist_ok=True)
@@ -133,25 +117,19 @@ def make_demo(out, num=128, img_size=64, seed=1337, workers=1, log=print):
     n_xy = max(48, 3 * max(size[1:]) // 2)  # finer than stored, so preparing really downsamples (anti-aliased)
     t = time.time()
     ids = [f"phantom_{k:04d}" for k in range(num)]
-    have = os.path.exists(lpath) and all(os.path.exists(os.path.join(raw, v + ".nii.gz")) for v in ids)
-    if have:
-        with open(lpath, newline="") as f:
-            have = [r["id"] for r in csv.DictReader(f)] == ids
+    have = (all(os.path.exists(os.path.join(raw, v + ".nii.gz")) for v in ids) and os.path.exists(lpath)
+            and [r["id"] for r in csv.DictReader(open(lpath, newline=""))] == ids)
     if not have:  # (re)generate; files already written by an interrupted run are kept
         nthreads = torch.get_num_threads()
         torch.set_num_threads(1)  # small volumes: one thread avoids the pool's hand-off cost
         rows = []
         for k, vid in enumerate(ids):
             fpath = os.path.join(raw, vid + ".nii.gz")
-            cls = k % 5  # balanced classes
-            hu, affine, lab = make_phantom(np.random.default_rng([seed, k]), cls, n_xy)
-            if not os.path.exists(fpath):  # write aside, then rename: a killed run leaves no half file
+            hu, affine, lab = make_phantom(np.random.default_rng([seed, k]), k % 5, n_xy)  # balanced classes
+            if not os.path.exists(fpath):
                 img = nib.Nifti1Image(hu, affine)
                 img.header.set_xyzt_units("mm")
-                part = os.path.join(raw, ".partial", vid + ".nii.gz")
-                os.makedirs(os.path.dirname(part), exist_ok=True)
-                img.to_filename(part)
-                os.replace(part, fpath)
+                write_atomic(fpath, img.to_filename)  # a killed run leaves no half-written file
             rows.append({"id": vid, "class": lab["cls"], "lung_volume_ml": f"{lab['lung_volume_ml']:.1f}",
                          "pct_below_950": f"{lab['pct_below_950']:.2f}"})
         torch.set_num_threads(nthreads)
