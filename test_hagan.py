@@ -167,7 +167,7 @@ def test_shapes_every_size(S, nc):
         assert m.E_G(A).shape == (B, 1024)
 
 
-def test_tiny_model_runs_on_cpu_with_batch_one():
+def test_tiny_model_batch_one_and_the_hierarchical_encoder():
     m = tiny(32, num_classes=3)
     slab, low = m.G(torch.randn(1, 16), 0, torch.tensor([2]))
     assert slab.shape == (1, 1, 4, 32, 32) and low.shape == (1, 1, 8, 8, 8)
@@ -176,9 +176,13 @@ def test_tiny_model_runs_on_cpu_with_batch_one():
     assert x.shape == (1, 1, 32, 32, 32)
     with pytest.raises(ValueError, match="class-conditional"):
         m.G(torch.randn(1, 16), 0)
+    for n in (4, 8):  # Z-hat = E^G(concat of E^H over the num_slabs slabs)
+        m, x = tiny(64, num_slabs=n).eval(), torch.rand(2, 1, 64, 64, 64) * 2 - 1
+        direct = m.E_G(torch.cat([m.E_H(x[:, :, v * 64 // n:(v + 1) * 64 // n]) for v in range(n)], dim=2))
+        assert m.encode(x).shape == (2, 16) and torch.allclose(m.encode(x), direct, atol=1e-6)
 
 
-def test_parameter_counts_are_the_official_ones():
+def test_parameter_counts_sizes_and_slab_geometry():
     # counted from the official modules (Generator, Discriminator, Encoder, Sub_Encoder); the paper's Table VII
     with torch.device("meta"):
         m = {S: HAGAN(HAGANConfig(img_size=S)) for S in (32, 64, 128, 256, (160, 192, 224))}
@@ -190,9 +194,6 @@ def test_parameter_counts_are_the_official_ones():
     nc = m[(160, 192, 224)]
     assert nc.G.G_A.base == (5, 6, 7) and nc.D.D_L.head.weight.shape[2:] == nc.E_G.head.weight.shape[2:] == (5, 6, 7)
     assert nc.D.D_H.convs[-1].weight.shape[2:] == (1, 6, 7) and count(nc) < 3 * 79.8e6
-
-
-def test_sizes_and_slab_geometry():
     for bad in (48, 100, 1024, (64, 64)):
         with pytest.raises(ValueError, match="img_size"):
             HAGANConfig(img_size=bad)
@@ -245,10 +246,28 @@ def test_training_slab_is_lifted_from_slice_r_of_A_and_slab_context_makes_it_the
         assert (max(diffs) < 1e-5) == ctx, (ctx, diffs)
 
 
-def test_g_class_gives_the_renderer_the_class_and_keeps_slabs_and_chunks_exact():
+@pytest.mark.parametrize("opts", [{}, dict(g_noise=True), dict(g_pad="replicate"), dict(g_out="scaled"),
+                                  dict(num_classes=3, g_class=True, g_noise=True)])
+def test_with_every_g_option_chunks_and_training_slabs_are_the_render(opts):
+    # slab_context's promise, whatever else G^H does: a training slab and a chunk are exactly that part of G^H(A)
+    m = tiny(64, slab_context=True, **opts).train()
+    z, c = torch.randn(2, 16), (torch.tensor([0, 2]) if m.cfg.num_classes else None)
+    with torch.no_grad():
+        if m.G.G_H.noise_scale is not None:
+            m.G.G_H.noise_scale.fill_(0.5)
+        if m.G.G_H.class_affine is not None:
+            torch.nn.init.normal_(m.G.G_H.class_affine.weight)
+        m.G.G_H.conv2.bias.fill_(-0.5)  # samples near air, where the scaled output's clamp bites
+        whole = m.G.generate(z, c)
+        for k in (1, 3, m.cfg.slab_a):
+            assert (m.G.generate(z, c, chunk=k) - whole).abs().max() < 1e-5, k
+        for r in (0, 5, m.cfg.r_max):
+            assert (m.G(z, r, c)[0].clamp(-1, 1) - S_H(whole, r, 8)).abs().max() < 1e-5, r
+
+
+def test_g_class_gives_the_renderer_the_class():
     # g_class: G^H's norm gets a per-class gain and bias. At its zero init G is the model without it; trained (here
-    # random), the class changes G^H's output for the same A, and the training slab, the chunked render and the
-    # whole render still agree
+    # random), the class changes G^H's output for the same A
     z, c = torch.randn(2, 16), torch.tensor([0, 2])
     plain = tiny(64, num_classes=3, slab_context=True, g_noise=True).train()
     m = tiny(64, num_classes=3, slab_context=True, g_noise=True, g_class=True).train()
@@ -258,11 +277,6 @@ def test_g_class_gives_the_renderer_the_class_and_keeps_slabs_and_chunks_exact()
     with torch.no_grad():
         assert torch.equal(m.G.generate(z, c), plain.G.generate(z, c))
         torch.nn.init.normal_(m.G.G_H.class_affine.weight)
-        whole = m.G.generate(z, c)
-        for k in (1, 3):
-            assert torch.allclose(m.G.generate(z, c, chunk=k), whole, atol=1e-5)
-        for r in (0, 5, m.cfg.r_max):
-            assert torch.allclose(m.G(z, r, c)[0].clamp(-1, 1), S_H(whole, r, 8), atol=1e-5)
         A = m.G.G_A(z, c)
         a, b = m.G.G_H(A, c=c), m.G.G_H(A, c=torch.tensor([1, 1]))
         assert (a - b).abs().amax((1, 2, 3, 4)).min() > 1e-3 and torch.equal(m.G.G_H(A), plain.G.G_H(A))
@@ -296,11 +310,8 @@ def test_g_out_scaled_reaches_air_unsaturated_and_clipped_passes_the_gradient_st
         (slab, low), (slab0, low0) = nets["clipped"].G(z, 3), nets["scaled"].G(z, 3)
         assert slab0.min() < -1.05 and low0.abs().max() <= 1.1  # in training D sees the overshoot ...
         assert torch.equal(slab, slab0.clamp(-1, 1)) and torch.equal(low, low0.clamp(-1, 1))  # ... or clipped air
-        m = nets["scaled"]
-        for k in (0, 1, m.cfg.slab_a):  # ... and a sample never leaves the data's [-1, 1]
-            v = m.G.generate(z, chunk=k)
-            assert v.min() == -1 and v.max() <= 1 and torch.equal(v, nets["clipped"].G.generate(z, chunk=k))
-        assert torch.allclose(slab0.clamp(-1, 1), S_H(m.G.generate(z), 3, 8), atol=1e-5)  # the rendered slab
+        v = nets["scaled"].G.generate(z)  # ... and a sample never leaves the data's [-1, 1]
+        assert v.min() == -1 and v.max() <= 1 and torch.equal(v, nets["clipped"].G.generate(z))
     with pytest.raises(ValueError, match="g_out='leaky'"):
         HAGANConfig(img_size=32, g_out="leaky")
 
@@ -330,7 +341,7 @@ def test_d_stretch_widens_the_dark_end_for_D_H_alone():
         HAGANConfig(img_size=32, d_stretch=-1.0)
 
 
-def test_class_window_classifier_learns_from_real_slabs_only():
+def test_class_window_classifier_and_its_twin():
     # C replaces the AC-GAN heads: D^H and D^L keep one logit each, C reads the slab through the window
     m = tiny(64, num_classes=3, class_window=(-0.97, -0.72))
     assert m.D.D_H.fc_class is None and m.D.D_L.head.out_channels == 1 and m.D.C is not None
@@ -387,8 +398,7 @@ def test_class_window_classifier_learns_from_real_slabs_only():
 
     # eq. 9 for D: C's cross-entropy over all 8 slabs of the real volumes, and no fake term
     g1, l1, st = grads(torch.randn(2, 16), lambda z: m.loss_D(x, x_low, 3, z, c, Extras()))
-    g2, _, _ = grads(torch.randn(2, 16), lambda z: m.loss_D(x, x_low, 3, z, c, Extras()))
-    assert all(torch.equal(a, b) for a, b in zip(g1, g2)) and any(a.abs().sum() > 0 for a in g1)
+    assert any(a.abs().sum() > 0 for a in g1)
     ce = F.cross_entropy(m.D.C(torch.cat([x[:, :, 8 * v:8 * v + 8] for v in range(8)])), c.repeat(8))
     g3, _, _ = grads(None, lambda z: (ce, {}))
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g1, g3))  # C's gradient is exactly that term's
@@ -406,17 +416,11 @@ def test_class_window_classifier_learns_from_real_slabs_only():
     for bad in [(-0.7, -0.9), (-0.9, -0.7, -0.8), (-0.9, -0.7, 1.5), (-0.9,)]:
         with pytest.raises(ValueError, match="class_window"):
             HAGANConfig(img_size=32, num_classes=2, class_window=bad)
-
-
-def test_class_twin_learns_g_s_classes_and_its_term_is_taken_from_g_s_class_term():
-    # TAC-GAN: C_twin learns the class of G's slabs in D's update, and G's class term is C's minus C_twin's
+    # class_twin (TAC-GAN): C_twin learns the class of G's slabs in D's update; G's class term is C's minus C_twin's
     with pytest.raises(ValueError, match="class_twin"):
         HAGANConfig(img_size=64, num_classes=3, class_twin=True)
-    assert tiny(64, num_classes=3, class_window=(-0.97, -0.72)).D.C_twin is None
-    m = tiny(64, num_classes=3, class_window=(-0.97, -0.72), class_twin=True)
-    m.eval()  # D's spectral norms take no power step between the calls
-    x = torch.rand(2, 1, 64, 64, 64) * 2 - 1
-    c, z = torch.tensor([0, 2]), torch.randn(2, 16)
+    assert m.D.C_twin is None
+    m = tiny(64, num_classes=3, class_window=(-0.97, -0.72), class_twin=True).eval()
     m.zero_grad(set_to_none=True)
     m.train_only("D")
     torch.manual_seed(5)
@@ -450,11 +454,7 @@ def test_g_noise_is_a_function_of_z_alone():
     m.G.G_H.noise_scale.data.fill_(0.5)
     with torch.no_grad():
         whole = m.G.generate(z)
-        for k in (1, 3, m.cfg.slab_a):  # chunked generation draws the same noise
-            assert (m.G.generate(z, chunk=k) - whole).abs().max() < 1e-5
         assert (m.G.generate(z[2:]) - whole[2:]).abs().max() < 1e-5  # however the batch is made up
-        for r in (0, 5, m.cfg.r_max):  # and a training slab is that slab of the render, noise included
-            assert (m.G(z, r)[0] - S_H(whole, r, 8)).abs().max() < 1e-5
         n = m.G.noise(z, 8, 12)
         assert n.shape == (3, 1, 4, 64, 64) and abs(n.std().item() - 1) < 0.02 and torch.equal(n, m.G.noise(z, 0, 64)[:, :, 8:12])
         assert (n[0] - n[1]).abs().mean() > 1  # another z, other noise
@@ -467,19 +467,6 @@ def test_g_noise_is_a_function_of_z_alone():
     m.train_only("G")
     m.loss_G(3, z)[0].backward()
     assert m.G.G_H.noise_scale.grad.abs().sum() > 0  # the strength is learned
-
-
-def _loss_D_without_and_with(extra):
-    """A tiny model's loss_D (loss, stats) on one real volume pair at r=1, as it is and with `extra`, from the same
-    noise. eval(): spectral norm's power iteration holds still between the calls."""
-    m = tiny().eval()
-    x = torch.rand(2, 1, 32, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    low_x, r, z = F.avg_pool3d(x, 4), 1, torch.randn(2, 16)
-    out = []
-    for e in (None, extra):
-        torch.manual_seed(0)
-        out += m.loss_D(x, low_x, r, z, None, e)
-    return (m, S_H(x, r, 8), low_x, r, z), out
 
 
 def test_r1_penalty_has_its_closed_form():
@@ -495,12 +482,13 @@ def test_r1_penalty_has_its_closed_form():
     assert torch.allclose(pen, a.square().sum() + b.square().sum())
     pen.backward()
     assert torch.allclose(a.grad, 2 * a) and torch.allclose(b.grad, 2 * b)
-    # loss_D adds r1 x the penalty of its own D at the real inputs, and only when asked
-    (m, x, low_x, r, z), (plain, st0, with_r1, st1) = _loss_D_without_and_with(Extras(r1=2.5))
+    # loss_D adds r1 x the penalty of its own D at the real inputs, and only when asked (eval(): spectral norm's
+    # power iteration holds still between the calls)
+    m, x, z = tiny().eval(), torch.rand(2, 1, 32, 32, 32) * 2 - 1, torch.randn(2, 16)
+    (plain, st0), (with_r1, st1) = (m.loss_D(x, F.avg_pool3d(x, 4), 1, z, None, e) for e in (None, Extras(r1=2.5)))
     assert "R1" not in st0 and st1["R1"] > 0
-    xs, xl = x.clone().requires_grad_(True), low_x.clone().requires_grad_(True)
-    expected = r1_penalty(m.D(xs, r, xl)[0], xs, xl)
-    assert torch.allclose(with_r1 - plain, 2.5 * expected, rtol=1e-4)
+    xs, xl = S_H(x, 1, 8).clone().requires_grad_(True), F.avg_pool3d(x, 4).requires_grad_(True)
+    assert torch.allclose(with_r1 - plain, 2.5 * r1_penalty(m.D(xs, 1, xl)[0], xs, xl), rtol=1e-4)
 
 
 def test_diversity_hinge_spreads_the_low_res_batch_until_it_is_as_spread_as_real():
@@ -525,17 +513,7 @@ def test_diversity_hinge_spreads_the_low_res_batch_until_it_is_as_spread_as_real
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in m.G.G_H.parameters())
 
 
-def test_minibatch_std_sees_identical_samples():
-    from model import mbstd
-    same = torch.randn(1, 3, 2, 4, 4).repeat(4, 1, 1, 1, 1)
-    y = mbstd(same, 4)
-    assert y.shape == (4, 4, 2, 4, 4) and torch.equal(y[:, :3], same) and y[:, 3].max() < 1e-3
-    assert mbstd(torch.randn(4, 3, 2, 4, 4), 2)[:, 3].min() > 0.1
-    m = tiny(mbstd_group=2)  # D^H and D^L take the extra channel
-    assert m.D(torch.randn(4, 1, 4, 32, 32), 1, torch.randn(4, 1, 8, 8, 8))[0].shape == (4, 1)
-
-
-def test_g_pad_replicate_renders_air_at_the_ends_the_same_in_every_path():
+def test_g_pad_replicate_renders_a_constant_A_as_a_constant_volume():
     z = torch.randn(2, 16)
     zeros, rep = tiny(64, slab_context=True).train(), tiny(64, slab_context=True, g_pad="replicate").train()
     rep.load_state_dict(zeros.state_dict())  # the same weights: only the padding differs
@@ -545,10 +523,6 @@ def test_g_pad_replicate_renders_air_at_the_ends_the_same_in_every_path():
         ends = {}
         for name, m in (("zeros", zeros), ("replicate", rep)):
             whole = m.G.generate(z)
-            for k in (1, 3, m.cfg.slab_a):  # chunked, and a training slab, are that part of the render
-                assert (m.G.generate(z, chunk=k) - whole).abs().max() < 1e-5, (name, k)
-            for r in (0, 5, m.cfg.r_max):
-                assert (m.G(z, r)[0] - S_H(whole, r, 8)).abs().max() < 1e-5, (name, r)
             ends[name] = (whole[:, :, [0, -1]] - whole[:, :, 32:33]).abs().max().item()
     # a constant input gives a constant volume with replicate padding; zero padding changes the end slices
     assert ends["replicate"] < 1e-6 < ends["zeros"]
@@ -557,7 +531,13 @@ def test_g_pad_replicate_renders_air_at_the_ends_the_same_in_every_path():
         HAGANConfig(img_size=32, g_pad="reflect")
 
 
-def test_d_width_widens_the_discriminators_alone():
+def test_minibatch_std_and_d_width_change_the_discriminators_alone():
+    from model import mbstd
+    same = torch.randn(1, 3, 2, 4, 4).repeat(4, 1, 1, 1, 1)
+    y = mbstd(same, 4)  # one more channel: how alike the samples are
+    assert y.shape == (4, 4, 2, 4, 4) and torch.equal(y[:, :3], same) and y[:, 3].max() < 1e-3
+    assert mbstd(torch.randn(4, 3, 2, 4, 4), 2)[:, 3].min() > 0.1
+    assert tiny(mbstd_group=2).D(torch.randn(4, 1, 4, 32, 32), 1, torch.randn(4, 1, 8, 8, 8))[0].shape == (4, 1)
     base, wide = tiny(), tiny(d_width=0.5)
     shapes = lambda net: {k: v.shape for k, v in net.state_dict().items()}
     for name in ("G", "E_H", "E_G"):  # G and the encoders keep width's channels
@@ -570,27 +550,6 @@ def test_d_width_widens_the_discriminators_alone():
     assert tiny(d_width=1 / 8).D.state_dict().keys() == base.D.state_dict().keys()
     with pytest.raises(ValueError, match="d_width >= 0"):
         HAGANConfig(img_size=32, d_width=-1)
-
-
-@pytest.mark.parametrize("num_slabs", [4, 8])
-def test_encode_matches_direct_hierarchical_computation(num_slabs):
-    m = tiny(64, num_slabs=num_slabs).eval()
-    x = torch.rand(2, 1, 64, 64, 64) * 2 - 1
-    Z = m.encode(x)
-    n = 64 // num_slabs
-    direct = m.E_G(torch.cat([m.E_H(x[:, :, v * n:(v + 1) * n]) for v in range(num_slabs)], dim=2))
-    assert Z.shape == (2, 16) and torch.allclose(Z, direct, atol=1e-6)
-
-
-def test_checkpoints_written_before_g_out_load():
-    # older checkpoints keep the output head as (out_scale, out_clip) beside retired keys at their off values
-    args = asdict(tiny().cfg)
-    for head, want in (((1.0, False), "tanh"), ((1.1, False), "scaled"), ((1.1, True), "clipped")):
-        old = {k: v for k, v in args.items() if k != "g_out"} | dict(out_scale=head[0], out_clip=head[1],
-                                                                     out_leak=0.0, gh_width=0.0)
-        assert model_config(old, "old.pt").g_out == want
-    with pytest.raises(ValueError, match="old.pt"):  # a retired option that was on cannot be built
-        model_config(dict(args, out_leak=0.05), "old.pt")
 
 
 @pytest.mark.parametrize("nc", [0, 5])
@@ -637,16 +596,11 @@ def test_spectral_norm_sigma_is_one_and_finite_under_bf16():
 
 def _official_shapes(S, latent=1024, nc=0):
     """{net: {key: shape}} of the official Generator, Discriminator, Encoder, Sub_Encoder."""
-    def conv(name, i, o, k, bias=True, sn=False):
+    def conv(name, i, o, k, sn=False):
         k = (k,) * 3 if isinstance(k, int) else k
-        d = {f"{name}.weight": (o, i) + k, f"{name}.bias": (o,)}
-        if sn:
-            d.update({f"{name}.u0": (1, o), f"{name}.sv0": (1,)})
-        return d
-
-    def gn(name, c):
-        return {f"{name}.weight": (c,), f"{name}.bias": (c,)}
-
+        return {f"{name}.weight": (o, i) + k, f"{name}.bias": (o,)} | ({f"{name}.u0": (1, o), f"{name}.sv0": (1,)}
+                                                                      if sn else {})
+    gn = lambda name, c: {f"{name}.weight": (c,), f"{name}.bias": (c,)}
     G = {"fc1.weight": (32768, latent + nc), "fc1.bias": (32768,)}
     for i, (a, b) in enumerate([(512, 512), (512, 512), (512, 256), (256, 128), (128, 64), (64, 32)], 1):
         G.update(conv(f"tp_conv{i}", a, b, 3), **gn(f"bn{i}", b))
@@ -691,15 +645,11 @@ def _official_files(tmp_path, S, nc=0, prefix="module."):
 def _official_generate(sd, z, S):
     """The official Generator in eval mode, written from its published structure."""
     h = F.linear(z, sd["fc1.weight"], sd["fc1.bias"]).view(-1, 512, 4, 4, 4)
-    for i in range(1, 6):
-        if 2 <= i <= (5 if S == 256 else 4):
-            h = F.interpolate(h, scale_factor=2)
+    for i in range(1, 8):  # nearest 2x before blocks 2..4 (2..5 at 256) and before the last two
+        h = F.interpolate(h, scale_factor=2) if 2 <= i <= (5 if S == 256 else 4) or i >= 6 else h
         h = F.conv3d(h, sd[f"tp_conv{i}.weight"], sd[f"tp_conv{i}.bias"], padding=1)
-        h = F.relu(F.group_norm(h, 8, sd[f"bn{i}.weight"], sd[f"bn{i}.bias"]))
-    h = F.conv3d(F.interpolate(h, scale_factor=2), sd["tp_conv6.weight"], sd["tp_conv6.bias"], padding=1)
-    h = F.relu(F.group_norm(h, 8, sd["bn6.weight"], sd["bn6.bias"]))
-    h = F.conv3d(F.interpolate(h, scale_factor=2), sd["tp_conv7.weight"], sd["tp_conv7.bias"], padding=1)
-    return torch.tanh(h)
+        h = F.relu(F.group_norm(h, 8, sd[f"bn{i}.weight"], sd[f"bn{i}.bias"])) if i < 7 else torch.tanh(h)
+    return h
 
 
 def test_official_checkpoints_load_and_generate_the_same_volume(demo, tmp_path):
@@ -722,14 +672,12 @@ def test_official_checkpoints_load_and_generate_the_same_volume(demo, tmp_path):
     assert nib.load(str(tmp_path / "s" / "seed001337.nii.gz")).shape == (32, 32, 32)
     for k in ("D", "E", "Sub_E"):  # G alone: the others start from scratch (128^3 ones would not fit 32^3)
         os.remove(paths[k])
-    p = run(*readme("python train.py config/train_lung_ct.py --init_from=/path/to/G_iter80000.pth",
-                    {"/path/to/G_iter80000.pth": paths["G"]}), f"--data_dir={demo}", f"--out={tmp_path / 'o'}",
-            "--img_size=-1", "--max_iters=0", "--threads=1")
+    p = inproc(*readme("python train.py config/train_lung_ct.py --init_from=/path/to/G_iter80000.pth",
+                       {"/path/to/G_iter80000.pth": paths["G"]}), f"--data_dir={demo}", f"--out={tmp_path / 'o'}",
+               "--img_size=-1", "--max_iters=0", "--threads=1", "--device=cpu")
     assert p.returncode == 0 and f"initialised from the official checkpoint {paths['G']}" in p.stdout, p.stderr
     assert json.load(open(tmp_path / "o" / "config.json"))["img_size"] == 32
-
-
-def test_official_256_conditional_layout_and_bad_files(tmp_path):
+    # the 256^3 conditional layout, keys without 'module.', and files that are not a G, or not of this size
     paths, sds = _official_files(tmp_path, 256, nc=5, prefix="")
     m = HAGAN.from_official(G=paths["G"], D=paths["D"], E=paths["E"], Sub_E=paths["Sub_E"])
     assert m.cfg.shape == (256,) * 3 and m.cfg.num_classes == 5 and m.cfg.latent_dim == 1024
@@ -737,17 +685,14 @@ def test_official_256_conditional_layout_and_bad_files(tmp_path):
     assert torch.equal(m.D.D_H.fc_class.weight, sds["D"]["fc2_class.weight"])
     assert torch.equal(m.G.G_H.conv2.weight, sds["G"]["tp_conv7.weight"])
     assert torch.equal(m.G.G_L.norm2.weight, sds["G"]["sub_G.bn2.weight"])
-    with pytest.raises(ValueError, match="not an official HA-GAN Generator"):
-        HAGAN.from_official(G=paths["D"])
-    with pytest.raises(ValueError, match=r"D_iter80000\.pth: does not fit an official HA-GAN D at img_size 128"):
-        HAGAN.from_official(G=paths["G"], D=paths["D"], img_size=128)  # 256 files forced to 128
-    junk = tmp_path / "junk.pth"
-    junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="junk.pth: cannot read"):
-        HAGAN.from_official(G=str(junk))
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    for files, name in ((dict(G=paths["D"]), "D_iter"), (dict(G=paths["G"], D=paths["D"], img_size=128), "D_iter"),
+                        (dict(G=str(tmp_path / "junk.pth")), "junk.pth")):  # a D, 256 files at 128, not a checkpoint
+        with pytest.raises(ValueError, match=name):
+            HAGAN.from_official(**files)
 
 
-def test_override_config_files_and_arguments(tmp_path):
+def test_override_config_files_and_old_checkpoints(tmp_path):
     base = dict(out="out", max_iters=10, lr=1e-4, compile=False, img_size=256, input=[])
     f = tmp_path / "c.py"
     f.write_text("max_iters = 20\nlr = 2e-4\n")
@@ -768,6 +713,26 @@ def test_override_config_files_and_arguments(tmp_path):
     f.write_text("lr = 1e-4\n")
     override(dict(base), [str(f), "--max_iters=10"], given=given)
     assert given == {"lr", "max_iters"}
+    # the keys of every config/*.py exist in train.py's defaults, with the right types; the paper's configs as published
+    files = sorted(f for f in os.listdir(os.path.join(ROOT, "config")) if f.endswith(".py"))
+    assert {"train_demo.py", "train_lung_ct.py", "train_brain_mri.py", "train_conditional.py"} <= set(files)
+    for name in files:
+        cfg = _train_config(name)
+        HAGANConfig(img_size=64 if cfg["img_size"] == -1 else cfg["img_size"], width=cfg["width"],
+                    latent_dim=cfg["latent_dim"], num_classes=cfg["num_classes"], num_slabs=cfg["num_slabs"])
+        if name in ("train_lung_ct.py", "train_brain_mri.py", "train_conditional.py"):
+            off = dict(r1_gamma=0.0, mbstd_group=0, slab_context=False, d_width=0.0, g_out="tanh", g_noise=False,
+                       g_pad="zeros", g_class=False, lambda_div=0.0, lr_decay_iters=0, d_stretch=0.0, class_window="",
+                       class_twin=False, enc_interval=1, lr_G=1e-4, lr_D=4e-4, lr_E=1e-4, beta1=0.0, beta2=0.999)
+            assert {k: cfg[k] for k in off} == off, name
+    # older checkpoints keep the output head as (out_scale, out_clip) beside retired keys at their off values
+    args = asdict(tiny().cfg)
+    for head, want in (((1.0, False), "tanh"), ((1.1, False), "scaled"), ((1.1, True), "clipped")):
+        old = {k: v for k, v in args.items() if k != "g_out"} | dict(out_scale=head[0], out_clip=head[1],
+                                                                     out_leak=0.0, gh_width=0.0)
+        assert model_config(old, "old.pt").g_out == want
+    with pytest.raises(ValueError, match="old.pt"):  # a retired option that was on cannot be built
+        model_config(dict(args, out_leak=0.05), "old.pt")
 
 
 def _train_config(name):
@@ -776,21 +741,6 @@ def _train_config(name):
     start = src.index("config = dict(")
     defaults = eval(src[start + len("config = "):src.index("\n)\n", start) + 2])
     return override(defaults, [os.path.join(ROOT, "config", name)])
-
-
-def test_every_config_file_loads():
-    # the keys of every config/*.py exist in train.py's defaults, with the right types
-    files = sorted(f for f in os.listdir(os.path.join(ROOT, "config")) if f.endswith(".py"))
-    assert {"train_demo.py", "train_lung_ct.py", "train_brain_mri.py", "train_conditional.py"} <= set(files)
-    for name in files:
-        cfg = _train_config(name)
-        HAGANConfig(img_size=64 if cfg["img_size"] == -1 else cfg["img_size"], width=cfg["width"],
-                    latent_dim=cfg["latent_dim"], num_classes=cfg["num_classes"], num_slabs=cfg["num_slabs"])
-        if name in ("train_lung_ct.py", "train_brain_mri.py", "train_conditional.py"):  # the paper, as published
-            off = dict(r1_gamma=0.0, mbstd_group=0, slab_context=False, d_width=0.0, g_out="tanh", g_noise=False,
-                       g_pad="zeros", g_class=False, lambda_div=0.0, lr_decay_iters=0, d_stretch=0.0, class_window="",
-                       class_twin=False, enc_interval=1, lr_G=1e-4, lr_D=4e-4, lr_E=1e-4, beta1=0.0, beta2=0.999)
-            assert {k: cfg[k] for k in off} == off, name
 
 
 # -----------------------------------------------------------------------------
@@ -1165,7 +1115,7 @@ def test_encoder_interval_leaves_g_and_d_as_they_are(demo, tmp_path):
     assert [(r["D"], r["G"]) for r in log3] == [(r["D"], r["G"]) for r in log1]
 
 
-def test_mixed_precision_training_on_cpu(demo, tmp_path):
+def test_mixed_precision_and_compiled_training_on_cpu(demo, tmp_path):
     # CPU autocast runs the GPU code path: finite losses; float16 keeps one scaler per optimiser, and a resumed
     # run continues from the saved scales
     for dtype in ("bfloat16", "float16"):
@@ -1181,11 +1131,8 @@ def test_mixed_precision_training_on_cpu(demo, tmp_path):
     torch.save(ck, out / "ckpt.pt")
     train(*args, "--max_iters=3", "--init_from=resume")
     assert {k: s["scale"] for k, s in torch.load(out / "ckpt.pt", weights_only=True)["scalers"].items()} == mine
-
-
-def test_compiled_training_with_r1_matches_eager(demo, tmp_path):
-    # R1 differentiates D's input gradient, which compiled graphs cannot (no double backward): with r1_gamma on,
-    # train.py leaves D^L eager and compiles the rest, and the losses are the eager run's
+    # compile=True: R1 differentiates D's input gradient, which compiled graphs cannot (no double backward): with
+    # r1_gamma on, train.py leaves D^L eager and compiles the rest, and the losses are the eager run's
     logs = []
     for compiled in (False, True):
         train(f"--data_dir={demo}", "--max_iters=2", "--r1_gamma=1", "--r1_interval=1", f"--out={tmp_path / str(compiled)}",
@@ -1278,24 +1225,19 @@ def test_resume_is_exact_with_every_option(demo, tmp_path):
     assert "is not the dataset this checkpoint was trained on" in p.stdout
 
 
-def test_lr_decay_reaches_zero_and_warns_past_its_end(demo, tmp_path):
+def test_lr_decay_reaches_zero_and_the_warnings_of_a_run(demo, tmp_path):
     # the rates fall from 1 at lr_decay_start to 0 at lr_decay_iters: from there on no network moves, which a run
-    # longer than the decay is told in one warning line
+    # longer than the decay is told in one warning line; more threads than cores get one too
+    cores = len(os.sched_getaffinity(0))
     p = train(f"--data_dir={demo}", f"--out={tmp_path}", "--lr_decay_start=0", "--lr_decay_iters=1", "--max_iters=2",
-              "--ckpt_interval=1")
-    warn = [ln for ln in p.stdout.splitlines() if ln.startswith("warning:") and "lr_decay_iters" in ln]
-    assert len(warn) == 1 and "1..2" in warn[0]
+              "--ckpt_interval=1", f"--threads={cores + 1}")
+    warn = [ln for ln in p.stdout.splitlines() if ln.startswith("warning:")]
+    assert len(warn) == 2 and "lr_decay_iters" in warn[1] and "1..2" in warn[1]
+    assert "oversubscribed" in warn[0] and f"{cores} cores" in warn[0] and f"{cores + 1} threads" in warn[0]
+    assert json.load(open(tmp_path / "config.json"))["resolved"]["threads"] == cores + 1
     a, b = (dict(load_checkpoint(tmp_path / f, ema=False)[0].named_parameters()) for f in ("ckpt.prev.pt", "ckpt.pt"))
     assert all(torch.equal(a[k], b[k]) for k in a)  # iteration 2 ran at rate 0 (the power iteration moves regardless)
     assert torch.load(tmp_path / "ckpt.prev.pt", weights_only=True)["optimizers"]["G"]["param_groups"][0]["lr"] == 1e-4
-
-
-def test_threads_setting_and_oversubscribed_warning(demo, tmp_path):
-    cores = len(os.sched_getaffinity(0))
-    p = train(f"--data_dir={demo}", f"--out={tmp_path}", "--max_iters=0", f"--threads={cores + 1}")
-    warn = [ln for ln in p.stdout.splitlines() if ln.startswith("warning: oversubscribed")]
-    assert len(warn) == 1 and f"{cores} cores" in warn[0] and f"{cores + 1} threads" in warn[0], p.stdout
-    assert json.load(open(tmp_path / "config.json"))["resolved"]["threads"] == cores + 1
 
 
 def test_bare_torchrun_two_ranks_hold_identical_weights(demo, tmp_path):
@@ -1563,7 +1505,7 @@ def _ev_feats(n=300, d=12, seed=0):
     return g.standard_normal((n, d)) @ A + g.standard_normal(d)  # correlated, non-centred
 
 
-def test_ev_fid_mmd_zero_on_identical_and_grow_with_noise():
+def test_ev_fid_mmd_precision_recall_ms_ssim_known_answers():
     x = _ev_feats()
     assert abs(ev.frechet_distance(x, x)) < 1e-9
     assert abs(ev.mmd(x, x)) < 2.0 / len(x)  # unbiased: -2(1 - mean off-diagonal k)/n, not exactly 0
@@ -1575,6 +1517,16 @@ def test_ev_fid_mmd_zero_on_identical_and_grow_with_noise():
     y = x[:150], x[150:]  # two samples of one distribution: near 0 beside a shifted one
     assert ev.mmd(*y) < 0.2 * ev.mmd(y[0], y[1] + 1.0)
     assert ev.frechet_distance(*y) < 0.2 * ev.frechet_distance(y[0], y[1] + 1.0)
+    x = _ev_feats(100, 8)  # improved precision and recall
+    assert ev.precision_recall(x, x, k=3) == (1.0, 1.0) and ev.precision_recall(x, x + 100.0, k=3) == (0.0, 0.0)
+    p, r = ev.precision_recall(x, np.repeat(x[:1], 50, 0) + 1e-6, k=3)  # fakes collapsed onto one real point
+    assert p == 1.0 and r < 0.1
+    g = torch.Generator().manual_seed(0)
+    v = torch.rand(2, 1, 32, 32, 32, generator=g) * 2 - 1
+    assert torch.allclose(ev.ms_ssim3d(v, v), torch.ones(2, dtype=torch.float64), atol=1e-5)
+    s = [float(ev.ms_ssim3d(v[:1], (v[:1] + a * torch.randn(1, 1, 32, 32, 32, generator=g)).clamp(-1, 1)))
+         for a in (0.05, 0.3, 1.0)]
+    assert 1 > s[0] > s[1] > s[2] >= 0, s
 
 
 def test_ev_sqrtm_and_fid_agree_with_scipy():
@@ -1591,20 +1543,6 @@ def test_ev_sqrtm_and_fid_agree_with_scipy():
     assert ev.frechet_distance(a, b) == pytest.approx(ref, rel=1e-7)
     # rank-deficient covariances (fewer samples than features, as with 2048-d features): finite, > 0
     assert 0 < ev.frechet_distance(_ev_feats(8, 30, 5), _ev_feats(8, 30, 6)) < math.inf
-
-
-def test_ev_precision_recall_and_ms_ssim():
-    x = _ev_feats(100, 8)
-    assert ev.precision_recall(x, x, k=3) == (1.0, 1.0)
-    assert ev.precision_recall(x, x + 100.0, k=3) == (0.0, 0.0)
-    p, r = ev.precision_recall(x, np.repeat(x[:1], 50, 0) + 1e-6, k=3)  # fakes collapsed onto one real point
-    assert p == 1.0 and r < 0.1
-    g = torch.Generator().manual_seed(0)
-    v = torch.rand(2, 1, 32, 32, 32, generator=g) * 2 - 1
-    assert torch.allclose(ev.ms_ssim3d(v, v), torch.ones(2, dtype=torch.float64), atol=1e-5)
-    s = [float(ev.ms_ssim3d(v[:1], (v[:1] + a * torch.randn(1, 1, 32, 32, 32, generator=g)).clamp(-1, 1)))
-         for a in (0.05, 0.3, 1.0)]
-    assert 1 > s[0] > s[1] > s[2] >= 0, s
 
 
 def _resnet_sd(counts, bottleneck=True, stem=(3, 3, 7, 7), seed=0):
@@ -1914,10 +1852,6 @@ def test_ev_bench_oom_is_a_cell_not_a_crash():
 # iteration 2), ckpt = a tiny checkpoint of the demo's size; "-m torch.distributed.run ..." runs under torchrun.
 
 
-def _sampled(d, fx):
-    sample.main([f"--ckpt={fx['ckpt']}", f"--out={d / 's'}", "--num=1"])  # seed001337, to be kept as it is
-
-
 TRAIN = "train.py {tiny} --data_dir={demo}"
 RESUME = TRAIN + " --out={run} --init_from=resume"
 EVAL = "eval.py --ckpt={ckpt} --data_dir={demo} --out={d}/e --feature_cache={d}/cache"
@@ -1934,16 +1868,6 @@ def _damage(ckpt=b"", prev=None):
         else:
             (run_dir / "ckpt.prev.pt").write_bytes(prev)
     return setup
-
-
-def _thin(d, fx):
-    os.makedirs(d / "thin")
-    nib.save(nib.Nifti1Image(_prep_smooth((40, 40, 3)) - 1024, np.eye(4)), str(d / "thin" / "slab.nii.gz"))
-
-
-def _vanished_store(d, fx):
-    shutil.copytree(fx["demo"], d / "store", ignore=shutil.ignore_patterns("raw"))
-    os.remove(d / "store" / "hires.npy")  # as if deleted after the folder was opened
 
 
 FAULTS = [  # (case, command, the names its one line must hold (the key or file at fault), setup(d, fx) or None)
@@ -1977,11 +1901,16 @@ FAULTS = [  # (case, command, the names its one line must hold (the key or file 
     # prepare.py, sample.py, encode.py as the user runs them (their other refusals: PREP_REFUSALS,
     # test_sample_never_overwrites_fails_in_one_line_..., test_encode_refusals_file_names_...)
     ("prepare-too-thin", "prepare.py --input={d}/thin --out={d}/o --img_size=32",
-     ["{d}/o", "{d}/thin/slab.nii.gz"], _thin),
+     ["{d}/o", "{d}/thin/slab.nii.gz"],
+     lambda d, fx: (os.makedirs(d / "thin"), nib.save(nib.Nifti1Image(_prep_smooth((40, 40, 3)) - 1024, np.eye(4)),
+                                                       str(d / "thin" / "slab.nii.gz")))),
     ("sample-disk-full", "sample.py --ckpt={ckpt} --out={d}/s --seed=1338 --num=2",
-     ["{d}/s/seed001338.nii.gz", "0 volume(s)"], _sampled),
+     ["{d}/s/seed001338.nii.gz", "0 volume(s)"],
+     lambda d, fx: sample.main([f"--ckpt={fx['ckpt']}", f"--out={d / 's'}", "--num=1"])),  # seed001337 is kept
     ("encode-store-vanished", "encode.py --data_dir={d}/store --ckpt={ckpt} --out={d}/f",
-     ["{d}/store/hires.npy"], _vanished_store),
+     ["{d}/store/hires.npy"],  # deleted after the folder was opened:
+     lambda d, fx: (shutil.copytree(fx["demo"], d / "store", ignore=shutil.ignore_patterns("raw")),
+                    os.remove(d / "store" / "hires.npy"))),
     # eval.py: every check comes before the embedding
     ("eval-k-below-1", EVAL + " --k=0", ["--k=0"], None),
     ("eval-num-below-2", EVAL + " --num=1", ["--num=1"], None),
@@ -1990,7 +1919,7 @@ FAULTS = [  # (case, command, the names its one line must hold (the key or file 
      lambda d, fx: (os.makedirs(d / "e"), (d / "e" / "eval.json").write_text("{}"))),
     ("eval-store-of-another-size",
      "eval.py --ckpt={d}/c64.pt --data_dir={demo} --out={d}/e --feature_cache={d}/cache",
-     ["{demo}", "32x32x32", "{d}/c64.pt", "64x64x64"], lambda d, fx: _ckpt64(d)),
+     ["{demo}", "32x32x32", "{d}/c64.pt", "64x64x64"], lambda d, fx: tiny_ckpt(d / "c64.pt", {}, S=64)),
     ("eval-cuda-on-cpu-torch", EVAL + " --device=cuda:99", ["--device=cuda:99"], None),
     ("eval-threads-negative", EVAL + " --threads=-1", ["--threads=-1"], None),
     ("eval-features-missing", EVAL + " --features={d}/astra_encoder.pt", ["--features={d}/astra_encoder.pt"], None),
@@ -2002,12 +1931,6 @@ FAULTS = [  # (case, command, the names its one line must hold (the key or file 
 ]
 FSIZE = {"sample-disk-full": 4096}  # RLIMIT_FSIZE: the first volume's write fails (EFBIG), as on a full disk
 ALLOWED = {"train-disk-full-checkpoint": ("config.json", "log.jsonl")}  # what the resumed run itself rewrites
-
-
-def _ckpt64(d):
-    m = tiny(64)
-    torch.save(dict(model=m.state_dict(), model_args=asdict(m.cfg), ema_G={}, iter_num=1, config={}, meta={}),
-               d / "c64.pt")
 
 
 def _files(d):
