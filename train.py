@@ -452,15 +452,16 @@ def peak_memory_gib():
 
 
 @torch.no_grad()
-def samples(z):
-    """Whole volumes (n,1,D,H,W) from latents z (classes in turn), by the EMA generator if there is one. G^H runs one
-    training slab of A at a time, so sampling needs no more memory than training."""
+def samples(z, c=None):
+    """Whole volumes (n,1,D,H,W) on the CPU from latents z and classes c (default: in turn), by the EMA generator if
+    there is one. G^H runs one training slab of A at a time, so sampling needs no more memory than training."""
     G = ema if ema is not None else model.G
-    c = (torch.arange(len(z)) % cfg.num_classes).to(device) if cfg.num_classes else None
+    if c is None and cfg.num_classes:
+        c = torch.arange(len(z)) % cfg.num_classes
     was = model.training
     model.eval()
-    x = torch.cat([G.generate(z[i:i + 1].to(device), None if c is None else c[i:i + 1], chunk=cfg.slab_a).float().cpu()
-                   for i in range(len(z))])
+    x = torch.cat([G.generate(z[i:i + 1].to(device), None if c is None else c[i:i + 1].to(device),
+                              chunk=cfg.slab_a).float().cpu() for i in range(len(z))])
     model.train(was)
     return x
 
@@ -469,13 +470,10 @@ def samples(z):
 def write_montage(path):
     """Fixed-z samples and one reconstruction G(E(x)) of a real volume, three mid-planes each; returns its L1."""
     z = torch.randn(config["num_samples"], cfg.latent_dim, generator=torch.Generator().manual_seed(config["seed"]))
-    x = torch.from_numpy(ds.volume(0))[None, None].to(device)
-    y = torch.tensor([int(ds.labels[ds.meta["class_column"]][0])], device=device) if cfg.num_classes else None
-    was = model.training
-    model.eval()
-    rec = (ema if ema is not None else model.G).generate(model.encode(x), y, chunk=cfg.slab_a)
-    model.train(was)
-    save_montage(path, list(samples(z)[:, 0].numpy()) + [x[0, 0].cpu().numpy(), rec[0, 0].float().cpu().numpy()])
+    x = torch.from_numpy(ds.volume(0))[None, None]
+    y = torch.tensor([int(ds.labels[ds.meta["class_column"]][0])]) if cfg.num_classes else None
+    rec = samples(model.encode(x.to(device)), y)
+    save_montage(path, list(samples(z)[:, 0].numpy()) + [x[0, 0].numpy(), rec[0, 0].numpy()])
     return float((rec - x).abs().mean())
 
 
