@@ -39,7 +39,7 @@ import eval as ev
 import prepare
 import sample
 from configurator import override
-from model import HAGAN, NETS, Extras, HAGANConfig, S_H, S_L, enclosed, load_checkpoint, model_config, slab_range
+from model import HAGAN, NETS, Extras, HAGANConfig, S_H, S_L, enclosed, load_checkpoint, model_config, slab_range, up_conv
 from prepare import VolumeDataset, to_unit
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -524,8 +524,9 @@ def test_g_pad_replicate_renders_a_constant_A_as_a_constant_volume():
         for name, m in (("zeros", zeros), ("replicate", rep)):
             whole = m.G.generate(z)
             ends[name] = (whole[:, :, [0, -1]] - whole[:, :, 32:33]).abs().max().item()
-    # a constant input gives a constant volume with replicate padding; zero padding changes the end slices
-    assert ends["replicate"] < 1e-6 < ends["zeros"]
+    # a constant input gives a constant volume with replicate padding (to rounding, which norm1 amplifies: conv1's
+    # output is constant, its variance 0); zero padding changes the end slices
+    assert ends["replicate"] < 1e-4 and ends["zeros"] > 0.01
     assert rep.G.G_H.conv1.padding_mode == "replicate" and zeros.G.G_H.conv2.padding_mode == "zeros"
     with pytest.raises(ValueError, match="g_pad='reflect'"):
         HAGANConfig(img_size=32, g_pad="reflect")
@@ -652,6 +653,24 @@ def _official_generate(sd, z, S):
     return h
 
 
+def test_upsample_and_conv_is_one_transposed_conv_whole_and_in_rows():
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+        for mode in ("zeros", "replicate"):
+            conv = torch.nn.Conv3d(6, 4, 3, padding=1, padding_mode=mode).to(dtype)
+            x = torch.randn(2, 6, 7, 5, 3, dtype=dtype)
+            ref = conv(F.interpolate(x, scale_factor=2))  # (2,4,14,10,6)
+            assert (up_conv(conv, x) - ref).abs().max() < tol
+            for a, b in ((0, 3), (3, 7), (2, 5)):  # output rows [2a, 2b) from input rows [a - 1, b + 1) alone
+                lo, hi = max(a - 1, 0), min(b + 1, 7)
+                assert (up_conv(conv, x[:, :, lo:hi], (lo, 7, a, b)) - ref[:, :, 2 * a:2 * b]).abs().max() < tol
+    m = tiny(32, g_pad="replicate", g_noise=True, slab_context=True).double()  # the generator's whole render
+    m.G.G_H.noise_scale.data.normal_()
+    z = torch.randn(2, 16, dtype=torch.float64)
+    whole = m.G.generate(z)
+    for k in (1, 3):
+        assert (m.G.generate(z, chunk=k) - whole).abs().max() < 1e-10
+
+
 def test_official_checkpoints_load_and_generate_the_same_volume(demo, tmp_path):
     paths, sds = _official_files(tmp_path, 128)
     m = HAGAN.from_official(G=paths["G"], D=paths["D"], E=paths["E"], Sub_E=paths["Sub_E"])
@@ -659,7 +678,7 @@ def test_official_checkpoints_load_and_generate_the_same_volume(demo, tmp_path):
     z = torch.randn(1, 1024)
     ours = m.eval().generate(z)
     assert ours.shape == (1, 1, 128, 128, 128)
-    assert torch.equal(ours, _official_generate(sds["G"], z, 128))  # float32, max diff 0
+    assert (ours - _official_generate(sds["G"], z, 128)).abs().max() < 1e-5  # float32
     # every other network's weights landed where the official ones were
     assert torch.equal(m.D.D_H.convs[0].weight, sds["D"]["conv2.weight"])
     assert torch.equal(m.D.D_H.convs[0].u, sds["D"]["conv2.u0"])
