@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 GN_GROUPS = 8  # GroupNorm's groups in G and E (official); every channel count is a multiple of it
 OUT_SCALE = 1.1  # g_out 'scaled'/'clipped': G's outputs are OUT_SCALE * tanh
+STATS_CHUNK = 2 ** 24  # slab_context: at most this many elements of conv1's output at a time for G^H's statistics
 
 # -----------------------------------------------------------------------------
 # configuration
@@ -140,15 +141,16 @@ def _no_autocast(t):
 
 
 def _sn_weight(m):
-    W = m.weight.float().flatten(1)  # (out, in*k*k*k)
+    W = m.weight.flatten(1)  # (out, in*k*k*k)
     with _no_autocast(W):
+        W = W.float()
         with torch.no_grad():
             v = F.normalize(m.u @ W, dim=1, eps=1e-12)  # (1, in*k^3)
-            u = F.normalize(v @ W.t(), dim=1, eps=1e-12)  # (1, out)
-            if m.training:
-                m.u.copy_(u)
-        sigma = (v @ W.t() @ u.t()).squeeze()  # the gradient flows through W only
+        wv = v @ W.t()  # (1, out); the gradient flows through W only
+        u = F.normalize(wv.detach(), dim=1, eps=1e-12)
+        sigma = (wv * u).sum()
         if m.training:
+            m.u.copy_(u)
             m.sigma.copy_(sigma.detach())
     return m.weight / sigma.to(m.weight.dtype)
 
@@ -379,7 +381,8 @@ class Generator(nn.Module):
         # G^H does not (it normalises a slab by its own statistics and zero-pads its ends): the whole volume's
         # statistics (no gradient through them) and one slice of A either side, cropped off after G^H
         lo, hi = max(r - 1, 0), min(r + n + 1, A.shape[2])
-        x = self.G_H(A[:, :, lo:hi], c, self.G_H.stats(A, n), self.noise(z, 4 * lo, 4 * hi))
+        k = max(n, STATS_CHUNK // (A[:, :1, :1].numel() * 8 * self.G_H.conv1.out_channels))  # A's slices a pass
+        x = self.G_H(A[:, :, lo:hi], c, self.G_H.stats(A, k), self.noise(z, 4 * lo, 4 * hi))
         return x[:, :, 4 * (r - lo):4 * (r - lo + n)], self.G_L(A)
 
     def noise(self, z, a, b):
@@ -390,10 +393,10 @@ class Generator(nn.Module):
             return None
         H, W = self.cfg.shape[1:]
         bits = z.detach().float().contiguous().view(torch.int32).long()  # (B,L)
-        seed = _mix32(_mix32(bits ^ _mix32(torch.arange(1, bits.shape[1] + 1, device=z.device))).sum(1))
-        i = 2 * torch.arange(a * H * W, b * H * W, device=z.device).view(1, b - a, H, W)  # two draws per voxel
-        u1, u2 = ((_mix32(_mix32(i + k) ^ seed.view(-1, 1, 1, 1)) + 0.5) / 2 ** 32 for k in (0, 1))  # in (0, 1)
-        return (torch.sqrt(-2 * torch.log(u1)) * torch.cos(2 * math.pi * u2)).unsqueeze(1)  # Box-Muller
+        seed = _mix32(_mix32(bits + 0x9E3779B1 * torch.arange(bits.shape[1], device=z.device)).sum(1))  # (B,)
+        i = torch.arange(2 * a * H * W, 2 * b * H * W, device=z.device).view(b - a, H, W, 2)  # two draws a voxel
+        u = (_mix32(_mix32(i) ^ seed.view(-1, 1, 1, 1, 1)) + 0.5) / 2 ** 32  # (B,b-a,H,W,2) in (0, 1)
+        return (torch.sqrt(-2 * torch.log(u[..., 0])) * torch.cos(2 * math.pi * u[..., 1])).unsqueeze(1)  # Box-Muller
 
     @torch.no_grad()
     def generate(self, z, c=None, chunk=0):
@@ -460,16 +463,17 @@ def stretch_dark(x, gain):
     return x if gain == 0 else x + (gain * STRETCH_WIDTH) * torch.tanh((x + 1) / STRETCH_WIDTH)
 
 
-def mbstd(x, group):
+def mbstd(x, group, sets=1):
     """Minibatch standard deviation (Karras et al. 2018): one more channel, how much the samples of each group
-    differ. Samples i, i + B/g, i + 2B/g, ... form a group. (B,C,d,h,w) -> (B,C+1,d,h,w)"""
-    B = x.shape[0]
+    differ. Samples i, i + B/g, i + 2B/g, ... form a group. sets: x is that many batches one after the other (real
+    and fake in one call), each grouped on its own. (B,C,d,h,w) -> (B,C+1,d,h,w)"""
+    B = x.shape[0] // sets
     g = min(group, B)
     while B % g:
         g -= 1
-    y = x.float().view(g, B // g, *x.shape[1:])
-    s = (y.var(0, unbiased=False) + 1e-8).sqrt().mean((1, 2, 3, 4))  # (B/g,)
-    return torch.cat([x, s.repeat(g).to(x.dtype).view(B, 1, 1, 1, 1).expand(B, 1, *x.shape[2:])], 1)
+    y = x.float().view(sets, g, B // g, *x.shape[1:])
+    s = (y.var(1, unbiased=False) + 1e-8).sqrt().mean((2, 3, 4, 5))  # (sets, B/g)
+    return torch.cat([x, s.repeat(1, g).to(x.dtype).view(-1, 1, 1, 1, 1).expand(-1, 1, *x.shape[2:])], 1)
 
 
 class D_H(nn.Module):
@@ -502,11 +506,11 @@ class D_H(nn.Module):
         self.fc_class = SNLinear(cfg.ch_D(c // 8), cfg.ac_classes) if cfg.ac_classes else None
         self.r_max, self.d_stretch, self.mbstd_group = cfg.r_max, cfg.d_stretch, cfg.mbstd_group
 
-    def forward(self, x, r):
+    def forward(self, x, r, sets=1):
         x = stretch_dark(x, self.d_stretch)
         for i, conv in enumerate(self.convs):
             if self.mbstd_group and i == len(self.convs) - 1:
-                x = mbstd(x, self.mbstd_group)
+                x = mbstd(x, self.mbstd_group, sets)
             x = F.leaky_relu(conv(x), 0.2)
         x = x.flatten(1)  # (B,128)
         # r enters normalised to [0, 1] by this size's largest start (official: crop_idx / 224 at 256)
@@ -527,11 +531,11 @@ class D_L(nn.Module):
         self.head = SNConv3d(chans[-1] + (cfg.mbstd_group > 0), 1 + cfg.ac_classes, tuple(d >> n for d in a))
         self.num_classes, self.mbstd_group = cfg.ac_classes, cfg.mbstd_group
 
-    def forward(self, x):
+    def forward(self, x, sets=1):
         for conv in self.convs:
             x = F.leaky_relu(conv(x), 0.2)
         if self.mbstd_group:
-            x = mbstd(x, self.mbstd_group)
+            x = mbstd(x, self.mbstd_group, sets)
         x = self.head(x).flatten(1)  # (B,1+K)
         return x[:, :1], (x[:, 1:] if self.num_classes else None)
 
@@ -580,17 +584,17 @@ class Discriminator(nn.Module):
         self.C_twin = SlabClassifier(cfg) if cfg.class_twin else None
         self.num_slabs, self.slab_a = cfg.num_slabs, cfg.slab_a
 
-    def forward(self, slab, r, low):
+    def forward(self, slab, r, low, sets=1):
         """D^H's and D^L's logits averaged, as officially; the class logits likewise. r=None: `slab` is the whole
-        volume and D^H judges each of its slabs, their logits averaged (the non-amortised model)."""
+        volume and D^H judges each of its slabs, their logits averaged (the non-amortised model). sets: as mbstd's."""
         if r is None:
             n = slab.shape[2] // self.num_slabs
-            hs = [self.D_H(slab[:, :, v * n:(v + 1) * n], v * self.slab_a) for v in range(self.num_slabs)]
+            hs = [self.D_H(slab[:, :, v * n:(v + 1) * n], v * self.slab_a, sets) for v in range(self.num_slabs)]
             h = torch.stack([a for a, _ in hs]).mean(0)
             hc = None if hs[0][1] is None else torch.stack([b for _, b in hs]).mean(0)
         else:
-            h, hc = self.D_H(slab, r)
-        l, lc = self.D_L(low)
+            h, hc = self.D_H(slab, r, sets)
+        l, lc = self.D_L(low, sets)
         return (h + l) / 2, (None if hc is None else (hc + lc) / 2)
 
 
@@ -676,7 +680,9 @@ class HAGAN(nn.Module):
     def configure_optimizers(self, lr_G=1e-4, lr_D=4e-4, lr_E=1e-4, betas=(0.0, 0.999)):
         """One Adam per update, in the updates' order (defaults: paper Sec. III-E)."""
         lrs = dict(D=lr_D, G=lr_G, E_H=lr_E, E_G=lr_E)
-        return {k: torch.optim.Adam(getattr(self, k).parameters(), lr=lrs[k], betas=betas, eps=1e-8) for k in NETS}
+        fused = next(self.parameters()).device.type in ("cuda", "cpu")  # one kernel per step, no host sync
+        return {k: torch.optim.Adam(getattr(self, k).parameters(), lr=lrs[k], betas=betas, eps=1e-8, fused=fused)
+                for k in NETS}
 
     @torch.no_grad()
     def encode_A(self, x):
@@ -703,8 +709,10 @@ class HAGAN(nn.Module):
         x_slab = S_H(x, r, self.cfg.num_slabs)
         if extra is not None and extra.r1:  # R1 differentiates D at the real inputs
             x_slab, x_low = x_slab.detach().requires_grad_(True), x_low.detach().requires_grad_(True)
-        real, real_cls = self.D(x_slab, r, x_low)
-        fake, fake_cls = self.D(fake_slab, r, fake_low)
+        B = x.shape[0]  # one call of D on real and fake (2B,...): one spectral-norm pass per update
+        logit, cls = self.D(torch.cat([x_slab, fake_slab]), r, torch.cat([x_low, fake_low]), sets=2)
+        real, fake = logit[:B], logit[B:]
+        real_cls, fake_cls = (None, None) if cls is None else (cls[:B], cls[B:])
         loss = _bce(real, 1.0) + _bce(fake, 0.0)
         stats = dict(D_real=real.detach().float().mean(), D_fake=fake.detach().float().mean())
         if real_cls is not None:

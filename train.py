@@ -504,12 +504,14 @@ Batch = namedtuple("Batch", "x x_low c z_D z_G")
 def draw(it):
     """Iteration it's slab start r, the same on every rank, and this rank's micro-batches. Volumes and noise come from
     each micro-batch's place in the global batch: 2 ranks x 1 micro-batch and 1 rank x 2 make the same update."""
-    r = int(torch.randint(0, cfg.r_max + 1, (1,), generator=torch.Generator().manual_seed(seeded("r", it))))
+    r = random.Random(seeded("r", it)).randint(0, cfg.r_max)
     micro = []
     for m in range(config["grad_accum"]):
-        gen = torch.Generator().manual_seed(seeded("batch", it, rank * config["grad_accum"] + m))
+        slot = rank * config["grad_accum"] + m
+        gen = torch.Generator().manual_seed(seeded("batch", it, slot))
         x, x_low, c = ds.get_batch(per_rank, device=device, generator=gen)  # whole volumes: E^G encodes them all
-        z_D, z_G = torch.randn(2, per_rank, cfg.latent_dim, generator=gen).to(device)
+        z_gen.manual_seed(seeded("z", it, slot))  # drawn on the device: no copy from the host
+        z_D, z_G = torch.randn(2, per_rank, cfg.latent_dim, generator=z_gen, device=device)
         micro.append(Batch(x, x_low, c if cfg.num_classes else None, z_D, z_G))
     return r, micro
 
@@ -548,40 +550,56 @@ def train_iteration(it):
         stats |= step("E_G", micro, lambda b: model.loss_E_G(b.x, b.x_low, r, b.c, config["lambda2"]))
     if ema is not None:  # G changes only in its own update
         with torch.no_grad():
-            for pe, p in zip(ema.parameters(), model.G.parameters()):
-                pe.lerp_(p, 1 - config["ema_decay"])
+            torch._foreach_lerp_(ema_params, G_params, 1 - config["ema_decay"])
+    global first_bad  # on the device, read at log time and before a save: no wait for the GPU here
+    first_bad = torch.where(~torch.isfinite(torch.stack(list(stats.values()))).all() & (first_bad < 0), it + 1,
+                            first_bad)
     return stats
 
 
-def reduce_stats(stats):
-    """The stats averaged over ranks, as {name: float}; on a non-finite loss every rank stops, without saving."""
-    names = list(stats)  # the same order on every rank
-    vec = torch.stack([stats[k] for k in names])
+def check_finite():
+    """Every rank stops, without saving, if some rank met a non-finite loss since the start (reads the device)."""
+    bad = first_bad.clone()
     if ddp:
-        dist.all_reduce(vec)
-        vec /= world
-    vals = dict(zip(names, vec.tolist()))
-    if not all(math.isfinite(v) for v in vals.values()):
-        bad = ", ".join(f"{k}={v:.4g}" for k, v in vals.items() if not math.isfinite(v))
-        log(f"error: non-finite loss at iteration {iter_num} ({bad}); stopping without saving, "
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if bad.item() >= 0:
+        log(f"error: non-finite loss at iteration {bad.item()}; stopping without saving, "
             f"{os.path.join(out_dir, 'ckpt.pt')} is the last good checkpoint "
             f"(try a lower learning rate, or dtype=bfloat16 instead of float16)")
         if ddp:
             dist.destroy_process_group()
         sys.exit(1)
-    return vals
 
 
-def report(vals):
+def reduce_stats(stats):
+    """The stats averaged over ranks, as {name: float}, after check_finite."""
+    check_finite()
+    names = list(stats)  # the same order on every rank
+    vec = torch.stack([stats[k] for k in names])
+    if ddp:
+        dist.all_reduce(vec)
+        vec /= world
+    return dict(zip(names, vec.tolist()))
+
+
+def reported(it):
+    """Whether report() logs (1) or writes a montage (2) at iteration it."""
+    every = config["sample_interval"]
+    return (it % config["log_interval"] == 0 or it in (it_first + 1, config["max_iters"])) \
+        + 2 * bool(every and (it % every == 0 or it == config["max_iters"]))
+
+
+def report(stats):
     """The log line and log.jsonl record, and at sample_interval the montage and the quality signal (rank 0).
     Returns None, or (path, OSError) of a write that failed."""
     global t_first
     if iter_num == it_first + 1:
         t_first = time.time()  # the first iteration pays for allocation and kernel selection
     err = None
-    if iter_num % config["log_interval"] == 0 or iter_num in (it_first + 1, config["max_iters"]):
+    if reported(iter_num) & 1:
         if device_type == "cuda":
             torch.cuda.synchronize()
+        vals = reduce_stats(stats)
         done = iter_num - it_first - 1
         dt = (time.time() - t_first) / done if done > 0 else time.time() - t0
         log(f"iter {iter_num}: " + " ".join(f"{k} {v:.4f}" for k, v in vals.items())
@@ -592,8 +610,7 @@ def report(vals):
             err = append_log(rec)
             if config["wandb_log"]:
                 wandb.log(rec, step=iter_num)
-    every = config["sample_interval"]
-    if master and every and (iter_num % every == 0 or iter_num == config["max_iters"]) and err is None:
+    if master and reported(iter_num) & 2 and err is None:
         png = os.path.join(out_dir, f"samples_{iter_num:06d}.png")
         try:
             rec_l1, q = write_montage(png), quality_signal()
@@ -610,7 +627,10 @@ def save_if_due(stopping, err):
     """Stop on a failed write (the last checkpoint is intact); save at ckpt_interval, at the end and when stopping,
     after checking under DDP that the ranks hold the same weights."""
     global rank_checksums
-    if ddp:  # a signal may reach only some ranks, and rank 0's writes may fail: decide together
+    every = config["ckpt_interval"]
+    due = (every and iter_num % every == 0) or iter_num == config["max_iters"]
+    talk = due or iter_num % 10 == 0 or reported(iter_num)  # the same iterations on every rank
+    if ddp and talk:  # a signal may reach only some ranks, and rank 0's writes may fail: decide together
         flag = torch.tensor([float(stopping), float(err is not None)], device=device)
         dist.all_reduce(flag)
         stopping = flag[0].item() > 0
@@ -621,9 +641,9 @@ def save_if_due(stopping, err):
              + (f"{os.path.join(out_dir, 'ckpt.pt')} (iteration {saved_iter}) is intact: free some space and "
                 f"continue with --init_from=resume" if saved_iter is not None else
                 "no checkpoint was written yet: free some space and start again"))
-    every = config["ckpt_interval"]
-    if not ((every and iter_num % every == 0) or iter_num == config["max_iters"] or stopping):
+    if not (due or stopping) or (ddp and not talk):
         return stopping
+    check_finite()
     if ddp:
         chk = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().view(1)
         sums = [torch.zeros_like(chk) for _ in range(world)]
@@ -655,11 +675,21 @@ model.train()
 saved_iter = iter_num if resuming else None  # the iteration of the checkpoint on disk
 rank_checksums = []  # the sum of all weights on each rank at the last checkpoint (DDP only)
 t0, t_first, it_first = time.time(), None, iter_num
-while iter_num < config["max_iters"]:
+first_bad = torch.tensor(-1, device=device)  # the first iteration with a non-finite loss (train_iteration)
+z_gen = torch.Generator(device)  # draw()'s latents
+ema_params, G_params = (list(ema.parameters()), list(model.G.parameters())) if ema is not None else ([], [])
+
+
+def one_iteration():
+    """train_iteration, then the log, the montage and the checkpoint where due. True: stop now."""
+    global iter_num
     stats = train_iteration(iter_num)
     iter_num += 1
-    vals = reduce_stats(stats)
-    if save_if_due(bool(stop), report(vals)):
+    return save_if_due(bool(stop), report(stats))
+
+
+while iter_num < config["max_iters"]:
+    if one_iteration():
         log(f"stopped by {stop[0] if stop else 'another rank'} at iteration {iter_num}; "
             f"continue with --init_from=resume")
         break
