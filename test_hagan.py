@@ -7,6 +7,7 @@ interpreter start, no torch import), run() in a fresh process where that matters
 """
 
 import contextlib
+import collections
 import csv
 import io
 import glob
@@ -33,6 +34,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import encode
 import eval as ev
@@ -72,10 +74,10 @@ def inproc(script, *args):
     returncode 1 and that line on stderr, as from the shell; any other exception propagates (a test failure)."""
     out, err = io.StringIO(), io.StringIO()
     saved = sys.argv, torch.get_num_threads(), signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    sys.argv, code = [script, *map(str, args)], 0
+    sys.argv, code, g = [script, *map(str, args)], 0, None
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+            g = runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         err.write(f"{e.code}\n" if isinstance(e.code, str) else "")
@@ -83,7 +85,9 @@ def inproc(script, *args):
         sys.argv = saved[0]
         torch.set_num_threads(saved[1])
         signal.signal(signal.SIGINT, saved[2]), signal.signal(signal.SIGTERM, saved[3])
-    return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
+    p = subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
+    p.globals = g  # the script's module globals when it ran to its end
+    return p
 
 
 def _readme_commands():
@@ -1117,6 +1121,33 @@ def test_train_runs_logs_and_checkpoints(demo, tmp_path):
     assert q["iter"] == 3 and 0 < q["ms_ssim_real"] < 1 and q["w1"] > 0 and q["band_err"] >= 0
     model, _ = load_checkpoint(os.path.join(out, "ckpt.pt"))  # EMA weights for sampling
     assert all(torch.equal(model.G.state_dict()[k], v) for k, v in ck["ema_G"].items())
+
+
+class CountOps(TorchDispatchMode):
+    """Every aten op dispatched (forward and backward) while active, by name."""
+    def __init__(self):
+        super().__init__()
+        self.n = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_plain_demo_iteration_never_waits_for_the_device(demo, tmp_path):
+    p = inproc("train.py", "config/train_demo.py", f"--data_dir={demo}", f"--out={tmp_path}", "--max_iters=2",
+               "--img_size=32", "--threads=1")
+    assert p.returncode == 0, p.stderr
+    g = p.globals
+    g["config"]["max_iters"] = 10
+    for most in (1500, 2100):  # without and with the encoders' updates (enc_interval=2); no log, montage or save
+        with CountOps() as ops:
+            g["one_iteration"]()
+        # no tensor is read into Python (on a GPU, each such read waits for all queued work) ...
+        assert ops.n["aten._local_scalar_dense"] + ops.n["aten.item"] + ops.n["aten.is_nonzero"] == 0
+        # ... and per-parameter loops (optimisers, EMA) are one fused call each
+        assert ops.n["aten._fused_adam_"] in (2, 4) and ops.n["aten._foreach_lerp_"] == 1
+        assert sum(ops.n.values()) < most, sum(ops.n.values())
 
 
 def test_encoder_interval_leaves_g_and_d_as_they_are(demo, tmp_path):
