@@ -822,6 +822,7 @@ def bench_one(S, mode, c):
     if dev.type == "cpu" and c["mem_limit_gb"] > 0:  # turn a runaway into a MemoryError, not a frozen machine
         resource.setrlimit(resource.RLIMIT_AS, (int(c["mem_limit_gb"] * 2 ** 30),) * 2)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    torch.backends.cudnn.benchmark = True  # as train.py: cuDNN picks its fastest kernels for these fixed shapes
     res = dict(S=S, mode=mode, batch_size=c["batch_size"], dtype=c["dtype"], device=str(dev))
     try:
         torch.manual_seed(0)
