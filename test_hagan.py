@@ -1865,8 +1865,9 @@ def test_ev_flops_counted_on_meta_as_on_cpu_and_by_hand():
     assert counted["sample"] == sum(hand) and len(hand) == 8  # G^A's linear and 5 convs, G^H's 2 convs
 
 
-def test_ev_flops_only_and_a_bad_peak(tmp_path, monkeypatch):
-    # --flops_only writes the counts and runs nothing; a negative peak is one error line
+def test_ev_and_train_mfu_at_a_given_peak(demo, tmp_path, monkeypatch):
+    # --flops_only writes the counts and runs nothing; a negative peak is one error line; train.py counts its
+    # iteration once and logs MFU from the second iteration on: FLOPs per iteration over the logged time and peak
     fake = dict(D=1e12, G=2e12, E_H=3e12, E_G=4e12, sample=5e12)
     with monkeypatch.context() as mp:  # the cells in this process (no RLIMIT_AS), the counts faked
         mp.setattr(ev, "count_flops", lambda cfg, batch, mode: fake)
@@ -1877,10 +1878,20 @@ def test_ev_flops_only_and_a_bad_peak(tmp_path, monkeypatch):
         tflop_per_iter=10.0, tflop_per_sample=5.0, it_per_s=None, params=None)
     assert row["full"]["tflop_per_iter"] == 10.0 and "tflop_per_sample" not in row["full"]
     assert row["store_batches_per_s"] is None
-    for script, args in (("eval.py", ["--bench"]),):
+    for script, args in (("eval.py", ["--bench"]), ("train.py", [*TINY, f"--data_dir={demo}"])):
         p = inproc(script, *args, "--peak_tflops=-1", f"--out={tmp_path / 'bad'}")
         assert p.returncode == 1 and p.stderr.strip().splitlines() == [p.stderr.strip()], p.stderr
         assert p.stderr.startswith("error: peak_tflops=-1"), p.stderr
+    seen = []
+    monkeypatch.setattr(ev, "count_flops", lambda *a, _f=ev.count_flops: seen.append((a, _f(*a))) or seen[-1][1])
+    p = train(f"--data_dir={demo}", f"--out={tmp_path}", "--max_iters=2", "--peak_tflops=0.001", "--enc_interval=2")
+    [((cfg, batch), f)] = seen
+    assert (cfg.img_size, cfg.width, cfg.latent_dim, batch) == (32, 0.125, 16, 2)  # TINY's model and batch
+    flops = f["D"] + f["G"] + (f["E_H"] + f["E_G"]) / 2  # the encoders every 2nd iteration, averaged
+    first, second = _log(tmp_path)
+    assert "mfu" not in first and second["mfu"] == pytest.approx(flops / (second["ms_per_iter"] / 1e3) / 1e9)
+    lines = {ln.split(":")[0]: ln for ln in p.stdout.splitlines() if ln.startswith("iter ")}
+    assert "MFU" not in lines["iter 1"] and lines["iter 2"].endswith(f", MFU {second['mfu']:.1%}")
 
 
 # -----------------------------------------------------------------------------
