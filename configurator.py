@@ -4,7 +4,7 @@ override() changes it from config files and --key=value arguments:
 
     python train.py config/train_demo.py --batch_size=8 --device cpu
 
-Also the few helpers every script needs: fail() (one error line, then exit), pick_device() and autocast().
+Also the few helpers every script needs: fail() (one error line, then exit), pick_device(), autocast(), peak_tflops().
 """
 
 import ast
@@ -57,6 +57,23 @@ def autocast(device, dtype):
     if dtype == "float32":
         return nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=getattr(torch, dtype))
+
+
+# dense peak TFLOP/s from vendors' data sheets, not the 2:4-sparse ones: (bf16/fp16 tensor cores, TF32, fp32); the
+# first name in torch.cuda.get_device_name() wins. V100, T4: no TF32 or bf16 (fp32's, fp16's); A10G: A10's.
+PEAK_TFLOPS = {"NVL": (835, 418, 60), "H100 PCIe": (756, 378, 51), "H100": (989, 495, 67), "H200": (989, 495, 67),
+               "A100": (312, 156, 19.5), "A10": (125, 62.5, 31.2), "L40S": (362, 183, 91.6), "L40": (181, 90.5, 90.5),
+               "L4": (121, 60, 30.3), "RTX 4090": (165, 82.6, 82.6), "V100": (125, 15.7, 15.7), "T4": (65, 8.1, 8.1)}
+
+
+def peak_tflops(device, dtype, override=0.0):
+    """MFU's denominator: `override` if > 0, else the table's figure for `dtype`, for float32 TF32's while cuDNN may
+    use it (cudnn.allow_tf32, on by default: convolutions are nearly all our FLOPs). 0 = unknown (a CPU): no MFU."""
+    if override < 0:
+        fail(f"peak_tflops={override}: give the device's peak TFLOP/s, or 0 to look it up in configurator.PEAK_TFLOPS")
+    name = torch.cuda.get_device_name(torch.device(device)) if torch.device(device).type == "cuda" else ""
+    row = next((v for k, v in PEAK_TFLOPS.items() if k in name), (0,) * 3)
+    return float(override or (row[0] if dtype != "float32" else row[1] if torch.backends.cudnn.allow_tf32 else row[2]))
 
 
 def _set(config, k, v, where):

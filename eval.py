@@ -14,6 +14,7 @@ Cost (--bench, bench_config's keys): per S, the memory and speed of one training
 sub-volume selection (non-amortised), sampling time and the store's read rates; each cell in a fresh process.
     python eval.py --bench                                   # S = 32,64,128,256, batch 2, float32
     python eval.py --bench --sizes=32,64 --dtype=bfloat16 --mem_limit_gb=12
+    python eval.py --bench --sizes=128,256 --flops_only                 # FLOPs counted on the meta device, no run
 """
 
 import hashlib
@@ -25,15 +26,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 import prepare
-from configurator import autocast, fail, override, pick_device
-from model import HAGAN, HAGANConfig, load_checkpoint, slab_range
+from configurator import autocast, fail, override, peak_tflops, pick_device
+from model import HAGAN, NETS, HAGANConfig, load_checkpoint, slab_range
 from prepare import NUM_FOLDS, VolumeDataset, from_unit, store_fingerprint, writable_dir, write_atomic
 
 # -----------------------------------------------------------------------------
@@ -72,6 +75,8 @@ bench_config = dict(
     mem_limit_gb=20.0,  # CPU: address-space cap per cell process (RLIMIT_AS), so a blow-up is an OOM cell
     cell_timeout_s=1800.0,  # a cell slower than this is reported as "timed out"
     store=True,  # also measure get_batch's batches/s from a prepared store of 4 random volumes per S
+    peak_tflops=0.0,  # the device's peak TFLOP/s for MFU; 0 = configurator.PEAK_TFLOPS's (none on a CPU)
+    flops_only=False,  # only count each cell's FLOPs (on the meta device: no compute, any S on any machine)
     bench_width=1.0,  # channel multiplier of the benchmarked model (1.0 = the paper's; smaller for smoke tests)
     threads=0,  # CPU threads (torch.set_num_threads); 0 = torch's default, one per core
     out="",  # output folder of bench.json ('' = out)
@@ -789,24 +794,44 @@ def _print_report(rep, ct):
 # cost: one training iteration of HA-GAN, and of the same model without sub-volume selection
 
 
-def iteration(model, opts, x_full, dtype, g, mode):
-    """One training iteration, the four updates (paper eqs. 4-7) through model.py's losses. mode 'hagan': at a
-    random slab start r. 'full': the non-amortised model, r=None (G^H lifts all of A to S^3, D^H judges every
-    slab of the whole volume, E^H reconstructs all of it): what the hierarchy avoids."""
+def iteration(model, opts, x_full, dtype, g, mode, updates=NETS):
+    """One training iteration, the four updates (paper eqs. 4-7; or those in `updates`) through model.py's losses.
+    mode 'hagan': at a random slab start r. 'full': the non-amortised model, r=None (G^H lifts all of A to S^3, D^H
+    judges every slab of the whole volume, E^H reconstructs all of it): what the hierarchy avoids."""
     cfg, B, dev = model.cfg, x_full.shape[0], x_full.device
     r = int(torch.randint(cfg.r_max + 1, (1,), generator=g)) if mode == "hagan" else None
     x_low = F.avg_pool3d(x_full, 4)  # (B,1,S/4,S/4,S/4)
+    c = torch.randint(cfg.num_classes, (B,), generator=g).to(dev) if cfg.num_classes else None
 
     def z():
         return torch.randn(B, cfg.latent_dim, generator=g).to(dev)
-    losses = dict(D=lambda: model.loss_D(x_full, x_low, r, z()), G=lambda: model.loss_G(r, z()),
-                  E_H=lambda: model.loss_E_H(x_full, r), E_G=lambda: model.loss_E_G(x_full, x_low, r))
+    losses = dict(D=lambda: model.loss_D(x_full, x_low, r, z(), c), G=lambda: model.loss_G(r, z(), c),
+                  E_H=lambda: model.loss_E_H(x_full, r, c), E_G=lambda: model.loss_E_G(x_full, x_low, r, c))
     with autocast(dev, dtype):
-        for name, loss_fn in losses.items():
+        for name in updates:
             model.train_only(name)
             opts[name].zero_grad(set_to_none=True)
-            loss_fn()[0].backward()
+            losses[name]()[0].backward()
             opts[name].step()
+
+
+def count_flops(cfg, batch, mode="hagan", device="meta"):
+    """FlopCounterMode's FLOPs (convolutions and matrix products, forward and backward) of each update of one
+    training iteration at batch `batch`, {D, G, E_H, E_G}, and of generating one volume, 'sample'; on the meta
+    device nothing is computed or allocated. Not counted: elementwise work, R1, class_window's C (its work depends
+    on the data) and g_noise's noise (Generator.noise draws it on the host from z's bytes, which meta has not)."""
+    cfg, dev = replace(cfg, g_noise=False), torch.device(device)
+    with dev:
+        model = HAGAN(cfg).train()
+    opts, x, flops = model.configure_optimizers(), torch.zeros(batch, 1, *cfg.shape, device=dev), {}
+    for name in NETS:  # one update at a time, each at the same r (a fresh generator of the same seed)
+        with FlopCounterMode(display=False) as fc:
+            iteration(model, opts, x, "float32", torch.Generator().manual_seed(0), mode, (name,))
+        flops[name] = fc.get_total_flops()
+    with FlopCounterMode(display=False) as fc:
+        model.eval().generate(torch.zeros(1, cfg.latent_dim, device=dev), torch.zeros(1, dtype=torch.long, device=dev)
+                              if cfg.num_classes else None)
+    return dict(flops, sample=fc.get_total_flops())
 
 
 def _is_oom(e):
@@ -822,10 +847,17 @@ def bench_one(S, mode, c):
     if dev.type == "cpu" and c["mem_limit_gb"] > 0:  # turn a runaway into a MemoryError, not a frozen machine
         resource.setrlimit(resource.RLIMIT_AS, (int(c["mem_limit_gb"] * 2 ** 30),) * 2)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    torch.backends.cudnn.benchmark = True  # as train.py: cuDNN picks its fastest kernels for these fixed shapes
     res = dict(S=S, mode=mode, batch_size=c["batch_size"], dtype=c["dtype"], device=str(dev))
     try:
+        cfg = HAGANConfig(img_size=S, width=c["bench_width"])  # the paper's latent size
+        fl = count_flops(cfg, c["batch_size"], mode)  # on the meta device: no compute, any S on any machine
+        res["tflop_per_iter"] = sum(fl[k] for k in NETS) / 1e12
+        res |= dict(tflop_per_sample=fl["sample"] / 1e12) if mode == "hagan" else {}
+        if c["flops_only"]:
+            return res
         torch.manual_seed(0)
-        model = HAGAN(HAGANConfig(img_size=S, width=c["bench_width"])).to(dev).train()  # the paper's latent size
+        model = HAGAN(cfg).to(dev).train()
         res["params"] = sum(p.numel() for p in model.parameters())
         opts = model.configure_optimizers()  # the paper's learning rates and betas, as train.py's defaults
         g = torch.Generator().manual_seed(0)
@@ -843,6 +875,8 @@ def bench_one(S, mode, c):
             sync()
             n += 1
         res["it_per_s"], res["timed_iters"] = n / (time.perf_counter() - t0), n
+        if peak := peak_tflops(dev, c["dtype"], c["peak_tflops"]):  # MFU: achieved FLOP/s over the device's peak
+            res["peak_tflops"], res["mfu"] = peak, res["tflop_per_iter"] * res["it_per_s"] / peak
         res["peak_mem_mib"] = (torch.cuda.max_memory_allocated() / 2 ** 20 if dev.type == "cuda" else
                                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KiB
         if mode == "hagan":
@@ -905,8 +939,8 @@ def store_rate(S, batch_size, n=4, iters=20):
 
 
 def _cell(r, key, fmt="{:.3g}"):
-    """A cell's figure for the table, or why it has none."""
-    if r.get("timeout") or r.get("oom"):
+    """A cell's figure for the table, or why it has none (a cell out of memory still has its counted FLOPs)."""
+    if key not in r and (r.get("timeout") or r.get("oom")):
         return "timed out" if r.get("timeout") else "out of memory"
     return fmt.format(r[key]) if key in r else ("error: " + r["error"][:60] if "error" in r else "-")
 
@@ -920,6 +954,7 @@ def bench(c):
     except ValueError:
         fail(f"--sizes={c['sizes']}: use sizes separated by commas, e.g. --sizes=32,64")
     device = _or_fail(pick_device, c["device"])
+    peak_tflops(device, c["dtype"], c["peak_tflops"])  # a bad --peak_tflops: one error line here, not one per cell
     out = _output(c["out"] or "out", "bench.json", c["overwrite"])
     cuda = device.startswith("cuda")
     cpu = open("/proc/cpuinfo").read().splitlines() if os.path.exists("/proc/cpuinfo") else []
@@ -929,8 +964,9 @@ def bench(c):
     mem = "CUDA max allocated" if cuda else "peak process RSS"
     width = f", width x{c['bench_width']:g} (NOT the paper's model)" if c["bench_width"] != 1.0 else ""
     lines = [f"HA-GAN cost on {device} ({name}), batch {c['batch_size']}, {c['dtype']}{width}; memory = {mem} (MiB)\n",
-             "| S | parameters | HA-GAN train memory | HA-GAN it/s | sample s/volume | non-amortised memory "
-             "| non-amortised it/s | memory saved | store batches/s, whole / slab |", "|---|---|---|---|---|---|---|---|---|"]
+             "| S | parameters | HA-GAN train memory | HA-GAN it/s | HA-GAN TFLOP/iter | HA-GAN MFU | sample s/volume "
+             "| sample TFLOP | non-amortised memory | non-amortised it/s | non-amortised TFLOP/iter | memory saved "
+             "| store batches/s, whole / slab |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     rows = []
     for S in sizes:
         h = _run_cell(S, "hagan", c)
@@ -938,7 +974,7 @@ def bench(c):
         f = _run_cell(S, "full", c)
         print(f"S={S} non-amortised: {f}", flush=True)
         st = None
-        if c["store"]:
+        if c["store"] and not c["flops_only"]:
             try:
                 st = dict(zip(("whole", "slab"), store_rate(S, c["batch_size"])))
             except Exception as e:
@@ -950,15 +986,18 @@ def bench(c):
             saved = f"{f['peak_mem_mib'] / h['peak_mem_mib']:.1f}x"
         st = f"{st['whole']:.0f} / {st['slab']:.0f}" if isinstance(st, dict) else (st or "-")
         lines.append(f"| {S}^3 | {params} | {_cell(h, 'peak_mem_mib', '{:,.0f}')} | {_cell(h, 'it_per_s')} "
-                     f"| {_cell(h, 'sample_s', '{:.2f}')} | {_cell(f, 'peak_mem_mib', '{:,.0f}')} "
-                     f"| {_cell(f, 'it_per_s')} | {saved} | {st} |")
+                     f"| {_cell(h, 'tflop_per_iter')} | {_cell(h, 'mfu', '{:.1%}')} | {_cell(h, 'sample_s', '{:.2f}')} "
+                     f"| {_cell(h, 'tflop_per_sample')} | {_cell(f, 'peak_mem_mib', '{:,.0f}')} "
+                     f"| {_cell(f, 'it_per_s')} | {_cell(f, 'tflop_per_iter')} | {saved} | {st} |")
     cap = "the GPU's memory" if cuda else f"the {c['mem_limit_gb']:g} GiB cap (RLIMIT_AS)"
     lines += ["", "One iteration = the four updates D, G, E^H, E^G (model.py's losses, each with its Adam) on random "
               "volumes; HA-GAN at a random slab start r, non-amortised with r=None (G^H lifts all of A, D^H judges "
               "every slab, E^H reconstructs the whole volume).",
               f"Memory: {mem} of a fresh process per cell; 'out of memory' = the cell hit {cap}. it/s after "
               f"{c['warmup']} warm-up iterations; sample s = one S^3 volume, batch 1. store batches/s: get_batch, "
-              "B whole volumes (or B slabs) + B low-res volumes, from a 4-volume store, warm page cache."]
+              "B whole volumes (or B slabs) + B low-res volumes, from a 4-volume store, warm page cache.",
+              "TFLOP: counted on the meta device (eval.count_flops); MFU = TFLOP/iter x it/s over the device's peak "
+              "(--peak_tflops, or the GPU's in configurator.PEAK_TFLOPS; none on a CPU)."]
     table = "\n".join(lines)
     print("\n" + table)
     _write_json(out, dict(rows=rows, table=table, config=c))

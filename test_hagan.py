@@ -1864,7 +1864,8 @@ def test_readme_astra_commands(demo, tmp_path, monkeypatch):
 
 def test_ev_bench_s32_complete_table(tmp_path):
     p = run(*readme("python eval.py --bench --sizes=32,64,128,256 --batch_size=2 [--dtype=bfloat16]"), "--sizes=32",
-            "--bench_seconds=0", "--warmup=1", "--bench_width=0.125", f"--out={tmp_path}", timeout=300)
+            "--bench_seconds=0", "--warmup=1", "--bench_width=0.125", "--peak_tflops=0.5", f"--out={tmp_path}",
+            timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     rep = json.loads((tmp_path / "bench.json").read_text())
     (row,) = rep["rows"]
@@ -1874,7 +1875,11 @@ def test_ev_bench_s32_complete_table(tmp_path):
     assert row["hagan"]["sample_s"] > 0 and min(row["store_batches_per_s"].values()) > 0
     line = next(l for l in rep["table"].splitlines() if l.startswith("| 32^3"))
     cells = [x.strip() for x in line.strip("|").split("|")]
-    assert len(cells) == 9 and all(cells) and "-" not in cells[:8] and line in p.stdout, cells
+    assert len(cells) == 13 and all(cells) and "-" not in cells[:12] and line in p.stdout, cells
+    for cell in (row["hagan"], row["full"]):  # MFU from the record's own fields, at the given peak
+        assert cell["tflop_per_iter"] > 0 and cell["peak_tflops"] == 0.5, cell
+        assert cell["mfu"] == cell["tflop_per_iter"] * cell["it_per_s"] / 0.5, cell
+    assert row["hagan"]["tflop_per_sample"] > 0 and "tflop_per_sample" not in row["full"]
 
 
 def test_ev_bench_losses_are_model_pys():
@@ -1893,6 +1898,50 @@ def test_ev_bench_oom_is_a_cell_not_a_crash():
     # a 1 GiB address-space cap cannot hold torch plus a full-size model: the cell says so
     r = ev._run_cell(32, "hagan", dict(ev.bench_config, bench_seconds=0.0, warmup=1, mem_limit_gb=1.0, device="cpu"))
     assert r.get("oom") and ev._cell(r, "peak_mem_mib") == "out of memory"
+
+
+def test_ev_flops_counted_on_meta_as_on_cpu_and_by_hand():
+    # meta counts exactly what a real CPU iteration counts; generating one volume counts G's layers at the hand
+    # formula: 2 * C_in * k^3 FLOPs per output value of a conv, 2 * in_features per output of a linear layer
+    cfg = HAGANConfig(img_size=32, width=1 / 8, latent_dim=16, num_classes=3)
+    counted = ev.count_flops(cfg, 2)
+    assert counted == ev.count_flops(cfg, 2, device="cpu") and min(counted.values()) > 0
+    m, hand = HAGAN(cfg).eval(), []
+    for mod in m.G.modules():
+        if isinstance(mod, (torch.nn.Conv3d, torch.nn.Linear)):
+            k = mod.in_features if isinstance(mod, torch.nn.Linear) else mod.in_channels * math.prod(mod.kernel_size)
+            mod.register_forward_hook(lambda mod, i, o, k=k: hand.append(2 * k * o.numel()))
+    m.generate(torch.zeros(1, 16), torch.zeros(1, dtype=torch.long))
+    assert counted["sample"] == sum(hand) and len(hand) == 8  # G^A's linear and 5 convs, G^H's 2 convs
+
+
+def test_ev_and_train_mfu_at_a_given_peak(demo, tmp_path, monkeypatch):
+    # --flops_only writes the counts and runs nothing; a negative peak is one error line; train.py counts its
+    # iteration once and logs MFU from the second iteration on: FLOPs per iteration over the logged time and peak
+    fake = dict(D=1e12, G=2e12, E_H=3e12, E_G=4e12, sample=5e12)
+    with monkeypatch.context() as mp:  # the cells in this process (no RLIMIT_AS), the counts faked
+        mp.setattr(ev, "count_flops", lambda cfg, batch, mode: fake)
+        mp.setattr(ev, "_run_cell", ev.bench_one)
+        [row], _ = ev.main(readme("python eval.py --bench --sizes=128,256 --flops_only")[1:]
+                           + ["--sizes=32", "--mem_limit_gb=0", f"--out={tmp_path}"])
+    assert {k: row["hagan"].get(k) for k in ("tflop_per_iter", "tflop_per_sample", "it_per_s", "params")} == dict(
+        tflop_per_iter=10.0, tflop_per_sample=5.0, it_per_s=None, params=None)
+    assert row["full"]["tflop_per_iter"] == 10.0 and "tflop_per_sample" not in row["full"]
+    assert row["store_batches_per_s"] is None
+    for script, args in (("eval.py", ["--bench"]), ("train.py", [*TINY, f"--data_dir={demo}"])):
+        p = inproc(script, *args, "--peak_tflops=-1", f"--out={tmp_path / 'bad'}")
+        assert p.returncode == 1 and p.stderr.strip().splitlines() == [p.stderr.strip()], p.stderr
+        assert p.stderr.startswith("error: peak_tflops=-1"), p.stderr
+    seen = []
+    monkeypatch.setattr(ev, "count_flops", lambda *a, _f=ev.count_flops: seen.append((a, _f(*a))) or seen[-1][1])
+    p = train(f"--data_dir={demo}", f"--out={tmp_path}", "--max_iters=2", "--peak_tflops=0.001", "--enc_interval=2")
+    [((cfg, batch), f)] = seen
+    assert (cfg.img_size, cfg.width, cfg.latent_dim, batch) == (32, 0.125, 16, 2)  # TINY's model and batch
+    flops = f["D"] + f["G"] + (f["E_H"] + f["E_G"]) / 2  # the encoders every 2nd iteration, averaged
+    first, second = _log(tmp_path)
+    assert "mfu" not in first and second["mfu"] == pytest.approx(flops / (second["ms_per_iter"] / 1e3) / 1e9)
+    lines = {ln.split(":")[0]: ln for ln in p.stdout.splitlines() if ln.startswith("iter ")}
+    assert "MFU" not in lines["iter 1"] and lines["iter 2"].endswith(f", MFU {second['mfu']:.1%}")
 
 
 # -----------------------------------------------------------------------------

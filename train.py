@@ -30,8 +30,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from configurator import autocast, fail, override, pick_device
-from eval import band_fractions, ms_ssim_pairs, unit_histogram, wasserstein1
+from configurator import autocast, fail, override, peak_tflops, pick_device
+from eval import band_fractions, count_flops, ms_ssim_pairs, unit_histogram, wasserstein1
 from model import NETS, HAGAN, Extras, HAGANConfig, model_config, pairwise_l1, read_checkpoint
 from prepare import VolumeDataset, save_montage, store_fingerprint, to_unit, writable_dir
 
@@ -85,6 +85,7 @@ config = dict(
     device="auto",  # 'cpu', 'cuda', 'cuda:1', ...; 'auto' = cuda if available
     backend="auto",  # DDP backend: 'nccl' on CUDA, 'gloo' on CPU
     threads=0,  # CPU threads per process (torch.set_num_threads); 0 = torch's default
+    peak_tflops=0.0,  # the device's peak TFLOP/s for the logged MFU; 0 = configurator.PEAK_TFLOPS's (none on a CPU)
     seed=1337,  # every random draw derives from (seed, rank, iteration): resume is exact
     # logging
     log_interval=10,  # iterations per log line
@@ -357,6 +358,10 @@ if config["lambda_div"] > 0:
     div_real = pairwise_l1(x_low).item() * len(ds) / max(len(ds) - 1, 1)  # drawn with replacement: same-volume pairs
     if div_real <= 0:
         fail(f"{config['data_dir']}: the training volumes are all alike at low resolution; lambda_div needs a spread")
+# MFU (nanoGPT's) where the device's peak is known: this rank's FLOPs per iteration, counted once (eval.count_flops)
+peak = peak_tflops(device, dtype, config["peak_tflops"])
+fl = count_flops(cfg, per_rank) if peak else dict.fromkeys(NETS, 0)
+flops = config["grad_accum"] * (fl["D"] + fl["G"] + (fl["E_H"] + fl["E_G"]) / config["enc_interval"])
 # what this run uses: the model's keys as built (from the store's size, or from the checkpoint on resume)
 used_config = dict(config, **{k: v for k, v in asdict(cfg).items() if k in ARCH})
 run_config = dict(used_config, resolved=dict(device=device, dtype=dtype, world=world, per_rank_batch=per_rank,
@@ -602,11 +607,13 @@ def report(stats):
         vals = reduce_stats(stats)
         done = iter_num - it_first - 1
         dt = (time.time() - t_first) / done if done > 0 else time.time() - t0
+        mfu = flops / dt / (peak * 1e12) if peak and done > 0 else None  # from the second iteration on
         log(f"iter {iter_num}: " + " ".join(f"{k} {v:.4f}" for k, v in vals.items())
             + f" | {dt * 1000:.0f} ms/iter, {config['batch_size'] / dt:.2f} vol/s, peak {peak_memory_gib():.2f} GiB, "
-            f"ETA {dt * (config['max_iters'] - iter_num) / 3600:.1f} h")
+            f"ETA {dt * (config['max_iters'] - iter_num) / 3600:.1f} h" + (f", MFU {mfu:.1%}" if mfu else ""))
         if master:
-            rec = dict(iter=iter_num, ms_per_iter=dt * 1000, peak_gib=peak_memory_gib(), **vals)
+            rec = dict(iter=iter_num, ms_per_iter=dt * 1000, peak_gib=peak_memory_gib(), **vals,
+                       **({"mfu": mfu} if mfu else {}))
             err = append_log(rec)
             if config["wandb_log"]:
                 wandb.log(rec, step=iter_num)
