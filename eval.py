@@ -26,7 +26,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
 
 import numpy as np
 import torch
@@ -818,9 +817,9 @@ def iteration(model, opts, x_full, dtype, g, mode, updates=NETS):
 def count_flops(cfg, batch, mode="hagan", device="meta"):
     """FlopCounterMode's FLOPs (convolutions and matrix products, forward and backward) of each update of one
     training iteration at batch `batch`, {D, G, E_H, E_G}, and of generating one volume, 'sample'; on the meta
-    device nothing is computed or allocated. Not counted: elementwise work, R1, class_window's C (its work depends
-    on the data) and g_noise's noise (Generator.noise draws it on the host from z's bytes, which meta has not)."""
-    cfg, dev = replace(cfg, g_noise=False), torch.device(device)
+    device nothing is computed or allocated. Not counted: elementwise work, R1 and class_window's C (its work
+    depends on the data)."""
+    dev = torch.device(device)
     with dev:
         model = HAGAN(cfg).train()
     opts, x, flops = model.configure_optimizers(), torch.zeros(batch, 1, *cfg.shape, device=dev), {}
