@@ -1902,17 +1902,22 @@ def test_ev_bench_oom_is_a_cell_not_a_crash():
 
 def test_ev_flops_counted_on_meta_as_on_cpu_and_by_hand():
     # meta counts exactly what a real CPU iteration counts; generating one volume counts G's layers at the hand
-    # formula: 2 * C_in * k^3 FLOPs per output value of a conv, 2 * in_features per output of a linear layer
-    cfg = HAGANConfig(img_size=32, width=1 / 8, latent_dim=16, num_classes=3)
+    # formula: 2 * in_features per output of a linear layer, 2 * C_in * 27 per output value of a 3^3 conv, and
+    # 2 * C_in * 8 after a 2x upsampling (the transposed conv: each output sees 2^3 input voxels) plus making its
+    # 4^3 kernel from the 3^3 one (a (C_out * C_in, 27) x (27, 64) product)
+    cfg = HAGANConfig(img_size=32, width=1 / 8, latent_dim=16, num_classes=3, g_noise=True)
     counted = ev.count_flops(cfg, 2)
     assert counted == ev.count_flops(cfg, 2, device="cpu") and min(counted.values()) > 0
     m, hand = HAGAN(cfg).eval(), []
-    for mod in m.G.modules():
-        if isinstance(mod, (torch.nn.Conv3d, torch.nn.Linear)):
-            k = mod.in_features if isinstance(mod, torch.nn.Linear) else mod.in_channels * math.prod(mod.kernel_size)
-            mod.register_forward_hook(lambda mod, i, o, k=k: hand.append(2 * k * o.numel()))
-    m.generate(torch.zeros(1, 16), torch.zeros(1, dtype=torch.long))
-    assert counted["sample"] == sum(hand) and len(hand) == 8  # G^A's linear and 5 convs, G^H's 2 convs
+    G_A, G_H = m.G.G_A, m.G.G_H
+    G_A.fc.register_forward_hook(lambda mod, i, o: hand.append(2 * mod.in_features * o.numel()))
+    for up, conv, norm in zip(G_A.up + [True], [*G_A.convs, G_H.conv1], [*G_A.norms, G_H.norm1]):
+        k = conv.in_channels * (8 if up else 27)
+        norm.register_forward_hook(lambda mod, i, o, k=k: hand.append(2 * k * o.numel()))
+        hand += [2 * conv.weight.numel() * 64] if up else []
+    x = m.generate(torch.zeros(1, 16), torch.zeros(1, dtype=torch.long))
+    hand += [2 * G_H.conv2.in_channels * 8 * x.numel(), 2 * G_H.conv2.weight.numel() * 64]  # G^H's conv2
+    assert counted["sample"] == sum(hand) + 2 * 27 * x.numel()  # + the noise's one-channel 3^3 conv
 
 
 def test_ev_and_train_mfu_at_a_given_peak(demo, tmp_path, monkeypatch):
