@@ -213,6 +213,17 @@ def up_conv(conv, x, rows=None):
     return F.conv_transpose3d(x, K, conv.bias, stride=2, padding=3)
 
 
+class GroupNorm(nn.GroupNorm):
+    """Under bf16/fp16 autocast, GroupNorm in the activations' dtype (autocast would make it float32, casting its
+    input up and its output back for the next conv); torch's kernels keep the statistics in float32."""
+
+    def forward(self, x):
+        if x.dtype not in (torch.bfloat16, torch.float16):
+            return super().forward(x)
+        with _no_autocast(x):
+            return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+
+
 def _halvings(dims, floor):
     """How many exact halvings of every extent keep the smallest >= floor (S=256: 4 for A's grid, 3 for D^H)."""
     k = 0
@@ -240,7 +251,7 @@ class G_A(nn.Module):
         self.num_classes = cfg.num_classes
         self.fc = nn.Linear(cfg.latent_dim + cfg.num_classes, chans[0] * math.prod(self.base))
         self.convs = nn.ModuleList(nn.Conv3d(i, o, 3, padding=1) for i, o in zip(chans[:1] + chans[:-1], chans))
-        self.norms = nn.ModuleList(nn.GroupNorm(GN_GROUPS, o) for o in chans)
+        self.norms = nn.ModuleList(GroupNorm(GN_GROUPS, o) for o in chans)
 
     def forward(self, z, c=None):
         if self.num_classes:
@@ -273,7 +284,7 @@ class G_H(nn.Module):
         super().__init__()
         c_a, c = cfg.ch(2 * cfg.g_channels), cfg.ch(cfg.g_channels)
         self.conv1 = nn.Conv3d(c_a, c, 3, padding=1, padding_mode=cfg.g_pad)
-        self.norm1 = nn.GroupNorm(GN_GROUPS, c)
+        self.norm1 = GroupNorm(GN_GROUPS, c)
         self.conv2 = nn.Conv3d(c, 1, 3, padding=1, padding_mode=cfg.g_pad)
         self.g_out = cfg.g_out
         # g_noise: the noise's strength in each of conv2's input channels, learned from 0 (StyleGAN's noise inputs)
@@ -350,9 +361,9 @@ class G_L(nn.Module):
         super().__init__()
         c_a, c, c2 = cfg.ch(2 * cfg.g_channels), cfg.ch(cfg.g_channels), cfg.ch(cfg.g_channels // 2)
         self.conv1 = nn.Conv3d(c_a, c, 3, padding=1)
-        self.norm1 = nn.GroupNorm(GN_GROUPS, c)
+        self.norm1 = GroupNorm(GN_GROUPS, c)
         self.conv2 = nn.Conv3d(c, c2, 3, padding=1)
-        self.norm2 = nn.GroupNorm(GN_GROUPS, c2)
+        self.norm2 = GroupNorm(GN_GROUPS, c2)
         self.conv3 = nn.Conv3d(c2, 1, 3, padding=1)
         self.g_out = cfg.g_out
 
@@ -609,11 +620,11 @@ class E_H(nn.Module):
         super().__init__()
         c, h = cfg.ch(2 * cfg.g_channels), cfg.ch(cfg.g_channels)  # c = A's channels: G^H lifts E^H's output
         self.conv1 = nn.Conv3d(1, h, 4, 2, 1)
-        self.norm1 = nn.GroupNorm(GN_GROUPS, h)
+        self.norm1 = GroupNorm(GN_GROUPS, h)
         self.conv2 = nn.Conv3d(h, h, 3, 1, 1)
-        self.norm2 = nn.GroupNorm(GN_GROUPS, h)
+        self.norm2 = GroupNorm(GN_GROUPS, h)
         self.conv3 = nn.Conv3d(h, c, 4, 2, 1)
-        self.norm3 = nn.GroupNorm(GN_GROUPS, c)
+        self.norm3 = GroupNorm(GN_GROUPS, c)
 
     def forward(self, x):
         x = F.relu(self.norm1(self.conv1(x)))  # (B,32,d/2,H/2,W/2)
@@ -630,7 +641,7 @@ class E_G(nn.Module):
         n = _halvings(a, 4)
         chans = [cfg.ch(2 * cfg.g_channels)] + [cfg.ch(c >> (n - 1 - i)) for i in range(n)]
         self.convs = nn.ModuleList(nn.Conv3d(i, o, 4, 2, 1) for i, o in zip(chans[:-1], chans[1:]))
-        self.norms = nn.ModuleList(nn.GroupNorm(GN_GROUPS, o) for o in chans[1:])
+        self.norms = nn.ModuleList(GroupNorm(GN_GROUPS, o) for o in chans[1:])
         self.head = nn.Conv3d(chans[-1], cfg.latent_dim, tuple(d >> n for d in a))
 
     def forward(self, x):

@@ -594,6 +594,10 @@ def test_spectral_norm_sigma_is_one_and_finite_under_bf16():
     from model import _sn_weight
     W = _sn_weight(conv).detach().flatten(1)
     assert abs(torch.linalg.matrix_norm(W, ord=2).item() - 1) < 1e-2
+    x = torch.randn(2, 1, 32, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # G's and E's GroupNorms stay in bf16 (float32 statistics)
+        h = m.E_H.norm1(m.E_H.conv1(x))
+    assert h.dtype == torch.bfloat16 and (h.float() - m.E_H.norm1(m.E_H.conv1(x))).abs().max() < 0.1
 
 
 # the official checkpoints: key names and shapes as the official modules define them
