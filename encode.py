@@ -15,7 +15,6 @@ w is the direction. Files are written once everything is computed, each by a ren
 """
 
 import csv
-import json
 import math
 import os
 import time
@@ -26,7 +25,7 @@ import torch
 from configurator import autocast, fail, override, pick_device
 from model import load_checkpoint
 from prepare import (VolumeDataset, find_inputs, prepare_file, read_meta, safe_name, volume_id, writable_dir,
-                     write_atomic, write_volume)
+                     write_atomic, write_json, write_volume)
 
 # -----------------------------------------------------------------------------
 config = dict(
@@ -178,6 +177,7 @@ def write_all(c, ds, Z, recons, results, dirs, t0):
     """Every output file, each by a rename; a full disk is one line, and nothing is left half-written."""
     out, meta, folds = c["out"], ds.meta, ds.folds
     try:
+        os.makedirs(out, exist_ok=True)
         write_atomic(os.path.join(out, "features.npy"), lambda p: np.save(p, Z))
         cols = list(ds.labels)
 
@@ -202,14 +202,14 @@ def write_all(c, ds, Z, recons, results, dirs, t0):
             print(f"Ridge {r['target']}: held-out R^2 {r['r2_mean']:.3f} +- {r['r2_std']:.3f} "
                   f"(folds: {folds_s}; n={r['n']})")
         if results:
-            write_atomic(os.path.join(out, "regress.json"), lambda p: open(p, "w").write(json.dumps(results, indent=1)))
+            write_json(os.path.join(out, "regress.json"), results)
         for col, (w, info) in dirs.items():
             base = os.path.join(out, f"direction_{safe_name(col)}")
             write_atomic(base + ".npy", lambda p: np.save(p, w.astype(np.float32)))
-            write_atomic(base + ".json", lambda p: open(p, "w").write(json.dumps(info, indent=1)))
+            write_json(base + ".json", info)
             print(f"{base}.npy: |w| = {info['norm']:.4g} {col} per unit of z (in-sample R^2 {info['r2_fit']:.3f})")
     except OSError as e:  # write_atomic's: e.filename is the file being written
-        fail(f"{e.filename}: cannot write it ({e.strerror or e}); the files written before it are complete, "
+        fail(f"{e.filename or out}: cannot write it ({e.strerror or e}); the files written before it are complete, "
              f"and nothing half-written is left")
 
 

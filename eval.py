@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import prepare
 from configurator import autocast, fail, override, pick_device
 from model import HAGAN, HAGANConfig, load_checkpoint, slab_range
-from prepare import NUM_FOLDS, VolumeDataset, from_unit, store_fingerprint, writable_dir, write_atomic
+from prepare import NUM_FOLDS, VolumeDataset, from_unit, store_fingerprint, writable_dir, write_atomic, write_json
 
 # -----------------------------------------------------------------------------
 # quality settings (python eval.py --key=value overrides them; --flag alone means True)
@@ -493,7 +493,8 @@ def _output(folder, name, overwrite):
 
 def _write_json(path, obj):
     try:
-        write_atomic(path, lambda p: open(p, "w").write(json.dumps(obj, indent=1)))
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        write_json(path, obj)
     except OSError as e:
         fail(f"{path}: cannot write it ({e.strerror or e}); nothing half-written is left")
     print(f"\nwrote {path}")

@@ -23,6 +23,7 @@ Reading it (train.py, encode.py, eval.py):
     x, x_low, labels = ds.get_batch(4, slab_range(r, D, num_slabs), device, g)  # one slab: (B,1,D/num_slabs,H,W)
 """
 import csv
+import errno
 import glob
 import hashlib
 import io
@@ -321,7 +322,12 @@ def prepare_file(path, meta):
 
 
 def writable_dir(path):
-    """Create folder `path` if needed and check that we can write there, before any long work starts."""
+    """Check that folder `path` can be made and written, before any long work starts: by making it and a file there,
+    then removing what was made, so that a run refused later leaves no empty folder behind."""
+    made, p = [], os.path.abspath(path)
+    while not os.path.exists(p):
+        made.append(p)
+        p = os.path.dirname(p)
     try:
         os.makedirs(path, exist_ok=True)
         probe = os.path.join(path, f".write_test{os.getpid()}")
@@ -329,6 +335,10 @@ def writable_dir(path):
         os.remove(probe)
     except OSError as e:
         raise ValueError(f"{path}: cannot write there ({e.strerror or e})") from None
+    finally:
+        for d in made:  # deepest first; only empty folders go
+            if os.path.isdir(d) and not os.listdir(d):
+                os.rmdir(d)
 
 
 def is_dicom(path):
@@ -542,6 +552,7 @@ def _open_store(out, plan, log):
                     pass  # a line cut short by a kill: that volume is redone
         log(f"{out}: resuming, {len(done)}/{N} inputs already done")
         return done
+    os.makedirs(out, exist_ok=True)
     with open(ppath + ".tmp", "w") as f:  # first: from now on this folder says what it is becoming
         json.dump(plan, f)
     os.replace(ppath + ".tmp", ppath)
@@ -743,13 +754,20 @@ def safe_name(s):
 
 
 def write_atomic(path, write):
-    """write(tmp) then rename, so an interrupted run never leaves a half-written file under `path`. An OSError
-    (a full disk) names `path` as its filename."""
+    """write(tmp), flushed to the disk and checked, then a rename, so that an interrupted run or a full disk never
+    leaves a short file under `path`. An OSError (a full disk) names `path` as its filename."""
     base = os.path.basename(path)
     ext = next((e for e in (".nii.gz", ".nii", ".npy", ".json", ".png", ".csv") if base.endswith(e)), "")
     tmp = os.path.join(os.path.dirname(path), f".{base[:len(base) - len(ext)]}.tmp{os.getpid()}{ext}")
     try:
         write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # a write error the page cache held back surfaces here
+        if ext == ".npy":  # np.save can lose a failed write without raising: its header and length, read back
+            try:
+                np.load(tmp, mmap_mode="r")
+            except ValueError as e:
+                raise OSError(errno.EIO, f"written short ({e})") from None
         os.replace(tmp, path)
     except OSError as e:
         e.filename, e.filename2 = path, None
@@ -757,6 +775,16 @@ def write_atomic(path, write):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_json(path, obj):
+    """obj as indented JSON, by write_atomic."""
+    write_atomic(path, lambda p: write_bytes(p, json.dumps(obj, indent=1, default=str).encode()))
+
+
+def write_bytes(p, data):
+    with open(p, "wb") as f:  # `with`: an error on close (a full disk) raises
+        f.write(data)
 
 
 def write_volume(path, x, meta, descrip=""):
@@ -803,7 +831,7 @@ def save_montage(path, vols):
     png = (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", img.shape[1], img.shape[0], 8, 0, 0, 0, 0))
            + png_chunk(b"IDAT", zlib.compress(raw, 6)) + png_chunk(b"IEND", b""))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    write_atomic(path, lambda p: open(p, "wb").write(png))
+    write_atomic(path, lambda p: write_bytes(p, png))
 
 
 # -----------------------------------------------------------------------------

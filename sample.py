@@ -27,7 +27,7 @@ import torch
 
 from configurator import autocast, fail, override, pick_device
 from model import HAGAN, load_checkpoint
-from prepare import output_affine, read_meta, safe_name, save_montage, writable_dir, write_atomic, write_volume
+from prepare import output_affine, read_meta, safe_name, save_montage, writable_dir, write_json, write_volume
 
 # -----------------------------------------------------------------------------
 config = dict(
@@ -155,6 +155,7 @@ def write_all(c, model, meta, src, n, item, series):
     shown = {round(j * (n - 1) / (MONTAGE_ROWS - 1)) for j in range(MONTAGE_ROWS)} if n > MONTAGE_ROWS else range(n)
     previews, written = [], 0
     try:  # a full disk: one line; write_atomic leaves no temp file, and the volumes written so far are whole
+        os.makedirs(out, exist_ok=True)
         for i in range(0, n, c["batch_size"]):
             batch = [item(j) for j in range(i, min(i + c["batch_size"], n))]
             z = torch.stack([it[1] for it in batch]).to(c["device"])  # (B, latent_dim)
@@ -168,8 +169,7 @@ def write_all(c, model, meta, src, n, item, series):
                 side = dict(src, seed=extra.pop("seed"), **({} if k is None else {"class": k}), **extra,
                             chunk=c["chunk"], dtype=c["dtype"], shape=list(v.shape))
                 write_volume(os.path.join(out, name + ext), v, meta, f"HA-GAN {name}")
-                write_atomic(os.path.join(out, name + ".json"),
-                             lambda p: open(p, "w").write(json.dumps(side, indent=1)))
+                write_json(os.path.join(out, name + ".json"), side)
                 if c["png"] and not series:  # mid-planes as prepare.py's stored orientation (S,P,L) shows them
                     save_montage(os.path.join(out, name + ".png"), [v])
                 if c["png"] and series and j in shown:
@@ -182,7 +182,7 @@ def write_all(c, model, meta, src, n, item, series):
         if previews:
             save_montage(os.path.join(out, series + ".png"), previews)
     except OSError as e:  # write_atomic's: e.filename is the file being written
-        fail(f"{e.filename}: cannot write it ({e.strerror or e}); the {written} volume(s) before it are complete, "
+        fail(f"{e.filename or out}: cannot write it ({e.strerror or e}); the {written} volume(s) before it are complete, "
              f"and nothing half-written is left")
 
 
@@ -206,7 +206,7 @@ def main(argv=None):
     pattern = re.compile((re.escape(series) + "_" if series else "seed") + r"(\d+)("
                          + "|".join(map(re.escape, mine)) + ")")
     taken = []
-    for f in sorted(os.listdir(c["out"])):
+    for f in sorted(os.listdir(c["out"]) if os.path.isdir(c["out"]) else []):
         m = pattern.fullmatch(f)
         i = int(m.group(1)) - (0 if series else c["seed"]) if m else -1
         if (m and 0 <= i < n and item(i)[0] + m.group(2) == f) or (c["png"] and series and f == series + ".png"):

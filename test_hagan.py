@@ -2,8 +2,9 @@
 The test suite, CPU only; tests that need CUDA are skipped:
 $ python3 -m pytest -q test_hagan.py
 Sections follow the files: model.py, prepare.py (and data/demo/prepare.py), train.py, sample.py, encode.py,
-eval.py, then the fault table. A script runs as the user runs it: inproc() runs its file in this process (no
-interpreter start, no torch import), run() in a fresh process where that matters (torchrun, signals, limits).
+eval.py, then the fault table and the checks that nothing is lost or silent. A script runs as the user runs it:
+inproc() runs its file in this process (no interpreter start, no torch import), run() in a fresh process where
+that matters (torchrun, signals, limits).
 """
 
 import contextlib
@@ -1998,3 +1999,23 @@ def test_readme_commands_are_all_run():
     ci = open(os.path.join(ROOT, ".ci", "run")).read().splitlines()
     missing = [c for c in README_COMMANDS if c not in called and c not in ci]
     assert not missing, missing
+
+
+# -----------------------------------------------------------------------------
+# nothing lost, nothing silent: a run's folder is its own, inputs keep their identity, every value is checked before
+# any work or file, sampling fits the memory, --help on every script, a quiet start
+
+
+def _err_line(p):
+    """The one `error:` line of a refused run (exit != 0, no traceback)."""
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: "), p.stdout[-2000:] + p.stderr
+    return lines[0]
+
+
+def test_nls_a_npy_written_short_is_an_error_not_a_file(tmp_path):
+    full = io.BytesIO()
+    np.save(full, np.zeros((64, 64), np.float32))
+    with pytest.raises(OSError) as e:  # what a full disk can leave behind np.save: a header and part of the data
+        prepare.write_atomic(str(tmp_path / "f.npy"), lambda p: open(p, "wb").write(full.getvalue()[:1000]))
+    assert e.value.filename == str(tmp_path / "f.npy") and os.listdir(tmp_path) == []

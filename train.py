@@ -365,6 +365,7 @@ err = None
 if master:
     log(json.dumps(run_config, indent=1, default=str))
     try:
+        os.makedirs(out_dir, exist_ok=True)  # writable_dir checked it, and left nothing
         with open(os.path.join(out_dir, "config.json"), "w") as f:
             json.dump(run_config, f, indent=1, default=str)
     except OSError as e:
