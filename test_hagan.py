@@ -1254,6 +1254,7 @@ def test_bare_torchrun_two_ranks_hold_identical_weights(demo, tmp_path):
     own = sum(v.double().sum().item() for k, v in ck["model"].items() if not k.endswith((".u", ".sigma")))
     assert len(sums) == 2 and sums[0] == sums[1] and math.isclose(sums[0], own, rel_tol=1e-12)
     assert ck["model_args"]["img_size"] == 32 and p.stdout.count("iter 3:") == 1  # rank 0 alone logs
+    assert p.stdout.count("parameters") == p.stdout.count("config.json") == 1 and '"resolved"' not in p.stdout
     assert json.load(open(tmp_path / "out" / "config.json"))["resolved"]["world"] == 2
 
 
@@ -1272,7 +1273,7 @@ def test_interrupted_damaged_and_nan(trained, demo, tmp_path):
     warn = [ln for ln in p.stdout.splitlines() if ln.startswith("warning: ") and "ckpt" in ln]
     assert len(warn) == 1 and str(out / "ckpt.pt") in warn[0] and f"resuming from {out / 'ckpt.prev.pt'}" in warn[0]
     assert iters() == [3, 2]
-    # SIGTERM (a pre-emption) finishes the iteration, saves and exits cleanly
+    # SIGTERM (a pre-emption) finishes the iteration, saves and exits 143, as a kill by SIGTERM would
     proc = subprocess.Popen([sys.executable, "train.py", *TINY, *args, "--max_iters=100000"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=ROOT, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
     while (line := proc.stdout.readline()) and not line.startswith("iter 5:"):
@@ -1280,7 +1281,7 @@ def test_interrupted_damaged_and_nan(trained, demo, tmp_path):
     proc.send_signal(signal.SIGTERM)
     stdout, _ = proc.communicate(timeout=120)
     it = torch.load(out / "ckpt.pt", weights_only=True)["iter_num"]
-    assert proc.returncode == 0 and "stopped by SIGTERM" in stdout and it >= 5 and f"at iteration {it}" in stdout
+    assert proc.returncode == 143 and "stopped by SIGTERM" in stdout and it >= 5 and f"at iteration {it}" in stdout
     # a store gone bad (every loss that reads real data turns NaN): stop at once, keep the last good checkpoint
     data = tmp_path / "nan"
     shutil.copytree(demo, data, ignore=shutil.ignore_patterns("raw"))
@@ -2011,6 +2012,44 @@ def _err_line(p):
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert p.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: "), p.stdout[-2000:] + p.stderr
     return lines[0]
+
+
+def test_nls_a_run_folder_is_its_own_resume_cuts_the_log_and_a_stop_is_not_success(trained, demo, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)  # a run at iteration 2
+    with open(out / "log.jsonl", "a") as f:  # iterations 3 and 4 logged, then killed before their checkpoint
+        f.write(json.dumps(dict(iter=3, D=0.0)) + "\n" + json.dumps(dict(iter=4, D=0.0)) + "\n" + '{"iter": 5, "D')
+    before = _files(out)
+    line = _err_line(inproc("train.py", *TINY, f"--data_dir={demo}", f"--out={out}", "--max_iters=2"))
+    assert str(out) in line and "iteration 2" in line and "--init_from=resume" in line and "--overwrite" in line
+    assert _files(out) == before
+    p = train(f"--data_dir={demo}", f"--out={out}", "--max_iters=3", "--init_from=resume")
+    assert [r["iter"] for r in _log(out)] == [1, 2, 3]  # cut back to the resumed iteration, then continued
+    # a quiet start: one line says where the config went; no JSON on the screen
+    assert sum("config.json" in ln for ln in p.stdout.splitlines()) == 1 and not re.search(r"^\s*[{}\"]", p.stdout, re.M)
+    assert json.load(open(out / "config.json"))["max_iters"] == 3
+    p = train(f"--data_dir={demo}", f"--out={out}", "--max_iters=1", "--overwrite")  # a new run over the old one
+    assert [r["iter"] for r in _log(out)] == [1] and not (out / "ckpt.prev.pt").exists()
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 1
+    # Ctrl-C in the loop: the iteration finishes, the checkpoint is saved, and the exit code is 130, not 0
+    sent = []
+    monkeypatch.setattr(prepare, "save_montage", lambda *a: sent or sent.append(os.kill(os.getpid(), signal.SIGINT)))
+    p = inproc("train.py", *TINY, f"--data_dir={demo}", f"--out={tmp_path / 'c'}", "--max_iters=100",
+               "--sample_interval=1", "--quality_num=2")
+    it = torch.load(tmp_path / "c" / "ckpt.pt", weights_only=True)["iter_num"]
+    assert p.returncode == 130 and f"stopped by SIGINT at iteration {it}" in p.stdout and it < 100
+    # Ctrl-C while train.py starts (importing torch): one line and 130, no traceback, nothing written
+    proc = subprocess.Popen([sys.executable, "train.py", f"--out={tmp_path / 'early'}"], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    def started():  # exec'd (no longer the fork of this process, whose handlers it had) and its handlers set (Linux)
+        exe = b"train.py" in open(f"/proc/{proc.pid}/cmdline", "rb").read()
+        return exe and int(re.search(r"SigCgt:\s*(\w+)", open(f"/proc/{proc.pid}/status").read())[1], 16) & 1 << 14
+    while not started():
+        pass
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and len(stderr.splitlines()) == 1 and "SIGINT" in stderr, stderr
+    assert not (tmp_path / "early").exists()
 
 
 def test_nls_a_npy_written_short_is_an_error_not_a_file(tmp_path):

@@ -7,7 +7,7 @@ Two GPUs of one machine (torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; NCCL on CUDA,
 $ torchrun --standalone --nproc_per_node=2 train.py config/train_lung_ct.py
 Two nodes of 8 GPUs each, run on both (the first node's address as the rendezvous endpoint):
 $ torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py ...
-Resume after a crash, Ctrl-C or a pre-emption (the same command plus):
+Resume after a crash, Ctrl-C or a pre-emption (the same command plus; without it, a folder holding a run is refused):
 $ python train.py config/train_demo.py --init_from=resume
 Fine-tune the official pretrained weights (D, E and Sub_E are found beside G's file):
 $ python train.py config/train_lung_ct.py --init_from=/path/to/G_iter80000.pth
@@ -26,6 +26,17 @@ from collections import namedtuple
 from copy import deepcopy
 from dataclasses import asdict, fields
 
+
+def stop_early(signum, frame):
+    """Ctrl-C or SIGTERM before the loop: one line and the shell's exit code for that signal, no traceback."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"stopped by {signal.Signals(signum).name} before training started", file=sys.stderr, flush=True)
+    sys.exit(128 + signum)
+
+
+signal.signal(signal.SIGINT, stop_early)  # before importing torch, which takes seconds
+signal.signal(signal.SIGTERM, stop_early)
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -42,6 +53,7 @@ config = dict(
     data_dir="data/demo",  # a folder written by prepare.py
     fold=0,  # held-out fold of the 5-fold split (training uses the other four); -1 = train on every volume
     init_from="scratch",  # 'scratch', 'resume' (out/ckpt.pt), or the path of an official G_iterN.pth
+    overwrite=False,  # a new run into an out that holds one: delete its checkpoints and log.jsonl first
     # the model (HAGANConfig; a resumed run keeps its checkpoint's)
     img_size=-1,  # S, or [D, H, W] for non-cubic volumes; -1 = the prepared data's size
     width=1.0,  # channel multiplier of every network (1.0 = the official model)
@@ -150,6 +162,11 @@ if config["log_interval"] < 1 or config["ckpt_interval"] < 0 or config["sample_i
          f"sample_interval={config['sample_interval']} >= 0 (0: a checkpoint only at the end, no montages)")
 if config["lambda_div"] > 0 and per_rank < 2:  # the hinge compares pairs within a micro-batch
     fail(f"lambda_div needs 2 or more volumes per micro-batch, not {per_rank}: raise batch_size or lower grad_accum")
+if config["wandb_log"] and master:
+    try:
+        import wandb  # only when asked for
+    except ImportError:
+        fail("wandb_log=True needs the wandb package (pip install wandb)")
 
 
 def log(*a):
@@ -191,13 +208,14 @@ if config["lr_decay_iters"] and config["max_iters"] > config["lr_decay_iters"]:
 # data, model, optimisers
 
 out_dir = config["out"]
-err = None
-if master:
-    try:
-        writable_dir(out_dir)
-    except ValueError as e:
-        err = f"{e}; choose another --out"
-stop_if_failed(err)
+if config["init_from"] != "resume" and not config["overwrite"]:  # a run's folder is its own: never replaced silently
+    for name in ("ckpt.pt", "ckpt.prev.pt"):
+        if os.path.exists(path := os.path.join(out_dir, name)):
+            try:
+                at = f"at iteration {read_checkpoint(path, mmap=True).get('iter_num', '?')}"
+            except ValueError:
+                at = f"({name} is damaged)"
+            fail(f"{out_dir} holds a run {at}: pass --init_from=resume to continue or --overwrite to start again")
 try:
     ds = VolumeDataset(config["data_dir"], split="train", fold=config["fold"])
 except (FileNotFoundError, ValueError) as e:
@@ -287,6 +305,13 @@ resuming = config["init_from"] == "resume"
 ckpt, ckpt_path, ckpt_trusted = resume_checkpoint() if resuming else (None, None, True)
 cfg = model_settings()
 check_data(cfg)
+err = None
+if master:
+    try:
+        writable_dir(out_dir)  # created only once everything is checked (config.json below)
+    except ValueError as e:
+        err = f"{e}; choose another --out"
+stop_if_failed(err)
 log(f"{config['data_dir']}: training on {len(ds)} volumes ("
     + ("every volume, fold=-1" if config["fold"] == -1 else f"fold {config['fold']} held out") + ") of "
     + "x".join(map(str, cfg.shape)))
@@ -330,6 +355,8 @@ if resuming:
     if ema is not None and ckpt.get("ema_G"):
         ema.load_state_dict(ckpt["ema_G"])
     iter_num = ckpt["iter_num"]
+    if iter_num >= config["max_iters"]:
+        fail(f"{ckpt_path} is at iteration {iter_num}, max_iters={config['max_iters']}: raise max_iters to train on")
     rng = ckpt["rng"]
     random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
     np.random.set_state(tuple(rng["numpy"][:1]) + (np.array(rng["numpy"][1], dtype=np.uint32),) + tuple(rng["numpy"][2:]))
@@ -361,17 +388,37 @@ if config["lambda_div"] > 0:
 used_config = dict(config, **{k: v for k, v in asdict(cfg).items() if k in ARCH})
 run_config = dict(used_config, resolved=dict(device=device, dtype=dtype, world=world, per_rank_batch=per_rank,
                                              threads=torch.get_num_threads(), model_args=asdict(cfg)))
-err = None
-if master:
-    log(json.dumps(run_config, indent=1, default=str))
+
+
+def start_files():
+    """config.json, and log.jsonl as this run continues it: on resume its records up to the resumed iteration (the
+    later ones are redone), else empty, the old run's checkpoints deleted (--overwrite). None, or the failure's line."""
+    path = os.path.join(out_dir, "log.jsonl")
     try:
-        os.makedirs(out_dir, exist_ok=True)  # writable_dir checked it, and left nothing
-        with open(os.path.join(out_dir, "config.json"), "w") as f:
-            json.dump(run_config, f, indent=1, default=str)
+        os.makedirs(out_dir, exist_ok=True)
+        keep = []
+        if resuming and os.path.exists(path):
+            with open(path) as f:
+                for ln in f:
+                    try:
+                        keep += [ln.rstrip("\n") + "\n"] if json.loads(ln)["iter"] <= iter_num else []
+                    except (ValueError, KeyError, TypeError):
+                        pass  # a line cut short by a kill
+        for name in () if resuming else ("ckpt.pt", "ckpt.prev.pt"):
+            if os.path.exists(os.path.join(out_dir, name)):
+                os.remove(os.path.join(out_dir, name))
+        for name, text in (("log.jsonl", "".join(keep)), ("config.json", json.dumps(run_config, indent=1, default=str))):
+            with open(os.path.join(out_dir, name + ".tmp"), "w") as f:
+                f.write(text)
+            os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
     except OSError as e:
-        err = f"{os.path.join(out_dir, 'config.json')}: cannot write it ({e.strerror or e}); free some space or " \
-              f"choose another --out"
-stop_if_failed(err)
+        return f"{e.filename or out_dir}: cannot write it ({e.strerror or e}); free some space or choose another --out"
+    log(f"{os.path.join(out_dir, 'config.json')}: {device}, {dtype}, {world} rank(s) x {per_rank} volume(s) x "
+        f"{config['grad_accum']} micro-batch(es), iterations {iter_num + 1}..{config['max_iters']}")
+    return None
+
+
+stop_if_failed(start_files() if master else None)
 
 
 def lr_scale(it):
@@ -641,29 +688,29 @@ def save_if_due(stopping, err):
 
 
 # -----------------------------------------------------------------------------
-# the loop; Ctrl-C and SIGTERM (a pre-emption) finish the iteration, save and exit
+# the loop; Ctrl-C and SIGTERM (a pre-emption) finish the iteration, save and exit with 130 and 143 as a kill would
 
 stop = []
 signal.signal(signal.SIGINT, lambda *_: stop.append("SIGINT"))
 signal.signal(signal.SIGTERM, lambda *_: stop.append("SIGTERM"))
 if config["wandb_log"] and master:
-    try:
-        import wandb  # only when asked for
-    except ImportError:
-        fail("wandb_log=True needs the wandb package (pip install wandb)")
     wandb.init(project=config["wandb_project"], name=config["wandb_run_name"], config=run_config)
 model.train()
 saved_iter = iter_num if resuming else None  # the iteration of the checkpoint on disk
 rank_checksums = []  # the sum of all weights on each rank at the last checkpoint (DDP only)
 t0, t_first, it_first = time.time(), None, iter_num
+stopped = None
 while iter_num < config["max_iters"]:
     stats = train_iteration(iter_num)
     iter_num += 1
     vals = reduce_stats(stats)
     if save_if_due(bool(stop), report(vals)):
+        stopped = stop[0] if stop else "SIGTERM"  # another rank's signal: a pre-emption, as a rule
         log(f"stopped by {stop[0] if stop else 'another rank'} at iteration {iter_num}; "
             f"continue with --init_from=resume")
         break
 if ddp:
     dist.barrier()
     dist.destroy_process_group()
+if stopped:  # not 0: `train.py && eval.py` evaluates finished runs only
+    sys.exit(128 + getattr(signal, stopped))
