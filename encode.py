@@ -24,7 +24,7 @@ import torch
 
 from configurator import autocast, fail, override, pick_device
 from model import load_checkpoint
-from prepare import (VolumeDataset, find_inputs, prepare_file, read_meta, safe_name, volume_id, writable_dir,
+from prepare import (NUM_FOLDS, VolumeDataset, find_inputs, prepare_file, read_meta, safe_name, volume_id, writable_dir,
                      write_atomic, write_json, write_volume)
 
 # -----------------------------------------------------------------------------
@@ -48,6 +48,8 @@ config = dict(
     direction="",  # comma-separated label columns: least-squares latent direction -> OUT/direction_<col>.npy
     overwrite=False,  # replace existing output files
 )
+# the allowed values of the numeric keys (configurator's rules), checked before anything runs
+RANGES = dict(fold=f"[-1,{NUM_FOLDS - 1}]", batch_size=">=1", recon=">=0", chunk=">=0", lam=">=0")
 # -----------------------------------------------------------------------------
 
 
@@ -214,11 +216,9 @@ def write_all(c, ds, Z, recons, results, dirs, t0):
 
 
 def main(argv=None):
-    c = override(dict(config), argv)
+    c = override(dict(config), argv, ranges=RANGES)
     if c["dtype"] not in ("float32", "bfloat16", "float16"):
         fail(f"--dtype={c['dtype']}: use float32, bfloat16 or float16")
-    if c["batch_size"] < 1 or c["recon"] < 0 or c["chunk"] < 0:
-        fail("--batch_size must be >= 1, --recon and --chunk >= 0")
     try:
         c["device"] = pick_device(c["device"])
         writable_dir(c["out"])  # an unwritable folder fails here, before the model is loaded

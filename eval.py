@@ -14,6 +14,7 @@ Cost (--bench, bench_config's keys): per S, the memory and speed of one training
 sub-volume selection (non-amortised), sampling time and the store's read rates; each cell in a fresh process.
     python eval.py --bench                                   # S = 32,64,128,256, batch 2, float32
     python eval.py --bench --sizes=32,64 --dtype=bfloat16 --mem_limit_gb=12
+    python eval.py --help; python eval.py --bench --help         # every key, its default and meaning
 """
 
 import hashlib
@@ -61,6 +62,8 @@ config = dict(
     out="",  # output folder of eval.json ('' = the checkpoint's)
     overwrite=False,  # replace an existing eval.json
 )
+RANGES = dict(num=">=2", k=">=1", ssim_pairs=">=0", batch_size=">=1", chunk=">=0", seed=">=0", draws=">=1",
+              fold=f"[-1,{NUM_FOLDS - 1}]", threads=">=0")  # configurator's rules (FID and MMD: 2 a side)
 # cost settings: python eval.py --bench [--key=value ...]
 bench_config = dict(
     sizes="32,64,128,256",  # S values
@@ -77,6 +80,8 @@ bench_config = dict(
     out="",  # output folder of bench.json ('' = out)
     overwrite=False,  # replace an existing bench.json
 )
+BENCH_RANGES = dict(batch_size=">=1", warmup=">=0", bench_seconds=">=0", mem_limit_gb=">=0", cell_timeout_s=">0",
+                    bench_width=">0", threads=">=0")
 
 # -----------------------------------------------------------------------------
 # metrics on feature vectors (float64; rows are samples)
@@ -507,12 +512,6 @@ def set_threads(c):
 
 def _check_settings(c):
     """The settings alone, cheapest first, one line each -> (device, Merlin's input size X,Y,Z)."""
-    least = dict(num=2, k=1, ssim_pairs=0, batch_size=1, chunk=0, threads=0, draws=1)  # FID, MMD: 2 a side
-    bad = [k for k, v in least.items() if c[k] < v]
-    if bad:
-        fail(", ".join(f"--{k}={c[k]}" for k in bad) + ": need " + ", ".join(f"{k} >= {least[k]}" for k in bad))
-    if not -1 <= c["fold"] < NUM_FOLDS:
-        fail(f"--fold={c['fold']}: use 0..{NUM_FOLDS - 1}, or -1 for the checkpoint's held-out fold")
     for k in ("dtype", "feat_dtype"):
         if c[k] not in ("float32", "bfloat16", "float16"):
             fail(f"--{k}={c[k]}: use float32, bfloat16 or float16")
@@ -972,8 +971,8 @@ def main(argv=None):
     """The quality table; with --bench, the cost table (bench_config's keys)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--bench" in argv:
-        return bench(override(dict(bench_config), [a for a in argv if a != "--bench"]))
-    return quality(override(dict(config), argv))
+        return bench(override(dict(bench_config), [a for a in argv if a != "--bench"], ranges=BENCH_RANGES))
+    return quality(override(dict(config), argv, ranges=RANGES))
 
 
 if __name__ == "__main__":

@@ -57,6 +57,7 @@ config = dict(
     first_volume=False,  # 4D series: use the first volume instead of skipping the file
     workers=1,  # processes; each holds about one raw volume (x4 in float32 temporaries) in memory
 )
+RANGES = dict(spacing="-1|>0", workers=">=1")  # configurator's rules; img_size by parse_size
 # -----------------------------------------------------------------------------
 
 FORMAT_VERSION = 1
@@ -949,7 +950,7 @@ class VolumeDataset:
 
 
 def main(argv=None):
-    c = override(dict(config), argv)
+    c = override(dict(config), argv, ranges=RANGES)
     if not c["input"] or not c["out"]:
         fail("--input and --out are needed: python prepare.py --input=PATH [--input=PATH ...] --out=data/NAME "
              "[--img_size=256] [--modality=ct|mri]   (the demo: python data/demo/prepare.py)")

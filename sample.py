@@ -6,6 +6,7 @@ a viewer opens right side up: CT in int16 Hounsfield units, MRI in float32, with
     python sample.py --ckpt=out/ckpt.pt --num=100 --seed=0 --batch_size=4 --png
     python sample.py --label=3 --num=20                                # class-conditional model: class 3 only
     python sample.py --chunk=8                                         # G^H 8 A-slices at a time: same volumes, less memory
+    python sample.py --help                                            # every key, its default and meaning
     python sample.py --official=HA_GAN_run1/G_iter80000.pth --out=official/ --format=npy
     python sample.py --interp=8 --seed=1 --seed2=2 --png               # 8 steps on the great circle z(1) -> z(2)
     python sample.py --direction=features/direction_lung_volume_ml.npy --steps=7 --scale=3 --png
@@ -43,6 +44,7 @@ config = dict(
     label=-1,  # conditional model: class of every volume; -1 = classes in turn (volume i gets i % K)
     chunk=0,  # > 0: run G^H this many A-slices at a time (exact, bounded memory; model.py); 0 = all at once
     device="auto",  # 'cpu', 'cuda', 'cuda:1'...; 'auto' = cuda if available
+    threads=0,  # CPU threads (torch.set_num_threads); 0 = torch's default
     dtype="float32",  # 'float32', 'bfloat16' or 'float16' autocast (G's last conv and tanh stay float32)
     ema=True,  # use the moving average of G's weights when the checkpoint has one
     format="nii.gz",  # 'nii.gz', 'nii' or 'npy' (npy: the same intensities, no geometry)
@@ -53,6 +55,8 @@ config = dict(
     steps=7,  # --direction: number of volumes in the traversal
     scale=3.0,  # --direction: go from -scale to +scale standard deviations of z along the direction
 )
+RANGES = dict(num=">=1", seed=">=0", seed2=">=-1", batch_size=">=1", label=">=-1", chunk=">=0", threads=">=0",
+              interp=">=0", steps=">=1", scale=">0")  # configurator's rules, checked before anything runs
 # -----------------------------------------------------------------------------
 
 # the official code's data (COPDGene CT, paper Sec. IV-A); it keeps no geometry, so 1 mm voxels are a guess (--meta)
@@ -187,13 +191,13 @@ def write_all(c, model, meta, src, n, item, series):
 
 
 def main(argv=None):
-    c = override(dict(config), argv)
+    c = override(dict(config), argv, ranges=RANGES)
     if c["format"] not in ("nii.gz", "nii", "npy"):
         fail(f"--format={c['format']}: use nii.gz, nii or npy")
     if c["dtype"] not in ("float32", "bfloat16", "float16"):
         fail(f"--dtype={c['dtype']}: use float32, bfloat16 or float16")
-    if c["num"] < 1 or c["batch_size"] < 1 or c["chunk"] < 0 or c["interp"] < 0 or c["steps"] < 1:
-        fail("--num, --batch_size and --steps must be >= 1, --chunk and --interp >= 0")
+    if c["threads"]:
+        torch.set_num_threads(c["threads"])
     try:
         c["device"] = pick_device(c["device"])
         writable_dir(c["out"])  # an unwritable folder fails here, before the model is loaded

@@ -653,7 +653,7 @@ def _official_generate(sd, z, S):
     return h
 
 
-def test_official_checkpoints_load_and_generate_the_same_volume(demo, tmp_path):
+def test_official_checkpoints_load_and_generate_the_same_volume(demo, tmp_path, monkeypatch):
     paths, sds = _official_files(tmp_path, 128)
     m = HAGAN.from_official(G=paths["G"], D=paths["D"], E=paths["E"], Sub_E=paths["Sub_E"])
     assert m.cfg.shape == (128, 128, 128) and m.cfg.latent_dim == 1024
@@ -673,11 +673,13 @@ def test_official_checkpoints_load_and_generate_the_same_volume(demo, tmp_path):
     assert nib.load(str(tmp_path / "s" / "seed001337.nii.gz")).shape == (32, 32, 32)
     for k in ("D", "E", "Sub_E"):  # G alone: the others start from scratch (128^3 ones would not fit 32^3)
         os.remove(paths[k])
+    # stopped (SIGTERM) once initialised, before the first iteration and its 1 GB checkpoint of a full-size model
+    monkeypatch.setattr(prepare, "store_fingerprint", lambda d: os.kill(os.getpid(), signal.SIGTERM) or "")
     p = inproc(*readme("python train.py config/train_lung_ct.py --init_from=/path/to/G_iter80000.pth",
                        {"/path/to/G_iter80000.pth": paths["G"]}), f"--data_dir={demo}", f"--out={tmp_path / 'o'}",
-               "--img_size=-1", "--max_iters=0", "--threads=1", "--device=cpu")
-    assert p.returncode == 0 and f"initialised from the official checkpoint {paths['G']}" in p.stdout, p.stderr
-    assert json.load(open(tmp_path / "o" / "config.json"))["img_size"] == 32
+               "--img_size=-1", "--threads=1", "--device=cpu")
+    assert p.returncode == 143 and f"initialised from the official checkpoint {paths['G']}" in p.stdout, p.stderr
+    assert "of 32x32x32" in p.stdout and "SIGTERM" in p.stderr and not (tmp_path / "o").exists()
     # the 256^3 conditional layout, keys without 'module.', and files that are not a G, or not of this size
     paths, sds = _official_files(tmp_path, 256, nc=5, prefix="")
     m = HAGAN.from_official(G=paths["G"], D=paths["D"], E=paths["E"], Sub_E=paths["Sub_E"])
@@ -2050,6 +2052,49 @@ def test_nls_a_run_folder_is_its_own_resume_cuts_the_log_and_a_stop_is_not_succe
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130 and len(stderr.splitlines()) == 1 and "SIGINT" in stderr, stderr
     assert not (tmp_path / "early").exists()
+
+
+# every numeric key of train.py with a value out of its range
+TRAIN_BAD = dict(fold=5, img_size=48, width=0, latent_dim=0, num_classes=-1, num_slabs=0, batch_size=0, grad_accum=0,
+                 max_iters=0, lr_G=-1, lr_E=0, lr_D=-1, beta1=1.5, beta2=1, lambda1=-5, lambda2=-1, lambda_class=-0.1,
+                 ema_decay=2, r1_gamma=-1, r1_interval="0 --r1_gamma=1", lambda_div=-1, lr_decay_start=-1,
+                 lr_decay_iters=-1, enc_interval=0, mbstd_group=-1, d_width=-1, d_stretch=-1, threads=-1, seed=-1,
+                 log_interval=0, ckpt_interval=-1, sample_interval=-1, num_samples=0, quality_num=1)
+
+
+def test_nls_every_numeric_value_is_checked_before_any_file(demo, ckpts, tmp_path):
+    src = open(os.path.join(ROOT, "train.py")).read()
+    start = src.index("config = dict(")
+    defaults = eval(src[start + len("config = "):src.index("\n)\n", start) + 2])
+    assert set(TRAIN_BAD) == {k for k, v in defaults.items() if type(v) in (int, float)}
+    for key, bad in TRAIN_BAD.items():
+        line = _err_line(inproc("train.py", *TINY, f"--data_dir={demo}", f"--out={tmp_path / 'o'}",
+                                *f"--{key}={bad}".split()))
+        assert key in line, line
+    refused = [("sample.py", f"--ckpt={ckpts['ckpt_c']} --label=-2", "label"), ("sample.py", "--chunk=-2", "chunk"),
+               ("encode.py", "--recon=-1", "recon"),
+               ("eval.py", "--bench --cell_timeout_s=0", "cell_timeout_s"),
+               ("prepare.py", "--input=x --workers=0", "workers"), ("data/demo/prepare.py", "--num=0", "num")]
+    for script, args, key in refused:
+        assert key in _err_line(inproc(script, f"--out={tmp_path / 'o'}", *args.split()))
+    assert os.listdir(tmp_path) == []  # no output folder, not even an empty one
+
+
+def test_nls_help_on_every_script():
+    src = open(os.path.join(ROOT, "train.py")).read()
+    start = src.index("config = dict(")
+    scripts = [("train.py", eval(src[start + len("config = "):src.index("\n)\n", start) + 2]), "lr_G", "generator"),
+               ("sample.py", sample.config, "label", "classes in turn"), ("encode.py", encode.config, "recon", "PSNR"),
+               ("prepare.py", prepare.config, "spacing", "isotropic"), ("eval.py", ev.config, "k", "neighbours"),
+               ("eval.py --bench", ev.bench_config, "warmup", "untimed"),
+               ("data/demo/prepare.py", demo_prepare.config, "num", "phantoms")]
+    for cmd, config, key, meaning in scripts:
+        for flag in ("--help", "-h"):
+            p = inproc(*cmd.split(), flag)
+            rows = [ln.split() for ln in p.stdout.splitlines() if ln.startswith("  --")]
+            assert p.returncode == 0 and [r[0].split("=")[0] for r in rows] == [f"--{k}" for k in config], cmd
+            assert all(len(r) > 1 for r in rows), cmd  # every key with its meaning
+            assert any(r[0] == f"--{key}={config[key]!r}" and meaning in " ".join(r) for r in rows), cmd
 
 
 def test_nls_a_npy_written_short_is_an_error_not_a_file(tmp_path):

@@ -9,6 +9,8 @@ Two nodes of 8 GPUs each, run on both (the first node's address as the rendezvou
 $ torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py ...
 Resume after a crash, Ctrl-C or a pre-emption (the same command plus; without it, a folder holding a run is refused):
 $ python train.py config/train_demo.py --init_from=resume
+Every key, its default, range and meaning:
+$ python train.py --help
 Fine-tune the official pretrained weights (D, E and Sub_E are found beside G's file):
 $ python train.py config/train_lung_ct.py --init_from=/path/to/G_iter80000.pth
 """
@@ -44,7 +46,7 @@ import torch.distributed as dist
 from configurator import autocast, fail, override, pick_device
 from eval import band_fractions, ms_ssim_pairs, unit_histogram, wasserstein1
 from model import NETS, HAGAN, Extras, HAGANConfig, model_config, pairwise_l1, read_checkpoint
-from prepare import VolumeDataset, save_montage, store_fingerprint, to_unit, writable_dir
+from prepare import NUM_FOLDS, VolumeDataset, save_montage, store_fingerprint, to_unit, writable_dir
 
 # -----------------------------------------------------------------------------
 # default config: the paper's settings for 256^3 (Sec. III-E); config/*.py and --key=value override them
@@ -108,8 +110,15 @@ config = dict(
     wandb_project="hagan",  # its project
     wandb_run_name="run",  # its run name
 )
+# the allowed values of the numeric keys (configurator's rules), checked before anything runs; img_size by HAGANConfig
+RANGES = dict(fold=f"[-1,{NUM_FOLDS - 1}]", width=">0", latent_dim=">=1", num_classes=">=0", num_slabs=">=1",
+              batch_size=">=1", grad_accum=">=1", max_iters=">=1", lr_G=">0", lr_E=">0", lr_D=">0", beta1="[0,1)",
+              beta2="[0,1)", lambda1=">=0", lambda2=">=0", lambda_class=">=0", ema_decay="[0,1)", r1_gamma=">=0",
+              r1_interval=">=1", lambda_div=">=0", lr_decay_start=">=0", lr_decay_iters=">=0", enc_interval=">=1",
+              mbstd_group=">=0", d_width=">=0", d_stretch=">=0", threads=">=0", seed=">=0", log_interval=">=1",
+              ckpt_interval=">=0", sample_interval=">=0", num_samples=">=1", quality_num=">=2")
 given = set()  # the keys that config files or the command line set (resume checks them against the checkpoint)
-override(config, given=given)
+override(config, given=given, ranges=RANGES)
 ARCH = [f.name for f in fields(HAGANConfig) if f.name in config]  # the model's keys
 
 # -----------------------------------------------------------------------------
@@ -120,10 +129,6 @@ try:
     device = pick_device(config["device"])
 except ValueError as e:
     fail(str(e))
-if config["threads"] < 0:
-    fail(f"threads={config['threads']}: use 0 (torch's default) or a number of threads")
-if config["enc_interval"] < 1:
-    fail(f"enc_interval={config['enc_interval']}: use 1 (the paper: every iteration) or a larger whole number")
 if config["lr_decay_iters"] and not 0 <= config["lr_decay_start"] < config["lr_decay_iters"]:
     fail(f"lr_decay_start={config['lr_decay_start']}, lr_decay_iters={config['lr_decay_iters']}: the decay must start "
          f"at an iteration >= 0 and before it ends")
@@ -153,13 +158,10 @@ if device_type == "cuda":
     torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels once
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-per_rank = config["batch_size"] // (world * config["grad_accum"]) if config["grad_accum"] > 0 else 0
+per_rank = config["batch_size"] // (world * config["grad_accum"])
 if per_rank * world * config["grad_accum"] != config["batch_size"] or per_rank < 1:
     fail(f"batch_size={config['batch_size']} must be a multiple of world size ({world}) x grad_accum "
          f"({config['grad_accum']})")
-if config["log_interval"] < 1 or config["ckpt_interval"] < 0 or config["sample_interval"] < 0:
-    fail(f"log_interval={config['log_interval']} must be >= 1, ckpt_interval={config['ckpt_interval']} and "
-         f"sample_interval={config['sample_interval']} >= 0 (0: a checkpoint only at the end, no montages)")
 if config["lambda_div"] > 0 and per_rank < 2:  # the hinge compares pairs within a micro-batch
     fail(f"lambda_div needs 2 or more volumes per micro-batch, not {per_rank}: raise batch_size or lower grad_accum")
 if config["wandb_log"] and master:
@@ -529,7 +531,7 @@ def quality_signal():
     """Cheap signs of collapse, quality_num samples against as many training volumes: the MS-SSIM of generated pairs
     beside real pairs' (much higher = the samples look alike), the intensity Wasserstein-1 in the data's units, and
     for CT the worst tissue band's fraction relative to real. eval.py reports the same measures, with floors."""
-    n = max(2, config["quality_num"])
+    n = config["quality_num"]
     gen = torch.Generator().manual_seed(config["seed"] + 1)
     fake = samples(torch.randn(n, cfg.latent_dim, generator=gen))
     real = torch.stack([torch.from_numpy(ds.volume(j)) for j in torch.randperm(len(ds), generator=gen)[:n]])[:, None]
