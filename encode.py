@@ -24,8 +24,8 @@ import torch
 
 from configurator import autocast, fail, override, pick_device
 from model import load_checkpoint
-from prepare import (NUM_FOLDS, VolumeDataset, find_inputs, prepare_file, read_meta, safe_name, volume_id, writable_dir,
-                     write_atomic, write_json, write_volume)
+from prepare import (NUM_FOLDS, VolumeDataset, find_inputs, input_ids, prepare_file, read_meta, safe_name,
+                     writable_dir, write_atomic, write_json, write_volume)
 
 # -----------------------------------------------------------------------------
 config = dict(
@@ -106,9 +106,9 @@ def direction(Z, y):
 class _Files:
     """NIfTI (or any prepare.py input) files seen like a VolumeDataset: prepared on the fly with a meta."""
 
-    def __init__(self, paths, meta):
-        self.paths, self.meta, self.img_size = paths, meta, tuple(meta["img_size"])
-        self.ids, self.labels, self.folds = [volume_id(p) for p in paths], {}, None
+    def __init__(self, found, meta):
+        self.paths, self.meta, self.img_size = [p for p, _ in found], meta, tuple(meta["img_size"])
+        self.ids, self.labels, self.folds = input_ids([n for _, n in found]), {}, None
 
     def __len__(self):
         return len(self.paths)
@@ -126,10 +126,10 @@ def open_data(c, ckpt_meta):
         except (FileNotFoundError, ValueError, AssertionError, KeyError) as e:
             fail(str(e) if str(e).startswith(data) else f"{data}: {e}")
         return ds
-    paths, missing = find_inputs(c["input"])
+    found, missing = find_inputs(c["input"])
     if missing:
         fail(f"{missing[0][0]}: {missing[0][1]}")
-    if not paths:
+    if not found:
         fail(f"{', '.join(c['input'])}: no image files there")
     try:
         meta = read_meta(c["meta"]) if c["meta"] else ckpt_meta
@@ -137,7 +137,7 @@ def open_data(c, ckpt_meta):
         fail(str(e))
     if not meta or "img_size" not in meta:
         fail("to prepare NIfTI files we need the dataset's meta.json: the checkpoint has none, pass --meta")
-    return _Files(paths, meta)
+    return _Files(found, meta)
 
 
 def encode_all(c, model, ds, source):

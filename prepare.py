@@ -10,7 +10,8 @@ block means in two float16 .npy memory maps, so that reading a batch is a memcpy
     python prepare.py --input="brains/**/*.mgz" --out=data/gsp --modality=mri
     python prepare.py --input=list.txt --input=more/ --out=data/ct160 --img_size=160,256,256 --spacing=1.5
     python data/demo/prepare.py    # the demo data set: phantoms, then prepare_dataset
-Inputs: NIfTI, MGH/MGZ, MINC1, Analyze, AFNI, PAR/REC or .npy; files, folders, globs or .txt lists.
+Inputs: NIfTI, MGH/MGZ, MINC1, Analyze, AFNI, PAR/REC or .npy; files, folders, globs or .txt lists. An input's id
+is its path under its --input, file-name safe and unique: scans/sub-01/ct.nii.gz of --input=scans/ is sub-01_ct.
 Re-running the same command resumes; the folder is valid once meta.json appears. The store (N inputs;
 rows of skipped inputs are holes in sparse files, costing no disk):
     hires.npy    [N, D, H, W]          float16 in [-1, 1], axis 0 = axial, inferior -> superior
@@ -120,14 +121,29 @@ def parse_size(s):
     return size
 
 
-def volume_id(path):
-    """File name without its image endings: 'scans/a/0042.nii.gz' -> '0042', 'scaled+tlrc.BRIK' -> 'scaled+tlrc'."""
-    name = os.path.basename(path.rstrip("/"))
+def volume_id(name):
+    """A path without its image endings: 'sub-01/ct.nii.gz' -> 'sub-01/ct', 'scaled+tlrc.BRIK' -> 'scaled+tlrc'."""
+    name = name.replace(os.sep, "/").strip("/")
     for end in (".gz", ".bz2", ".zst"):
         if name.lower().endswith(end):
             name = name[:-len(end)]
     stem, ext = os.path.splitext(name)
     return stem if ext else name
+
+
+def input_ids(names):
+    """Inputs' names (paths under their --input, find_inputs) -> ids: endings dropped, folders joined by '_'
+    (safe_name), a clash numbered ('ct', 'ct_2'): 'sub-01/ct.nii.gz' -> 'sub-01_ct'."""
+    ids, seen = [], set()
+    for n in names:
+        base, k = safe_name(volume_id(n)), 1
+        vid = base
+        while vid in seen:
+            k += 1
+            vid = f"{base}_{k}"
+        seen.add(vid)
+        ids.append(vid)
+    return ids
 
 
 def canonical_affine(spacing, shape):
@@ -354,19 +370,23 @@ def is_dicom(path):
 
 
 def find_inputs(specs, exclude=""):
-    """--input values -> (paths, missing): paths in order, duplicates removed; folders searched recursively.
-    A store's own arrays (an --out inside an input folder, `exclude`'s) are never inputs. DICOM files are
+    """--input values -> (found, missing): found = [(path, name)] in order, duplicates removed, name the path under
+    the --input that found it (a folder, searched recursively; a glob's fixed part; a list's folder; a file: its
+    name). A store's own arrays (an --out inside an input folder, `exclude`'s) are never inputs. DICOM files are
     listed in `missing` with how to convert them (a reason starting 'DICOM')."""
     out, missing = [], []
     is_image = lambda p: p.lower().endswith(IMAGE_ENDINGS)
     for spec in specs:
+        start = len(out)
+        base = os.path.dirname(spec)
         if any(ch in spec for ch in "*?["):
+            base = os.path.dirname(spec[:min(spec.find(ch) for ch in "*?[" if ch in spec)])
             found = sorted(glob.glob(spec, recursive=True))
             out += [p for p in found if os.path.isfile(p)]
             if not found:
                 missing.append((spec, "glob matches nothing"))
         elif os.path.isdir(spec):
-            dicom = None
+            base, dicom = spec, None
             for root, dirs, files in os.walk(spec):
                 dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # hidden: .partial/ writes, .git
                 files = [f for f in sorted(files) if not f.startswith(".")]
@@ -388,13 +408,16 @@ def find_inputs(specs, exclude=""):
             out.append(spec)
         else:
             missing.append((spec, "no such file or folder"))
+        for k in range(start, len(out)):  # a path outside its base (an absolute list entry): its file name
+            rel = os.path.relpath(out[k], base or ".")
+            out[k] = (out[k], os.path.basename(out[k]) if rel.startswith("..") else rel)
     own = {os.path.realpath(os.path.join(exclude, f)) for f in STORE_FILES} if exclude else set()
     seen, uniq = set(), []
-    for p in out:
+    for p, name in out:
         rp = os.path.realpath(p)
         if rp not in seen and rp not in own and not is_store_file(rp):
             seen.add(rp)
-            uniq.append(p)
+            uniq.append((p, name))
     return uniq, missing
 
 
@@ -408,7 +431,8 @@ def read_labels(path):
     """labels.csv -> (columns, {id: {column: value}}), as spreadsheets export it: UTF-8 (with or without a BOM),
     UTF-16 or Latin-1; commas, tabs, or semicolons with decimal commas; quotes; empty trailing columns. 'id' names
     the scan (with or without its file ending); 'class' is an integer >= 0 in every row; other columns are numbers
-    or empty/NA. Else a one-line ValueError naming the file, the row (the header is row 1) and the column."""
+    or empty/NA. Else a one-line ValueError naming the file, the row (the header is row 1) and the column. An id
+    keeps its folders (sub-01/ct.nii.gz -> sub-01/ct): match_labels finds its input."""
     try:
         raw = open(path, "rb").read()
     except OSError as e:
@@ -447,7 +471,7 @@ def read_labels(path):
         cells = {h: (row[j].strip() if j < len(row) else "") for j, h in enumerate(names)}
         vid = cells.pop("id")
         if vid.lower().endswith(IMAGE_ENDINGS + (".img",)):
-            vid = volume_id(vid)  # a file name: its id
+            vid = volume_id(vid)  # a file name: without its ending
         if not vid:
             raise ValueError(f"{path}: row {n}, column 'id': empty")
         if vid in table:
@@ -475,6 +499,30 @@ def _label_value(where, column, v, delim):
     return v if num == v else repr(x)
 
 
+def match_labels(table, ids, names, where):
+    """labels.csv's {id: row} -> ({input id: row}, the ids that name no input). A row names an input by its path
+    under --input (sub-01/ct, its id sub-01_ct), or by its file name alone where one input has that name; a name
+    that several inputs share is a one-line ValueError."""
+    stems, known = {}, set(ids)
+    for i, n in zip(ids, names):
+        stems.setdefault(volume_id(os.path.basename(n)), []).append(i)
+    out, unmatched, by = {}, [], {}
+    for key, row in table.items():
+        vid = safe_name(key) if safe_name(key) in known else None
+        if vid is None and len(stems.get(key, ())) > 1:
+            raise ValueError(f"{where}: id {key!r} is the file name of {len(stems[key])} inputs ("
+                             f"{', '.join(stems[key][:3])}); name each by its path under --input, e.g. "
+                             f"{names[ids.index(stems[key][0])]}")
+        vid = vid or (stems.get(key) or [None])[0]
+        if vid is None:
+            unmatched.append(key)
+        elif vid in out:
+            raise ValueError(f"{where}: ids {by[vid]!r} and {key!r} name the same input {vid}; one row per scan")
+        else:
+            out[vid], by[vid] = row, key
+    return out, unmatched
+
+
 def prepare_dataset(inputs, out, img_size=256, modality="ct", window="", labels="", workers=1,
                     first_volume=False, spacing=-1.0, stretch=False, on_done=None, log=print):
     """Prepare every input into the folder out; 0 once at least one volume is ok, else a one-line ValueError (before
@@ -490,29 +538,25 @@ def prepare_dataset(inputs, out, img_size=256, modality="ct", window="", labels=
                     labels=os.path.abspath(labels) if labels else "")
     label_cols, table = read_labels(labels) if labels else ([], {})
     writable_dir(out)
-    # the plan: one job per input, in order; missing files, duplicate ids and unlabeled ids are skipped up front
-    paths, missing = find_inputs(inputs, exclude=out)
+    # the plan: one job per input, in order; missing files and unlabeled ids are skipped up front
+    found, missing = find_inputs(inputs, exclude=out)
     dicom = [(p, why) for p, why in missing if why.startswith("DICOM")]
     missing = [m for m in missing if m not in dicom]
-    if not paths and (dicom or missing):  # nothing to read at all: say why before writing anything
+    if not found and (dicom or missing):  # nothing to read at all: say why before writing anything
         raise ValueError("{}: {}".format(*(dicom or missing)[0]))
     for p, why in dicom:
         log(f"warning: {p}: {why}")
-    jobs, seen = [], {}
-    for p in paths:
-        vid = volume_id(p)
-        job = dict(index=len(jobs), id=vid, source=os.path.abspath(p))
-        if vid in seen:
-            job.update(status="skipped", reason=f"{p}: duplicate id {vid} (also {seen[vid]})")
-        elif labels and vid not in table:
-            job.update(status="skipped", reason=f"{p}: id {vid} has no row in {labels}")
-        else:
-            seen[vid] = p
-        jobs.append(job)
-    for p, why in missing:
-        jobs.append(dict(index=len(jobs), id=volume_id(p), source=p, status="skipped", reason=f"{p}: {why}"))
-    for vid in sorted(set(table) - set(seen)):
-        log(f"warning: {labels}: id {vid} has no input volume; label ignored")
+    ids = input_ids([n for _, n in found] + [os.path.basename(p) for p, _ in missing])
+    table, unmatched = match_labels(table, ids[:len(found)], [n for _, n in found], labels)
+    jobs = []
+    for (p, _), vid in zip(found, ids):
+        jobs.append(dict(index=len(jobs), id=vid, source=os.path.abspath(p)))
+        if labels and vid not in table:
+            jobs[-1].update(status="skipped", reason=f"{p}: id {vid} has no row in {labels}")
+    for (p, why), vid in zip(missing, ids[len(found):]):
+        jobs.append(dict(index=len(jobs), id=vid, source=p, status="skipped", reason=f"{p}: {why}"))
+    for key in sorted(unmatched):
+        log(f"warning: {labels}: id {key} has no input volume; label ignored")
     if not jobs:
         raise ValueError(f"{', '.join(inputs) or '--input'}: no input scans found there "
                          f"({', '.join(IMAGE_ENDINGS)}); nothing prepared")

@@ -857,20 +857,20 @@ def test_prep_real_files_orientations_and_bad_inputs(tmp_path, capsys):
     nib.save(nib.Nifti1Image(_prep_smooth((16, 16, 16)), np.eye(4)), str(src / "sub" / "tiny.nii"))  # id clash
     out = str(tmp_path / "out")
     assert prepare.prepare_dataset([str(src)], out, img_size=32, modality="mri", workers=1) == 0
-    assert "5 ok" in (captured := capsys.readouterr().out) and "skipped" in captured
+    assert "6 ok" in (captured := capsys.readouterr().out) and "skipped" in captured
     rows = _prep_rows(out)
     st = {k: (r["status"], r["reason"]) for k, r in rows.items()}
-    assert all(st[v] == ("ok", "") for v in ["anatomical", "tiny", "scaled+tlrc", "brain", "nans"]), st
+    assert all(st[v] == ("ok", "") for v in ["anatomical", "tiny", "sub_tiny", "scaled+tlrc", "sub_brain", "nans"]), st
     for vid, why in {"example4d": "--first_volume", "small": "h5py", "cut": "truncated", "garbage": "not an image",
                      "flat": "2D image", "const": "constant volume", "allnan": "no finite voxels"}.items():
         assert st[vid][0] == "skipped" and why in st[vid][1] and st[vid][1].startswith(str(src / vid)), (vid, st[vid])
     every = list(csv.DictReader(open(os.path.join(out, "volumes.csv"))))  # one row per input
-    assert len(every) == 13 and sum("duplicate id tiny" in r["reason"] for r in every) == 1  # tiny.nii or .mnc
+    assert len(every) == 13 and len({r["id"] for r in every}) == 13  # ids: paths under --input, sub/tiny.nii too
     assert rows["nans"]["nonfinite"] == str(27 + 1)  # the NaN cube and the inf
     assert rows["anatomical"]["orig_shape"] == "25x41x33" and rows["anatomical"]["orig_axcodes"] == "SPL"
     meta = json.load(open(os.path.join(out, "meta.json")))
     assert meta["complete"] and meta["img_size"] == [32, 32, 32] and meta["window"] is None
-    assert meta["num_volumes"] == 5 and meta["num_inputs"] == 13 and meta["orientation"] == "SPL"
+    assert meta["num_volumes"] == 6 and meta["num_inputs"] == 13 and meta["orientation"] == "SPL"
     assert nib.aff2axcodes(np.array(meta["affine"])) == ("S", "P", "L")
     hi, lo = np.load(os.path.join(out, "hires.npy")), np.load(os.path.join(out, "lowres.npy"))
     assert hi.dtype == np.float16 and hi.shape == (13, 32, 32, 32) and lo.shape == (13, 8, 8, 8)
@@ -878,7 +878,8 @@ def test_prep_real_files_orientations_and_bad_inputs(tmp_path, capsys):
     assert np.isfinite(hi[ok]).all() and hi[ok].min() >= -1 and hi[ok].max() <= 1
     pooled = F.avg_pool3d(torch.from_numpy(hi[ok].astype(np.float32))[:, None], 4)[:, 0].numpy()
     assert np.abs(pooled - lo[ok]).max() < 2e-3  # low-res = block means (of the float32 hires)
-    assert sorted(prepare.VolumeDataset(out, split="all").ids) == ["anatomical", "brain", "nans", "scaled+tlrc", "tiny"]
+    assert sorted(prepare.VolumeDataset(out, split="all").ids) == ["anatomical", "nans", "scaled+tlrc", "sub_brain",
+                                                                   "sub_tiny", "tiny"]
     # --first_volume takes volume 0 of the 4D series
     assert prepare.prepare_dataset([f"{src}/example4d.nii.gz"], f"{tmp_path}/o4", 32, "mri", first_volume=True) == 0
     img = nib.load(str(src / "example4d.nii.gz"))
@@ -2095,6 +2096,32 @@ def test_nls_help_on_every_script():
             assert p.returncode == 0 and [r[0].split("=")[0] for r in rows] == [f"--{k}" for k in config], cmd
             assert all(len(r) > 1 for r in rows), cmd  # every key with its meaning
             assert any(r[0] == f"--{key}={config[key]!r}" and meaning in " ".join(r) for r in rows), cmd
+
+
+def test_nls_three_subjects_whose_scans_share_a_name_are_all_prepared_and_encoded(demo, ckpts, tmp_path):
+    subjects = tmp_path / "subjects"
+    for k in range(3):  # the usual export: one folder per subject, the same file name in each
+        os.makedirs(subjects / f"sub-0{k + 1}")
+        shutil.copy(os.path.join(demo, "raw", f"phantom_{k:04d}.nii.gz"), subjects / f"sub-0{k + 1}" / "ct.nii.gz")
+    (subjects / "ambiguous.csv").write_text("id,class\nct,1\n")  # which ct?
+    line = _err_line(inproc("prepare.py", f"--input={subjects}", f"--out={tmp_path / 'no'}", "--img_size=32",
+                            f"--labels={subjects / 'ambiguous.csv'}"))
+    assert str(subjects / "ambiguous.csv") in line and "'ct'" in line and not (tmp_path / "no").exists()
+    # labels by path under --input, with or without the ending, or by the id itself
+    (subjects / "labels.csv").write_text("id,class,fev1\nsub-01/ct.nii.gz,0,1.5\nsub-02/ct,1,2.5\nsub-03_ct,1,3.5\n")
+    store, ids = tmp_path / "store", ["sub-01_ct", "sub-02_ct", "sub-03_ct"]
+    p = inproc("prepare.py", f"--input={subjects}", f"--out={store}", "--img_size=32",
+               f"--labels={subjects / 'labels.csv'}")
+    assert p.returncode == 0 and "3 ok, 0 skipped" in p.stdout, p.stdout + p.stderr
+    ds = VolumeDataset(store, "all")
+    assert sorted(ds.ids) == ids and dict(zip(ds.ids, ds.labels["fev1"])) == dict(zip(ids, [1.5, 2.5, 3.5]))
+    for src, out in ((f"--data_dir={store}", tmp_path / "f"), (f"--input={subjects}", tmp_path / "g")):
+        encode.main([src, f"--ckpt={ckpts['ckpt']}", f"--out={out}", "--recon=3"])
+        assert sorted(r["id"] for r in csv.DictReader(open(out / "ids.csv"))) == ids
+        assert sorted(os.listdir(out)) == sorted(["features.npy", "ids.csv"] + [f"{i}_{k}.nii.gz" for i in ids
+                                                                                for k in ("orig", "recon")])
+    assert np.allclose(np.load(tmp_path / "f" / "features.npy")[np.argsort(ds.ids)],
+                       np.load(tmp_path / "g" / "features.npy"), atol=1e-2)  # float16 store vs float32
 
 
 def test_nls_a_npy_written_short_is_an_error_not_a_file(tmp_path):
