@@ -41,7 +41,7 @@ config = dict(
     dtype="float32",  # 'float32', 'bfloat16' or 'float16' autocast
     ema=True,  # reconstruct with the moving average of G's weights when the checkpoint has one
     recon=0,  # also write this many reconstructions G(E(x)) and their prepared originals, with L1/PSNR
-    chunk=0,  # --recon: G^H this many A-slices at a time (0 = all at once)
+    chunk=-1,  # --recon: G^H this many A-slices at a time (0 = all at once; -1 = all at once if it fits)
     regress="",  # comma-separated label columns: Ridge on Z, held-out R^2 per fold
     lam=1e-4,  # Ridge lambda (paper Sec. IV-D)
     log=True,  # --regress: predict log(column), as the paper does (Table VI)
@@ -49,7 +49,7 @@ config = dict(
     overwrite=False,  # replace existing output files
 )
 # the allowed values of the numeric keys (configurator's rules), checked before anything runs
-RANGES = dict(fold=f"[-1,{NUM_FOLDS - 1}]", batch_size=">=1", recon=">=0", chunk=">=0", lam=">=0")
+RANGES = dict(fold=f"[-1,{NUM_FOLDS - 1}]", batch_size=">=1", recon=">=0", chunk=">=-1", lam=">=0")
 # -----------------------------------------------------------------------------
 
 

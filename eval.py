@@ -49,7 +49,7 @@ config = dict(
     k=3,  # neighbours for improved precision/recall (Kynkaanniemi et al. 2019 use 3)
     ssim_pairs=16,  # volume pairs for MS-SSIM among generated and among real volumes
     batch_size=2,  # volumes per generator / feature-network forward
-    chunk=0,  # >0: G^H runs this many A-slices at a time when sampling (bounded memory, same volumes)
+    chunk=-1,  # >0: G^H runs this many A-slices at a time when sampling (same volumes); 0 = all; -1 = all if it fits
     ema=True,  # evaluate the moving-average generator when the checkpoint has one
     seed=0,  # latent codes, real-data halves and the random-init feature net
     draws=1,  # >1: score this many sets of `num` generated volumes (seeds seed, seed+1, ...): mean +- std over draws
@@ -62,7 +62,7 @@ config = dict(
     out="",  # output folder of eval.json ('' = the checkpoint's)
     overwrite=False,  # replace an existing eval.json
 )
-RANGES = dict(num=">=2", k=">=1", ssim_pairs=">=0", batch_size=">=1", chunk=">=0", seed=">=0", draws=">=1",
+RANGES = dict(num=">=2", k=">=1", ssim_pairs=">=0", batch_size=">=1", chunk=">=-1", seed=">=0", draws=">=1",
               fold=f"[-1,{NUM_FOLDS - 1}]", threads=">=0")  # configurator's rules (FID and MMD: 2 a side)
 # cost settings: python eval.py --bench [--key=value ...]
 bench_config = dict(

@@ -363,6 +363,7 @@ class Generator(nn.Module):
     def generate(self, z, c=None, chunk=0):
         """Whole volumes (B,1,D,H,W): G^H on all of A (paper Fig. 2). chunk=k runs G^H k slices of A at a time
         with the same result (to float rounding) in bounded memory."""
+        chunk = auto_chunk(self.cfg, len(z), 4, free_memory(z.device)) if chunk < 0 else chunk  # -1: what fits
         A = self.G_A(z, c)
         noise = self.noise(z, 0, self.cfg.shape[0])
         x = self._G_H_chunked(A, int(chunk), noise, c) if chunk else self.G_H(A, c, noise=noise)
@@ -402,6 +403,36 @@ def _depth_conv(conv, x, x0, n, y0, y1):
     mode = "replicate" if conv.padding_mode == "replicate" else "constant"
     x = F.pad(x[:, :, lo - x0:hi - x0], (1, 1, 1, 1, lo - (y0 - 1), (y1 + 1) - hi), mode=mode)
     return F.conv3d(x, conv.weight, conv.bias)
+
+
+def auto_chunk(cfg, batch, bytes_per_elem, free_bytes):
+    """generate()'s chunk for `batch` volumes: 0 (all of A at once) when that render fits in free_bytes and no tensor
+    passes 2**31 elements (CUDA's indexing limit), else the most slices of A per chunk that fit (at least 1).
+    Conservative: G^H's conv2 input (B,C,rows,H,W) counted three times (upsampled, padded, reordered by the conv
+    library) beside conv1's output (B,C,D/2,H/2,W/2), twice whole, once kept by the chunked render, and two outputs."""
+    D, H, W = cfg.shape
+    c, n, V = cfg.ch(cfg.g_channels), cfg.a_shape[0], D * H * W
+    for k in [0] + list(range(n, 0, -1)):
+        rows = D if k == 0 else min(4 * k + 8, D)  # output rows a chunk computes, with its halo
+        big = batch * c * rows * H * W
+        need = bytes_per_elem * (3 * big + batch * (c * V // (4 if k == 0 else 8) + 2 * V))
+        if need <= free_bytes and big < 2**31:
+            return k
+    return 1
+
+
+def free_memory(device):
+    """Bytes a render can use on `device`: the GPU's free memory and what torch's allocator holds unused, or the
+    RAM the OS counts as available."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 # -----------------------------------------------------------------------------

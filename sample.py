@@ -13,7 +13,8 @@ a viewer opens right side up: CT in int16 Hounsfield units, MRI in float32, with
 
 Volume i's z comes from seed+i, whatever --batch_size: OUT/seed001337.nii.gz, a .json sidecar (checkpoint,
 iteration, seed, class), with --png its mid-planes. A series: OUT/interp_1_2_00.nii.gz ... or
-OUT/<direction>_s1337_00.nii.gz ..., and one .png. Nothing is overwritten without --overwrite.
+OUT/<direction>_s1337_00.nii.gz ..., and one .png. Nothing is overwritten without --overwrite. G^H renders the
+whole volume at once when it fits in the free memory, else in chunks (it says so): the same volumes either way.
 """
 
 import json
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 
 from configurator import autocast, fail, override, pick_device
-from model import HAGAN, load_checkpoint
+from model import HAGAN, auto_chunk, free_memory, load_checkpoint
 from prepare import output_affine, read_meta, safe_name, save_montage, writable_dir, write_json, write_volume
 
 # -----------------------------------------------------------------------------
@@ -42,7 +43,7 @@ config = dict(
     seed2=-1,  # --interp: the end point's seed; -1 = seed + 1
     batch_size=1,  # volumes per forward; does not change the output
     label=-1,  # conditional model: class of every volume; -1 = classes in turn (volume i gets i % K)
-    chunk=0,  # > 0: run G^H this many A-slices at a time (exact, bounded memory; model.py); 0 = all at once
+    chunk=-1,  # > 0: run G^H this many A-slices at a time (exact, bounded memory); 0 = all at once; -1 = 0 if it fits
     device="auto",  # 'cpu', 'cuda', 'cuda:1'...; 'auto' = cuda if available
     threads=0,  # CPU threads (torch.set_num_threads); 0 = torch's default
     dtype="float32",  # 'float32', 'bfloat16' or 'float16' autocast (G's last conv and tanh stay float32)
@@ -55,7 +56,7 @@ config = dict(
     steps=7,  # --direction: number of volumes in the traversal
     scale=3.0,  # --direction: go from -scale to +scale standard deviations of z along the direction
 )
-RANGES = dict(num=">=1", seed=">=0", seed2=">=-1", batch_size=">=1", label=">=-1", chunk=">=0", threads=">=0",
+RANGES = dict(num=">=1", seed=">=0", seed2=">=-1", batch_size=">=1", label=">=-1", chunk=">=-1", threads=">=0",
               interp=">=0", steps=">=1", scale=">0")  # configurator's rules, checked before anything runs
 # -----------------------------------------------------------------------------
 
@@ -218,6 +219,12 @@ def main(argv=None):
     if taken and not c["overwrite"]:
         fail(f"{os.path.join(c['out'], taken[0])} exists ({len(taken)} of the output files do); pass --overwrite or "
              f"another --out")
+    if c["chunk"] < 0:  # the whole volume at once where it fits, else the largest chunk that does
+        free = free_memory(c["device"])
+        c["chunk"] = auto_chunk(model.cfg, c["batch_size"], 4, free)
+        if c["chunk"]:
+            print(f"chunk {c['chunk']}: the whole-volume render of {c['batch_size']} volume(s) would not fit in the "
+                  f"{free / 2**30:.1f} GiB free on {c['device']} (or passes 2^31 elements); --chunk=0 forces it")
     affine = output_affine(meta, model.cfg.shape)
     units = "int16 HU" if meta.get("modality") == "ct" and meta.get("window") else "float32"
     print(f"{n} volume(s) {'x'.join(map(str, model.cfg.shape))} -> {c['out']}/ ({meta.get('modality', '?')}, {units}"

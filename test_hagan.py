@@ -2124,6 +2124,30 @@ def test_nls_three_subjects_whose_scans_share_a_name_are_all_prepared_and_encode
                        np.load(tmp_path / "g" / "features.npy"), atol=1e-2)  # float16 store vs float32
 
 
+def test_nls_sampling_picks_a_chunk_that_fits_and_says_so(ckpts, tmp_path, monkeypatch):
+    import model as model_py
+    cfg, GiB = HAGANConfig(img_size=256), 2**30
+    ks = [model_py.auto_chunk(cfg, 1, 4, f * GiB) for f in (1000, 8, 4, 2, 1, 0.001)]
+    assert ks[0] == 0 and all(a == 0 or 0 < b <= a for a, b in zip(ks, ks[1:])) and ks[-1] == 1, ks
+    assert model_py.auto_chunk(cfg, 8, 4, 8 * GiB) > 0 == model_py.auto_chunk(cfg, 1, 4, 8 * GiB)  # 8 volumes: chunks
+    assert model_py.auto_chunk(HAGANConfig(img_size=512), 1, 4, 10**15) > 0  # (1,32,512^3) passes 2^31 elements
+    assert model_py.auto_chunk(HAGANConfig(img_size=32, width=1 / 8), 1, 4, 100 * 2**20) == 0
+    m, z = tiny(), torch.randn(2, 16)
+    monkeypatch.setattr(model_py, "free_memory", lambda device: 2**20)  # 1 MiB free: chunks
+    assert (m.generate(z, chunk=-1) - m.generate(z)).abs().max() < 1e-5
+    monkeypatch.setattr(sample, "free_memory", lambda device: 2**20)
+    ck, a, b = f"--ckpt={ckpts['ckpt']}", tmp_path / "a", tmp_path / "b"
+    p = inproc("sample.py", ck, f"--out={a}", "--num=1", "--threads=1")
+    q = inproc("sample.py", ck, f"--out={b}", "--num=1", "--chunk=0")  # forced: the whole volume at once
+    assert p.returncode == q.returncode == 0, p.stderr + q.stderr
+    said = [ln for ln in p.stdout.splitlines() if ln.startswith("chunk ")]
+    assert len(said) == 1 and "--chunk=0" in said[0] and not any(ln.startswith("chunk ") for ln in q.stdout.splitlines())
+    k = json.load(open(a / "seed001337.json"))["chunk"]
+    assert 0 < k == int(said[0].split()[1].rstrip(":")) and json.load(open(b / "seed001337.json"))["chunk"] == 0
+    x, y = (_read_nifti(d / "seed001337.nii.gz")[1].astype(int) for d in (a, b))
+    assert np.abs(x - y).max() <= 1
+
+
 def test_nls_a_npy_written_short_is_an_error_not_a_file(tmp_path):
     full = io.BytesIO()
     np.save(full, np.zeros((64, 64), np.float32))
