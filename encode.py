@@ -30,7 +30,8 @@ from prepare import (NUM_FOLDS, VolumeDataset, find_inputs, input_ids, prepare_f
 # -----------------------------------------------------------------------------
 config = dict(
     data_dir="data/demo",  # a folder written by prepare.py
-    input=[],  # instead of data_dir: scans prepared on the fly, as prepare.py's --input (repeatable)
+    input=[],  # instead of data_dir: scans prepared on the fly, as prepare.py's --input (repeatable), ids alike
+    first_volume=False,  # --input: 4D series: use the first volume (as prepare.py --first_volume)
     ckpt="out/ckpt.pt",  # checkpoint written by train.py
     meta="",  # --input: the meta.json whose settings prepare them; '' = the one kept in the checkpoint
     out="features",  # output folder
@@ -137,6 +138,8 @@ def open_data(c, ckpt_meta):
         fail(str(e))
     if not meta or "img_size" not in meta:
         fail("to prepare NIfTI files we need the dataset's meta.json: the checkpoint has none, pass --meta")
+    if c["first_volume"]:
+        meta = dict(meta, settings=dict(meta.get("settings", {}), first_volume=True))
     return _Files(found, meta)
 
 
@@ -216,9 +219,12 @@ def write_all(c, ds, Z, recons, results, dirs, t0):
 
 
 def main(argv=None):
-    c = override(dict(config), argv, ranges=RANGES)
+    given = set()
+    c = override(dict(config), argv, given, RANGES)
     if c["dtype"] not in ("float32", "bfloat16", "float16"):
         fail(f"--dtype={c['dtype']}: use float32, bfloat16 or float16")
+    if c["input"] and "data_dir" in given:
+        fail(f"--data_dir={c['data_dir']} and --input={c['input'][0]}: give one, a prepared store or scans")
     try:
         c["device"] = pick_device(c["device"])
         writable_dir(c["out"])  # an unwritable folder fails here, before the model is loaded
@@ -239,6 +245,12 @@ def main(argv=None):
             fail(f"unknown label column '{col}'; {source} has {', '.join(have) or 'no labels'}")
     if reg and ds.folds is None:
         fail("--regress needs a prepared folder (its labels and folds)")
+    for col in reg:  # the values and the folds, checked as cross_validate will, on stand-in features
+        try:
+            if not cross_validate(np.zeros((len(ds), 1)), ds.labels[col], ds.folds, c["lam"], c["log"]):
+                fail(f"--regress={col}: too few labelled volumes for 5-fold cross-validation")
+        except ValueError as e:
+            fail(f"--regress={col}: {e}")
     # file names from ids and label columns: whatever they hold, the files stay inside OUT (safe_name)
     files = ["features.npy", "ids.csv"] + (["regress.json"] if reg else [])
     files += [f"direction_{safe_name(col)}{e}" for col in dirs for e in (".npy", ".json")]
@@ -251,12 +263,7 @@ def main(argv=None):
     # the analyses, all before anything is written
     results = {}
     for col in reg:
-        try:
-            res = cross_validate(Z, ds.labels[col], ds.folds, c["lam"], c["log"])
-        except ValueError as e:
-            fail(f"--regress={col}: {e}")
-        if not res:
-            fail(f"--regress={col}: too few labelled volumes for 5-fold cross-validation")
+        res = cross_validate(Z, ds.labels[col], ds.folds, c["lam"], c["log"])
         v = np.array(list(res.values()))
         results[col] = dict(target=f"log({col})" if c["log"] else col, lam=c["lam"], r2_per_fold=res,
                             r2_mean=float(v.mean()), r2_std=float(v.std()), n=int(np.isfinite(ds.labels[col]).sum()))

@@ -2074,7 +2074,7 @@ def test_nls_every_numeric_value_is_checked_before_any_file(demo, ckpts, tmp_pat
                                 *f"--{key}={bad}".split()))
         assert key in line, line
     refused = [("sample.py", f"--ckpt={ckpts['ckpt_c']} --label=-2", "label"), ("sample.py", "--chunk=-2", "chunk"),
-               ("encode.py", "--recon=-1", "recon"),
+               ("encode.py", "--recon=-1", "recon"), ("encode.py", f"--data_dir={demo} --input=x.nii", "--input"),
                ("eval.py", f"--ckpt={ckpts['ckpt']} --data_dir={demo} --k=10", "--k=10"),
                ("eval.py", "--bench --cell_timeout_s=0", "cell_timeout_s"),
                ("prepare.py", "--input=x --workers=0", "workers"), ("data/demo/prepare.py", "--num=0", "num")]
@@ -2148,6 +2148,18 @@ def test_nls_sampling_picks_a_chunk_that_fits_and_says_so(ckpts, tmp_path, monke
     assert 0 < k == int(said[0].split()[1].rstrip(":")) and json.load(open(b / "seed001337.json"))["chunk"] == 0
     x, y = (_read_nifti(d / "seed001337.nii.gz")[1].astype(int) for d in (a, b))
     assert np.abs(x - y).max() <= 1
+
+
+def test_nls_encode_checks_regress_first_and_takes_first_volume(demo, ckpts, tmp_path):
+    ck = f"--ckpt={ckpts['ckpt']}"
+    # --regress's values are checked before the minutes of encoding; --first_volume as prepare.py's
+    p = inproc("encode.py", f"--data_dir={demo}", ck, f"--out={tmp_path / 'r'}", "--regress=class")
+    assert "--regress=class" in _err_line(p) and "encoded" not in p.stdout and not (tmp_path / "r").exists()
+    img = nib.load(os.path.join(demo, "raw", "phantom_0000.nii.gz"))
+    nib.save(nib.Nifti1Image(np.stack([np.asarray(img.dataobj)] * 2, -1), img.affine), str(tmp_path / "4d.nii.gz"))
+    enc = ["encode.py", f"--input={tmp_path / '4d.nii.gz'}", ck, f"--out={tmp_path / 'e'}"]
+    assert "--first_volume" in _err_line(inproc(*enc))
+    assert inproc(*enc, "--first_volume").returncode == 0 and (tmp_path / "e" / "features.npy").exists()
 
 
 def test_nls_eval_caches_beside_the_store_and_says_what_it_cannot_score(demo, ckpts, med3d10, tmp_path):
