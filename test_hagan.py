@@ -2042,9 +2042,11 @@ def test_nls_a_run_folder_is_its_own_resume_cuts_the_log_and_a_stop_is_not_succe
                "--sample_interval=1", "--quality_num=2")
     it = torch.load(tmp_path / "c" / "ckpt.pt", weights_only=True)["iter_num"]
     assert p.returncode == 130 and f"stopped by SIGINT at iteration {it}" in p.stdout and it < 100
-    # Ctrl-C while train.py starts (importing torch): one line and 130, no traceback, nothing written
-    proc = subprocess.Popen([sys.executable, "train.py", f"--out={tmp_path / 'early'}"], cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # Ctrl-C while train.py starts (importing torch): one line and 130, no traceback, nothing written. Its store's
+    # meta.json is a pipe that nobody writes, so that however late the signal comes, it comes before training
+    os.mkfifo((tmp_path / "pipe").mkdir() or tmp_path / "pipe" / "meta.json")
+    proc = subprocess.Popen([sys.executable, "train.py", f"--data_dir={tmp_path / 'pipe'}", f"--out={tmp_path / 'early'}"],
+                            cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     def started():  # exec'd (no longer the fork of this process, whose handlers it had) and its handlers set (Linux)
         exe = b"train.py" in open(f"/proc/{proc.pid}/cmdline", "rb").read()
         return exe and int(re.search(r"SigCgt:\s*(\w+)", open(f"/proc/{proc.pid}/status").read())[1], 16) & 1 << 14
