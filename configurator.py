@@ -4,14 +4,19 @@ override() changes it from config files and --key=value arguments:
 
     python train.py config/train_demo.py --batch_size=8 --device cpu
 
+    python train.py --help                                   # every key: its default, range and meaning
+
 Also the few helpers every script needs: fail() (one error line, then exit), pick_device(), autocast(), peak_tflops().
 """
 
 import ast
+import io
 import json
+import math
 import os
 import sys
 import time
+import tokenize
 from contextlib import nullcontext
 
 import torch
@@ -111,12 +116,47 @@ def _run_file(path):
     return {k: v for k, v in ns.items() if not k.startswith("_") and not callable(v) and not isinstance(v, type(os))}
 
 
-def override(config, argv=None, given=None):
+def _within(v, rule):
+    """v obeys rule: '>0', '>=1', '[0,1)' (an interval), or alternatives joined by '|' ('-1|>0')."""
+    if "|" in rule:
+        return any(_within(v, r) for r in rule.split("|"))
+    if rule[0] in "[(":
+        lo, hi = (float(x) for x in rule[1:-1].split(","))
+        return (v >= lo if rule[0] == "[" else v > lo) and (v <= hi if rule[-1] == "]" else v < hi)
+    op = rule.rstrip("-.0123456789e")
+    b = float(rule[len(op):]) if op else float(rule)
+    return {">": v > b, ">=": v >= b, "<": v < b, "<=": v <= b, "": v == b}[op]
+
+
+def _help(config, ranges, path):
+    """--help: the script's docstring, then each key with its default, allowed range and the comment beside it in
+    the script's own `... = dict(...)` of these keys."""
+    src = open(path).read()
+    notes = {t.start[0]: t.string.lstrip("# ") for t in tokenize.generate_tokens(io.StringIO(src).readline)
+             if t.type == tokenize.COMMENT}
+    tree = ast.parse(src)
+    call = next((n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "dict"
+                 and {k.arg for k in n.keywords} == set(config)), None)
+    line = {k.arg: k.value.end_lineno for k in call.keywords} if call else {}
+    print((ast.get_docstring(tree) or "").strip() + f"\n\nkeys (python {os.path.basename(path)} [config.py ...] "
+          f"[--key=value ...]):")
+    for k, v in config.items():
+        where = f"{k}={v!r}" + (f" ({ranges[k]})" if k in ranges else "")
+        print(f"  --{where:<34} {notes.get(line.get(k), '')}")
+    raise SystemExit(0)
+
+
+def override(config, argv=None, given=None, ranges=None):
     """Apply config files and --key=value / --key value arguments to the dict `config`, in order. The default's
     type is the schema; '' and -1 defaults mean 'not given'. A list-valued key repeats (--input=a --input=b); a
-    bare boolean flag means True (--overwrite). `given` (a set) collects the keys that were set."""
+    bare boolean flag means True (--overwrite). `given` (a set) collects the keys that were set. `ranges`
+    ({key: rule}, see _within) are checked once everything is applied, before the script does any work; -h or
+    --help prints the keys and exits."""
     argv = sys.argv[1:] if argv is None else list(argv)
     given = set() if given is None else given
+    ranges = ranges or {}
+    if {"-h", "--help"} & set(argv):  # the caller's file holds the config's comments
+        _help(config, ranges, sys._getframe(1).f_globals.get("__file__", sys.argv[0]))
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -144,4 +184,8 @@ def override(config, argv=None, given=None):
             v = config[key] + [val]  # one more value of a repeatable option
         _set(config, key, v, f"--{key}")
         given.add(key)
+    for k, rule in ranges.items():
+        v = config[k]
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and not (math.isfinite(v) and _within(v, rule)):
+            fail(f"--{k}={v!r}: out of range; allowed: {rule}")
     return config

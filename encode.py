@@ -15,7 +15,6 @@ w is the direction. Files are written once everything is computed, each by a ren
 """
 
 import csv
-import json
 import math
 import os
 import time
@@ -25,13 +24,14 @@ import torch
 
 from configurator import autocast, fail, override, pick_device
 from model import load_checkpoint
-from prepare import (VolumeDataset, find_inputs, prepare_file, read_meta, safe_name, volume_id, writable_dir,
-                     write_atomic, write_volume)
+from prepare import (NUM_FOLDS, VolumeDataset, find_inputs, input_ids, prepare_file, read_meta, safe_name,
+                     writable_dir, write_atomic, write_json, write_volume)
 
 # -----------------------------------------------------------------------------
 config = dict(
     data_dir="data/demo",  # a folder written by prepare.py
-    input=[],  # instead of data_dir: scans prepared on the fly, as prepare.py's --input (repeatable)
+    input=[],  # instead of data_dir: scans prepared on the fly, as prepare.py's --input (repeatable), ids alike
+    first_volume=False,  # --input: 4D series: use the first volume (as prepare.py --first_volume)
     ckpt="out/ckpt.pt",  # checkpoint written by train.py
     meta="",  # --input: the meta.json whose settings prepare them; '' = the one kept in the checkpoint
     out="features",  # output folder
@@ -42,13 +42,15 @@ config = dict(
     dtype="float32",  # 'float32', 'bfloat16' or 'float16' autocast
     ema=True,  # reconstruct with the moving average of G's weights when the checkpoint has one
     recon=0,  # also write this many reconstructions G(E(x)) and their prepared originals, with L1/PSNR
-    chunk=0,  # --recon: G^H this many A-slices at a time (0 = all at once)
+    chunk=-1,  # --recon: G^H this many A-slices at a time (0 = all at once; -1 = all at once if it fits)
     regress="",  # comma-separated label columns: Ridge on Z, held-out R^2 per fold
     lam=1e-4,  # Ridge lambda (paper Sec. IV-D)
     log=True,  # --regress: predict log(column), as the paper does (Table VI)
     direction="",  # comma-separated label columns: least-squares latent direction -> OUT/direction_<col>.npy
     overwrite=False,  # replace existing output files
 )
+# the allowed values of the numeric keys (configurator's rules), checked before anything runs
+RANGES = dict(fold=f"[-1,{NUM_FOLDS - 1}]", batch_size=">=1", recon=">=0", chunk=">=-1", lam=">=0")
 # -----------------------------------------------------------------------------
 
 
@@ -105,9 +107,9 @@ def direction(Z, y):
 class _Files:
     """NIfTI (or any prepare.py input) files seen like a VolumeDataset: prepared on the fly with a meta."""
 
-    def __init__(self, paths, meta):
-        self.paths, self.meta, self.img_size = paths, meta, tuple(meta["img_size"])
-        self.ids, self.labels, self.folds = [volume_id(p) for p in paths], {}, None
+    def __init__(self, found, meta):
+        self.paths, self.meta, self.img_size = [p for p, _ in found], meta, tuple(meta["img_size"])
+        self.ids, self.labels, self.folds = input_ids([n for _, n in found]), {}, None
 
     def __len__(self):
         return len(self.paths)
@@ -125,10 +127,10 @@ def open_data(c, ckpt_meta):
         except (FileNotFoundError, ValueError, AssertionError, KeyError) as e:
             fail(str(e) if str(e).startswith(data) else f"{data}: {e}")
         return ds
-    paths, missing = find_inputs(c["input"])
+    found, missing = find_inputs(c["input"])
     if missing:
         fail(f"{missing[0][0]}: {missing[0][1]}")
-    if not paths:
+    if not found:
         fail(f"{', '.join(c['input'])}: no image files there")
     try:
         meta = read_meta(c["meta"]) if c["meta"] else ckpt_meta
@@ -136,7 +138,9 @@ def open_data(c, ckpt_meta):
         fail(str(e))
     if not meta or "img_size" not in meta:
         fail("to prepare NIfTI files we need the dataset's meta.json: the checkpoint has none, pass --meta")
-    return _Files(paths, meta)
+    if c["first_volume"]:
+        meta = dict(meta, settings=dict(meta.get("settings", {}), first_volume=True))
+    return _Files(found, meta)
 
 
 def encode_all(c, model, ds, source):
@@ -178,6 +182,7 @@ def write_all(c, ds, Z, recons, results, dirs, t0):
     """Every output file, each by a rename; a full disk is one line, and nothing is left half-written."""
     out, meta, folds = c["out"], ds.meta, ds.folds
     try:
+        os.makedirs(out, exist_ok=True)
         write_atomic(os.path.join(out, "features.npy"), lambda p: np.save(p, Z))
         cols = list(ds.labels)
 
@@ -202,23 +207,24 @@ def write_all(c, ds, Z, recons, results, dirs, t0):
             print(f"Ridge {r['target']}: held-out R^2 {r['r2_mean']:.3f} +- {r['r2_std']:.3f} "
                   f"(folds: {folds_s}; n={r['n']})")
         if results:
-            write_atomic(os.path.join(out, "regress.json"), lambda p: open(p, "w").write(json.dumps(results, indent=1)))
+            write_json(os.path.join(out, "regress.json"), results)
         for col, (w, info) in dirs.items():
             base = os.path.join(out, f"direction_{safe_name(col)}")
             write_atomic(base + ".npy", lambda p: np.save(p, w.astype(np.float32)))
-            write_atomic(base + ".json", lambda p: open(p, "w").write(json.dumps(info, indent=1)))
+            write_json(base + ".json", info)
             print(f"{base}.npy: |w| = {info['norm']:.4g} {col} per unit of z (in-sample R^2 {info['r2_fit']:.3f})")
     except OSError as e:  # write_atomic's: e.filename is the file being written
-        fail(f"{e.filename}: cannot write it ({e.strerror or e}); the files written before it are complete, "
+        fail(f"{e.filename or out}: cannot write it ({e.strerror or e}); the files written before it are complete, "
              f"and nothing half-written is left")
 
 
 def main(argv=None):
-    c = override(dict(config), argv)
+    given = set()
+    c = override(dict(config), argv, given, RANGES)
     if c["dtype"] not in ("float32", "bfloat16", "float16"):
         fail(f"--dtype={c['dtype']}: use float32, bfloat16 or float16")
-    if c["batch_size"] < 1 or c["recon"] < 0 or c["chunk"] < 0:
-        fail("--batch_size must be >= 1, --recon and --chunk >= 0")
+    if c["input"] and "data_dir" in given:
+        fail(f"--data_dir={c['data_dir']} and --input={c['input'][0]}: give one, a prepared store or scans")
     try:
         c["device"] = pick_device(c["device"])
         writable_dir(c["out"])  # an unwritable folder fails here, before the model is loaded
@@ -239,6 +245,12 @@ def main(argv=None):
             fail(f"unknown label column '{col}'; {source} has {', '.join(have) or 'no labels'}")
     if reg and ds.folds is None:
         fail("--regress needs a prepared folder (its labels and folds)")
+    for col in reg:  # the values and the folds, checked as cross_validate will, on stand-in features
+        try:
+            if not cross_validate(np.zeros((len(ds), 1)), ds.labels[col], ds.folds, c["lam"], c["log"]):
+                fail(f"--regress={col}: too few labelled volumes for 5-fold cross-validation")
+        except ValueError as e:
+            fail(f"--regress={col}: {e}")
     # file names from ids and label columns: whatever they hold, the files stay inside OUT (safe_name)
     files = ["features.npy", "ids.csv"] + (["regress.json"] if reg else [])
     files += [f"direction_{safe_name(col)}{e}" for col in dirs for e in (".npy", ".json")]
@@ -251,12 +263,7 @@ def main(argv=None):
     # the analyses, all before anything is written
     results = {}
     for col in reg:
-        try:
-            res = cross_validate(Z, ds.labels[col], ds.folds, c["lam"], c["log"])
-        except ValueError as e:
-            fail(f"--regress={col}: {e}")
-        if not res:
-            fail(f"--regress={col}: too few labelled volumes for 5-fold cross-validation")
+        res = cross_validate(Z, ds.labels[col], ds.folds, c["lam"], c["log"])
         v = np.array(list(res.values()))
         results[col] = dict(target=f"log({col})" if c["log"] else col, lam=c["lam"], r2_per_fold=res,
                             r2_mean=float(v.mean()), r2_std=float(v.std()), n=int(np.isfinite(ds.labels[col]).sum()))

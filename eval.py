@@ -4,7 +4,8 @@ Evaluate HA-GAN: image quality as in the paper's Tables II-IV, and cost as in Ta
 Quality: generated volumes vs the held-out fold's real volumes in the feature space of a 3D ResNet built like
 Med3D's (Chen et al. 2019, https://arxiv.org/abs/1904.00625), as the paper did, or of Merlin's CT foundation model
 (its I3ResNet-152 trunk as Astra fine-tuned it on chest CT; README: the pip command that fetches it), and in HU
-(domain metrics), each score beside its real-vs-real floor. The real set's figures are cached (--feature_cache).
+(domain metrics), each score beside its real-vs-real floor. The real set's figures are cached (--feature_cache,
+by default in the store's folder feature_cache/, or beside eval.json where the store is read-only).
     python eval.py --ckpt=out/ckpt.pt --data_dir=data/demo              # random-init features, labelled so
     python eval.py --ckpt=out/ckpt.pt --data_dir=data/demo --features=pretrain/resnet_50.pth --num=256
     python eval.py --ckpt=out/fold{fold}/ckpt.pt --data_dir=data/gsp --features=pretrain/resnet_50.pth --folds
@@ -15,6 +16,7 @@ sub-volume selection (non-amortised), sampling time and the store's read rates; 
     python eval.py --bench                                   # S = 32,64,128,256, batch 2, float32
     python eval.py --bench --sizes=32,64 --dtype=bfloat16 --mem_limit_gb=12
     python eval.py --bench --sizes=128,256 --flops_only                 # FLOPs counted on the meta device, no run
+    python eval.py --help; python eval.py --bench --help         # every key, its default and meaning
 """
 
 import hashlib
@@ -36,7 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import prepare
 from configurator import autocast, fail, override, peak_tflops, pick_device
 from model import HAGAN, NETS, HAGANConfig, load_checkpoint, slab_range
-from prepare import NUM_FOLDS, VolumeDataset, from_unit, store_fingerprint, writable_dir, write_atomic
+from prepare import NUM_FOLDS, VolumeDataset, from_unit, store_fingerprint, writable_dir, write_atomic, write_json
 
 # -----------------------------------------------------------------------------
 # quality settings (python eval.py --key=value overrides them; --flag alone means True)
@@ -47,10 +49,10 @@ config = dict(
     features="",  # MedicalNet resnet_*.pth, a Merlin checkpoint or the Astra trunk file (README); '' = random init
     fold=-1,  # held-out fold; -1 = the fold the checkpoint was trained without (its config), else 0
     folds=False,  # all 5 folds, mean +- std like Tables II-IV
-    k=3,  # neighbours for improved precision/recall (Kynkaanniemi et al. 2019 use 3)
+    k=3,  # neighbours for improved precision/recall (Kynkaanniemi et al. 2019 use 3); at most each set's size - 1
     ssim_pairs=16,  # volume pairs for MS-SSIM among generated and among real volumes
     batch_size=2,  # volumes per generator / feature-network forward
-    chunk=0,  # >0: G^H runs this many A-slices at a time when sampling (bounded memory, same volumes)
+    chunk=-1,  # >0: G^H runs this many A-slices at a time when sampling (same volumes); 0 = all; -1 = all if it fits
     ema=True,  # evaluate the moving-average generator when the checkpoint has one
     seed=0,  # latent codes, real-data halves and the random-init feature net
     draws=1,  # >1: score this many sets of `num` generated volumes (seeds seed, seed+1, ...): mean +- std over draws
@@ -58,11 +60,14 @@ config = dict(
     dtype="float32",  # autocast dtype for the generator ('float32', 'bfloat16', 'float16')
     feat_dtype="float32",  # autocast dtype for the feature net: 'bfloat16' for GPUs (far slower on CPUs without bf16)
     merlin_size="96,96,64",  # Merlin's input X,Y,Z (its RAS order; Astra's own is 224,224,160): see to_merlin_input
-    feature_cache="out/feature_cache",  # real volumes' features + statistics, kept per store, weights, input; '' = off
+    feature_cache="auto",  # real volumes' features + statistics per store, weights, input; 'auto' = the store's
+    # feature_cache/ (beside eval.json if the store is read-only); '' = off
     threads=0,  # CPU threads (torch.set_num_threads); 0 = torch's default, one per core
     out="",  # output folder of eval.json ('' = the checkpoint's)
     overwrite=False,  # replace an existing eval.json
 )
+RANGES = dict(num=">=2", k=">=1", ssim_pairs=">=0", batch_size=">=1", chunk=">=-1", seed=">=0", draws=">=1",
+              fold=f"[-1,{NUM_FOLDS - 1}]", threads=">=0")  # configurator's rules (FID and MMD: 2 a side)
 # cost settings: python eval.py --bench [--key=value ...]
 bench_config = dict(
     sizes="32,64,128,256",  # S values
@@ -81,6 +86,8 @@ bench_config = dict(
     out="",  # output folder of bench.json ('' = out)
     overwrite=False,  # replace an existing bench.json
 )
+BENCH_RANGES = dict(batch_size=">=1", warmup=">=0", bench_seconds=">=0", mem_limit_gb=">=0", cell_timeout_s=">0",
+                    bench_width=">0", threads=">=0")
 
 # -----------------------------------------------------------------------------
 # metrics on feature vectors (float64; rows are samples)
@@ -134,12 +141,14 @@ def mmd(feats_a, feats_b):
 
 def precision_recall(real, fake, k=3):
     """Improved precision and recall (Kynkaanniemi et al. 2019): a set's manifold is the union of balls around its
-    points reaching their k-th nearest neighbour (k at most n-1). precision: share of fake inside the real
-    manifold; recall: share of real inside the fake one."""
+    points reaching their k-th nearest neighbour (1 <= k < n, else a ValueError). precision: share of fake inside
+    the real manifold; recall: share of real inside the fake one."""
     real, fake = _f64(real), _f64(fake)
+    if not 1 <= k < min(len(real), len(fake)):
+        raise ValueError(f"k={k}: precision/recall of {len(real)} and {len(fake)} points need 1 <= k < both")
 
     def radii(x):  # k+1: the point itself is at 0
-        return torch.kthvalue(_sqdist(x, x), max(1, min(k, len(x) - 1)) + 1, dim=1).values
+        return torch.kthvalue(_sqdist(x, x), k + 1, dim=1).values
 
     d = _sqdist(fake, real)  # (n_fake, n_real)
     precision = (d <= radii(real)[None, :]).any(1).double().mean()
@@ -157,8 +166,13 @@ HIST_BINS = 4096  # over the window: 0.4 HU per bin for CT's [-1024, 600]
 
 
 def unit_histogram(vols, bins=HIST_BINS):
-    """Counts of voxel values in [-1, 1] (stored and generated units), float64 (bins,)."""
-    return torch.histc(torch.as_tensor(vols).float().flatten().clamp(-1, 1), bins, -1.0, 1.0).double().cpu()
+    """Counts of voxel values in [-1, 1] (stored and generated units), float64 (bins,), counted in int64: float32
+    counts (torch.histc) stop growing at 2**24, fewer voxels than two 256^3 volumes put in the air bin."""
+    x = torch.as_tensor(vols).detach().flatten()
+    h = torch.zeros(bins, dtype=torch.int64, device=x.device)
+    for part in x.split(2**24):  # bounded int64 temporaries
+        h += torch.bincount(((part.float().clamp(-1, 1) + 1) * (bins / 2)).long().clamp_(0, bins - 1), minlength=bins)
+    return h.double().cpu()
 
 
 def wasserstein1(hist_a, hist_b, window):
@@ -409,6 +423,10 @@ def load_feature_file(path):
     """A --features file -> (net, description): a MedicalNet resnet_*.pth ('module.'-prefixed, conv1 (64,1,7,7,7)),
     a Merlin checkpoint (the trunk under 'encode_image.i3_resnet.') or a Merlin/Astra trunk ({'state_dict', 'meta'}
     or bare; conv1 (64,3,3,7,7)). Anything else, or a key missing, extra or misshapen: a one-line ValueError."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != b"PK\x03\x04" and head[:1] != b"\x80":  # torch.save's zip archive, or the legacy pickle
+        raise ValueError(f"{path}: not a weights file (torch.save writes a zip archive or a pickle; it starts {head!r})")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -497,7 +515,8 @@ def _output(folder, name, overwrite):
 
 def _write_json(path, obj):
     try:
-        write_atomic(path, lambda p: open(p, "w").write(json.dumps(obj, indent=1)))
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        write_json(path, obj)
     except OSError as e:
         fail(f"{path}: cannot write it ({e.strerror or e}); nothing half-written is left")
     print(f"\nwrote {path}")
@@ -510,12 +529,6 @@ def set_threads(c):
 
 def _check_settings(c):
     """The settings alone, cheapest first, one line each -> (device, Merlin's input size X,Y,Z)."""
-    least = dict(num=2, k=1, ssim_pairs=0, batch_size=1, chunk=0, threads=0, draws=1)  # FID, MMD: 2 a side
-    bad = [k for k, v in least.items() if c[k] < v]
-    if bad:
-        fail(", ".join(f"--{k}={c[k]}" for k in bad) + ": need " + ", ".join(f"{k} >= {least[k]}" for k in bad))
-    if not -1 <= c["fold"] < NUM_FOLDS:
-        fail(f"--fold={c['fold']}: use 0..{NUM_FOLDS - 1}, or -1 for the checkpoint's held-out fold")
     for k in ("dtype", "feat_dtype"):
         if c[k] not in ("float32", "bfloat16", "float16"):
             fail(f"--{k}={c[k]}: use float32, bfloat16 or float16")
@@ -549,9 +562,15 @@ def _check_checkpoints(c, ds_all, device):
         trained = int((ckpt.get("config") or {}).get("fold", 0))  # the fold it was trained without; -1: none
         fold = f if f >= 0 else max(trained, 0)
         try:
-            VolumeDataset(c["data_dir"], split="val", fold=fold)
+            n_val, n_all = len(VolumeDataset(c["data_dir"], split="val", fold=fold)), len(ds_all)
         except ValueError as e:
             fail(f"{e} (the held-out fold of {path})")
+        if n_val < 2 or n_all < 4:  # FID and MMD: 2 a side, also between two halves of the real volumes
+            fail(f"{c['data_dir']}: {n_val} volume(s) in held-out fold {fold}, {n_all} in all; the scores need at "
+                 f"least 2 and 4")
+        if c["k"] > (most := min(n_val, c["num"], n_all // 2) - 1):  # below every set's size: real, generated, halves
+            fail(f"--k={c['k']}: at most {most} here (held-out fold {fold}: {n_val} volumes, {n_all} in all, "
+                 f"--num={c['num']})")
         runs.append((fold, path, loaded[path]))
     note = None
     if c["fold"] < 0 and not c["folds"] and trained < 0:
@@ -714,12 +733,18 @@ def quality(c):
     device, merlin_size = _check_settings(c)
     first = c["ckpt"].replace("{fold}", "0" if c["folds"] else str(max(c["fold"], 0)))
     out = _output(c["out"] or os.path.dirname(first) or ".", "eval.json", c["overwrite"])
+    ds_all = _or_fail(VolumeDataset, c["data_dir"], split="all")
+    if c["feature_cache"] == "auto":  # beside the store, shared by every checkpoint scored on it
+        c = dict(c, feature_cache=os.path.join(c["data_dir"], "feature_cache"))
+        try:
+            writable_dir(c["feature_cache"])
+        except ValueError:  # a read-only store
+            c["feature_cache"] = os.path.join(os.path.dirname(out), "feature_cache")
     if c["feature_cache"]:  # written after the embedding: found unwritable then, the minutes would be lost
         try:
             writable_dir(c["feature_cache"])
         except ValueError as e:
             fail(f"{e}; choose another --feature_cache, or --feature_cache='' for none")
-    ds_all = _or_fail(VolumeDataset, c["data_dir"], split="all")
     runs, note = _check_checkpoints(c, ds_all, device)
     net, finfo, (input_name, input_desc) = _feature_space(c, ds_all, merlin_size)
     net = net.to(device)
@@ -1009,8 +1034,8 @@ def main(argv=None):
     """The quality table; with --bench, the cost table (bench_config's keys)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--bench" in argv:
-        return bench(override(dict(bench_config), [a for a in argv if a != "--bench"]))
-    return quality(override(dict(config), argv))
+        return bench(override(dict(bench_config), [a for a in argv if a != "--bench"], ranges=BENCH_RANGES))
+    return quality(override(dict(config), argv, ranges=RANGES))
 
 
 if __name__ == "__main__":

@@ -413,6 +413,7 @@ class Generator(nn.Module):
     def generate(self, z, c=None, chunk=0):
         """Whole volumes (B,1,D,H,W): G^H on all of A (paper Fig. 2). chunk=k runs G^H k slices of A at a time
         with the same result (to float rounding) in bounded memory."""
+        chunk = auto_chunk(self.cfg, len(z), 4, free_memory(z.device)) if chunk < 0 else chunk  # -1: what fits
         A = self.G_A(z, c)
         noise = self.noise(z, 0, self.cfg.shape[0])
         x = self._G_H_chunked(A, int(chunk), noise, c) if chunk else self.G_H(A, c, noise=noise)
@@ -459,6 +460,37 @@ def _depth_conv(x, w, padding_mode, x0, n, y0, y1):
     lo, hi = max(y0 - 1, 0), min(y1 + 1, n)
     mode = "replicate" if padding_mode == "replicate" else "constant"
     return F.conv3d(F.pad(x[:, :, lo - x0:hi - x0], (1, 1, 1, 1, lo - (y0 - 1), (y1 + 1) - hi), mode=mode), w)
+
+
+def auto_chunk(cfg, batch, bytes_per_elem, free_bytes):
+    """generate()'s chunk for `batch` volumes: 0 (all of A at once) when that render fits in free_bytes and no tensor
+    passes 2**31 elements (CUDA's indexing limit), else the most slices of A per chunk that fit (at least 1).
+    Conservative: conv2's input (B,C,rows,H/2,W/2) counted three times (normalised, padded, reordered by the conv
+    library) and its output rows four times (float32, tanh, scaled); a chunked render also keeps conv1's whole
+    output (B,C,D/2,H/2,W/2) and the volume."""
+    D, H, W = cfg.shape
+    c, n, V = cfg.ch(cfg.g_channels), cfg.a_shape[0], D * H * W
+    for k in [0] + list(range(n, 0, -1)):
+        rows = D // 2 if k == 0 else min(2 * k + 2, D // 2)  # conv2's input rows, its halo included
+        big, out = batch * c * rows * H * W // 4, batch * (D if k == 0 else 4 * k) * H * W
+        need = bytes_per_elem * (3 * big + 4 * out + (0 if k == 0 else batch * (c * V // 8 + V)))
+        if need <= free_bytes and big < 2**31:
+            return k
+    return 1
+
+
+def free_memory(device):
+    """Bytes a render can use on `device`: the GPU's free memory and what torch's allocator holds unused, or the
+    RAM the OS counts as available."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 # -----------------------------------------------------------------------------

@@ -10,7 +10,8 @@ block means in two float16 .npy memory maps, so that reading a batch is a memcpy
     python prepare.py --input="brains/**/*.mgz" --out=data/gsp --modality=mri
     python prepare.py --input=list.txt --input=more/ --out=data/ct160 --img_size=160,256,256 --spacing=1.5
     python data/demo/prepare.py    # the demo data set: phantoms, then prepare_dataset
-Inputs: NIfTI, MGH/MGZ, MINC1, Analyze, AFNI, PAR/REC or .npy; files, folders, globs or .txt lists.
+Inputs: NIfTI, MGH/MGZ, MINC1, Analyze, AFNI, PAR/REC or .npy; files, folders, globs or .txt lists. An input's id
+is its path under its --input, file-name safe and unique: scans/sub-01/ct.nii.gz of --input=scans/ is sub-01_ct.
 Re-running the same command resumes; the folder is valid once meta.json appears. The store (N inputs;
 rows of skipped inputs are holes in sparse files, costing no disk):
     hires.npy    [N, D, H, W]          float16 in [-1, 1], axis 0 = axial, inferior -> superior
@@ -23,6 +24,7 @@ Reading it (train.py, encode.py, eval.py):
     x, x_low, labels = ds.get_batch(4, slab_range(r, D, num_slabs), device, g)  # one slab: (B,1,D/num_slabs,H,W)
 """
 import csv
+import errno
 import glob
 import hashlib
 import io
@@ -56,6 +58,7 @@ config = dict(
     first_volume=False,  # 4D series: use the first volume instead of skipping the file
     workers=1,  # processes; each holds about one raw volume (x4 in float32 temporaries) in memory
 )
+RANGES = dict(spacing="-1|>0", workers=">=1")  # configurator's rules; img_size by parse_size
 # -----------------------------------------------------------------------------
 
 FORMAT_VERSION = 1
@@ -118,14 +121,29 @@ def parse_size(s):
     return size
 
 
-def volume_id(path):
-    """File name without its image endings: 'scans/a/0042.nii.gz' -> '0042', 'scaled+tlrc.BRIK' -> 'scaled+tlrc'."""
-    name = os.path.basename(path.rstrip("/"))
+def volume_id(name):
+    """A path without its image endings: 'sub-01/ct.nii.gz' -> 'sub-01/ct', 'scaled+tlrc.BRIK' -> 'scaled+tlrc'."""
+    name = name.replace(os.sep, "/").strip("/")
     for end in (".gz", ".bz2", ".zst"):
         if name.lower().endswith(end):
             name = name[:-len(end)]
     stem, ext = os.path.splitext(name)
     return stem if ext else name
+
+
+def input_ids(names):
+    """Inputs' names (paths under their --input, find_inputs) -> ids: endings dropped, folders joined by '_'
+    (safe_name), a clash numbered ('ct', 'ct_2'): 'sub-01/ct.nii.gz' -> 'sub-01_ct'."""
+    ids, seen = [], set()
+    for n in names:
+        base, k = safe_name(volume_id(n)), 1
+        vid = base
+        while vid in seen:
+            k += 1
+            vid = f"{base}_{k}"
+        seen.add(vid)
+        ids.append(vid)
+    return ids
 
 
 def canonical_affine(spacing, shape):
@@ -321,7 +339,12 @@ def prepare_file(path, meta):
 
 
 def writable_dir(path):
-    """Create folder `path` if needed and check that we can write there, before any long work starts."""
+    """Check that folder `path` can be made and written, before any long work starts: by making it and a file there,
+    then removing what was made, so that a run refused later leaves no empty folder behind."""
+    made, p = [], os.path.abspath(path)
+    while not os.path.exists(p):
+        made.append(p)
+        p = os.path.dirname(p)
     try:
         os.makedirs(path, exist_ok=True)
         probe = os.path.join(path, f".write_test{os.getpid()}")
@@ -329,6 +352,10 @@ def writable_dir(path):
         os.remove(probe)
     except OSError as e:
         raise ValueError(f"{path}: cannot write there ({e.strerror or e})") from None
+    finally:
+        for d in made:  # deepest first; only empty folders go
+            if os.path.isdir(d) and not os.listdir(d):
+                os.rmdir(d)
 
 
 def is_dicom(path):
@@ -343,19 +370,23 @@ def is_dicom(path):
 
 
 def find_inputs(specs, exclude=""):
-    """--input values -> (paths, missing): paths in order, duplicates removed; folders searched recursively.
-    A store's own arrays (an --out inside an input folder, `exclude`'s) are never inputs. DICOM files are
+    """--input values -> (found, missing): found = [(path, name)] in order, duplicates removed, name the path under
+    the --input that found it (a folder, searched recursively; a glob's fixed part; a list's folder; a file: its
+    name). A store's own arrays (an --out inside an input folder, `exclude`'s) are never inputs. DICOM files are
     listed in `missing` with how to convert them (a reason starting 'DICOM')."""
     out, missing = [], []
     is_image = lambda p: p.lower().endswith(IMAGE_ENDINGS)
     for spec in specs:
+        start = len(out)
+        base = os.path.dirname(spec)
         if any(ch in spec for ch in "*?["):
+            base = os.path.dirname(spec[:min(spec.find(ch) for ch in "*?[" if ch in spec)])
             found = sorted(glob.glob(spec, recursive=True))
             out += [p for p in found if os.path.isfile(p)]
             if not found:
                 missing.append((spec, "glob matches nothing"))
         elif os.path.isdir(spec):
-            dicom = None
+            base, dicom = spec, None
             for root, dirs, files in os.walk(spec):
                 dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # hidden: .partial/ writes, .git
                 files = [f for f in sorted(files) if not f.startswith(".")]
@@ -377,13 +408,16 @@ def find_inputs(specs, exclude=""):
             out.append(spec)
         else:
             missing.append((spec, "no such file or folder"))
+        for k in range(start, len(out)):  # a path outside its base (an absolute list entry): its file name
+            rel = os.path.relpath(out[k], base or ".")
+            out[k] = (out[k], os.path.basename(out[k]) if rel.startswith("..") else rel)
     own = {os.path.realpath(os.path.join(exclude, f)) for f in STORE_FILES} if exclude else set()
     seen, uniq = set(), []
-    for p in out:
+    for p, name in out:
         rp = os.path.realpath(p)
         if rp not in seen and rp not in own and not is_store_file(rp):
             seen.add(rp)
-            uniq.append(p)
+            uniq.append((p, name))
     return uniq, missing
 
 
@@ -397,7 +431,8 @@ def read_labels(path):
     """labels.csv -> (columns, {id: {column: value}}), as spreadsheets export it: UTF-8 (with or without a BOM),
     UTF-16 or Latin-1; commas, tabs, or semicolons with decimal commas; quotes; empty trailing columns. 'id' names
     the scan (with or without its file ending); 'class' is an integer >= 0 in every row; other columns are numbers
-    or empty/NA. Else a one-line ValueError naming the file, the row (the header is row 1) and the column."""
+    or empty/NA. Else a one-line ValueError naming the file, the row (the header is row 1) and the column. An id
+    keeps its folders (sub-01/ct.nii.gz -> sub-01/ct): match_labels finds its input."""
     try:
         raw = open(path, "rb").read()
     except OSError as e:
@@ -436,7 +471,7 @@ def read_labels(path):
         cells = {h: (row[j].strip() if j < len(row) else "") for j, h in enumerate(names)}
         vid = cells.pop("id")
         if vid.lower().endswith(IMAGE_ENDINGS + (".img",)):
-            vid = volume_id(vid)  # a file name: its id
+            vid = volume_id(vid)  # a file name: without its ending
         if not vid:
             raise ValueError(f"{path}: row {n}, column 'id': empty")
         if vid in table:
@@ -464,6 +499,30 @@ def _label_value(where, column, v, delim):
     return v if num == v else repr(x)
 
 
+def match_labels(table, ids, names, where):
+    """labels.csv's {id: row} -> ({input id: row}, the ids that name no input). A row names an input by its path
+    under --input (sub-01/ct, its id sub-01_ct), or by its file name alone where one input has that name; a name
+    that several inputs share is a one-line ValueError."""
+    stems, known = {}, set(ids)
+    for i, n in zip(ids, names):
+        stems.setdefault(volume_id(os.path.basename(n)), []).append(i)
+    out, unmatched, by = {}, [], {}
+    for key, row in table.items():
+        vid = safe_name(key) if safe_name(key) in known else None
+        if vid is None and len(stems.get(key, ())) > 1:
+            raise ValueError(f"{where}: id {key!r} is the file name of {len(stems[key])} inputs ("
+                             f"{', '.join(stems[key][:3])}); name each by its path under --input, e.g. "
+                             f"{names[ids.index(stems[key][0])]}")
+        vid = vid or (stems.get(key) or [None])[0]
+        if vid is None:
+            unmatched.append(key)
+        elif vid in out:
+            raise ValueError(f"{where}: ids {by[vid]!r} and {key!r} name the same input {vid}; one row per scan")
+        else:
+            out[vid], by[vid] = row, key
+    return out, unmatched
+
+
 def prepare_dataset(inputs, out, img_size=256, modality="ct", window="", labels="", workers=1,
                     first_volume=False, spacing=-1.0, stretch=False, on_done=None, log=print):
     """Prepare every input into the folder out; 0 once at least one volume is ok, else a one-line ValueError (before
@@ -479,29 +538,25 @@ def prepare_dataset(inputs, out, img_size=256, modality="ct", window="", labels=
                     labels=os.path.abspath(labels) if labels else "")
     label_cols, table = read_labels(labels) if labels else ([], {})
     writable_dir(out)
-    # the plan: one job per input, in order; missing files, duplicate ids and unlabeled ids are skipped up front
-    paths, missing = find_inputs(inputs, exclude=out)
+    # the plan: one job per input, in order; missing files and unlabeled ids are skipped up front
+    found, missing = find_inputs(inputs, exclude=out)
     dicom = [(p, why) for p, why in missing if why.startswith("DICOM")]
     missing = [m for m in missing if m not in dicom]
-    if not paths and (dicom or missing):  # nothing to read at all: say why before writing anything
+    if not found and (dicom or missing):  # nothing to read at all: say why before writing anything
         raise ValueError("{}: {}".format(*(dicom or missing)[0]))
     for p, why in dicom:
         log(f"warning: {p}: {why}")
-    jobs, seen = [], {}
-    for p in paths:
-        vid = volume_id(p)
-        job = dict(index=len(jobs), id=vid, source=os.path.abspath(p))
-        if vid in seen:
-            job.update(status="skipped", reason=f"{p}: duplicate id {vid} (also {seen[vid]})")
-        elif labels and vid not in table:
-            job.update(status="skipped", reason=f"{p}: id {vid} has no row in {labels}")
-        else:
-            seen[vid] = p
-        jobs.append(job)
-    for p, why in missing:
-        jobs.append(dict(index=len(jobs), id=volume_id(p), source=p, status="skipped", reason=f"{p}: {why}"))
-    for vid in sorted(set(table) - set(seen)):
-        log(f"warning: {labels}: id {vid} has no input volume; label ignored")
+    ids = input_ids([n for _, n in found] + [os.path.basename(p) for p, _ in missing])
+    table, unmatched = match_labels(table, ids[:len(found)], [n for _, n in found], labels)
+    jobs = []
+    for (p, _), vid in zip(found, ids):
+        jobs.append(dict(index=len(jobs), id=vid, source=os.path.abspath(p)))
+        if labels and vid not in table:
+            jobs[-1].update(status="skipped", reason=f"{p}: id {vid} has no row in {labels}")
+    for (p, why), vid in zip(missing, ids[len(found):]):
+        jobs.append(dict(index=len(jobs), id=vid, source=p, status="skipped", reason=f"{p}: {why}"))
+    for key in sorted(unmatched):
+        log(f"warning: {labels}: id {key} has no input volume; label ignored")
     if not jobs:
         raise ValueError(f"{', '.join(inputs) or '--input'}: no input scans found there "
                          f"({', '.join(IMAGE_ENDINGS)}); nothing prepared")
@@ -542,6 +597,7 @@ def _open_store(out, plan, log):
                     pass  # a line cut short by a kill: that volume is redone
         log(f"{out}: resuming, {len(done)}/{N} inputs already done")
         return done
+    os.makedirs(out, exist_ok=True)
     with open(ppath + ".tmp", "w") as f:  # first: from now on this folder says what it is becoming
         json.dump(plan, f)
     os.replace(ppath + ".tmp", ppath)
@@ -743,13 +799,20 @@ def safe_name(s):
 
 
 def write_atomic(path, write):
-    """write(tmp) then rename, so an interrupted run never leaves a half-written file under `path`. An OSError
-    (a full disk) names `path` as its filename."""
+    """write(tmp), flushed to the disk and checked, then a rename, so that an interrupted run or a full disk never
+    leaves a short file under `path`. An OSError (a full disk) names `path` as its filename."""
     base = os.path.basename(path)
     ext = next((e for e in (".nii.gz", ".nii", ".npy", ".json", ".png", ".csv") if base.endswith(e)), "")
     tmp = os.path.join(os.path.dirname(path), f".{base[:len(base) - len(ext)]}.tmp{os.getpid()}{ext}")
     try:
         write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # a write error the page cache held back surfaces here
+        if ext == ".npy":  # np.save can lose a failed write without raising: its header and length, read back
+            try:
+                np.load(tmp, mmap_mode="r")
+            except ValueError as e:
+                raise OSError(errno.EIO, f"written short ({e})") from None
         os.replace(tmp, path)
     except OSError as e:
         e.filename, e.filename2 = path, None
@@ -757,6 +820,16 @@ def write_atomic(path, write):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_json(path, obj):
+    """obj as indented JSON, by write_atomic."""
+    write_atomic(path, lambda p: write_bytes(p, json.dumps(obj, indent=1, default=str).encode()))
+
+
+def write_bytes(p, data):
+    with open(p, "wb") as f:  # `with`: an error on close (a full disk) raises
+        f.write(data)
 
 
 def write_volume(path, x, meta, descrip=""):
@@ -803,7 +876,7 @@ def save_montage(path, vols):
     png = (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", img.shape[1], img.shape[0], 8, 0, 0, 0, 0))
            + png_chunk(b"IDAT", zlib.compress(raw, 6)) + png_chunk(b"IEND", b""))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    write_atomic(path, lambda p: open(p, "wb").write(png))
+    write_atomic(path, lambda p: write_bytes(p, png))
 
 
 # -----------------------------------------------------------------------------
@@ -921,7 +994,7 @@ class VolumeDataset:
 
 
 def main(argv=None):
-    c = override(dict(config), argv)
+    c = override(dict(config), argv, ranges=RANGES)
     if not c["input"] or not c["out"]:
         fail("--input and --out are needed: python prepare.py --input=PATH [--input=PATH ...] --out=data/NAME "
              "[--img_size=256] [--modality=ct|mri]   (the demo: python data/demo/prepare.py)")

@@ -6,13 +6,15 @@ a viewer opens right side up: CT in int16 Hounsfield units, MRI in float32, with
     python sample.py --ckpt=out/ckpt.pt --num=100 --seed=0 --batch_size=4 --png
     python sample.py --label=3 --num=20                                # class-conditional model: class 3 only
     python sample.py --chunk=8                                         # G^H 8 A-slices at a time: same volumes, less memory
+    python sample.py --help                                            # every key, its default and meaning
     python sample.py --official=HA_GAN_run1/G_iter80000.pth --out=official/ --format=npy
     python sample.py --interp=8 --seed=1 --seed2=2 --png               # 8 steps on the great circle z(1) -> z(2)
     python sample.py --direction=features/direction_lung_volume_ml.npy --steps=7 --scale=3 --png
 
 Volume i's z comes from seed+i, whatever --batch_size: OUT/seed001337.nii.gz, a .json sidecar (checkpoint,
 iteration, seed, class), with --png its mid-planes. A series: OUT/interp_1_2_00.nii.gz ... or
-OUT/<direction>_s1337_00.nii.gz ..., and one .png. Nothing is overwritten without --overwrite.
+OUT/<direction>_s1337_00.nii.gz ..., and one .png. Nothing is overwritten without --overwrite. G^H renders the
+whole volume at once when it fits in the free memory, else in chunks (it says so): the same volumes either way.
 """
 
 import json
@@ -26,8 +28,8 @@ import numpy as np
 import torch
 
 from configurator import autocast, fail, override, pick_device
-from model import HAGAN, load_checkpoint
-from prepare import output_affine, read_meta, safe_name, save_montage, writable_dir, write_atomic, write_volume
+from model import HAGAN, auto_chunk, free_memory, load_checkpoint
+from prepare import output_affine, read_meta, safe_name, save_montage, writable_dir, write_json, write_volume
 
 # -----------------------------------------------------------------------------
 config = dict(
@@ -41,8 +43,9 @@ config = dict(
     seed2=-1,  # --interp: the end point's seed; -1 = seed + 1
     batch_size=1,  # volumes per forward; does not change the output
     label=-1,  # conditional model: class of every volume; -1 = classes in turn (volume i gets i % K)
-    chunk=0,  # > 0: run G^H this many A-slices at a time (exact, bounded memory; model.py); 0 = all at once
+    chunk=-1,  # > 0: run G^H this many A-slices at a time (exact, bounded memory); 0 = all at once; -1 = 0 if it fits
     device="auto",  # 'cpu', 'cuda', 'cuda:1'...; 'auto' = cuda if available
+    threads=0,  # CPU threads (torch.set_num_threads); 0 = torch's default
     dtype="float32",  # 'float32', 'bfloat16' or 'float16' autocast (G's last conv and tanh stay float32)
     ema=True,  # use the moving average of G's weights when the checkpoint has one
     format="nii.gz",  # 'nii.gz', 'nii' or 'npy' (npy: the same intensities, no geometry)
@@ -53,6 +56,8 @@ config = dict(
     steps=7,  # --direction: number of volumes in the traversal
     scale=3.0,  # --direction: go from -scale to +scale standard deviations of z along the direction
 )
+RANGES = dict(num=">=1", seed=">=0", seed2=">=-1", batch_size=">=1", label=">=-1", chunk=">=-1", threads=">=0",
+              interp=">=0", steps=">=1", scale=">0")  # configurator's rules, checked before anything runs
 # -----------------------------------------------------------------------------
 
 # the official code's data (COPDGene CT, paper Sec. IV-A); it keeps no geometry, so 1 mm voxels are a guess (--meta)
@@ -155,6 +160,7 @@ def write_all(c, model, meta, src, n, item, series):
     shown = {round(j * (n - 1) / (MONTAGE_ROWS - 1)) for j in range(MONTAGE_ROWS)} if n > MONTAGE_ROWS else range(n)
     previews, written = [], 0
     try:  # a full disk: one line; write_atomic leaves no temp file, and the volumes written so far are whole
+        os.makedirs(out, exist_ok=True)
         for i in range(0, n, c["batch_size"]):
             batch = [item(j) for j in range(i, min(i + c["batch_size"], n))]
             z = torch.stack([it[1] for it in batch]).to(c["device"])  # (B, latent_dim)
@@ -168,8 +174,7 @@ def write_all(c, model, meta, src, n, item, series):
                 side = dict(src, seed=extra.pop("seed"), **({} if k is None else {"class": k}), **extra,
                             chunk=c["chunk"], dtype=c["dtype"], shape=list(v.shape))
                 write_volume(os.path.join(out, name + ext), v, meta, f"HA-GAN {name}")
-                write_atomic(os.path.join(out, name + ".json"),
-                             lambda p: open(p, "w").write(json.dumps(side, indent=1)))
+                write_json(os.path.join(out, name + ".json"), side)
                 if c["png"] and not series:  # mid-planes as prepare.py's stored orientation (S,P,L) shows them
                     save_montage(os.path.join(out, name + ".png"), [v])
                 if c["png"] and series and j in shown:
@@ -182,18 +187,18 @@ def write_all(c, model, meta, src, n, item, series):
         if previews:
             save_montage(os.path.join(out, series + ".png"), previews)
     except OSError as e:  # write_atomic's: e.filename is the file being written
-        fail(f"{e.filename}: cannot write it ({e.strerror or e}); the {written} volume(s) before it are complete, "
+        fail(f"{e.filename or out}: cannot write it ({e.strerror or e}); the {written} volume(s) before it are complete, "
              f"and nothing half-written is left")
 
 
 def main(argv=None):
-    c = override(dict(config), argv)
+    c = override(dict(config), argv, ranges=RANGES)
     if c["format"] not in ("nii.gz", "nii", "npy"):
         fail(f"--format={c['format']}: use nii.gz, nii or npy")
     if c["dtype"] not in ("float32", "bfloat16", "float16"):
         fail(f"--dtype={c['dtype']}: use float32, bfloat16 or float16")
-    if c["num"] < 1 or c["batch_size"] < 1 or c["chunk"] < 0 or c["interp"] < 0 or c["steps"] < 1:
-        fail("--num, --batch_size and --steps must be >= 1, --chunk and --interp >= 0")
+    if c["threads"]:
+        torch.set_num_threads(c["threads"])
     try:
         c["device"] = pick_device(c["device"])
         writable_dir(c["out"])  # an unwritable folder fails here, before the model is loaded
@@ -206,7 +211,7 @@ def main(argv=None):
     pattern = re.compile((re.escape(series) + "_" if series else "seed") + r"(\d+)("
                          + "|".join(map(re.escape, mine)) + ")")
     taken = []
-    for f in sorted(os.listdir(c["out"])):
+    for f in sorted(os.listdir(c["out"]) if os.path.isdir(c["out"]) else []):
         m = pattern.fullmatch(f)
         i = int(m.group(1)) - (0 if series else c["seed"]) if m else -1
         if (m and 0 <= i < n and item(i)[0] + m.group(2) == f) or (c["png"] and series and f == series + ".png"):
@@ -214,6 +219,12 @@ def main(argv=None):
     if taken and not c["overwrite"]:
         fail(f"{os.path.join(c['out'], taken[0])} exists ({len(taken)} of the output files do); pass --overwrite or "
              f"another --out")
+    if c["chunk"] < 0:  # the whole volume at once where it fits, else the largest chunk that does
+        free = free_memory(c["device"])
+        c["chunk"] = auto_chunk(model.cfg, c["batch_size"], 4, free)
+        if c["chunk"]:
+            print(f"chunk {c['chunk']}: the whole-volume render of {c['batch_size']} volume(s) would not fit in the "
+                  f"{free / 2**30:.1f} GiB free on {c['device']} (or passes 2^31 elements); --chunk=0 forces it")
     affine = output_affine(meta, model.cfg.shape)
     units = "int16 HU" if meta.get("modality") == "ct" and meta.get("window") else "float32"
     print(f"{n} volume(s) {'x'.join(map(str, model.cfg.shape))} -> {c['out']}/ ({meta.get('modality', '?')}, {units}"

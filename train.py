@@ -7,8 +7,10 @@ Two GPUs of one machine (torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; NCCL on CUDA,
 $ torchrun --standalone --nproc_per_node=2 train.py config/train_lung_ct.py
 Two nodes of 8 GPUs each, run on both (the first node's address as the rendezvous endpoint):
 $ torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py ...
-Resume after a crash, Ctrl-C or a pre-emption (the same command plus):
+Resume after a crash, Ctrl-C or a pre-emption (the same command plus; without it, a folder holding a run is refused):
 $ python train.py config/train_demo.py --init_from=resume
+Every key, its default, range and meaning:
+$ python train.py --help
 Fine-tune the official pretrained weights (D, E and Sub_E are found beside G's file):
 $ python train.py config/train_lung_ct.py --init_from=/path/to/G_iter80000.pth
 """
@@ -26,6 +28,17 @@ from collections import namedtuple
 from copy import deepcopy
 from dataclasses import asdict, fields
 
+
+def stop_early(signum, frame):
+    """Ctrl-C or SIGTERM before the loop: one line and the shell's exit code for that signal, no traceback."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"stopped by {signal.Signals(signum).name} before training started", file=sys.stderr, flush=True)
+    sys.exit(128 + signum)
+
+
+signal.signal(signal.SIGINT, stop_early)  # before importing torch, which takes seconds
+signal.signal(signal.SIGTERM, stop_early)
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -33,7 +46,7 @@ import torch.distributed as dist
 from configurator import autocast, fail, override, peak_tflops, pick_device
 from eval import band_fractions, count_flops, ms_ssim_pairs, unit_histogram, wasserstein1
 from model import NETS, HAGAN, Extras, HAGANConfig, model_config, pairwise_l1, read_checkpoint
-from prepare import VolumeDataset, save_montage, store_fingerprint, to_unit, writable_dir
+from prepare import NUM_FOLDS, VolumeDataset, save_montage, store_fingerprint, to_unit, writable_dir
 
 # -----------------------------------------------------------------------------
 # default config: the paper's settings for 256^3 (Sec. III-E); config/*.py and --key=value override them
@@ -42,6 +55,7 @@ config = dict(
     data_dir="data/demo",  # a folder written by prepare.py
     fold=0,  # held-out fold of the 5-fold split (training uses the other four); -1 = train on every volume
     init_from="scratch",  # 'scratch', 'resume' (out/ckpt.pt), or the path of an official G_iterN.pth
+    overwrite=False,  # a new run into an out that holds one: delete its checkpoints and log.jsonl first
     # the model (HAGANConfig; a resumed run keeps its checkpoint's)
     img_size=-1,  # S, or [D, H, W] for non-cubic volumes; -1 = the prepared data's size
     width=1.0,  # channel multiplier of every network (1.0 = the official model)
@@ -97,8 +111,15 @@ config = dict(
     wandb_project="hagan",  # its project
     wandb_run_name="run",  # its run name
 )
+# the allowed values of the numeric keys (configurator's rules), checked before anything runs; img_size by HAGANConfig
+RANGES = dict(fold=f"[-1,{NUM_FOLDS - 1}]", width=">0", latent_dim=">=1", num_classes=">=0", num_slabs=">=1",
+              batch_size=">=1", grad_accum=">=1", max_iters=">=1", lr_G=">0", lr_E=">0", lr_D=">0", beta1="[0,1)",
+              beta2="[0,1)", lambda1=">=0", lambda2=">=0", lambda_class=">=0", ema_decay="[0,1)", r1_gamma=">=0",
+              r1_interval=">=1", lambda_div=">=0", lr_decay_start=">=0", lr_decay_iters=">=0", enc_interval=">=1",
+              mbstd_group=">=0", d_width=">=0", d_stretch=">=0", threads=">=0", seed=">=0", log_interval=">=1",
+              ckpt_interval=">=0", sample_interval=">=0", num_samples=">=1", quality_num=">=2")
 given = set()  # the keys that config files or the command line set (resume checks them against the checkpoint)
-override(config, given=given)
+override(config, given=given, ranges=RANGES)
 ARCH = [f.name for f in fields(HAGANConfig) if f.name in config]  # the model's keys
 
 # -----------------------------------------------------------------------------
@@ -109,10 +130,6 @@ try:
     device = pick_device(config["device"])
 except ValueError as e:
     fail(str(e))
-if config["threads"] < 0:
-    fail(f"threads={config['threads']}: use 0 (torch's default) or a number of threads")
-if config["enc_interval"] < 1:
-    fail(f"enc_interval={config['enc_interval']}: use 1 (the paper: every iteration) or a larger whole number")
 if config["lr_decay_iters"] and not 0 <= config["lr_decay_start"] < config["lr_decay_iters"]:
     fail(f"lr_decay_start={config['lr_decay_start']}, lr_decay_iters={config['lr_decay_iters']}: the decay must start "
          f"at an iteration >= 0 and before it ends")
@@ -142,15 +159,17 @@ if device_type == "cuda":
     torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels once
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-per_rank = config["batch_size"] // (world * config["grad_accum"]) if config["grad_accum"] > 0 else 0
+per_rank = config["batch_size"] // (world * config["grad_accum"])
 if per_rank * world * config["grad_accum"] != config["batch_size"] or per_rank < 1:
     fail(f"batch_size={config['batch_size']} must be a multiple of world size ({world}) x grad_accum "
          f"({config['grad_accum']})")
-if config["log_interval"] < 1 or config["ckpt_interval"] < 0 or config["sample_interval"] < 0:
-    fail(f"log_interval={config['log_interval']} must be >= 1, ckpt_interval={config['ckpt_interval']} and "
-         f"sample_interval={config['sample_interval']} >= 0 (0: a checkpoint only at the end, no montages)")
 if config["lambda_div"] > 0 and per_rank < 2:  # the hinge compares pairs within a micro-batch
     fail(f"lambda_div needs 2 or more volumes per micro-batch, not {per_rank}: raise batch_size or lower grad_accum")
+if config["wandb_log"] and master:
+    try:
+        import wandb  # only when asked for
+    except ImportError:
+        fail("wandb_log=True needs the wandb package (pip install wandb)")
 
 
 def log(*a):
@@ -192,13 +211,14 @@ if config["lr_decay_iters"] and config["max_iters"] > config["lr_decay_iters"]:
 # data, model, optimisers
 
 out_dir = config["out"]
-err = None
-if master:
-    try:
-        writable_dir(out_dir)
-    except ValueError as e:
-        err = f"{e}; choose another --out"
-stop_if_failed(err)
+if config["init_from"] != "resume" and not config["overwrite"]:  # a run's folder is its own: never replaced silently
+    for name in ("ckpt.pt", "ckpt.prev.pt"):
+        if os.path.exists(path := os.path.join(out_dir, name)):
+            try:
+                at = f"at iteration {read_checkpoint(path, mmap=True).get('iter_num', '?')}"
+            except ValueError:
+                at = f"({name} is damaged)"
+            fail(f"{out_dir} holds a run {at}: pass --init_from=resume to continue or --overwrite to start again")
 try:
     ds = VolumeDataset(config["data_dir"], split="train", fold=config["fold"])
 except (FileNotFoundError, ValueError) as e:
@@ -288,6 +308,13 @@ resuming = config["init_from"] == "resume"
 ckpt, ckpt_path, ckpt_trusted = resume_checkpoint() if resuming else (None, None, True)
 cfg = model_settings()
 check_data(cfg)
+err = None
+if master:
+    try:
+        writable_dir(out_dir)  # created only once everything is checked (config.json below)
+    except ValueError as e:
+        err = f"{e}; choose another --out"
+stop_if_failed(err)
 log(f"{config['data_dir']}: training on {len(ds)} volumes ("
     + ("every volume, fold=-1" if config["fold"] == -1 else f"fold {config['fold']} held out") + ") of "
     + "x".join(map(str, cfg.shape)))
@@ -331,6 +358,8 @@ if resuming:
     if ema is not None and ckpt.get("ema_G"):
         ema.load_state_dict(ckpt["ema_G"])
     iter_num = ckpt["iter_num"]
+    if iter_num >= config["max_iters"]:
+        fail(f"{ckpt_path} is at iteration {iter_num}, max_iters={config['max_iters']}: raise max_iters to train on")
     rng = ckpt["rng"]
     random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
     np.random.set_state(tuple(rng["numpy"][:1]) + (np.array(rng["numpy"][1], dtype=np.uint32),) + tuple(rng["numpy"][2:]))
@@ -366,16 +395,37 @@ flops = config["grad_accum"] * (fl["D"] + fl["G"] + (fl["E_H"] + fl["E_G"]) / co
 used_config = dict(config, **{k: v for k, v in asdict(cfg).items() if k in ARCH})
 run_config = dict(used_config, resolved=dict(device=device, dtype=dtype, world=world, per_rank_batch=per_rank,
                                              threads=torch.get_num_threads(), model_args=asdict(cfg)))
-err = None
-if master:
-    log(json.dumps(run_config, indent=1, default=str))
+
+
+def start_files():
+    """config.json, and log.jsonl as this run continues it: on resume its records up to the resumed iteration (the
+    later ones are redone), else empty, the old run's checkpoints deleted (--overwrite). None, or the failure's line."""
+    path = os.path.join(out_dir, "log.jsonl")
     try:
-        with open(os.path.join(out_dir, "config.json"), "w") as f:
-            json.dump(run_config, f, indent=1, default=str)
+        os.makedirs(out_dir, exist_ok=True)
+        keep = []
+        if resuming and os.path.exists(path):
+            with open(path) as f:
+                for ln in f:
+                    try:
+                        keep += [ln.rstrip("\n") + "\n"] if json.loads(ln)["iter"] <= iter_num else []
+                    except (ValueError, KeyError, TypeError):
+                        pass  # a line cut short by a kill
+        for name in () if resuming else ("ckpt.pt", "ckpt.prev.pt"):
+            if os.path.exists(os.path.join(out_dir, name)):
+                os.remove(os.path.join(out_dir, name))
+        for name, text in (("log.jsonl", "".join(keep)), ("config.json", json.dumps(run_config, indent=1, default=str))):
+            with open(os.path.join(out_dir, name + ".tmp"), "w") as f:
+                f.write(text)
+            os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
     except OSError as e:
-        err = f"{os.path.join(out_dir, 'config.json')}: cannot write it ({e.strerror or e}); free some space or " \
-              f"choose another --out"
-stop_if_failed(err)
+        return f"{e.filename or out_dir}: cannot write it ({e.strerror or e}); free some space or choose another --out"
+    log(f"{os.path.join(out_dir, 'config.json')}: {device}, {dtype}, {world} rank(s) x {per_rank} volume(s) x "
+        f"{config['grad_accum']} micro-batch(es), iterations {iter_num + 1}..{config['max_iters']}")
+    return None
+
+
+stop_if_failed(start_files() if master else None)
 
 
 def lr_scale(it):
@@ -486,7 +536,7 @@ def quality_signal():
     """Cheap signs of collapse, quality_num samples against as many training volumes: the MS-SSIM of generated pairs
     beside real pairs' (much higher = the samples look alike), the intensity Wasserstein-1 in the data's units, and
     for CT the worst tissue band's fraction relative to real. eval.py reports the same measures, with floors."""
-    n = max(2, config["quality_num"])
+    n = config["quality_num"]
     gen = torch.Generator().manual_seed(config["seed"] + 1)
     fake = samples(torch.randn(n, cfg.latent_dim, generator=gen))
     real = torch.stack([torch.from_numpy(ds.volume(j)) for j in torch.randperm(len(ds), generator=gen)[:n]])[:, None]
@@ -667,16 +717,12 @@ def save_if_due(stopping, err):
 
 
 # -----------------------------------------------------------------------------
-# the loop; Ctrl-C and SIGTERM (a pre-emption) finish the iteration, save and exit
+# the loop; Ctrl-C and SIGTERM (a pre-emption) finish the iteration, save and exit with 130 and 143 as a kill would
 
 stop = []
 signal.signal(signal.SIGINT, lambda *_: stop.append("SIGINT"))
 signal.signal(signal.SIGTERM, lambda *_: stop.append("SIGTERM"))
 if config["wandb_log"] and master:
-    try:
-        import wandb  # only when asked for
-    except ImportError:
-        fail("wandb_log=True needs the wandb package (pip install wandb)")
     wandb.init(project=config["wandb_project"], name=config["wandb_run_name"], config=run_config)
 model.train()
 saved_iter = iter_num if resuming else None  # the iteration of the checkpoint on disk
@@ -695,11 +741,15 @@ def one_iteration():
     return save_if_due(bool(stop), report(stats))
 
 
+stopped = None
 while iter_num < config["max_iters"]:
     if one_iteration():
+        stopped = stop[0] if stop else "SIGTERM"  # another rank's signal: a pre-emption, as a rule
         log(f"stopped by {stop[0] if stop else 'another rank'} at iteration {iter_num}; "
             f"continue with --init_from=resume")
         break
 if ddp:
     dist.barrier()
     dist.destroy_process_group()
+if stopped:  # not 0: `train.py && eval.py` evaluates finished runs only
+    sys.exit(128 + getattr(signal, stopped))

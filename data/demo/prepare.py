@@ -30,6 +30,7 @@ config = dict(
     seed=1337,  # phantom k is drawn from (seed, k)
     workers=1,  # prepare.py's worker processes
 )
+RANGES = dict(num=">=1", seed=">=0", workers=">=1")  # configurator's rules; img_size by parse_size
 # -----------------------------------------------------------------------------
 
 
@@ -143,7 +144,7 @@ def make_demo(out, num=128, img_size=64, seed=1337, workers=1, log=print):
 
 
 if __name__ == "__main__":
-    override(config)
+    override(config, ranges=RANGES)
     try:
         sys.exit(make_demo(config["out"], config["num"], config["img_size"], config["seed"], config["workers"]))
     except ValueError as e:
