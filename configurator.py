@@ -74,8 +74,6 @@ PEAK_TFLOPS = {"NVL": (835, 418, 60), "H100 PCIe": (756, 378, 51), "H100": (989,
 def peak_tflops(device, dtype, override=0.0):
     """MFU's denominator: `override` if > 0, else the table's figure for `dtype`, for float32 TF32's while cuDNN may
     use it (cudnn.allow_tf32, on by default: convolutions are nearly all our FLOPs). 0 = unknown (a CPU): no MFU."""
-    if override < 0:
-        fail(f"peak_tflops={override}: give the device's peak TFLOP/s, or 0 to look it up in configurator.PEAK_TFLOPS")
     name = torch.cuda.get_device_name(torch.device(device)) if torch.device(device).type == "cuda" else ""
     row = next((v for k, v in PEAK_TFLOPS.items() if k in name), (0,) * 3)
     return float(override or (row[0] if dtype != "float32" else row[1] if torch.backends.cudnn.allow_tf32 else row[2]))

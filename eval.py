@@ -87,7 +87,7 @@ bench_config = dict(
     overwrite=False,  # replace an existing bench.json
 )
 BENCH_RANGES = dict(batch_size=">=1", warmup=">=0", bench_seconds=">=0", mem_limit_gb=">=0", cell_timeout_s=">0",
-                    bench_width=">0", threads=">=0")
+                    bench_width=">0", threads=">=0", peak_tflops=">=0")
 
 # -----------------------------------------------------------------------------
 # metrics on feature vectors (float64; rows are samples)
@@ -978,7 +978,6 @@ def bench(c):
     except ValueError:
         fail(f"--sizes={c['sizes']}: use sizes separated by commas, e.g. --sizes=32,64")
     device = _or_fail(pick_device, c["device"])
-    peak_tflops(device, c["dtype"], c["peak_tflops"])  # a bad --peak_tflops: one error line here, not one per cell
     out = _output(c["out"] or "out", "bench.json", c["overwrite"])
     cuda = device.startswith("cuda")
     cpu = open("/proc/cpuinfo").read().splitlines() if os.path.exists("/proc/cpuinfo") else []

@@ -571,7 +571,7 @@ def test_each_update_changes_only_its_own_network(nc):
         m.train_only(name)
         before = {k: [p.detach().clone() for p in net.parameters()] for k, net in nets.items()}
         loss, stats = loss_fn()
-        assert torch.isfinite(loss) and (name != "E_H" or math.isclose(loss.item(), 5 * stats["rec_E_H"].item()))
+        assert torch.isfinite(loss) and (name != "E_H" or math.isclose(loss.item(), 5 * stats["rec_E_H"].item(), rel_tol=1e-6))
         loss.backward()
         torch.optim.Adam(nets[name].parameters(), lr=1e-3, betas=(0.0, 0.999)).step()
         for k, net in nets.items():
@@ -1946,7 +1946,7 @@ def test_ev_and_train_mfu_at_a_given_peak(demo, tmp_path, monkeypatch):
     for script, args in (("eval.py", ["--bench"]), ("train.py", [*TINY, f"--data_dir={demo}"])):
         p = inproc(script, *args, "--peak_tflops=-1", f"--out={tmp_path / 'bad'}")
         assert p.returncode == 1 and p.stderr.strip().splitlines() == [p.stderr.strip()], p.stderr
-        assert p.stderr.startswith("error: peak_tflops=-1"), p.stderr
+        assert p.stderr.startswith("error:") and "peak_tflops" in p.stderr, p.stderr
     seen = []
     monkeypatch.setattr(ev, "count_flops", lambda *a, _f=ev.count_flops: seen.append((a, _f(*a))) or seen[-1][1])
     p = train(f"--data_dir={demo}", f"--out={tmp_path}", "--max_iters=2", "--peak_tflops=0.001", "--enc_interval=2")
@@ -2171,7 +2171,8 @@ TRAIN_BAD = dict(fold=5, img_size=48, width=0, latent_dim=0, num_classes=-1, num
                  max_iters=0, lr_G=-1, lr_E=0, lr_D=-1, beta1=1.5, beta2=1, lambda1=-5, lambda2=-1, lambda_class=-0.1,
                  ema_decay=2, r1_gamma=-1, r1_interval="0 --r1_gamma=1", lambda_div=-1, lr_decay_start=-1,
                  lr_decay_iters=-1, enc_interval=0, mbstd_group=-1, d_width=-1, d_stretch=-1, threads=-1, seed=-1,
-                 log_interval=0, ckpt_interval=-1, sample_interval=-1, num_samples=0, quality_num=1)
+                 log_interval=0, ckpt_interval=-1, sample_interval=-1, num_samples=0, quality_num=1,
+                 peak_tflops=-1)
 
 
 def test_nls_every_numeric_value_is_checked_before_any_file(demo, ckpts, tmp_path):
@@ -2246,9 +2247,9 @@ def test_nls_sampling_picks_a_chunk_that_fits_and_says_so(ckpts, tmp_path, monke
     assert model_py.auto_chunk(cfg, 4, 4, 10**15) > 0 == model_py.auto_chunk(cfg, 1, 4, 10**15)
     assert model_py.auto_chunk(HAGANConfig(img_size=32, width=1 / 8), 1, 4, 100 * 2**20) == 0
     m, z = tiny(), torch.randn(2, 16)
-    monkeypatch.setattr(model_py, "free_memory", lambda device: 2**20)  # 1 MiB free: chunks
+    monkeypatch.setattr(model_py, "free_memory", lambda device: 2**16)  # 64 KiB free: chunks
     assert (m.generate(z, chunk=-1) - m.generate(z)).abs().max() < 1e-5
-    monkeypatch.setattr(sample, "free_memory", lambda device: 2**20)
+    monkeypatch.setattr(sample, "free_memory", lambda device: 2**16)
     ck, a, b = f"--ckpt={ckpts['ckpt']}", tmp_path / "a", tmp_path / "b"
     p = inproc("sample.py", ck, f"--out={a}", "--num=1", "--threads=1")
     q = inproc("sample.py", ck, f"--out={b}", "--num=1", "--chunk=0")  # forced: the whole volume at once

@@ -117,7 +117,8 @@ RANGES = dict(fold=f"[-1,{NUM_FOLDS - 1}]", width=">0", latent_dim=">=1", num_cl
               beta2="[0,1)", lambda1=">=0", lambda2=">=0", lambda_class=">=0", ema_decay="[0,1)", r1_gamma=">=0",
               r1_interval=">=1", lambda_div=">=0", lr_decay_start=">=0", lr_decay_iters=">=0", enc_interval=">=1",
               mbstd_group=">=0", d_width=">=0", d_stretch=">=0", threads=">=0", seed=">=0", log_interval=">=1",
-              ckpt_interval=">=0", sample_interval=">=0", num_samples=">=1", quality_num=">=2")
+              ckpt_interval=">=0", sample_interval=">=0", num_samples=">=1", quality_num=">=2",
+              peak_tflops=">=0")
 given = set()  # the keys that config files or the command line set (resume checks them against the checkpoint)
 override(config, given=given, ranges=RANGES)
 ARCH = [f.name for f in fields(HAGANConfig) if f.name in config]  # the model's keys
