@@ -353,6 +353,8 @@ if resuming:
         for k in NETS:
             opts[k].load_state_dict(ckpt["optimizers"][k])
             scalers[k].load_state_dict(ckpt["scalers"][k])
+            for p, st in opts[k].state.items():  # fused Adam needs its moments in the weights' layout (channels_last)
+                st.update({n: torch.empty_like(p).copy_(v) for n, v in st.items() if v.shape == p.shape})
     except (RuntimeError, ValueError, KeyError) as e:
         fail(f"{ckpt_path}: its weights or optimiser states do not fit its model_args ({type(e).__name__}: "
              f"{(str(e).strip().splitlines() or [''])[-1][:160]})")
