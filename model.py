@@ -506,17 +506,16 @@ def stretch_dark(x, gain):
     return x if gain == 0 else x + (gain * STRETCH_WIDTH) * torch.tanh((x + 1) / STRETCH_WIDTH)
 
 
-def mbstd(x, group, sets=1):
+def mbstd(x, group):
     """Minibatch standard deviation (Karras et al. 2018): one more channel, how much the samples of each group
-    differ. Samples i, i + B/g, i + 2B/g, ... form a group. sets: x is that many batches one after the other (real
-    and fake in one call), each grouped on its own. (B,C,d,h,w) -> (B,C+1,d,h,w)"""
-    B = x.shape[0] // sets
+    differ. Samples i, i + B/g, i + 2B/g, ... form a group. (B,C,d,h,w) -> (B,C+1,d,h,w)"""
+    B = x.shape[0]
     g = min(group, B)
     while B % g:
         g -= 1
-    y = x.float().view(sets, g, B // g, *x.shape[1:])
-    s = (y.var(1, unbiased=False) + 1e-8).sqrt().mean((2, 3, 4, 5))  # (sets, B/g)
-    return torch.cat([x, s.repeat(1, g).to(x.dtype).view(-1, 1, 1, 1, 1).expand(-1, 1, *x.shape[2:])], 1)
+    y = x.float().view(g, B // g, *x.shape[1:])
+    s = (y.var(0, unbiased=False) + 1e-8).sqrt().mean((1, 2, 3, 4))  # (B/g,)
+    return torch.cat([x, s.repeat(g).to(x.dtype).view(B, 1, 1, 1, 1).expand(B, 1, *x.shape[2:])], 1)
 
 
 class D_H(nn.Module):
@@ -549,11 +548,11 @@ class D_H(nn.Module):
         self.fc_class = SNLinear(cfg.ch_D(c // 8), cfg.ac_classes) if cfg.ac_classes else None
         self.r_max, self.d_stretch, self.mbstd_group = cfg.r_max, cfg.d_stretch, cfg.mbstd_group
 
-    def forward(self, x, r, sets=1):
+    def forward(self, x, r):
         x = stretch_dark(x, self.d_stretch)
         for i, conv in enumerate(self.convs):
             if self.mbstd_group and i == len(self.convs) - 1:
-                x = mbstd(x, self.mbstd_group, sets)
+                x = mbstd(x, self.mbstd_group)
             x = F.leaky_relu(conv(x), 0.2)
         x = x.flatten(1)  # (B,128)
         # r enters normalised to [0, 1] by this size's largest start (official: crop_idx / 224 at 256)
@@ -574,11 +573,11 @@ class D_L(nn.Module):
         self.head = SNConv3d(chans[-1] + (cfg.mbstd_group > 0), 1 + cfg.ac_classes, tuple(d >> n for d in a))
         self.num_classes, self.mbstd_group = cfg.ac_classes, cfg.mbstd_group
 
-    def forward(self, x, sets=1):
+    def forward(self, x):
         for conv in self.convs:
             x = F.leaky_relu(conv(x), 0.2)
         if self.mbstd_group:
-            x = mbstd(x, self.mbstd_group, sets)
+            x = mbstd(x, self.mbstd_group)
         x = self.head(x).flatten(1)  # (B,1+K)
         return x[:, :1], (x[:, 1:] if self.num_classes else None)
 
@@ -627,17 +626,17 @@ class Discriminator(nn.Module):
         self.C_twin = SlabClassifier(cfg) if cfg.class_twin else None
         self.num_slabs, self.slab_a = cfg.num_slabs, cfg.slab_a
 
-    def forward(self, slab, r, low, sets=1):
+    def forward(self, slab, r, low):
         """D^H's and D^L's logits averaged, as officially; the class logits likewise. r=None: `slab` is the whole
-        volume and D^H judges each of its slabs, their logits averaged (the non-amortised model). sets: as mbstd's."""
+        volume and D^H judges each of its slabs, their logits averaged (the non-amortised model)."""
         if r is None:
             n = slab.shape[2] // self.num_slabs
-            hs = [self.D_H(slab[:, :, v * n:(v + 1) * n], v * self.slab_a, sets) for v in range(self.num_slabs)]
+            hs = [self.D_H(slab[:, :, v * n:(v + 1) * n], v * self.slab_a) for v in range(self.num_slabs)]
             h = torch.stack([a for a, _ in hs]).mean(0)
             hc = None if hs[0][1] is None else torch.stack([b for _, b in hs]).mean(0)
         else:
-            h, hc = self.D_H(slab, r, sets)
-        l, lc = self.D_L(low, sets)
+            h, hc = self.D_H(slab, r)
+        l, lc = self.D_L(low)
         return (h + l) / 2, (None if hc is None else (hc + lc) / 2)
 
 
@@ -752,10 +751,8 @@ class HAGAN(nn.Module):
         x_slab = S_H(x, r, self.cfg.num_slabs)
         if extra is not None and extra.r1:  # R1 differentiates D at the real inputs
             x_slab, x_low = x_slab.detach().requires_grad_(True), x_low.detach().requires_grad_(True)
-        B = x.shape[0]  # one call of D on real and fake (2B,...): one spectral-norm pass per update
-        logit, cls = self.D(torch.cat([x_slab, fake_slab]), r, torch.cat([x_low, fake_low]), sets=2)
-        real, fake = logit[:B], logit[B:]
-        real_cls, fake_cls = (None, None) if cls is None else (cls[:B], cls[B:])
+        real, real_cls = self.D(x_slab, r, x_low)
+        fake, fake_cls = self.D(fake_slab, r, fake_low)
         loss = _bce(real, 1.0) + _bce(fake, 0.0)
         stats = dict(D_real=real.detach().float().mean(), D_fake=fake.detach().float().mean())
         if real_cls is not None:
