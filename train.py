@@ -17,7 +17,6 @@ $ python train.py config/train_lung_ct.py --init_from=/path/to/G_iter80000.pth
 
 import hashlib
 import json
-import math
 import os
 import random
 import resource
