@@ -45,7 +45,8 @@ import torch.distributed as dist
 from configurator import autocast, fail, override, peak_tflops, pick_device
 from eval import band_fractions, count_flops, ms_ssim_pairs, unit_histogram, wasserstein1
 from model import NETS, HAGAN, Extras, HAGANConfig, model_config, pairwise_l1, read_checkpoint
-from prepare import NUM_FOLDS, VolumeDataset, save_montage, store_fingerprint, to_unit, writable_dir
+from prepare import (NUM_FOLDS, VolumeDataset, save_montage, store_fingerprint, to_unit, writable_dir, write_atomic,
+                     write_bytes, write_json)
 
 # -----------------------------------------------------------------------------
 # default config: the paper's settings for 256^3 (Sec. III-E); config/*.py and --key=value override them
@@ -416,10 +417,8 @@ def start_files():
         for name in () if resuming else ("ckpt.pt", "ckpt.prev.pt"):
             if os.path.exists(os.path.join(out_dir, name)):
                 os.remove(os.path.join(out_dir, name))
-        for name, text in (("log.jsonl", "".join(keep)), ("config.json", json.dumps(run_config, indent=1, default=str))):
-            with open(os.path.join(out_dir, name + ".tmp"), "w") as f:
-                f.write(text)
-            os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
+        write_atomic(path, lambda p: write_bytes(p, "".join(keep).encode()))
+        write_json(os.path.join(out_dir, "config.json"), run_config)
     except OSError as e:
         return f"{e.filename or out_dir}: cannot write it ({e.strerror or e}); free some space or choose another --out"
     log(f"{os.path.join(out_dir, 'config.json')}: {device}, {dtype}, {world} rank(s) x {per_rank} volume(s) x "
