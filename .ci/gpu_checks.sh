@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The GPU figures of the README's table, in one run (~7 min on one H200), for a machine that receives only this
+# checkout. REF is a git-ignored folder of the checkout holding an export of github:batmanlab/HA-GAN and
+# ../shared/bench/official_iteration.py (never committed); OUT gets the logs and bench.json files.
+#   bash .ci/gpu_checks.sh OUT REF
+# Smoke test on a CPU: S=32 SECS=1 DEVICE=cpu WIDTH=0.125 BIG=64 ITERS=4 bash .ci/gpu_checks.sh /tmp/gc REF
+set -uo pipefail
+out=$1 ref=$2
+S=${S:-256} SECS=${SECS:-10} DEVICE=${DEVICE:-cuda} WIDTH=${WIDTH:-1.0} BIG=${BIG:-512} ITERS=${ITERS:-300}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+log() { echo "== $*" | tee -a "$out/gpu_checks.log"; }
+run() { "$@" 2>&1 | tee -a "$out/gpu_checks.log" | tail -n 25; }
+python -c "import torch; print(torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')" \
+  | tee "$out/gpu_checks.log"
+
+# 1. one training iteration at S^3, batch 2: the official code and ours in bf16 and fp32, interleaved, fresh processes
+for pass in 1 2; do
+  log "official $S^3 (pass $pass)"
+  [ "$WIDTH" = 1.0 ] && run env HAGAN_REF="$ref" python "$ref/official_iteration.py" "$S" "$SECS" "$DEVICE"
+  for dt in bfloat16 float32; do
+    [ "$pass" = 2 ] && [ "$dt" = float32 ] && continue
+    log "ours $S^3 $dt (pass $pass)"
+    run python eval.py --bench --sizes="$S" --device="$DEVICE" --dtype="$dt" --bench_seconds="$SECS" --store=False \
+      --bench_width="$WIDTH" --out="$out/bench_${dt}_$pass"
+  done
+done
+
+# 2. the GPU demo config: time per iteration (its log lines) over ITERS iterations on the demo's store
+log "config/train_demo_gpu.py"
+run python data/demo/prepare.py --out="$out/demo" --num=24 --workers=4
+run python train.py config/train_demo_gpu.py --data_dir="$out/demo" --out="$out/demo_run" --device="$DEVICE" \
+  --max_iters="$ITERS" --log_interval=$((ITERS / 6 > 0 ? ITERS / 6 : 1)) --sample_interval=0 --ckpt_interval=0
+
+# 3. one BIG^3 volume, whole (chunk=0), bf16: the render's largest tensor stays under 2^31 elements
+log "one $BIG^3 volume, chunk=0"
+run python - "$DEVICE" "$BIG" "$WIDTH" <<'EOF'
+import sys, time, torch
+from configurator import autocast
+from model import HAGAN, HAGANConfig
+dev, S, width = torch.device(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+m = HAGAN(HAGANConfig(img_size=S, width=width)).to(dev).eval()
+z = torch.randn(1, m.cfg.latent_dim, device=dev)
+sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+with torch.no_grad(), autocast(dev, "bfloat16"):
+    for i in range(2):
+        t0 = time.perf_counter()
+        x = m.generate(z, chunk=0)
+        sync()
+        print(f"generate {S}^3 chunk=0, pass {i}: {time.perf_counter() - t0:.3f} s, shape {tuple(x.shape)}, "
+              f"finite {bool(torch.isfinite(x).all())}")
+if dev.type == "cuda":
+    print(f"peak memory {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB")
+EOF
+log "done"
