@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# The GPU figures of the README's table, in one run (~7 min on one H200), for a machine that receives only this
-# checkout. REF is a git-ignored folder of the checkout holding an export of github:batmanlab/HA-GAN and
-# ../shared/bench/official_iteration.py (never committed); OUT gets the logs and bench.json files.
-#   bash .ci/gpu_checks.sh OUT REF
-# Smoke test on a CPU: S=32 SECS=1 DEVICE=cpu WIDTH=0.125 BIG=64 ITERS=4 bash .ci/gpu_checks.sh /tmp/gc REF
+# The GPU figures of the README's table in one run, sized for one device command (10 min at most): the official
+# code's training iteration and ours (bf16, fp32) at S^3, interleaved in fresh processes, SECS seconds each; the
+# GPU demo config for ITERS iterations; one BIG^3 volume rendered whole. OUT gets the logs and bench.json files.
+# REF is a git-ignored folder of this checkout holding an export of github:batmanlab/HA-GAN and
+# ../shared/bench/official_iteration.py (never committed), e.g.
+#   mkdir -p .ref && git -C <the official repo> archive HEAD | tar -x -C .ref && cp ../shared/bench/official_iteration.py .ref/
+#   echo /.ref/ >> .git/info/exclude          # then, on the device machine (carry .ref):
+#   bash .ci/gpu_checks.sh $OUT .ref
+# Smoke test on a CPU: S=32 SECS=1 DEVICE=cpu WIDTH=0.125 BIG=64 ITERS=4 bash .ci/gpu_checks.sh /tmp/gc .ref
 set -uo pipefail
 out=$1 ref=$2
 S=${S:-256} SECS=${SECS:-10} DEVICE=${DEVICE:-cuda} WIDTH=${WIDTH:-1.0} BIG=${BIG:-512} ITERS=${ITERS:-300}
