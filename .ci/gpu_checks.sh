@@ -5,40 +5,42 @@
 # REF is a git-ignored folder of this checkout holding an export of github:batmanlab/HA-GAN and
 # ../shared/bench/official_iteration.py (never committed), e.g.
 #   mkdir -p .ref && git -C <the official repo> archive HEAD | tar -x -C .ref && cp ../shared/bench/official_iteration.py .ref/
+#   pip download nibabel --no-deps -d .ref/wheels   # a GPU image without nibabel installs it from there
 #   echo /.ref/ >> .git/info/exclude          # then, on the device machine (carry .ref):
 #   bash .ci/gpu_checks.sh $OUT .ref
 # Smoke test on a CPU: S=32 SECS=1 DEVICE=cpu WIDTH=0.125 BIG=64 ITERS=4 bash .ci/gpu_checks.sh /tmp/gc .ref
 set -uo pipefail
 out=$1 ref=$2
-S=${S:-256} SECS=${SECS:-10} DEVICE=${DEVICE:-cuda} WIDTH=${WIDTH:-1.0} BIG=${BIG:-512} ITERS=${ITERS:-300}
+S=${S:-256} SECS=${SECS:-10} DEVICE=${DEVICE:-cuda} WIDTH=${WIDTH:-1.0} BIG=${BIG:-512} ITERS=${ITERS:-300} PY=${PY:-python3}
 mkdir -p "$out"
+"$PY" -c "import nibabel" 2>/dev/null || "$PY" -m pip install -q --no-index --no-deps "$ref"/wheels/nibabel-*.whl
 export PYTHONUNBUFFERED=1
 log() { echo "== $*" | tee -a "$out/gpu_checks.log"; }
 run() { "$@" 2>&1 | tee -a "$out/gpu_checks.log" | tail -n 25; }
-python -c "import torch; print(torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')" \
+"$PY" -c "import torch; print(torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')" \
   | tee "$out/gpu_checks.log"
 
 # 1. one training iteration at S^3, batch 2: the official code and ours in bf16 and fp32, interleaved, fresh processes
 for pass in 1 2; do
   log "official $S^3 (pass $pass)"
-  [ "$WIDTH" = 1.0 ] && run env HAGAN_REF="$ref" python "$ref/official_iteration.py" "$S" "$SECS" "$DEVICE"
+  [ "$WIDTH" = 1.0 ] && run env HAGAN_REF="$ref" "$PY" "$ref/official_iteration.py" "$S" "$SECS" "$DEVICE"
   for dt in bfloat16 float32; do
     [ "$pass" = 2 ] && [ "$dt" = float32 ] && continue
     log "ours $S^3 $dt (pass $pass)"
-    run python eval.py --bench --sizes="$S" --device="$DEVICE" --dtype="$dt" --bench_seconds="$SECS" --store=False \
+    run "$PY" eval.py --bench --sizes="$S" --device="$DEVICE" --dtype="$dt" --bench_seconds="$SECS" --store=False \
       --bench_width="$WIDTH" --out="$out/bench_${dt}_$pass"
   done
 done
 
 # 2. the GPU demo config: time per iteration (its log lines) over ITERS iterations on the demo's store
 log "config/train_demo_gpu.py"
-run python data/demo/prepare.py --out="$out/demo" --num=24 --workers=4
-run python train.py config/train_demo_gpu.py --data_dir="$out/demo" --out="$out/demo_run" --device="$DEVICE" \
+run "$PY" data/demo/prepare.py --out="$out/demo" --num=24 --workers=4
+run "$PY" train.py config/train_demo_gpu.py --data_dir="$out/demo" --out="$out/demo_run" --device="$DEVICE" \
   --max_iters="$ITERS" --log_interval=$((ITERS / 6 > 0 ? ITERS / 6 : 1)) --sample_interval=0 --ckpt_interval=0
 
 # 3. one BIG^3 volume, whole (chunk=0), bf16: the render's largest tensor stays under 2^31 elements
 log "one $BIG^3 volume, chunk=0"
-run python - "$DEVICE" "$BIG" "$WIDTH" <<'EOF'
+run "$PY" - "$DEVICE" "$BIG" "$WIDTH" <<'EOF'
 import sys, time, torch
 from configurator import autocast
 from model import HAGAN, HAGANConfig
