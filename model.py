@@ -134,6 +134,8 @@ def S_H(X, r, num_slabs):
 # -----------------------------------------------------------------------------
 # spectral normalisation (Miyato et al. 2018), one power iteration per training forward as in the official
 # layers. Sigma is computed in float32 with autocast off: in bf16/fp16 the normalisation (eps=1e-12) underflows.
+# D's update judges the real and the fake batch in two calls, so each gets its own iteration and sigma, as
+# officially: one W / sigma shared by both (or one call on both batches) changes how D trains.
 
 
 def _no_autocast(t):
